@@ -1,0 +1,30 @@
+# Everything installs into a local .venv on first use: torch first (the CPU build that
+# `pip install torch==2.13.0` finds locally), then the package with its extras.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e ".[serve,test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/hkd4vlm quickstart --out runs/quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/hkd4vlm bench --out bench.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Records, the challenge layout, validation, the synthetic benchmark and augmentation."""

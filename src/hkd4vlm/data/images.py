@@ -1,0 +1,110 @@
+"""Safe image access: paths confined to the images folder, pixel limits, mode and EXIF handling."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: default pixel limit (width × height); larger images are refused as possible decompression bombs
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageProblem(ValueError):
+    """An image that cannot be used; the message says why."""
+
+
+def resolve_image_path(images_dir: str | os.PathLike, image_id: str) -> Path:
+    """The file for ``image_id`` inside ``images_dir``; refuses anything that leaves that folder.
+
+    Absolute ids, ``..`` components and symlinks pointing out of the folder are all refused.
+    """
+    if not image_id or not image_id.strip():
+        raise ImageProblem("empty image_id")
+    if os.path.isabs(image_id) or image_id.startswith(("/", "\\")) or (len(image_id) > 1 and image_id[1] == ":"):
+        raise ImageProblem(f"{image_id!r} is an absolute path; image_id must be relative to the images folder")
+    if ".." in Path(image_id.replace("\\", "/")).parts:
+        raise ImageProblem(f"{image_id!r} leaves the images folder ('..')")
+    base = Path(images_dir).resolve()
+    path = (base / image_id).resolve()
+    if base != path and base not in path.parents:
+        raise ImageProblem(f"{image_id!r} resolves to {path}, outside the images folder {base} (symlink?)")
+    return path
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: 16/32-bit greyscale is rescaled, alpha is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        arr = ((arr - lo) * scale).clip(0, 255).astype("uint8")
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load an image fully as RGB with EXIF orientation applied.
+
+    ``source`` is a path, raw bytes or a PIL image. Raises :class:`ImageProblem` for a missing,
+    empty, truncated or non-image file, or one over ``max_pixels``.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+        _check_pixels(img, max_pixels)
+    else:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise ImageProblem("empty image data")
+            fp = io.BytesIO(source)
+        else:
+            path = Path(source)
+            if not path.exists():
+                raise ImageProblem(f"file not found: {path}")
+            if not path.is_file():
+                raise ImageProblem(f"not a regular file: {path}")
+            if path.stat().st_size == 0:
+                raise ImageProblem(f"empty file: {path}")
+            fp = io.BytesIO(path.read_bytes())
+        with warnings.catch_warnings():
+            # PIL's own bomb check warns or raises at its global limit; ours is explicit and configurable
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(fp)
+                _check_pixels(img, max_pixels)
+                img.load()
+            except UnidentifiedImageError:
+                raise ImageProblem("not an image file (unrecognised format)") from None
+            except Image.DecompressionBombError as e:
+                raise ImageProblem(f"image too large: {e}") from None
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ImageProblem(f"corrupt or truncated image: {e}") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # a broken EXIF block should name itself, not crash a training run
+        raise ImageProblem(f"corrupt EXIF data: {e}") from None
+    return to_rgb(img)
+
+
+def _check_pixels(img: Image.Image, max_pixels: int) -> None:
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageProblem(f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageProblem(
+            f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+            "(possible decompression bomb; raise --max-pixels if it is genuine)"
+        )
