@@ -86,6 +86,8 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: i
                 img = Image.open(fp)
                 _check_pixels(img, max_pixels)
                 img.load()
+            except ImageProblem:
+                raise
             except UnidentifiedImageError:
                 raise ImageProblem("not an image file (unrecognised format)") from None
             except Image.DecompressionBombError as e:

@@ -142,7 +142,7 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
             problems.append(problem("choices", f"needs at least 2 options, got {len(choices)}"))
         for j, c in enumerate(choices):
             where = f"choices[{j}]"
-            if not isinstance(c, dict) or set(c) < {"id", "choice"}:
+            if not isinstance(c, dict) or not {"id", "choice"} <= set(c):
                 problems.append(problem(where, "must be an object {\"id\": letter, \"choice\": text}"))
                 continue
             cid, text = c["id"], c["choice"]
