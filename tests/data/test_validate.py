@@ -313,14 +313,17 @@ def test_check_record_labelled_true_requires_labels():
 
 
 @pytest.mark.parametrize("image_id,words", [
-    ("/etc/passwd", "absolute"),
-    ("../outside.jpg", ".."),
-    ("sub/../../outside.jpg", ".."),
-    ("..\\outside.jpg", ".."),
+    ("/etc/passwd", "absolute path"),
+    ("../outside.jpg", "leaves the images folder"),
+    ("sub/../../outside.jpg", "leaves the images folder"),
+    ("..\\outside.jpg", "leaves the images folder"),
+    ("sub/../inside.jpg", "leaves the images folder"),  # any '..' component is refused
 ])
 def test_image_id_leaving_the_images_folder(tmp_path, image_id, words):
-    # the target exists (a valid image next to images/), so only the path rule can refuse it
+    # the targets exist (valid images), so only the path rule can refuse them
     save_image(tmp_path / "HallucinationDetection" / "outside.jpg", fmt="JPEG")
+    save_image(images_dir(tmp_path, "hallucination") / "inside.jpg", fmt="JPEG")
+    (images_dir(tmp_path, "hallucination") / "sub").mkdir()
     path = dataset(tmp_path, "hallucination", "train", [hall(image_id)], images=[])
     p = only_problem(problems_of(tmp_path), path, image_id, "image_id")
     assert words in p.message

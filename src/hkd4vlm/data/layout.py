@@ -94,13 +94,14 @@ def check_split(
     for i, item in enumerate(raw):
         problems = check_record(item, task, file=str(path), index=i)
         key = record_key(item, i)
-        if isinstance(item, dict) and isinstance(item.get("image_id"), str) and item["image_id"].strip():
+        image_id = item.get("image_id") if isinstance(item, dict) else None
+        if isinstance(image_id, str) and image_id.strip():
             if not any(p.field == "image_id" for p in problems) and check_images:
-                problems += check_image(images, item["image_id"], file=str(path), key=key, max_pixels=max_pixels)
-        if key in seen and not key.startswith("#"):
-            # the challenge keys records by image_id; a repeat is kept but flagged, as scorers would conflate them
-            problems.append(Problem(str(path), key, "image_id", f"duplicate of record #{seen[key]}"))
-        seen.setdefault(key, i)
+                problems += check_image(images, image_id, file=str(path), key=key, max_pixels=max_pixels)
+            if image_id in seen:
+                # the challenge keys records by image_id; a repeat is flagged, as scorers would conflate them
+                problems.append(Problem(str(path), key, "image_id", f"duplicate of record #{seen[image_id]}"))
+            seen.setdefault(image_id, i)
         if problems:
             per_record[i] = problems
     return raw, per_record, file_problems

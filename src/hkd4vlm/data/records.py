@@ -103,7 +103,7 @@ class Record:
 
 def record_key(raw: Any, index: int) -> str:
     """How a record is named in messages: its image_id when it has a usable one, else its index."""
-    if isinstance(raw, dict) and isinstance(raw.get("image_id"), str) and raw["image_id"]:
+    if isinstance(raw, dict) and isinstance(raw.get("image_id"), str) and raw["image_id"].strip():
         return raw["image_id"]
     return f"#{index}"
 
