@@ -65,6 +65,22 @@ def validate(root: Path, tasks: tuple, splits: tuple, max_pixels: int, as_json: 
     sys.exit(1 if problems else 0)
 
 
+@main.command("init-model")
+@click.option("--preset", type=click.Choice(["tiny-llava-s", "tiny-llava-m", "tiny-llava-l"]), required=True)
+@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Dataset root whose text trains the tokenizer.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def init_model_cmd(preset: str, data: Path, out: Path, seed: int) -> None:
+    """Build a tiny preset (LLaVA: CLIP vision + Qwen2 text) from config and save it as a checkpoint."""
+    from .models.loading import count_parameters, load_model
+    from .models.presets import init_model
+
+    init_model(preset, data, out, seed=seed)
+    model, _ = load_model(out)
+    click.echo(f"{preset}: {count_parameters(model):,} parameters, saved to {out}")
+
+
 @main.command()
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/quickstart"),
               show_default=True)

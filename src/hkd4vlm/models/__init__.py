@@ -1,0 +1,1 @@
+"""Loading VLMs (Auto classes, LoRA), tiny presets, prompts and answer scoring."""

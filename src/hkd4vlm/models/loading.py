@@ -1,0 +1,43 @@
+"""Loading any VLM that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load, from a local path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = None, device_map: str | None = None,
+               trust_remote_code: bool = False, lora: dict | None = None, freeze_vision: bool = False):
+    """(model, processor) from a local checkpoint directory; safetensors only, no hub access.
+
+    ``lora``: keyword arguments of ``peft.LoraConfig`` (e.g. ``{"r": 8, "target_modules": "all-linear"}``).
+    ``freeze_vision``: no gradient for the vision tower.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json); models load from local paths only")
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+        use_safetensors=True, local_files_only=True,
+    )
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    if device and not device_map:
+        model.to(device)
+    if freeze_vision:
+        tower = getattr(model, "vision_tower", None) or getattr(getattr(model, "model", None), "vision_tower", None)
+        if tower is None:
+            raise ValueError(f"{type(model).__name__} has no vision_tower to freeze")
+        for p in tower.parameters():
+            p.requires_grad_(False)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(**lora))
+    return model, processor
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
