@@ -11,7 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..layout import images_dir, write_split
-from ..records import TASKS, Record, Task
+from ..records import TASKS, Record, Task, parse_record
 from . import factuality, hallucination
 from .baselines import run_baselines
 from .levels import LEVELS
@@ -47,8 +47,6 @@ def _make_chunk(args: tuple) -> list[dict]:
 
 
 def generate_split(out: Path, task: Task, level: str, split: str, n: int, seed: int, workers: int) -> list[Record]:
-    from ..records import parse_record
-
     images_dir(out, task).mkdir(parents=True, exist_ok=True)
     schedule = _schedule(task, n, random.Random(f"{seed}:{task}:{split}:schedule"))
     items = [(i, kind, letter) for i, (kind, letter) in enumerate(schedule)]
