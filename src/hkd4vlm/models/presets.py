@@ -103,7 +103,10 @@ def build_tiny_llava(preset: str, texts: list[str], *, seed: int = 0):
 
 def init_model(preset: str, data_root: str | Path, out: str | Path, *, seed: int = 0) -> Path:
     """Build a preset with a tokenizer trained on ``data_root`` and save it to ``out``."""
-    model, processor = build_tiny_llava(preset, corpus(data_root), seed=seed)
+    from ..data.synth.grounding import vocabulary_texts
+
+    # the tokenizer also covers the grounding curriculum, so that any preset can be pretrained
+    model, processor = build_tiny_llava(preset, corpus(data_root) + vocabulary_texts(), seed=seed)
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)

@@ -1,12 +1,14 @@
-"""Turning a record into the model's prompt. Shared content (image, caption or context) comes first and
-the options last, so that shifted option mappings share a prefix (mapping-shift inference)."""
+"""Turning a record into the model's prompt. Shared content comes first and the options last, so that
+shifted option mappings share a prefix (mapping-shift inference). The text (caption, or context and
+claim) goes before the image: under causal attention the image tokens can then attend to what is being
+asked about, which is what lets a small model ground phrases (see the pretraining notes in README)."""
 
 from __future__ import annotations
 
 from ..data.records import Record
 
 #: bump when the prompt layout changes: cached teacher outputs are keyed by it
-PROMPT_VERSION = 1
+PROMPT_VERSION = 2
 ANSWER_CUE = "Answer:"
 
 
@@ -14,6 +16,8 @@ def shared_text(record: Record) -> str:
     """The part of the prompt that does not depend on the option order."""
     if record.task == "hallucination":
         return f"Caption: {record.system1_answer}\n{record.system2_question}"
+    if record.task == "grounding":  # pretraining questions (data.synth.grounding)
+        return (f"Context: {record.context}\n" if record.context else "") + f"Question: {record.question}"
     return f"Context: {record.context}\nClaim: {record.claim}\n{record.question}"
 
 
@@ -21,20 +25,21 @@ def options_text(options: list[str], letters: list[str]) -> str:
     return "\n".join(f"{letter}: {text}" for letter, text in zip(letters, options))
 
 
-def user_text(record: Record, options: list[str] | None = None) -> str:
-    """Prompt text after the image: shared part, then options, then the instruction."""
+def choices_text(record: Record, options: list[str] | None = None) -> str:
+    """Prompt text after the image: the options by letter, then the instruction."""
     opts = record.options if options is None else options
     letters = record.letters[: len(opts)]
-    return f"{shared_text(record)}\n{options_text(opts, letters)}\nAnswer with the option's letter."
+    return f"{options_text(opts, letters)}\nAnswer with the option's letter."
 
 
 def build_prompt(processor, record: Record, options: list[str] | None = None) -> str:
-    """The full prompt string, through the processor's chat template when it has one; it ends where
-    the answer letter is expected."""
-    text = user_text(record, options)
+    """The full prompt string (shared text, image, options), through the processor's chat template when
+    it has one; it ends where the answer letter is expected."""
+    shared, tail = shared_text(record), choices_text(record, options)
     template = getattr(processor, "chat_template", None)
     if template:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        content = [{"type": "text", "text": shared}, {"type": "image"}, {"type": "text", "text": tail}]
+        messages = [{"role": "user", "content": content}]
         return processor.apply_chat_template(messages, add_generation_prompt=True) + f"{ANSWER_CUE}"
     image_token = getattr(processor, "image_token", "<image>")
-    return f"{image_token}\n{text}\n{ANSWER_CUE}"
+    return f"{shared}\n{image_token}\n{tail}\n{ANSWER_CUE}"

@@ -12,6 +12,10 @@ from ..data.records import Record
 from .prompt import build_prompt
 
 
+#: logit given to the letters a record does not have (finite, so that 0 * log p stays 0 in losses)
+MASKED = -1e4
+
+
 class LetterTokenError(ValueError):
     pass
 
@@ -60,12 +64,15 @@ def encode(processor, records: list[Record], images: list, options: list[list[st
 
 def answer_distribution(model, processor, records: list[Record], images: list, *, temperature: float = 1.0,
                         options: list[list[str]] | None = None) -> AnswerScores:
-    """p(i | x) = softmax_i z(x)[tok(letter_i)] at the answer position, for a batch of records with
-    the same number of options; differentiable when called with gradients enabled."""
-    n = {len(r.choices) for r in records}
-    if len(n) != 1:
-        raise ValueError(f"a batch must have one option count, got {sorted(n)}")
-    letters = records[0].letters
+    """p(i | x) = softmax_i z(x)[tok(letter_i)] at the answer position; differentiable when called with
+    gradients enabled.
+
+    Records may have different option counts: the batch is scored over the letters of the longest
+    one, and a record's missing letters get probability 0 (their logits are set to ``MASKED``).
+    """
+    counts = [len(r.choices) if options is None else len(options[i]) for i, r in enumerate(records)]
+    n = max(counts)
+    letters = next(r.letters for r, c in zip(records, counts) if c == n)[:n]
     ids = torch.tensor(letter_token_ids(processor.tokenizer, letters))
     batch = encode(processor, records, images, options)
     device = next(model.parameters()).device
@@ -73,6 +80,9 @@ def answer_distribution(model, processor, records: list[Record], images: list, *
     out = model(**batch, output_hidden_states=True, logits_to_keep=1)
     last = out.logits[:, -1, :]  # (B, V)
     letter_logits = last[:, ids.to(device)].float()  # (B, n_options)
+    if min(counts) < n:
+        missing = torch.arange(n, device=device)[None, :] >= torch.tensor(counts, device=device)[:, None]
+        letter_logits = letter_logits.masked_fill(missing, MASKED)
     probs = torch.softmax(letter_logits / temperature, dim=-1)
     hidden = out.hidden_states[-1][:, -1, :]  # (B, H)
     return AnswerScores(probs=probs, logits=letter_logits, hidden=hidden)

@@ -1,0 +1,173 @@
+"""The grounding curriculum: four-option questions about synthetic scenes that teach a model trained from
+scratch to see before it judges (colour and shape of a named or placed object, existence, counting,
+size, relations), growing from one object to six.
+
+Questions are multiple choice with four options, answered by letter, so pretraining uses the same
+answer scoring and loss as the tasks. Scenes are drawn fresh from their own seed, never from a
+dataset's images. Every answer is read off the scene, so it is exact.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ..records import LETTERS
+from .levels import LEVELS, Level
+from .phrases import NUMBER_WORDS, PLURAL
+from .scene import COLOURS, RELATIONS, SHAPES, SIZES, Obj, Scene, relation_holds, sample_scene
+
+#: name of a position by the thirds of the image its centre falls in
+CELLS = {
+    (0, 0): "top left", (1, 0): "top", (2, 0): "top right",
+    (0, 1): "left", (1, 1): "centre", (2, 1): "right",
+    (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right",
+}
+QUESTION_KINDS = (
+    "colour_of_shape", "shape_of_colour", "colour_at", "shape_at", "present", "absent", "count_shape",
+    "count_colour", "size_of", "relation", "owner",
+)
+NAMES = ("Maria", "Tom", "Aiko", "Omar", "Lena", "Ravi", "Sofia", "Jonas", "Nadia", "Pablo", "Grace", "Ivan")
+
+
+@dataclass
+class GroundingQuestion:
+    """One four-option question about an image; duck-types the parts of a Record the prompt and the
+    scorer read (``task``, ``choices``-like ``options``/``letters``, ``label``)."""
+
+    question: str
+    options: list[str]
+    label: int
+    kind: str
+    context: str = ""
+    task: str = field(default="grounding", init=False)
+
+    @property
+    def letters(self) -> list[str]:
+        return list(LETTERS[: len(self.options)])
+
+    @property
+    def choices(self) -> list[str]:
+        return self.options
+
+
+def cell_of(o: Obj, scene: Scene) -> str:
+    return CELLS[(min(2, int(3 * o.x / scene.width)), min(2, int(3 * o.y / scene.height)))]
+
+
+def _mc(rng: random.Random, answer: str, pool: list[str] | tuple[str, ...], kind: str, question: str,
+        context: str = "") -> GroundingQuestion:
+    wrong = rng.sample([p for p in pool if p != answer], 3)
+    options = wrong + [answer]
+    rng.shuffle(options)
+    return GroundingQuestion(question, options, options.index(answer), kind, context)
+
+
+def _ask(rng: random.Random, scene: Scene, kind: str) -> GroundingQuestion | None:
+    objs = scene.objects
+    o = rng.choice(objs)
+    if kind == "colour_of_shape":
+        if len(scene.find(shape=o.shape)) != 1:
+            return None
+        return _mc(rng, o.colour, list(COLOURS), kind, f"What colour is the {o.shape}?")
+    if kind == "shape_of_colour":
+        if len(scene.find(colour=o.colour)) != 1:
+            return None
+        return _mc(rng, o.shape, SHAPES, kind, f"What shape is the {o.colour} object?")
+    if kind in ("colour_at", "shape_at"):
+        where = cell_of(o, scene)
+        if sum(cell_of(p, scene) == where for p in objs) != 1:
+            return None
+        if kind == "colour_at":
+            return _mc(rng, o.colour, list(COLOURS), kind, f"What colour is the object at the {where}?")
+        return _mc(rng, o.shape, SHAPES, kind, f"What shape is the object at the {where}?")
+    if kind in ("present", "absent"):
+        here = [f"{p.size} {p.colour} {p.shape}" for p in objs]
+        away = [f"{z} {c} {s}" for c in COLOURS for s in SHAPES for z in SIZES if f"{z} {c} {s}" not in here]
+        if kind == "present":
+            return _mc(rng, rng.choice(here), away, kind, "Which of these is in the image?")
+        if len(here) < 3:
+            return None
+        answer = rng.choice(away)
+        options = rng.sample(here, 3) + [answer]
+        rng.shuffle(options)
+        return GroundingQuestion("Which of these is not in the image?", options, options.index(answer), kind)
+    if kind == "count_shape":
+        shape = rng.choice(SHAPES)
+        n = len(scene.find(shape=shape))
+        word = PLURAL[shape]
+        return _mc(rng, NUMBER_WORDS.get(n, "zero"), ["zero", "one", "two", "three", "four"], kind,
+                   f"How many {word} are there?")
+    if kind == "count_colour":
+        colour = rng.choice(list(COLOURS))
+        n = len(scene.find(colour=colour))
+        return _mc(rng, NUMBER_WORDS.get(n, "zero"), ["zero", "one", "two", "three", "four"], kind,
+                   f"How many {colour} shapes are there?")
+    if kind == "size_of":
+        if len(objs) < 4:
+            return None
+        answer = rng.choice([p for p in objs if p.size == "large"] or [None])
+        others = [p for p in objs if p.size == "small"]
+        if answer is None or len(others) < 3:
+            return None
+        name = f"{answer.colour} {answer.shape}"
+        options = [f"{p.colour} {p.shape}" for p in rng.sample(others, 3)] + [name]
+        rng.shuffle(options)
+        return GroundingQuestion("Which of these is large?", options, options.index(name), kind)
+    if kind == "relation":
+        if len(objs) < 2:
+            return None
+        a, b = rng.sample(objs, 2)
+        true = [r for r in RELATIONS if relation_holds(a, b, r)]
+        if len(true) != 1:
+            return None
+        options = list(RELATIONS)
+        rng.shuffle(options)
+        return GroundingQuestion(f"Where is the {a.colour} {a.shape} relative to the {b.colour} {b.shape}?", options,
+                                 options.index(true[0]), kind)
+    if kind == "owner":
+        # the reading half of fact checking: who made the shape, given who made each colour
+        if len(scene.find(shape=o.shape)) != 1:
+            return None
+        names = rng.sample(NAMES, 4)
+        colours = [o.colour] + rng.sample([c for c in COLOURS if c != o.colour], 3)
+        rng.shuffle(colours)
+        context = " ".join(f"{n} drew the {c} shapes." for n, c in zip(names, colours))
+        answer = names[colours.index(o.colour)]
+        options = names[:]
+        rng.shuffle(options)
+        return GroundingQuestion(f"Who drew the {o.shape}?", options, options.index(answer), kind, context)
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def make_question(rng: random.Random, scene: Scene, kinds: tuple[str, ...] = QUESTION_KINDS) -> GroundingQuestion:
+    """A question about ``scene``, of a kind drawn from ``kinds`` among those the scene can answer."""
+    for _ in range(50):
+        q = _ask(rng, scene, rng.choice(kinds))
+        if q is not None:
+            return q
+    return _ask(rng, scene, "count_shape")
+
+
+def curriculum_objects(progress: float) -> tuple[int, int]:
+    """Object-count range at ``progress`` in [0, 1] of pretraining: one object first, up to six."""
+    hi = 1 + round(5 * min(1.0, progress / 0.6))
+    return (max(1, hi - 2), hi)
+
+
+def sample_item(seed: str, progress: float, level: Level = LEVELS["medium"], kinds: tuple[str, ...] = QUESTION_KINDS):
+    """(scene, question) for curriculum position ``progress``; deterministic for ``seed``."""
+    rng = random.Random(seed)
+    lo, hi = curriculum_objects(progress)
+    scene = sample_scene(rng, level, rng.randint(lo, hi))
+    return scene, make_question(rng, scene, kinds)
+
+
+def vocabulary_texts(n: int = 3000, seed: int = 0) -> list[str]:
+    """Texts that cover every word the curriculum uses, for building a tokenizer."""
+    texts = list(CELLS.values()) + list(PLURAL.values()) + list(NAMES) + ["zero", "Question", "Context"]
+    rng = random.Random(seed)
+    for i in range(n):
+        _, q = sample_item(f"vocab:{seed}:{i}", rng.random())
+        texts += [q.question, q.context] + q.options
+    return [t for t in texts if t]

@@ -1,0 +1,1 @@
+"""The training engine: typed configs, data sources, the accelerate loop and its checkpoints."""

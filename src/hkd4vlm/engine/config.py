@@ -1,0 +1,154 @@
+"""Training configuration: one typed schema, YAML values, ``key.sub=value`` overrides from the command
+line, readable validation errors, and the resolved config saved beside the outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..data.augment import AUGMENTATIONS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    root: Path
+    tasks: list[Literal["hallucination", "factuality"]] = ["hallucination", "factuality"]
+    split: str = "train"
+    eval_split: str | None = "val"
+    eval_limit: int | None = Field(default=None, ge=1, description="score at most this many eval records")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(default=100, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+
+
+class TrainConfig(_Strict):
+    """One training run (the SFT stage; distillation stages extend it)."""
+
+    model: str = Field(description="model directory (anything load_model reads)")
+    out: Path
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    steps: int = Field(default=1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(default=32, ge=1, description="global batch: per device x processes x grad_accum")
+    grad_accum: int = Field(default=1, ge=1)
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    temperature: float = Field(default=1.0, gt=0)
+    augment: dict[str, float] = Field(default_factory=dict, description="augmentation -> probability")
+    lora: dict[str, Any] | None = None
+    freeze_vision: bool = False
+    save_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    eval_every: int = Field(default=0, ge=0, description="0: evaluate only at the end")
+    progress: bool = True
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - set(AUGMENTATIONS)
+        if unknown:
+            raise ValueError(f"unknown augmentation(s) {sorted(unknown)}; known: {sorted(AUGMENTATIONS)}")
+        bad = {k: p for k, p in v.items() if not 0 <= p <= 1}
+        if bad:
+            raise ValueError(f"probabilities must lie in [0, 1]: {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+        return self
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """``["optim.lr=3e-4", "data.tasks=[factuality]"]`` -> nested dict; values are read as YAML."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: Any, update: Any) -> Any:
+    """Deep merge of nested dicts; lists are indexed by integer keys (``stages.1.tau=2``)."""
+    if isinstance(base, dict) and isinstance(update, dict):
+        out = dict(base)
+        for k, v in update.items():
+            out[k] = merge(base.get(k), v) if k in base else v
+        return out
+    if isinstance(base, list) and isinstance(update, dict) and all(str(k).isdigit() for k in update):
+        out = list(base)
+        for k, v in update.items():
+            i = int(k)
+            if i >= len(out):
+                raise ConfigError(f"index {i} is out of range for a list of {len(out)} items")
+            out[i] = merge(out[i], v)
+        return out
+    return update
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type[BaseModel] = TrainConfig,
+                base: dict | None = None):
+    """Read a YAML file (or start from ``base``), apply overrides, validate against ``schema``."""
+    raw: dict = dict(base or {})
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level, got {type(loaded).__name__}")
+        raw = merge(raw, loaded)
+    raw = merge(raw, parse_overrides(overrides))
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

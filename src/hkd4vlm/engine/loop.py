@@ -1,0 +1,248 @@
+"""The training loop on ``accelerate``: one flat function that reads top to bottom (setup, resume, loop,
+save). What is trained towards is a *stage*: a callable that gets the student's answer scores for a
+micro-batch and returns a dict of named loss terms plus ``"total"``; every term is logged.
+
+Data position: the global batch of step ``s`` is the next ``batch_size`` indices of the source's
+order for the current epoch. Each process takes its slice of each micro-batch, so the same global
+batch is seen whatever the number of processes, and a resumed run continues at the exact position.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..models.scoring import answer_distribution
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, save_config
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Position:
+    """Where the next global batch starts."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+def next_global_batch(source, pos: Position, size: int, orders: dict) -> tuple[list[tuple[int, int]], Position]:
+    """The next ``size`` (index, epoch) pairs and the position after them; epochs roll over."""
+    out = []
+    epoch, index = pos.epoch, pos.index
+    while len(out) < size:
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = source.order(epoch)
+        order = orders[epoch]
+        take = order[index: index + size - len(out)]
+        out += [(i, epoch) for i in take]
+        index += len(take)
+        if index >= len(order):
+            epoch, index = epoch + 1, 0
+    return out, Position(epoch, index)
+
+
+def sft_stage(scores, items, *, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Stage 0: L_ce = -log p(i* | x) on the answer distribution."""
+    labels = torch.tensor([it.label for it in items], device=scores.logits.device)
+    ce = torch.nn.functional.cross_entropy(scores.logits, labels)
+    return {"ce": ce, "total": ce}
+
+
+def _make_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # pragma: no cover - tensorboard is a dependency
+        raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(str(out / "tb"))
+
+
+def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None, processor=None,
+          evaluate: Callable | None = None, resume: bool = False, on_step: Callable[[int], None] | None = None,
+          extra_modules: dict | None = None) -> Path:
+    """Run ``cfg.steps`` optimizer steps on ``source``; returns the folder of the saved final model.
+
+    ``stage(scores, items, temperature=...)`` returns the loss terms (default: SFT). ``evaluate(model,
+    processor) -> dict`` is called every ``cfg.eval_every`` steps and at the end. ``on_step(step)`` runs
+    after each optimizer step (tests use it to interrupt a run). ``extra_modules`` are trained
+    alongside the model (e.g. a feature projector) and checkpointed with it.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from ..models.loading import load_model
+
+    stage = stage or sft_stage
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
+    if cfg.batch_size % (world * accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = {world * accum}")
+    micro = cfg.batch_size // (world * accum)
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    if model is None:
+        model, processor = load_model(cfg.model, lora=cfg.lora, freeze_vision=cfg.freeze_vision)
+    model.train()
+    modules = dict(extra_modules or {})
+    params = [p for p in model.parameters() if p.requires_grad]
+    params += [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr, betas=cfg.optim.betas,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
+        s, warmup=cfg.optim.warmup_steps, total=cfg.steps, min_ratio=cfg.optim.min_lr_ratio))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for name in modules:
+        modules[name] = accelerator.prepare(modules[name])
+
+    step, pos = 0, Position()
+    ckpt_root = out / "checkpoints"
+    if resume:
+        last = latest_checkpoint(ckpt_root)
+        if last is not None:
+            state = load_checkpoint(accelerator, last, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    extra_modules=modules)
+            step, pos = state["step"], Position(state["epoch"], state["index"])
+            accelerator.print(f"resumed from {last} at step {step} (epoch {pos.epoch}, item {pos.index})")
+
+    writer = _make_writer(out) if accelerator.is_main_process else None
+    bar = None
+    if accelerator.is_main_process and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=out.name, unit="step", dynamic_ncols=True)
+    orders: dict = {}
+    t_last, seen = time.perf_counter(), 0
+    while step < cfg.steps:
+        batch, pos = next_global_batch(source, pos, cfg.batch_size, orders)
+        sums: dict[str, float] = {}
+        for a in range(accum):
+            start = (a * world + rank) * micro
+            pairs = batch[start: start + micro]
+            items, images = zip(*(source.get(i, e) for i, e in pairs))
+            sync = a == accum - 1
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
+            with ctx, accelerator.autocast():
+                scores = answer_distribution(model, processor, list(items), list(images), temperature=cfg.temperature)
+                terms = stage(scores, list(items), temperature=cfg.temperature)
+                accelerator.backward(terms["total"] / accum)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+        grad_norm = None
+        if cfg.optim.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seen += cfg.batch_size
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            logged = {k: _mean_over_processes(accelerator, v) for k, v in sums.items()}
+            now = time.perf_counter()
+            rate = seen / max(now - t_last, 1e-9)
+            t_last, seen = now, 0
+            if writer is not None:
+                for k, v in logged.items():
+                    writer.add_scalar(f"loss/{k}", v, step)
+                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("throughput/samples_per_s", rate, step)
+                if grad_norm is not None:
+                    writer.add_scalar("grad_norm", float(grad_norm), step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{logged['total']:.4f}", samples_s=f"{rate:.1f}")
+        if bar is not None:
+            bar.update(1)
+        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            _run_eval(accelerator, evaluate, model, processor, writer, step)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(accelerator, ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                            state={"epoch": pos.epoch, "index": pos.index}, extra_modules=modules,
+                            keep=cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(step)
+    if bar is not None:
+        bar.close()
+
+    final = out / "model"
+    if evaluate is not None:
+        metrics = _run_eval(accelerator, evaluate, model, processor, writer, step)
+        if accelerator.is_main_process:
+            import json
+
+            (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), processor, final)
+        for name, module in modules.items():
+            torch.save(accelerator.unwrap_model(module).state_dict(), out / f"{name}.pt")
+        writer.close()
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_model(model, processor, path: str | Path) -> Path:
+    """Save a model so that ``load_model`` reads it (LoRA adapters are merged into the weights)."""
+    path = Path(path)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = path.with_name(path.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def _run_eval(accelerator, evaluate, model, processor, writer, step) -> dict:
+    metrics = {}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        with torch.inference_mode():
+            metrics = evaluate(unwrapped, processor)
+        unwrapped.train()
+        if writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(f"eval/{k}", v, step)
+        accelerator.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _mean_over_processes(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="mean"))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,34 @@
+"""The SFT recipe: records of a dataset split, the cross-entropy stage, accuracy on the eval split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.layout import read_split
+from .config import TrainConfig
+from .loop import train
+from .sources import RecordSource
+
+
+def split_eval(root: str | Path, tasks: list[str], split: str, *, limit: int | None = None, batch_size: int = 64):
+    """An evaluate callback: accuracy on ``split`` of each task (and their mean)."""
+    from ..infer.predict import accuracy, predict_split
+
+    splits = [read_split(root, task, split) for task in tasks]
+
+    def evaluate(model, processor) -> dict:
+        out = {}
+        for s in splits:
+            out[f"accuracy_{s.task}"] = accuracy(predict_split(model, processor, s, batch_size=batch_size, limit=limit))
+        out["accuracy"] = sum(out.values()) / len(out)
+        return out
+
+    return evaluate
+
+
+def run_sft(cfg: TrainConfig, *, resume: bool = False, **kwargs) -> Path:
+    source = RecordSource(cfg.data.root, cfg.data.tasks, cfg.data.split, augment=cfg.augment, seed=cfg.seed)
+    evaluate = None
+    if cfg.data.eval_split:
+        evaluate = split_eval(cfg.data.root, cfg.data.tasks, cfg.data.eval_split, limit=cfg.data.eval_limit)
+    return train(cfg, source, evaluate=evaluate, resume=resume, **kwargs)

@@ -1,0 +1,111 @@
+"""Training sources: what the loop draws items from. A source has a length, an order per epoch and a
+``get(index, epoch)`` that returns ``(item, image)``; the item is a Record (or anything with ``options``,
+``letters`` and ``label`` that the prompt builder reads). Orders and augmentations depend only on the
+seed, the epoch and the index, never on the process layout, so a run resumes exactly and a
+multi-process run sees the same global batches as a single process."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..data.augment import AugmentConfig, augment
+from ..data.layout import read_split
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(n) that depends only on (seed, epoch)."""
+    return random.Random(f"order:{seed}:{epoch}").sample(range(n), n)
+
+
+class RecordSource:
+    """The labelled records of one split of one or more tasks, with label-consistent augmentation."""
+
+    def __init__(self, root: str | Path, tasks: list[str] | tuple[str, ...], split: str, *, augment: dict | None = None,
+                 seed: int = 0, labelled: bool = True):
+        self.splits = [read_split(root, task, split) for task in tasks]
+        self.items = [(s, r) for s in self.splits for r in s.records]
+        if labelled:
+            for s, r in self.items:
+                if r.correct_choice is None:
+                    raise ValueError(f"{s.root}/{s.task}/{s.name}: record {r.image_id!r} has no correct_choice; training needs labels")
+        if not self.items:
+            raise ValueError(f"no records in split {split!r} of {list(tasks)} under {root}")
+        self.augment = AugmentConfig(dict(augment)) if augment else None
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def order(self, epoch: int) -> list[int]:
+        return epoch_order(len(self), self.seed, epoch)
+
+    def get(self, index: int, epoch: int = 0):
+        split, record = self.items[index]
+        image = split.load_image(record)
+        if self.augment is not None:
+            rng = random.Random(f"augment:{self.seed}:{epoch}:{index}")
+            record, image = augment(record, image, rng, self.augment)
+        return record, image
+
+
+class GroundingSource:
+    """The grounding curriculum (data.synth.grounding): a pool of rendered questions ordered from one
+    object to six, drawn ``draws`` times with the difficulty window growing over the run. The pool is
+    cached on disk (images at the model's input size) and shared between presets."""
+
+    def __init__(self, pool_size: int, draws: int, image_size: int, *, level: str = "medium", seed: int = 0,
+                 cache_dir: str | Path | None = None, ramp: float = 0.7):
+        from ..data.synth.grounding import GroundingQuestion
+
+        self.draws, self.seed, self.ramp = draws, seed, ramp
+        cache = None
+        if cache_dir is not None:
+            cache = Path(cache_dir) / f"grounding-{level}-n{pool_size}-s{seed}-px{image_size}.npz"
+        if cache is not None and cache.is_file():
+            data = np.load(cache)
+            self.images = data["images"]
+            self.questions = [GroundingQuestion(**q) for q in json.loads(str(data["questions"]))]
+        else:
+            self.images, self.questions = _render_pool(pool_size, image_size, level, seed)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(".tmp.npz")
+                qs = [{"question": q.question, "options": q.options, "label": q.label, "kind": q.kind,
+                       "context": q.context} for q in self.questions]
+                np.savez(tmp, images=self.images, questions=json.dumps(qs))
+                tmp.replace(cache)
+
+    def __len__(self) -> int:
+        return self.draws
+
+    def order(self, epoch: int) -> list[int]:
+        """Draw i comes from the easiest ``hi(i)`` pool items; the window covers the pool at ``ramp``."""
+        rng = random.Random(f"curriculum:{self.seed}:{epoch}")
+        n = len(self.questions)
+        out = []
+        for i in range(self.draws):
+            hi = max(min(n, 128), int(n * min(1.0, (i + 1) / (self.draws * self.ramp))))
+            out.append(rng.randrange(hi))
+        return out
+
+    def get(self, index: int, epoch: int = 0):
+        return self.questions[index], Image.fromarray(self.images[index])
+
+
+def _render_pool(n: int, image_size: int, level: str, seed: int):
+    from ..data.synth.grounding import sample_item
+    from ..data.synth.levels import LEVELS
+    from ..data.synth.scene import render
+
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    questions = []
+    for i in range(n):
+        scene, q = sample_item(f"grounding:{seed}:{i}", i / n, LEVELS[level])
+        images[i] = np.asarray(render(scene, LEVELS[level]).resize((image_size, image_size), Image.BICUBIC))
+        questions.append(q)
+    return images, questions

@@ -1,0 +1,1 @@
+"""Inference: scoring records with a model, exporting predictions."""

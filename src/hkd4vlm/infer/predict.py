@@ -1,0 +1,86 @@
+"""Prediction over a split: one answer-scoring pass per batch, exported as the JSONL other teams' scorers
+read (``image, question, answer, choice, pred_ans, status``) plus the per-option probabilities."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.layout import Split
+from ..data.records import Record
+from ..models.scoring import answer_distribution
+
+
+@dataclass
+class Prediction:
+    image: str
+    question: str
+    answer: str | None  # gold option text, when known
+    choice: str | None  # gold letter, when known
+    pred_ans: str  # "B: red circle"
+    pred_letter: str
+    status: str  # "correct" / "wrong" / "unlabelled"
+    probs: dict[str, float]  # letter -> probability
+    task: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+
+def question_of(record: Record) -> str:
+    return record.system2_question if record.task == "hallucination" else record.question
+
+
+def to_prediction(record: Record, probs: list[float]) -> Prediction:
+    best = max(range(len(probs)), key=probs.__getitem__)
+    letter = record.letters[best]
+    status = "unlabelled" if record.correct_choice is None else ("correct" if letter == record.correct_choice else "wrong")
+    return Prediction(
+        image=record.image_id, question=question_of(record), answer=record.correct_answer,
+        choice=record.correct_choice, pred_ans=f"{letter}: {record.options[best]}", pred_letter=letter,
+        status=status, probs={l: float(p) for l, p in zip(record.letters, probs)}, task=record.task,
+    )
+
+
+def predict_split(model, processor, split: Split, *, batch_size: int = 32, limit: int | None = None,
+                  progress: bool = False) -> list[Prediction]:
+    """Predictions for every record of ``split`` (in order), scored ``batch_size`` at a time."""
+    records = split.records[:limit] if limit else split.records
+    out: list[Prediction] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(records), desc=f"predict {split.task}/{split.name}", unit="rec")
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(records), batch_size):
+            chunk = records[start: start + batch_size]
+            images = [split.load_image(r) for r in chunk]
+            scores = answer_distribution(model, processor, chunk, images)
+            for r, p in zip(chunk, scores.probs.cpu().tolist()):
+                out.append(to_prediction(r, p[: len(r.choices)]))
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    return out
+
+
+def write_jsonl(preds: list[Prediction], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(p.to_json() + "\n" for p in preds), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def accuracy(preds: list[Prediction]) -> float:
+    labelled = [p for p in preds if p.status != "unlabelled"]
+    return sum(p.status == "correct" for p in labelled) / len(labelled) if labelled else 0.0
