@@ -3,6 +3,7 @@ line, readable validation errors, and the resolved config saved beside the outpu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,6 +11,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..data.augment import AUGMENTATIONS
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 class ConfigError(ValueError):
@@ -58,6 +62,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(default=10, ge=1)
     eval_every: int = Field(default=0, ge=0, description="0: evaluate only at the end")
     progress: bool = True
+    find_unused_parameters: bool = Field(default=True, description="DDP: allow parameters without gradient")
 
     @field_validator("augment")
     @classmethod
@@ -91,6 +96,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        if isinstance(value, str) and _FLOAT.match(value):
+            value = float(value)  # YAML 1.1 reads "3e-4" as a string
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})

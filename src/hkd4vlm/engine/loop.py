@@ -81,12 +81,15 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
     alongside the model (e.g. a feature projector) and checkpointed with it.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from ..models.loading import load_model
 
     stage = stage or sft_stage
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    # some families never use a few parameters (LLaVA skips CLIP's post_layernorm): DDP must be told
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[ddp])
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
     if cfg.batch_size % (world * accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = {world * accum}")

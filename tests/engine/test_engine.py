@@ -1,0 +1,149 @@
+"""The training engine on the smallest preset: configs, checkpoints, resume, TensorBoard, 2 processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hkd4vlm.engine.checkpoint import checkpoint_dirs
+from hkd4vlm.engine.config import ConfigError, TrainConfig, load_config, parse_overrides
+from hkd4vlm.engine.loop import Position, next_global_batch, warmup_cosine
+from hkd4vlm.engine.sft import run_sft
+from hkd4vlm.engine.sources import RecordSource
+from hkd4vlm.models.presets import init_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(synth_root, tmp_path_factory):
+    return init_model("tiny-llava-s", synth_root, tmp_path_factory.mktemp("m") / "tiny", seed=0)
+
+
+def _config(tmp_path, model, synth_root, **extra) -> Path:
+    cfg = {
+        "model": str(model), "out": str(tmp_path / "run"), "data": {"root": str(synth_root), "eval_split": None},
+        "steps": 4, "batch_size": 8, "save_every": 2, "log_every": 1, "progress": False,
+        "optim": {"lr": 3e-3, "warmup_steps": 1}, "augment": {"permute_options": 0.5, "hflip": 0.5},
+    }
+    for k, v in extra.items():
+        cfg[k] = v
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def test_overrides_are_nested_and_typed():
+    assert parse_overrides(["optim.lr=3e-4", "data.tasks=[factuality]", "steps=7"]) == {
+        "optim": {"lr": 3e-4}, "data": {"tasks": ["factuality"]}, "steps": 7}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["optim.lr"])
+
+
+def test_config_errors_name_the_field(tmp_path, synth_root):
+    path = _config(tmp_path, "m", synth_root)
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        load_config(path, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match="unknown augmentation"):
+        load_config(path, ["augment.rotate=0.5"])
+    with pytest.raises(ConfigError, match="stepz"):
+        load_config(path, ["stepz=3"])
+    cfg = load_config(path, ["optim.lr=0.01", "data.tasks=[factuality]"])
+    assert isinstance(cfg, TrainConfig) and cfg.optim.lr == 0.01 and cfg.data.tasks == ["factuality"]
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, warmup=4, total=10) == pytest.approx(0.25)
+    assert warmup_cosine(3, warmup=4, total=10) == pytest.approx(1.0)
+    assert warmup_cosine(4, warmup=4, total=10) == pytest.approx(1.0)
+    assert warmup_cosine(7, warmup=4, total=10) == pytest.approx(0.5)
+    assert warmup_cosine(10, warmup=4, total=10, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_global_batches_cover_each_epoch_once(synth_root):
+    source = RecordSource(synth_root, ["hallucination"], "train", seed=5)
+    orders, pos, seen = {}, Position(), []
+    for _ in range(len(source) // 8):
+        batch, pos = next_global_batch(source, pos, 8, orders)
+        seen += [i for i, e in batch if e == 0]
+    assert sorted(seen) == list(range(len(source))) and pos == Position(1, 0)
+    assert source.order(0) != source.order(1)
+
+
+def test_train_writes_checkpoints_tensorboard_and_a_loadable_model(tmp_path, tiny_model, synth_root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hkd4vlm.models.loading import load_model
+
+    cfg = load_config(_config(tmp_path, tiny_model, synth_root, keep_checkpoints=1))
+    final = run_sft(cfg)
+    run = tmp_path / "run"
+    assert [p.name for p in checkpoint_dirs(run / "checkpoints")] == ["step-4"]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 3e-3
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss/ce", "loss/total", "lr", "throughput/samples_per_s"} <= set(tags)
+    assert [e.step for e in events.Scalars("loss/ce")] == [1, 2, 3, 4]
+    model, processor = load_model(final)
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and processor.tokenizer is not None
+    before = load_file(Path(tiny_model) / "model.safetensors")
+    after = _weights(run)
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_model, synth_root):
+    full = load_config(_config(tmp_path / "a", tiny_model, synth_root, steps=5, save_every=2))
+    run_sft(full)
+
+    def kill(step):
+        if step == 3:
+            raise _Killed
+
+    cut = load_config(_config(tmp_path / "b", tiny_model, synth_root, steps=5, save_every=2))
+    with pytest.raises(_Killed):
+        run_sft(cut, on_step=kill)
+    assert checkpoint_dirs(tmp_path / "b" / "run" / "checkpoints")[-1].name == "step-2"
+    run_sft(cut, resume=True)
+    a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, tiny_model, synth_root):
+    run_sft(load_config(_config(tmp_path / "a", tiny_model, synth_root, steps=2)))
+    run_sft(load_config(_config(tmp_path / "b", tiny_model, synth_root, steps=2, grad_accum=2)))
+    a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_processes_match_one(tmp_path, tiny_model, synth_root):
+    """accelerate launch --num_processes 2 (gloo, CPU) on the same global batch as one process."""
+    one = _config(tmp_path / "one", tiny_model, synth_root, steps=3)
+    two = _config(tmp_path / "two", tiny_model, synth_root, steps=3)
+    run_sft(load_config(one))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hkd4vlm.cli", "train", str(two)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints" / "step-3").glob("rng-*.pt")) == [
+        "rng-0.pt", "rng-1.pt"]
+    a, b = _weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
