@@ -66,7 +66,8 @@ def validate(root: Path, tasks: tuple, splits: tuple, max_pixels: int, as_json: 
 
 
 @main.command("init-model")
-@click.option("--preset", type=click.Choice(["tiny-llava-s", "tiny-llava-m", "tiny-llava-l"]), required=True)
+@click.option("--preset", type=click.Choice(["tiny-llava-s", "tiny-llava-m", "tiny-llava-l", "tiny-idefics3-s"]),
+              required=True)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Dataset root whose text trains the tokenizer.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -123,12 +124,15 @@ def train(config: Path, overrides: tuple, resume: bool) -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: the preset's recipe).")
 @click.option("--lr", type=float, default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--pool-size", type=click.IntRange(min=16), default=12_000, show_default=True,
+              help="Rendered curriculum questions (cached next to --out).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def pretrain(preset: str, data: Path, out: Path, steps: int | None, lr: float | None, batch_size: int, seed: int) -> None:
+def pretrain(preset: str, data: Path, out: Path, steps: int | None, lr: float | None, batch_size: int, pool_size: int,
+             seed: int) -> None:
     """Pretrain a from-scratch preset on the grounding curriculum; cached, resumable."""
     from .engine.pretrain import pretrain as run
 
-    final = run(preset, data, out, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    final = run(preset, data, out, steps=steps, lr=lr, batch_size=batch_size, pool_size=pool_size, seed=seed)
     click.echo(f"base checkpoint: {final}")
 
 

@@ -41,6 +41,26 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model" / "model.safetensors")
 
 
+def _losses(run: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return [e.value for e in events.Scalars("loss/total")]
+
+
+#: Adam moves each weight by about lr per step whatever the gradient's size, so a gradient element
+#: near 0 whose sign flips with summation order moves its weight by up to 2 lr: weights are compared
+#: to a small fraction of lr, and the losses (same weights, same global batch) tightly
+ADAM_TOL = 0.02
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(((a[k] - b[k]).abs().max().item(), k) for k in a)
+    assert worst[0] <= atol, f"largest difference {worst[0]:.3g} in {worst[1]}"
+
+
 def test_overrides_are_nested_and_typed():
     assert parse_overrides(["optim.lr=3e-4", "data.tasks=[factuality]", "steps=7"]) == {
         "optim": {"lr": 3e-4}, "data": {"tasks": ["factuality"]}, "steps": 7}
@@ -118,18 +138,15 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_mode
         run_sft(cut, on_step=kill)
     assert checkpoint_dirs(tmp_path / "b" / "run" / "checkpoints")[-1].name == "step-2"
     run_sft(cut, resume=True)
-    a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    _assert_same_weights(_weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run"), atol=0.0)
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, tiny_model, synth_root):
     run_sft(load_config(_config(tmp_path / "a", tiny_model, synth_root, steps=2)))
     run_sft(load_config(_config(tmp_path / "b", tiny_model, synth_root, steps=2, grad_accum=2)))
-    a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    _assert_same_weights(_weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run"), atol=ADAM_TOL * 3e-3 * 2)
+    la, lb = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
+    assert la == pytest.approx(lb, abs=1e-5)
 
 
 def test_two_processes_match_one(tmp_path, tiny_model, synth_root):
@@ -144,6 +161,6 @@ def test_two_processes_match_one(tmp_path, tiny_model, synth_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints" / "step-3").glob("rng-*.pt")) == [
         "rng-0.pt", "rng-1.pt"]
-    a, b = _weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    _assert_same_weights(_weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run"), atol=ADAM_TOL * 3e-3 * 3)
+    l1, l2 = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
+    assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-5)

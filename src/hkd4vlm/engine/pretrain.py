@@ -19,9 +19,36 @@ from .sources import GroundingSource
 PRETRAIN_RECIPES = {
     "tiny-llava-s": {"steps": 3000, "lr": 2e-3},
     "tiny-llava-m": {"steps": 3000, "lr": 2e-3},
-    "tiny-llava-l": {"steps": 3000, "lr": 2e-3},
+    "tiny-llava-l": {"steps": 4000, "lr": 2e-3},
 }
 DEFAULT_RECIPE = {"steps": 3000, "lr": 1e-3}
+
+
+def grounding_stage(tokenizer):
+    """Loss of the curriculum: cross-entropy over the option letters for multiple-choice questions and
+    over the whole vocabulary (the answer's first token) for open ones."""
+    cache: dict[str, int] = {}
+
+    def first_token(text: str) -> int:
+        if text not in cache:
+            cache[text] = tokenizer.encode(f" {text}", add_special_tokens=False)[0]
+        return cache[text]
+
+    def stage(scores, items, *, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        device = scores.logits.device
+        is_open = torch.tensor([bool(getattr(q, "open", False)) for q in items], device=device)
+        letters = torch.tensor([q.label for q in items], device=device)
+        words = torch.tensor([first_token(q.answer) for q in items], device=device)
+        ce_mc = torch.nn.functional.cross_entropy(scores.logits, letters, reduction="none")  # (B,)
+        ce_open = torch.nn.functional.cross_entropy(scores.vocab_logits.float(), words, reduction="none")  # (B,)
+        zero = scores.logits.sum() * 0
+        return {
+            "total": torch.where(is_open, ce_open, ce_mc).mean(),
+            "ce_choice": ce_mc[~is_open].mean() if (~is_open).any() else zero,
+            "ce_open": ce_open[is_open].mean() if is_open.any() else zero,
+        }
+
+    return stage
 
 
 def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
@@ -33,7 +60,7 @@ def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
 
     items = []
     for i in range(n):
-        scene, q = sample_item(f"held:{seed}:{i}", 1.0)
+        scene, q = sample_item(f"held:{seed}:{i}", 1.0)  # six objects of the benchmark's size, by letter
         items.append((q, render(scene, LEVELS["medium"]).resize((image_size, image_size))))
 
     def evaluate(model, processor) -> dict:
@@ -78,11 +105,15 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
         model=str(init_dir), out=out, data=DataConfig(root=Path(data_root), eval_split=None),
         optim=OptimConfig(lr=recipe["lr"], warmup_steps=min(200, recipe["steps"] // 10)),
         steps=recipe["steps"], batch_size=batch_size, seed=seed, save_every=max(1, recipe["steps"] // 6),
-        log_every=10, progress=progress,
+        log_every=10, progress=progress, eval_every=max(1, recipe["steps"] // 8),
     )
     source = GroundingSource(pool_size, recipe["steps"] * batch_size, image_size, seed=seed,
-                             cache_dir=cache_dir or out.parent / "cache")
-    final = train(cfg, source, evaluate=grounding_eval(image_size=image_size), resume=resume)
+                             open_share=recipe.get("open_share", 0.5), cache_dir=cache_dir or out.parent / "cache")
+    from ..models.loading import load_model
+
+    model, processor = load_model(init_dir)
+    final = train(cfg, source, stage=grounding_stage(processor.tokenizer), model=model, processor=processor,
+                  evaluate=grounding_eval(image_size=image_size), resume=resume)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return final
     marker.write_text(json.dumps({**key, "digest": digest}, indent=2))

@@ -59,24 +59,24 @@ class GroundingSource:
     cached on disk (images at the model's input size) and shared between presets."""
 
     def __init__(self, pool_size: int, draws: int, image_size: int, *, level: str = "medium", seed: int = 0,
-                 cache_dir: str | Path | None = None, ramp: float = 0.7):
+                 open_share: float = 0.5, cache_dir: str | Path | None = None, ramp: float = 0.7):
         from ..data.synth.grounding import GroundingQuestion
 
         self.draws, self.seed, self.ramp = draws, seed, ramp
         cache = None
         if cache_dir is not None:
-            cache = Path(cache_dir) / f"grounding-{level}-n{pool_size}-s{seed}-px{image_size}.npz"
+            cache = Path(cache_dir) / f"grounding-v2-{level}-n{pool_size}-s{seed}-px{image_size}-o{open_share}.npz"
         if cache is not None and cache.is_file():
             data = np.load(cache)
             self.images = data["images"]
             self.questions = [GroundingQuestion(**q) for q in json.loads(str(data["questions"]))]
         else:
-            self.images, self.questions = _render_pool(pool_size, image_size, level, seed)
+            self.images, self.questions = _render_pool(pool_size, image_size, level, seed, open_share)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(".tmp.npz")
                 qs = [{"question": q.question, "options": q.options, "label": q.label, "kind": q.kind,
-                       "context": q.context} for q in self.questions]
+                       "context": q.context, "open": q.open} for q in self.questions]
                 np.savez(tmp, images=self.images, questions=json.dumps(qs))
                 tmp.replace(cache)
 
@@ -97,7 +97,7 @@ class GroundingSource:
         return self.questions[index], Image.fromarray(self.images[index])
 
 
-def _render_pool(n: int, image_size: int, level: str, seed: int):
+def _render_pool(n: int, image_size: int, level: str, seed: int, open_share: float):
     from ..data.synth.grounding import sample_item
     from ..data.synth.levels import LEVELS
     from ..data.synth.scene import render
@@ -105,7 +105,7 @@ def _render_pool(n: int, image_size: int, level: str, seed: int):
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     questions = []
     for i in range(n):
-        scene, q = sample_item(f"grounding:{seed}:{i}", i / n, LEVELS[level])
+        scene, q = sample_item(f"grounding:{seed}:{i}", i / n, LEVELS[level], open_share=open_share)
         images[i] = np.asarray(render(scene, LEVELS[level]).resize((image_size, image_size), Image.BICUBIC))
         questions.append(q)
     return images, questions

@@ -12,7 +12,8 @@ from .presets import PRESETS, TinyPreset, build_tiny_llava, build_tokenizer
 
 #: Idefics3 presets; scale_factor 2 merges each 2x2 patch block into one text-side token
 IDEFICS3_PRESETS: dict[str, TinyPreset] = {
-    "tiny-idefics3-s": TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=2),
+    "tiny-idefics3-s": TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=2,
+                                     patch_size=8),  # 8x8 patches, pixel-shuffled to 16 tokens
 }
 IDEFICS3_SCALE_FACTOR = 2
 #: special tokens the Idefics3 processor writes around each image; the row/column tags

@@ -27,16 +27,37 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = No
     if device and not device_map:
         model.to(device)
     if freeze_vision:
-        tower = getattr(model, "vision_tower", None) or getattr(getattr(model, "model", None), "vision_tower", None)
-        if tower is None:
-            raise ValueError(f"{type(model).__name__} has no vision_tower to freeze")
-        for p in tower.parameters():
-            p.requires_grad_(False)
+        freeze_vision_tower(model)
     if lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(**lora))
     return model, processor
+
+
+def vision_tower(model):
+    """The image encoder of a VLM: ``model.model.vision_tower`` (LLaVA), ``model.model.vision_model``
+    (Idefics3 / SmolVLM), ``model.model.visual`` (Qwen2-VL / Qwen2.5-VL), ...
+
+    Found through transformers' own lookup (``get_encoder(modality="image")``), which knows the names
+    that families use for it.
+    """
+    tower = model.get_encoder(modality="image")
+    # the lookup falls back to the model itself (or its base model) when it finds no image encoder
+    if tower is model or tower is model.base_model:
+        raise ValueError(
+            f"{type(model).__name__} has no image encoder under a known name (vision_tower, visual, vision_model, "
+            "vision_encoder, image_tower); train it without freeze_vision, or freeze its encoder by hand"
+        )
+    return tower
+
+
+def freeze_vision_tower(model):
+    """Turn off gradients for every parameter of the model's image encoder; returns the encoder."""
+    tower = vision_tower(model)
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    return tower
 
 
 def count_parameters(model) -> int:

@@ -26,7 +26,7 @@ class TinyPreset:
     text_layers: int
     heads: int
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16  # 4x4 patches at 64 px: 2.3x faster per step than 8x8 (README, "Pretraining")
 
 
 PRESETS: dict[str, TinyPreset] = {
@@ -102,11 +102,13 @@ def build_tiny_llava(preset: str, texts: list[str], *, seed: int = 0):
 
 
 def init_model(preset: str, data_root: str | Path, out: str | Path, *, seed: int = 0) -> Path:
-    """Build a preset with a tokenizer trained on ``data_root`` and save it to ``out``."""
+    """Build a preset of any family (``families.preset_names()``) with a tokenizer trained on
+    ``data_root`` and save it to ``out``."""
     from ..data.synth.grounding import vocabulary_texts
+    from .families import build_tiny
 
     # the tokenizer also covers the grounding curriculum, so that any preset can be pretrained
-    model, processor = build_tiny_llava(preset, corpus(data_root) + vocabulary_texts(), seed=seed)
+    model, processor = build_tiny(preset, corpus(data_root) + vocabulary_texts(), seed=seed)
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)

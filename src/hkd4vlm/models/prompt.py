@@ -35,11 +35,13 @@ def choices_text(record: Record, options: list[str] | None = None) -> str:
 def build_prompt(processor, record: Record, options: list[str] | None = None) -> str:
     """The full prompt string (shared text, image, options), through the processor's chat template when
     it has one; it ends where the answer letter is expected."""
-    shared, tail = shared_text(record), choices_text(record, options)
+    shared = shared_text(record)
+    # open pretraining questions (data.synth.grounding) show no options: the answer is a word
+    tail = "" if getattr(record, "open", False) else choices_text(record, options)
     template = getattr(processor, "chat_template", None)
     if template:
-        content = [{"type": "text", "text": shared}, {"type": "image"}, {"type": "text", "text": tail}]
+        content = [{"type": "text", "text": shared}, {"type": "image"}] + ([{"type": "text", "text": tail}] if tail else [])
         messages = [{"role": "user", "content": content}]
         return processor.apply_chat_template(messages, add_generation_prompt=True) + f"{ANSWER_CUE}"
     image_token = getattr(processor, "image_token", "<image>")
-    return f"{shared}\n{image_token}\n{tail}\n{ANSWER_CUE}"
+    return f"{shared}\n{image_token}\n" + (f"{tail}\n" if tail else "") + ANSWER_CUE

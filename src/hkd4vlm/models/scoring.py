@@ -52,6 +52,7 @@ class AnswerScores:
     probs: torch.Tensor  # (B, n_options) answer distribution
     logits: torch.Tensor  # (B, n_options) letter logits
     hidden: torch.Tensor  # (B, H) last-layer hidden state at the answer position
+    vocab_logits: torch.Tensor | None = None  # (B, V) all logits at the answer position
 
 
 def encode(processor, records: list[Record], images: list, options: list[list[str]] | None = None) -> dict:
@@ -85,4 +86,4 @@ def answer_distribution(model, processor, records: list[Record], images: list, *
         letter_logits = letter_logits.masked_fill(missing, MASKED)
     probs = torch.softmax(letter_logits / temperature, dim=-1)
     hidden = out.hidden_states[-1][:, -1, :]  # (B, H)
-    return AnswerScores(probs=probs, logits=letter_logits, hidden=hidden)
+    return AnswerScores(probs=probs, logits=letter_logits, hidden=hidden, vocab_logits=last)

@@ -1,10 +1,17 @@
-"""The grounding curriculum: four-option questions about synthetic scenes that teach a model trained from
-scratch to see before it judges (colour and shape of a named or placed object, existence, counting,
-size, relations), growing from one object to six.
+"""The grounding curriculum: questions about synthetic scenes that teach a model trained from scratch to
+see before it judges (colour and shape of a named or placed object, existence, counting, size,
+relations, and reading who drew what), growing from one large object to six of the benchmark's size.
 
-Questions are multiple choice with four options, answered by letter, so pretraining uses the same
-answer scoring and loss as the tasks. Scenes are drawn fresh from their own seed, never from a
-dataset's images. Every answer is read off the scene, so it is exact.
+Each question has four options. An *open* question shows no options and is answered with the first
+word of the answer (a loss over the whole vocabulary): this grounds the words themselves, which a
+from-scratch model needs before it can match an image against option texts. A multiple-choice question
+is answered by letter, with the same answer scoring and loss as the tasks. Scenes are drawn fresh from
+their own seed, never from a dataset's images; every answer is read off the scene, so it is exact.
+
+What we measured on 2 cores (README, "Pretraining"): with objects of the benchmark's size, a tiny
+LLaVA stays at chance even on one-object colour questions for hundreds of steps (the answer position
+must find 1-2 object patches among 64); with objects a third of the image wide it learns them in ~50
+steps. Hence the curriculum shrinks objects as it adds them.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ QUESTION_KINDS = (
     "colour_of_shape", "shape_of_colour", "colour_at", "shape_at", "present", "absent", "count_shape",
     "count_colour", "size_of", "relation", "owner",
 )
+#: kinds whose answer's first word is the answer (open questions use only these)
+OPEN_KINDS = ("colour_of_shape", "shape_of_colour", "colour_at", "shape_at", "count_shape", "count_colour", "relation",
+              "owner")
 NAMES = ("Maria", "Tom", "Aiko", "Omar", "Lena", "Ravi", "Sofia", "Jonas", "Nadia", "Pablo", "Grace", "Ivan")
 
 
@@ -40,7 +50,12 @@ class GroundingQuestion:
     label: int
     kind: str
     context: str = ""
+    open: bool = False  # answered with the answer's first word instead of a letter
     task: str = field(default="grounding", init=False)
+
+    @property
+    def answer(self) -> str:
+        return self.options[self.label]
 
     @property
     def letters(self) -> list[str]:
@@ -155,12 +170,42 @@ def curriculum_objects(progress: float) -> tuple[int, int]:
     return (max(1, hi - 2), hi)
 
 
-def sample_item(seed: str, progress: float, level: Level = LEVELS["medium"], kinds: tuple[str, ...] = QUESTION_KINDS):
-    """(scene, question) for curriculum position ``progress``; deterministic for ``seed``."""
+def curriculum_level(progress: float, level: Level = LEVELS["medium"]) -> Level:
+    """``level`` with objects scaled up early on: radii start at ~0.35 of the short side and shrink to the
+    level's own by ``progress`` 0.5."""
+    from dataclasses import replace
+
+    t = min(1.0, progress / 0.5)
+    big = (0.30, 0.38)
+
+    def mix(own: tuple[float, float]) -> tuple[float, float]:
+        return (big[0] + t * (own[0] - big[0]), big[1] + t * (own[1] - big[1]))
+
+    return replace(level, small_radius=mix(level.small_radius), large_radius=mix(level.large_radius))
+
+
+def sample_item(seed: str, progress: float, level: Level = LEVELS["medium"], kinds: tuple[str, ...] = QUESTION_KINDS,
+                open_share: float = 0.0):
+    """(scene, question) for curriculum position ``progress``; deterministic for ``seed``. A share
+    ``open_share`` of the questions are open (no options shown)."""
     rng = random.Random(seed)
     lo, hi = curriculum_objects(progress)
-    scene = sample_scene(rng, level, rng.randint(lo, hi))
-    return scene, make_question(rng, scene, kinds)
+    lvl = curriculum_level(progress, level)
+    n = rng.randint(lo, hi)
+    while True:  # large objects may not fit: fewer objects then
+        try:
+            scene = _sample_fitting(rng, lvl, n)
+            break
+        except RecursionError:
+            n -= 1
+    is_open = rng.random() < open_share
+    q = make_question(rng, scene, tuple(k for k in kinds if k in OPEN_KINDS) if is_open else kinds)
+    q.open = is_open
+    return scene, q
+
+
+def _sample_fitting(rng: random.Random, level: Level, n: int) -> Scene:
+    return sample_scene(rng, level, n)
 
 
 def vocabulary_texts(n: int = 3000, seed: int = 0) -> list[str]:
