@@ -73,7 +73,7 @@ def validate(root: Path, tasks: tuple, splits: tuple, max_pixels: int, as_json: 
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def init_model_cmd(preset: str, data: Path, out: Path, seed: int) -> None:
-    """Build a tiny preset (LLaVA: CLIP vision + Qwen2 text) from config and save it as a checkpoint."""
+    """Build a tiny preset (LLaVA: CLIP + Qwen2; Idefics3: SigLIP + Llama) from config and save it as a checkpoint."""
     from .models.loading import count_parameters, load_model
     from .models.presets import init_model
 

@@ -83,6 +83,7 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
              batch_size: int = 32, seed: int = 0, pool_size: int = 12_000, cache_dir: str | Path | None = None,
              progress: bool = True, resume: bool = True) -> Path:
     """Build ``preset`` (tokenizer from ``data_root``) and pretrain it; returns ``out/model``."""
+    from ..models.families import IDEFICS3_PRESETS
     from ..models.presets import PRESETS, init_model
 
     recipe = dict(PRETRAIN_RECIPES.get(preset, DEFAULT_RECIPE))
@@ -97,10 +98,21 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
     marker = out / "pretrain.json"
     if (out / "model" / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()).get("digest") == digest:
         return out / "model"
+    pending = out / "pretrain.pending.json"
+    if pending.is_file() and json.loads(pending.read_text()).get("digest") != digest:
+        # an interrupted run with another recipe: its checkpoints must not be resumed
+        import shutil
+
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    pending.write_text(json.dumps({**key, "digest": digest}, indent=2))
     init_dir = out / "init"
     if not (init_dir / "config.json").is_file():
         init_model(preset, data_root, init_dir, seed=seed)
-    image_size = PRESETS[preset].image_size
+    specs = {**PRESETS, **IDEFICS3_PRESETS}
+    if preset not in specs:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(specs)}")
+    image_size = specs[preset].image_size
     cfg = TrainConfig(
         model=str(init_dir), out=out, data=DataConfig(root=Path(data_root), eval_split=None),
         optim=OptimConfig(lr=recipe["lr"], warmup_steps=min(200, recipe["steps"] // 10)),
@@ -116,5 +128,5 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
                   evaluate=grounding_eval(image_size=image_size), resume=resume)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return final
-    marker.write_text(json.dumps({**key, "digest": digest}, indent=2))
+    pending.replace(marker)
     return final
