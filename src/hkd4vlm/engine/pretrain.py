@@ -34,7 +34,7 @@ def grounding_stage(tokenizer):
             cache[text] = tokenizer.encode(f" {text}", add_special_tokens=False)[0]
         return cache[text]
 
-    def stage(scores, items, *, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    def stage(scores, items, *, temperature: float = 1.0, **_) -> dict[str, torch.Tensor]:
         device = scores.logits.device
         is_open = torch.tensor([bool(getattr(q, "open", False)) for q in items], device=device)
         letters = torch.tensor([q.label for q in items], device=device)
