@@ -1,0 +1,134 @@
+"""Distillation stages (DESIGN.md §3). A stage is a callable the training loop calls per micro-batch
+with the student's answer scores; it returns a dict of named loss terms with ``"total"`` their
+weighted sum, and the coupling weights' mean where there are any. Every term is logged.
+
+Online teachers score the same (augmented) batch as the student, in eval mode, under
+``torch.inference_mode`` (no graph, no gradient), each through its own processor, so that teacher and
+student may be different families: the answer distribution is over option letters either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.scoring import AnswerScores, answer_distribution
+from .losses import FeatureProjector, feature_cosine, forward_kl, rectify_teacher
+
+
+@dataclass
+class Teacher:
+    """A frozen model of the pyramid and its processor."""
+
+    model: object
+    processor: object
+    name: str = "teacher"
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def scores(self, items, images) -> AnswerScores:
+        with torch.inference_mode():
+            return answer_distribution(self.model, self.processor, items, images)
+
+
+def _labels(items, device) -> torch.Tensor:
+    return torch.tensor([it.label for it in items], device=device)
+
+
+def linear_schedule(start: float, end: float, step: int, total: int) -> float:
+    """``start`` at step 0 to ``end`` at ``total``."""
+    t = min(1.0, step / max(1, total))
+    return start + t * (end - start)
+
+
+def pyramid_weights(n_teachers: int, gamma: float) -> list[float]:
+    """w_j ∝ γ^(k−1−j) for teachers j = 1..k−1 ordered largest first; the nearest (last) weighs most.
+    γ = 0 keeps only the nearest teacher (a plain chain)."""
+    raw = [gamma ** (n_teachers - 1 - j) if gamma > 0 else float(j == n_teachers - 1) for j in range(n_teachers)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def _as_logits(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits z with softmax(z / τ) = probs (so a mixture can be fed to the divergences)."""
+    return temperature * torch.log(probs.clamp_min(1e-12))
+
+
+class PPODStage:
+    """Pyramid-like Progressive Online Distillation, one level of the pyramid:
+
+        q = Σ_j w_j · p_j^τ,   L = α · L_ce + (1 − α) · τ² · KL(q ‖ p_S^τ)
+
+    with τ and α moving linearly from their start to their end value over ``total_steps``.
+    """
+
+    def __init__(self, teachers: list[Teacher], *, gamma: float = 0.5, tau: tuple[float, float] = (4.0, 1.0),
+                 alpha: tuple[float, float] = (0.2, 0.5), total_steps: int = 1):
+        if not teachers:
+            raise ValueError("PPOD needs at least one teacher")
+        self.teachers, self.weights = teachers, pyramid_weights(len(teachers), gamma)
+        self.tau, self.alpha, self.total_steps = tau, alpha, total_steps
+
+    def __call__(self, scores: AnswerScores, items, *, images, step: int = 0, **_) -> dict[str, torch.Tensor]:
+        tau = linear_schedule(*self.tau, step, self.total_steps)
+        alpha = linear_schedule(*self.alpha, step, self.total_steps)
+        device = scores.logits.device
+        q = 0
+        for w, teacher in zip(self.weights, self.teachers):
+            t_logits = teacher.scores(items, images).logits.to(device)
+            q = q + w * torch.softmax(t_logits / tau, dim=-1)  # (B, n)
+        ce = torch.nn.functional.cross_entropy(scores.logits, _labels(items, device))
+        kd = forward_kl(scores.logits, _as_logits(q, tau), temperature=tau)
+        total = alpha * ce + (1 - alpha) * tau**2 * kd
+        return {"total": total, "ce": ce, "kd": kd, "tau": torch.tensor(tau), "alpha": torch.tensor(alpha)}
+
+
+def coupling_weight(p_teacher: torch.Tensor, p_assistant: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """c ∈ [0, 1] per sample: √(p_T(i*) · p_A(i*)) where teacher and assistant agree and are right, else 0.
+
+    ``p_teacher``, ``p_assistant``: (B, n); ``labels``: (B,). Where both agree on the right answer with
+    confidence, distillation dominates; where they disagree (or agree on a wrong one), the ground truth does.
+    """
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    top_t, top_a = p_teacher.argmax(-1), p_assistant.argmax(-1)
+    right = (top_t == labels) & (top_a == labels)
+    conf = torch.sqrt(p_teacher[rows, labels] * p_assistant[rows, labels])
+    return torch.where(right, conf, torch.zeros_like(conf))
+
+
+class TCRDStage:
+    """Ternary-Coupled Refinement Distillation:
+
+        L = λ_gt · (1 − c) · L_ce + λ_resp · c · τ² · KL(r_T ‖ p_S^τ) + λ_feat · (1 − cos(P·h_S, h_A))
+
+    ``teacher`` gives the rectified response r_T, ``assistant`` the feature target h_A (and, with the
+    teacher, the coupling c). ``projector`` maps the student's hidden size to the assistant's; it is
+    trained with the student (pass it to the loop's ``extra_modules``).
+    """
+
+    def __init__(self, teacher: Teacher, assistant: Teacher, projector: FeatureProjector, *, tau: float = 2.0,
+                 lambda_gt: float = 1.0, lambda_resp: float = 1.0, lambda_feat: float = 0.5, rectify: bool = True,
+                 coupled: bool = True):
+        self.teacher, self.assistant, self.projector = teacher, assistant, projector
+        self.tau, self.lambda_gt, self.lambda_resp, self.lambda_feat = tau, lambda_gt, lambda_resp, lambda_feat
+        self.rectify, self.coupled = rectify, coupled
+
+    def __call__(self, scores: AnswerScores, items, *, images, **_) -> dict[str, torch.Tensor]:
+        device = scores.logits.device
+        labels = _labels(items, device)
+        t, a = self.teacher.scores(items, images), self.assistant.scores(items, images)
+        p_t = torch.softmax(t.logits.to(device) / self.tau, dim=-1)
+        r_t = rectify_teacher(p_t, labels) if self.rectify else p_t
+        c = coupling_weight(t.probs.to(device), a.probs.to(device), labels) if self.coupled else torch.full_like(
+            labels, 0.5, dtype=torch.float32)
+        ce = torch.nn.functional.cross_entropy(scores.logits, labels, reduction="none")  # (B,)
+        resp = forward_kl(scores.logits, _as_logits(r_t, self.tau), temperature=self.tau, reduction="none")  # (B,)
+        feat = feature_cosine(scores.hidden, a.hidden.to(device).float(), self.projector)
+        total = (self.lambda_gt * (1 - c) * ce).mean() + (self.lambda_resp * c * self.tau**2 * resp).mean() \
+            + self.lambda_feat * feat
+        return {"total": total, "ce": ce.mean(), "resp": resp.mean(), "feat": feat, "coupling_mean": c.mean()}
+
