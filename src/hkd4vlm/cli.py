@@ -116,6 +116,26 @@ def train(config: Path, overrides: tuple, resume: bool) -> None:
     click.echo(f"model saved to {final}")
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def distill(recipe: Path, overrides: tuple) -> None:
+    """Run a distillation recipe (ordered sft / ppod / tcrd stages over a pyramid); resumable.
+
+    `key.sub=value` arguments override the recipe, e.g. `stages.1.tcrd_tau=3.0`.
+    """
+    from .distill.recipe import RecipeConfig, run_recipe
+    from .engine.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(recipe, overrides, schema=RecipeConfig)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    final = run_recipe(cfg)
+    for level, path in sorted(final.items()):
+        click.echo(f"level {level}: {path}")
+
+
 @main.command()
 @click.option("--preset", required=True, help="Tiny preset to build and pretrain (e.g. tiny-llava-l).")
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,

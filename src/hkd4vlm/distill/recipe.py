@@ -1,0 +1,121 @@
+"""Recipes: an ordered list of stages (sft / ppod / tcrd) over a pyramid of models, each stage training
+one level of the pyramid and starting from that level's latest weights. A stage that finished is
+skipped when the recipe runs again; one that was interrupted resumes from its last checkpoint.
+
+    hkd4vlm distill RECIPE.yaml [stages.1.tau=3.0 ...]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..engine.config import DataConfig, OptimConfig, TrainConfig, _Strict, save_config
+
+
+class StageConfig(_Strict):
+    kind: Literal["sft", "ppod", "tcrd"]
+    level: int = Field(ge=0, description="index into the pyramid of the model this stage trains")
+    steps: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    optim: OptimConfig = OptimConfig()
+    augment: dict[str, float] = Field(default_factory=dict)
+    # ppod: teachers are every level above this one
+    gamma: float = Field(default=0.5, ge=0)
+    tau: tuple[float, float] = (4.0, 1.0)
+    alpha: tuple[float, float] = (0.2, 0.5)
+    # tcrd
+    teacher: int = 0
+    assistant: int = 1
+    tcrd_tau: float = Field(default=2.0, gt=0)
+    lambda_gt: float = Field(default=1.0, ge=0)
+    lambda_resp: float = Field(default=1.0, ge=0)
+    lambda_feat: float = Field(default=0.5, ge=0)
+    rectify: bool = True
+    coupled: bool = True
+
+
+class RecipeConfig(_Strict):
+    pyramid: list[str] = Field(min_length=1, description="model directories, largest (teacher) first")
+    data: DataConfig
+    out: Path
+    seed: int = 0
+    save_every: int = Field(default=250, ge=1)
+    progress: bool = True
+    stages: list[StageConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _levels_exist(self) -> "RecipeConfig":
+        n = len(self.pyramid)
+        for i, st in enumerate(self.stages):
+            refs = {"level": st.level}
+            if st.kind == "tcrd":
+                refs.update(teacher=st.teacher, assistant=st.assistant)
+            for name, idx in refs.items():
+                if idx >= n:
+                    raise ValueError(f"stages.{i}.{name} = {idx}, but the pyramid has {n} models")
+            if st.kind == "ppod" and st.level == 0:
+                raise ValueError(f"stages.{i}: ppod at level 0 has no teacher above it")
+            if st.kind == "tcrd" and st.level in (st.teacher, st.assistant):
+                raise ValueError(f"stages.{i}: the tcrd student (level {st.level}) cannot be its own teacher or assistant")
+        return self
+
+
+def _train_config(recipe: RecipeConfig, stage: StageConfig, model: str, out: Path) -> TrainConfig:
+    return TrainConfig(
+        model=model, out=out, data=recipe.data, optim=stage.optim, steps=stage.steps, batch_size=stage.batch_size,
+        grad_accum=stage.grad_accum, seed=recipe.seed, augment=stage.augment, save_every=recipe.save_every,
+        progress=recipe.progress,
+    )
+
+
+def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
+    """Run every stage in order; returns the final model directory of each pyramid level."""
+    from ..distill.losses import FeatureProjector
+    from ..distill.stages import PPODStage, TCRDStage, Teacher
+    from ..engine.loop import sft_stage, train
+    from ..engine.sft import split_eval
+    from ..engine.sources import RecordSource
+    from ..models.loading import load_model
+
+    out = Path(recipe.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(recipe, out / "recipe.yaml")
+    current = {i: str(p) for i, p in enumerate(recipe.pyramid)}
+    for i, st in enumerate(recipe.stages):
+        stage_out = out / f"stage-{i}-{st.kind}-level{st.level}"
+        done = stage_out / "done.json"
+        if done.is_file():
+            current[st.level] = json.loads(done.read_text())["model"]
+            continue
+        cfg = _train_config(recipe, st, current[st.level], stage_out)
+        model, processor = load_model(cfg.model)
+        extra = {}
+        if st.kind == "sft":
+            stage = sft_stage
+        elif st.kind == "ppod":
+            teachers = [Teacher(*load_model(current[j]), name=f"level{j}") for j in range(st.level)]
+            stage = PPODStage(teachers, gamma=st.gamma, tau=st.tau, alpha=st.alpha, total_steps=st.steps)
+        else:
+            teacher = Teacher(*load_model(current[st.teacher]), name=f"level{st.teacher}")
+            assistant = Teacher(*load_model(current[st.assistant]), name=f"level{st.assistant}")
+            projector = FeatureProjector(model.config.text_config.hidden_size,
+                                         assistant.model.config.text_config.hidden_size)
+            extra = {"projector": projector}
+            stage = TCRDStage(teacher, assistant, projector, tau=st.tcrd_tau, lambda_gt=st.lambda_gt,
+                              lambda_resp=st.lambda_resp, lambda_feat=st.lambda_feat, rectify=st.rectify,
+                              coupled=st.coupled)
+        source = RecordSource(recipe.data.root, recipe.data.tasks, recipe.data.split, augment=st.augment,
+                              seed=recipe.seed)
+        evaluate = None
+        if recipe.data.eval_split:
+            evaluate = split_eval(recipe.data.root, recipe.data.tasks, recipe.data.eval_split, limit=recipe.data.eval_limit)
+        final = train(cfg, source, stage=stage, model=model, processor=processor, evaluate=evaluate, resume=True,
+                      on_step=on_step, extra_modules=extra)
+        done.write_text(json.dumps({"model": str(final), "stage": st.model_dump(mode="json")}, indent=2))
+        current[st.level] = str(final)
+    return current

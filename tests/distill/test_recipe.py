@@ -1,0 +1,84 @@
+"""A two-stage recipe (PPOD then TCRD) on the smallest presets, and resume in the middle of a stage."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hkd4vlm.distill.recipe import RecipeConfig, run_recipe
+from hkd4vlm.engine.config import ConfigError, load_config
+from hkd4vlm.models.presets import init_model
+
+
+@pytest.fixture(scope="module")
+def pyramid(synth_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pyr")
+    return [str(init_model(p, synth_root, root / p, seed=s))
+            for p, s in (("tiny-llava-m", 1), ("tiny-idefics3-s", 2), ("tiny-llava-s", 3))]
+
+
+def _recipe(pyramid, synth_root, out, **stage_extra) -> dict:
+    return {
+        "pyramid": pyramid, "out": str(out), "progress": False, "save_every": 1,
+        "data": {"root": str(synth_root), "tasks": ["hallucination"], "eval_split": None},
+        "stages": [
+            {"kind": "ppod", "level": 2, "steps": 2, "batch_size": 4, "gamma": 0.5, **stage_extra},
+            {"kind": "tcrd", "level": 2, "steps": 3, "batch_size": 4, "teacher": 0, "assistant": 1},
+        ],
+    }
+
+
+def test_recipe_validation_names_the_stage(pyramid, synth_root, tmp_path):
+    raw = _recipe(pyramid, synth_root, tmp_path / "r")
+    raw["stages"][1]["assistant"] = 5
+    with pytest.raises(Exception, match=r"stages\.1\.assistant = 5"):
+        RecipeConfig.model_validate(raw)
+    path = tmp_path / "r.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(_recipe(pyramid, synth_root, tmp_path / "r")))
+    cfg = load_config(path, ["stages.1.tcrd_tau=3.0"], schema=RecipeConfig)
+    assert cfg.stages[1].tcrd_tau == 3.0 and cfg.stages[0].tcrd_tau == 2.0
+    with pytest.raises(ConfigError, match="stages.0.kind"):
+        load_config(path, ["stages.0.kind=magic"], schema=RecipeConfig)
+
+
+def test_two_stage_recipe_chains_and_resumes(pyramid, synth_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == 2 and not killed:
+            killed.append(step)
+            raise Killed
+
+    killed: list = []
+    cfg = RecipeConfig.model_validate(_recipe(pyramid, synth_root, tmp_path / "run"))
+    # stage 0 finishes (2 steps); stage 1 is killed after its step 2 and resumed
+    with pytest.raises(Killed):
+        run_recipe(cfg, on_step=lambda s: kill(s) if (tmp_path / "run" / "stage-0-ppod-level2" / "done.json").is_file() else None)
+    stages = sorted(p.name for p in (tmp_path / "run").glob("stage-*"))
+    assert stages == ["stage-0-ppod-level2", "stage-1-tcrd-level2"]
+    assert not (tmp_path / "run" / "stage-1-tcrd-level2" / "done.json").exists()
+    final = run_recipe(cfg)
+    s0, s1 = tmp_path / "run" / "stage-0-ppod-level2", tmp_path / "run" / "stage-1-tcrd-level2"
+    # stage 1 started from stage 0's output, and the other levels were untouched
+    import yaml
+
+    assert yaml.safe_load((s1 / "config.yaml").read_text())["model"] == str(s0 / "model")
+    assert final[2] == str(s1 / "model") and final[0] == pyramid[0]
+    assert (s1 / "projector.pt").is_file()
+    events = EventAccumulator(str(s1 / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/ce", "loss/resp", "loss/feat", "loss/coupling_mean", "loss/total"} <= tags
+    assert [e.step for e in events.Scalars("loss/total")][-1] == 3
+    events0 = EventAccumulator(str(s0 / "tb"))
+    events0.Reload()
+    assert {"loss/kd", "loss/tau", "loss/alpha"} <= set(events0.Tags()["scalars"])
+    a, b = load_file(s0 / "model" / "model.safetensors"), load_file(s1 / "model" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((s1 / "done.json").read_text())["model"] == str(s1 / "model")
