@@ -136,6 +136,34 @@ def distill(recipe: Path, overrides: tuple) -> None:
         click.echo(f"level {level}: {path}")
 
 
+@main.command("cache-teacher")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--task", "tasks", type=click.Choice(["hallucination", "factuality"]), multiple=True)
+@click.option("--split", default="train", show_default=True)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--augment", "augment", default="", help="name=prob,... as in the stage that reads the cache.")
+@click.option("--variants", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Augmentation draws per record (training repeats them every this many epochs).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The recipe's seed.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Path, augment: str, variants: int,
+                  seed: int, batch_size: int) -> None:
+    """Precompute a teacher's answer distributions and hidden states per (record, augmentation)."""
+    from .distill.cache import build_cache
+
+    probs = {}
+    for part in filter(None, augment.split(",")):
+        name, _, value = part.partition("=")
+        try:
+            probs[name.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not name=probability", param_hint="--augment") from None
+    build_cache(model_dir, data, list(tasks) or ["hallucination", "factuality"], split, out, augment=probs, seed=seed,
+                variants=variants, batch_size=batch_size)
+    click.echo(f"teacher cache written to {out}")
+
+
 @main.command()
 @click.option("--preset", required=True, help="Tiny preset to build and pretrain (e.g. tiny-llava-l).")
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,

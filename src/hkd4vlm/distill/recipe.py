@@ -37,6 +37,8 @@ class StageConfig(_Strict):
     lambda_feat: float = Field(default=0.5, ge=0)
     rectify: bool = True
     coupled: bool = True
+    #: pyramid level -> teacher cache folder (hkd4vlm cache-teacher): that level is read, not run
+    cache: dict[int, str] = Field(default_factory=dict)
 
 
 class RecipeConfig(_Strict):
@@ -75,6 +77,7 @@ def _train_config(recipe: RecipeConfig, stage: StageConfig, model: str, out: Pat
 
 def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
     """Run every stage in order; returns the final model directory of each pyramid level."""
+    from ..distill.cache import CachedTeacher
     from ..distill.losses import FeatureProjector
     from ..distill.stages import PPODStage, TCRDStage, Teacher
     from ..engine.loop import sft_stage, train
@@ -95,22 +98,30 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
         cfg = _train_config(recipe, st, current[st.level], stage_out)
         model, processor = load_model(cfg.model)
         extra = {}
+
+        def teacher_at(j: int):
+            if j in st.cache:
+                return CachedTeacher(st.cache[j], model_dir=current[j], root=recipe.data.root, tasks=recipe.data.tasks,
+                                     split=recipe.data.split, augment=st.augment, seed=recipe.seed, name=f"level{j}")
+            return Teacher(*load_model(current[j]), name=f"level{j}")
+
         if st.kind == "sft":
             stage = sft_stage
         elif st.kind == "ppod":
-            teachers = [Teacher(*load_model(current[j]), name=f"level{j}") for j in range(st.level)]
+            teachers = [teacher_at(j) for j in range(st.level)]
             stage = PPODStage(teachers, gamma=st.gamma, tau=st.tau, alpha=st.alpha, total_steps=st.steps)
         else:
-            teacher = Teacher(*load_model(current[st.teacher]), name=f"level{st.teacher}")
-            assistant = Teacher(*load_model(current[st.assistant]), name=f"level{st.assistant}")
-            projector = FeatureProjector(model.config.text_config.hidden_size,
-                                         assistant.model.config.text_config.hidden_size)
+            teacher, assistant = teacher_at(st.teacher), teacher_at(st.assistant)
+            projector = FeatureProjector(model.config.text_config.hidden_size, _hidden_size(assistant))
             extra = {"projector": projector}
             stage = TCRDStage(teacher, assistant, projector, tau=st.tcrd_tau, lambda_gt=st.lambda_gt,
                               lambda_resp=st.lambda_resp, lambda_feat=st.lambda_feat, rectify=st.rectify,
                               coupled=st.coupled)
+        variants = {t.variants for t in _teachers(stage) if isinstance(t, CachedTeacher)}
+        if len(variants) > 1:
+            raise ValueError(f"stages.{i}: teacher caches with different numbers of variants {sorted(variants)}")
         source = RecordSource(recipe.data.root, recipe.data.tasks, recipe.data.split, augment=st.augment,
-                              seed=recipe.seed)
+                              seed=recipe.seed, augment_epochs=variants.pop() if variants else None)
         evaluate = None
         if recipe.data.eval_split:
             evaluate = split_eval(recipe.data.root, recipe.data.tasks, recipe.data.eval_split, limit=recipe.data.eval_limit)
@@ -119,3 +130,14 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
         done.write_text(json.dumps({"model": str(final), "stage": st.model_dump(mode="json")}, indent=2))
         current[st.level] = str(final)
     return current
+
+
+def _teachers(stage) -> list:
+    return list(getattr(stage, "teachers", [])) + [t for t in (getattr(stage, "teacher", None),
+                                                             getattr(stage, "assistant", None)) if t is not None]
+
+
+def _hidden_size(teacher) -> int:
+    if hasattr(teacher, "model"):
+        return teacher.model.config.text_config.hidden_size
+    return next(iter(teacher.table.values()))[1].shape[-1]

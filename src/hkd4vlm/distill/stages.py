@@ -2,7 +2,8 @@
 with the student's answer scores; it returns a dict of named loss terms with ``"total"`` their
 weighted sum, and the coupling weights' mean where there are any. Every term is logged.
 
-Online teachers score the same (augmented) batch as the student, in eval mode, under
+Teachers are :class:`Teacher` (online) or ``distill.cache.CachedTeacher`` (offline); both answer
+``scores(items, images, keys=...)``. Online teachers score the same (augmented) batch as the student, in eval mode, under
 ``torch.inference_mode`` (no graph, no gradient), each through its own processor, so that teacher and
 student may be different families: the answer distribution is over option letters either way.
 """
@@ -30,7 +31,7 @@ class Teacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
-    def scores(self, items, images) -> AnswerScores:
+    def scores(self, items, images, *, keys=None) -> AnswerScores:
         with torch.inference_mode():
             return answer_distribution(self.model, self.processor, items, images)
 
@@ -73,13 +74,13 @@ class PPODStage:
         self.teachers, self.weights = teachers, pyramid_weights(len(teachers), gamma)
         self.tau, self.alpha, self.total_steps = tau, alpha, total_steps
 
-    def __call__(self, scores: AnswerScores, items, *, images, step: int = 0, **_) -> dict[str, torch.Tensor]:
+    def __call__(self, scores: AnswerScores, items, *, images, step: int = 0, keys=None, **_) -> dict[str, torch.Tensor]:
         tau = linear_schedule(*self.tau, step, self.total_steps)
         alpha = linear_schedule(*self.alpha, step, self.total_steps)
         device = scores.logits.device
         q = 0
         for w, teacher in zip(self.weights, self.teachers):
-            t_logits = teacher.scores(items, images).logits.to(device)
+            t_logits = teacher.scores(items, images, keys=keys).logits.to(device)
             q = q + w * torch.softmax(t_logits / tau, dim=-1)  # (B, n)
         ce = torch.nn.functional.cross_entropy(scores.logits, _labels(items, device))
         kd = forward_kl(scores.logits, _as_logits(q, tau), temperature=tau)
@@ -117,10 +118,10 @@ class TCRDStage:
         self.tau, self.lambda_gt, self.lambda_resp, self.lambda_feat = tau, lambda_gt, lambda_resp, lambda_feat
         self.rectify, self.coupled = rectify, coupled
 
-    def __call__(self, scores: AnswerScores, items, *, images, **_) -> dict[str, torch.Tensor]:
+    def __call__(self, scores: AnswerScores, items, *, images, keys=None, **_) -> dict[str, torch.Tensor]:
         device = scores.logits.device
         labels = _labels(items, device)
-        t, a = self.teacher.scores(items, images), self.assistant.scores(items, images)
+        t, a = self.teacher.scores(items, images, keys=keys), self.assistant.scores(items, images, keys=keys)
         p_t = torch.softmax(t.logits.to(device) / self.tau, dim=-1)
         r_t = rectify_teacher(p_t, labels) if self.rectify else p_t
         c = coupling_weight(t.probs.to(device), a.probs.to(device), labels) if self.coupled else torch.full_like(

@@ -77,7 +77,8 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
 
     ``stage(scores, items, images=..., step=..., temperature=...)`` returns the loss terms (default: SFT);
     ``step`` counts optimizer steps done before this one (for schedules), ``images`` are the augmented
-    images the student saw (online teachers score the same batch). ``evaluate(model,
+    images the student saw (online teachers score the same batch), ``keys`` their (item index, epoch)
+    pairs (cached teachers look their outputs up by them). ``evaluate(model,
     processor) -> dict`` is called every ``cfg.eval_every`` steps and at the end. ``on_step(step)`` runs
     after each optimizer step (tests use it to interrupt a run). ``extra_modules`` are trained
     alongside the model (e.g. a feature projector) and checkpointed with it.
@@ -149,7 +150,8 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
             ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
             with ctx, accelerator.autocast():
                 scores = answer_distribution(model, processor, list(items), list(images), temperature=cfg.temperature)
-                terms = stage(scores, list(items), images=list(images), step=step, temperature=cfg.temperature)
+                terms = stage(scores, list(items), images=list(images), keys=list(pairs), step=step,
+                              temperature=cfg.temperature)
                 accelerator.backward(terms["total"] / accum)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum

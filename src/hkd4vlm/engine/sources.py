@@ -26,7 +26,7 @@ class RecordSource:
     """The labelled records of one split of one or more tasks, with label-consistent augmentation."""
 
     def __init__(self, root: str | Path, tasks: list[str] | tuple[str, ...], split: str, *, augment: dict | None = None,
-                 seed: int = 0, labelled: bool = True):
+                 seed: int = 0, labelled: bool = True, augment_epochs: int | None = None):
         self.splits = [read_split(root, task, split) for task in tasks]
         self.items = [(s, r) for s in self.splits for r in s.records]
         if labelled:
@@ -37,6 +37,8 @@ class RecordSource:
             raise ValueError(f"no records in split {split!r} of {list(tasks)} under {root}")
         self.augment = AugmentConfig(dict(augment)) if augment else None
         self.seed = seed
+        #: with a teacher cache, augmentations repeat every ``augment_epochs`` epochs (what was cached)
+        self.augment_epochs = augment_epochs
 
     def __len__(self) -> int:
         return len(self.items)
@@ -48,7 +50,8 @@ class RecordSource:
         split, record = self.items[index]
         image = split.load_image(record)
         if self.augment is not None:
-            rng = random.Random(f"augment:{self.seed}:{epoch}:{index}")
+            variant = epoch % self.augment_epochs if self.augment_epochs else epoch
+            rng = random.Random(f"augment:{self.seed}:{variant}:{index}")
             record, image = augment(record, image, rng, self.augment)
         return record, image
 

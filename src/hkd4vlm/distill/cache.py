@@ -1,0 +1,151 @@
+"""Offline teachers: answer distributions and answer-position hidden states precomputed per (record,
+augmentation variant), for teachers that do not fit beside the student.
+
+Layout of a cache folder::
+
+    manifest.json        model hash, data hash, prompt version, augmentation, seed, variants, shards
+    shard-00000.safetensors   index (N,), variant (N,), logits (N, n_options), hidden (N, H)
+
+A cache is only used for the model, data, prompt layout and augmentation it was computed with; anything
+else is refused with an error that says what differs (a stale cache would silently teach the wrong
+thing). Training with a cache repeats the cached augmentations every ``variants`` epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..models.prompt import PROMPT_VERSION
+from ..models.scoring import AnswerScores
+
+MANIFEST = "manifest.json"
+
+
+class StaleCacheError(ValueError):
+    pass
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:20]
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """Hash of a checkpoint's weights and config (what decides its outputs)."""
+    d = Path(model_dir)
+    files = list(d.glob("*.safetensors")) + [d / "config.json"]
+    return _hash_files([f for f in files if f.is_file()])
+
+
+def data_hash(root: str | Path, tasks: list[str], split: str) -> str:
+    from ..data.layout import split_file
+
+    return _hash_files([split_file(root, t, split) for t in tasks])
+
+
+def _expected(model_dir, root, tasks, split, augment, seed, variants) -> dict:
+    return {
+        "model_hash": model_hash(model_dir), "data_hash": data_hash(root, tasks, split), "prompt_version": PROMPT_VERSION,
+        "tasks": list(tasks), "split": split, "augment": dict(sorted((augment or {}).items())), "seed": seed,
+        "variants": variants,
+    }
+
+
+def build_cache(model_dir: str | Path, root: str | Path, tasks: list[str], split: str, out: str | Path, *,
+                augment: dict | None = None, seed: int = 0, variants: int = 1, batch_size: int = 32,
+                shard_size: int = 4096, progress: bool = True) -> Path:
+    """Score every record of ``split`` under each of ``variants`` augmentation draws and write the cache."""
+    from safetensors.torch import save_file
+
+    from ..engine.sources import RecordSource
+    from ..models.loading import load_model
+    from ..models.scoring import answer_distribution
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = load_model(model_dir)
+    model.eval()
+    source = RecordSource(root, tasks, split, augment=augment, seed=seed, augment_epochs=variants)
+    keys = [(i, v) for v in range(variants) for i in range(len(source))]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(keys), desc="cache-teacher", unit="rec")
+    shards, buf = [], {"index": [], "variant": [], "logits": [], "hidden": []}
+
+    def flush() -> None:
+        if not buf["index"]:
+            return
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file({"index": torch.tensor(buf["index"]), "variant": torch.tensor(buf["variant"]),
+                   "logits": torch.cat(buf["logits"]), "hidden": torch.cat(buf["hidden"])}, str(out / name))
+        shards.append(name)
+        for v in buf.values():
+            v.clear()
+
+    with torch.inference_mode():
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start: start + batch_size]
+            items, images = zip(*(source.get(i, v) for i, v in chunk))
+            scores = answer_distribution(model, processor, list(items), list(images))
+            buf["index"] += [i for i, _ in chunk]
+            buf["variant"] += [v for _, v in chunk]
+            buf["logits"].append(scores.logits.float().cpu())
+            buf["hidden"].append(scores.hidden.float().cpu())
+            if len(buf["index"]) >= shard_size:
+                flush()
+            if bar is not None:
+                bar.update(len(chunk))
+    flush()
+    if bar is not None:
+        bar.close()
+    manifest = {**_expected(model_dir, root, tasks, split, augment, seed, variants), "model": str(model_dir),
+                "records": len(source), "shards": shards}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+class CachedTeacher:
+    """A teacher read from a cache; ``scores(items, images, keys=...)`` looks up (index, epoch) pairs."""
+
+    def __init__(self, cache_dir: str | Path, *, model_dir: str | Path, root: str | Path, tasks: list[str], split: str,
+                 augment: dict | None, seed: int, name: str = "cached"):
+        from safetensors.torch import load_file
+
+        self.dir, self.name = Path(cache_dir), name
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise StaleCacheError(f"{self.dir} is not a teacher cache (no {MANIFEST}); build it with hkd4vlm cache-teacher")
+        manifest = json.loads(path.read_text())
+        expected = _expected(model_dir, root, tasks, split, augment, seed, manifest.get("variants", 1))
+        diff = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
+        if diff:
+            what = "; ".join(f"{k}: cache has {a!r}, this run needs {b!r}" for k, (a, b) in diff.items())
+            raise StaleCacheError(f"teacher cache {self.dir} does not match this run ({what}); rebuild it with "
+                                  "hkd4vlm cache-teacher")
+        self.variants = manifest["variants"]
+        self.table: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for shard in manifest["shards"]:
+            t = load_file(str(self.dir / shard))
+            for j, (i, v) in enumerate(zip(t["index"].tolist(), t["variant"].tolist())):
+                self.table[(i, v)] = (t["logits"][j], t["hidden"][j])
+        if len(self.table) != manifest["records"] * self.variants:
+            raise StaleCacheError(f"teacher cache {self.dir} is incomplete: {len(self.table)} entries, "
+                                  f"expected {manifest['records'] * self.variants}")
+
+    def scores(self, items, images=None, *, keys=None) -> AnswerScores:
+        if keys is None:
+            raise ValueError("a cached teacher needs the batch's (index, epoch) keys")
+        rows = [self.table[(i, e % self.variants)] for i, e in keys]
+        logits = torch.stack([r[0] for r in rows])  # (B, n)
+        return AnswerScores(probs=torch.softmax(logits, -1), logits=logits, hidden=torch.stack([r[1] for r in rows]))
