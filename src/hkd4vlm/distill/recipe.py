@@ -24,6 +24,9 @@ class StageConfig(_Strict):
     grad_accum: int = Field(default=1, ge=1)
     optim: OptimConfig = OptimConfig()
     augment: dict[str, float] = Field(default_factory=dict)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    lora: dict | None = Field(default=None, description="peft.LoraConfig arguments for the trained model")
+    freeze_vision: bool = False
     # ppod: teachers are every level above this one
     gamma: float = Field(default=0.5, ge=0)
     tau: tuple[float, float] = (4.0, 1.0)
@@ -71,7 +74,8 @@ def _train_config(recipe: RecipeConfig, stage: StageConfig, model: str, out: Pat
     return TrainConfig(
         model=model, out=out, data=recipe.data, optim=stage.optim, steps=stage.steps, batch_size=stage.batch_size,
         grad_accum=stage.grad_accum, seed=recipe.seed, augment=stage.augment, save_every=recipe.save_every,
-        progress=recipe.progress,
+        progress=recipe.progress, mixed_precision=stage.mixed_precision, lora=stage.lora,
+        freeze_vision=stage.freeze_vision,
     )
 
 
@@ -96,7 +100,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
             current[st.level] = json.loads(done.read_text())["model"]
             continue
         cfg = _train_config(recipe, st, current[st.level], stage_out)
-        model, processor = load_model(cfg.model)
+        model, processor = load_model(cfg.model, lora=cfg.lora, freeze_vision=cfg.freeze_vision)
         extra = {}
 
         def teacher_at(j: int):
@@ -112,7 +116,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
             stage = PPODStage(teachers, gamma=st.gamma, tau=st.tau, alpha=st.alpha, total_steps=st.steps)
         else:
             teacher, assistant = teacher_at(st.teacher), teacher_at(st.assistant)
-            projector = FeatureProjector(model.config.text_config.hidden_size, _hidden_size(assistant))
+            projector = FeatureProjector(_hidden_size(model), _hidden_size(assistant))
             extra = {"projector": projector}
             stage = TCRDStage(teacher, assistant, projector, tau=st.tcrd_tau, lambda_gt=st.lambda_gt,
                               lambda_resp=st.lambda_resp, lambda_feat=st.lambda_feat, rectify=st.rectify,
@@ -132,12 +136,17 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
     return current
 
 
+from ..distill.stages import Teacher  # noqa: E402  (after the schema, which the CLI imports alone)
+
+
 def _teachers(stage) -> list:
     return list(getattr(stage, "teachers", [])) + [t for t in (getattr(stage, "teacher", None),
                                                              getattr(stage, "assistant", None)) if t is not None]
 
 
-def _hidden_size(teacher) -> int:
-    if hasattr(teacher, "model"):
-        return teacher.model.config.text_config.hidden_size
-    return next(iter(teacher.table.values()))[1].shape[-1]
+def _hidden_size(model_or_teacher) -> int:
+    """Hidden size at the answer position: of a model (peft-wrapped or not), an online or a cached teacher."""
+    if hasattr(model_or_teacher, "table"):  # CachedTeacher
+        return next(iter(model_or_teacher.table.values()))[1].shape[-1]
+    model = getattr(model_or_teacher, "model", model_or_teacher) if isinstance(model_or_teacher, Teacher) else model_or_teacher
+    return model.config.get_text_config().hidden_size
