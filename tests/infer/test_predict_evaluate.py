@@ -71,3 +71,33 @@ def test_evaluate_names_the_bad_line(tmp_path):
 def test_evaluate_refuses_unlabelled_predictions():
     with pytest.raises(ValueError, match="no record has a gold letter"):
         evaluate_predictions([{"image": "1.jpg", "choice": None, "pred_ans": "A: x"}])
+
+
+def test_msei_equals_scoring_each_shifted_record(tiny_model, synth_root):
+    import copy
+
+    import torch
+
+    from hkd4vlm.data.records import Choice
+    from hkd4vlm.infer.shifts import msei_probs, shifted_options
+    from hkd4vlm.models.loading import load_model
+    from hkd4vlm.models.scoring import answer_distribution
+
+    model, processor = load_model(tiny_model)
+    split = read_split(synth_root, "hallucination", "test")
+    records, images = split.records[:3], [split.load_image(r) for r in split.records[:3]]
+    with torch.inference_mode():
+        got = msei_probs(model, processor, records, images)
+        logs = []
+        for k in range(4):
+            shifted = []
+            for r in records:
+                s = copy.deepcopy(r)
+                s.choices = [Choice(c.id, t) for c, t in zip(r.choices, shifted_options(r.options, k))]
+                shifted.append(s)
+            p = answer_distribution(model, processor, shifted, images).probs
+            # option i sits at letter (i - k) mod 4 under shift k
+            logs.append(torch.log(torch.stack([p[:, (i - k) % 4] for i in range(4)], dim=1)))
+        want = torch.softmax(torch.stack(logs).mean(0), -1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert shifted_options(["a", "b", "c", "d"], 1) == ["b", "c", "d", "a"]

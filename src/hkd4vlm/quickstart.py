@@ -1,0 +1,210 @@
+"""The quickstart: the whole method and its ablation on the synthetic benchmark, on a CPU.
+
+Reads top to bottom: generate the medium benchmark, pretrain the tiny pyramid (cached), tune the
+teacher, then for each seed train the student directly (SFT), by PPOD down the pyramid, by PPOD then
+TCRD, and by PPOD then TCRD with augmentation (the full method); evaluate every model on the test split
+of both tasks, the full method also with mapping-shift inference; write ``results.json`` and
+``report.md`` (ablation table and training curves).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from importlib import resources
+from pathlib import Path
+
+from pydantic import Field
+
+from .engine.config import _Strict
+
+ROWS = ("teacher_sft", "student_sft", "student_ppod", "student_ppod_tcrd", "student_hkd", "student_hkd_msei")
+
+
+class QuickstartConfig(_Strict):
+    level: str = "medium"
+    sizes: dict[str, int] = Field(default_factory=lambda: {"train": 4000, "val": 500, "test": 1000})
+    teacher: str = "tiny-llava-l"
+    assistant: str = "tiny-llava-m"
+    student: str = "tiny-llava-s"
+    pretrain_steps: dict[str, int] = Field(default_factory=lambda: {"teacher": 3000, "assistant": 2000, "student": 2000})
+    pretrain_pool: int = Field(default=12_000, ge=16, description="rendered curriculum questions")
+    sft_steps: int = Field(default=1000, ge=1)
+    ppod_steps: int = Field(default=600, ge=1)
+    tcrd_steps: int = Field(default=300, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    augment: dict[str, float] = Field(default_factory=lambda: {
+        "permute_options": 0.5, "hflip": 0.5, "photometric": 0.3, "crop_rescale": 0.3, "shuffle_sentences": 0.3,
+        "paraphrase": 0.3})
+    eval_limit: int | None = Field(default=None, ge=1, description="score at most this many test records per task")
+    msei_shifts: int | None = None
+    progress: bool = True
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("hkd4vlm") / "configs" / "quickstart.yaml"))
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shifts: int | None) -> dict[str, dict]:
+    import torch
+
+    from .data.layout import read_split
+    from .eval.metrics import classification_report
+    from .infer.shifts import msei_probs
+    from .models.loading import load_model
+    from .models.scoring import answer_distribution
+
+    model, processor = load_model(model_dir)
+    model.eval()
+    out = {}
+    for task in ("hallucination", "factuality"):
+        split = read_split(data, task, "test")
+        records = split.records[:limit] if limit else split.records
+        gold, pred = [], []
+        with torch.inference_mode():
+            for s in range(0, len(records), 32):
+                chunk = records[s: s + 32]
+                images = [split.load_image(r) for r in chunk]
+                probs = (msei_probs(model, processor, chunk, images, shifts=shifts) if msei
+                         else answer_distribution(model, processor, chunk, images).probs)
+                for r, p in zip(chunk, probs.argmax(-1).tolist()):
+                    gold.append(r.correct_choice)
+                    pred.append(r.letters[p])
+        rep = classification_report(gold, pred)
+        out[task] = {"accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"]}
+    return out
+
+
+def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> dict:
+    from .data.synth.generate import generate
+    from .distill.recipe import RecipeConfig, run_recipe
+    from .engine.pretrain import pretrain
+    from .models.loading import count_parameters, load_model
+
+    out = Path(out)
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        t = time.perf_counter()
+        result = fn()
+        timing[name] = timing.get(name, 0.0) + time.perf_counter() - t
+        return result
+
+    # 1. data (kept when it is already there)
+    data = out / "data"
+    if not (data / "stats.json").is_file():
+        timed("synth", lambda: generate(data, level=cfg.level, sizes=cfg.sizes, seed=0, baselines=False))
+
+    # 2. the pyramid's base checkpoints (cached by pretrain)
+    bases = {}
+    for role in ("teacher", "assistant", "student"):
+        preset = getattr(cfg, role)
+        bases[role] = str(timed(f"pretrain_{role}", lambda: pretrain(
+            preset, data, out / "pretrain" / preset, steps=cfg.pretrain_steps[role], batch_size=cfg.batch_size,
+            pool_size=cfg.pretrain_pool, progress=cfg.progress)))
+    params = {role: count_parameters(load_model(path)[0]) for role, path in bases.items()}
+
+    def recipe(name: str, seed: int, pyramid: list[str], stages: list[dict]) -> dict[int, str]:
+        rc = RecipeConfig.model_validate({
+            "pyramid": pyramid, "out": str(out / f"seed{seed}" / name), "seed": seed, "progress": cfg.progress,
+            "data": {"root": str(data), "eval_split": "val", "eval_limit": 200}, "stages": stages,
+        })
+        return timed(name, lambda: run_recipe(rc))
+
+    def stage(kind: str, level: int, steps: int, augment: bool, **extra) -> dict:
+        return {"kind": kind, "level": level, "steps": steps, "batch_size": cfg.batch_size,
+                "optim": {"lr": cfg.lr, "warmup_steps": min(100, steps // 10)},
+                "augment": cfg.augment if augment else {}, **extra}
+
+    results: dict = {"commit": _commit(), "seeds": seeds, "tasks": {t: {"rows": {}} for t in ("hallucination", "factuality")}}
+    rows: dict[str, list[dict]] = {r: [] for r in ROWS}
+    for seed in seeds:
+        teacher = recipe("teacher_sft", seed, [bases["teacher"]], [stage("sft", 0, cfg.sft_steps, True)])[0]
+        student_sft = recipe("student_sft", seed, [bases["student"]], [stage("sft", 0, cfg.sft_steps, True)])[0]
+        models = {"teacher_sft": teacher, "student_sft": student_sft}
+        for name, augment in (("plain", False), ("hkd", True)):
+            pyramid = [teacher, bases["assistant"], bases["student"]]
+            stages = [stage("ppod", 1, cfg.ppod_steps, augment), stage("ppod", 2, cfg.ppod_steps, augment),
+                      stage("tcrd", 2, cfg.tcrd_steps, augment, teacher=0, assistant=1)]
+            if not augment:  # the PPOD-only row is the plain recipe's state after its second stage
+                only_ppod = recipe(f"ppod_{name}", seed, pyramid, stages[:2])[2]
+                models["student_ppod"] = only_ppod
+            final = recipe(f"ppod_{name}", seed, pyramid, stages)[2]
+            models["student_ppod_tcrd" if not augment else "student_hkd"] = final
+        for row in ROWS:
+            model_dir = models["student_hkd"] if row == "student_hkd_msei" else models[row]
+            rows[row].append(timed(f"eval_{row}", lambda: _evaluate(
+                model_dir, data, limit=cfg.eval_limit, msei=row == "student_hkd_msei", shifts=cfg.msei_shifts)))
+    for task in ("hallucination", "factuality"):
+        for row in ROWS:
+            role = "teacher" if row == "teacher_sft" else "student"
+            results["tasks"][task]["rows"][row] = {
+                "params": params[role],
+                "accuracy": [r[task]["accuracy"] for r in rows[row]],
+                "macro_f1": [r[task]["macro_f1"] for r in rows[row]],
+            }
+    results["timing_s"] = {"total": time.perf_counter() - t_start, "per_stage": timing}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(out, results)
+    return results
+
+
+def write_report(out: Path, results: dict) -> Path:
+    """``report.md``: the ablation table (mean ± spread over seeds) and the training curves' plot."""
+    import numpy as np
+
+    lines = [f"# Quickstart results (commit {results['commit'][:12]}, seeds {results['seeds']})", ""]
+    for task, block in results["tasks"].items():
+        lines += [f"## {task}", "", "| row | params | accuracy | macro-F1 |", "|---|---|---|---|"]
+        for row, r in block["rows"].items():
+            acc, f1 = np.array(r["accuracy"]), np.array(r["macro_f1"])
+            lines.append(f"| {row} | {r['params']:,} | {acc.mean():.3f} ± {acc.std():.3f} | {f1.mean():.3f} ± {f1.std():.3f} |")
+        lines.append("")
+    lines += [f"Total time {results['timing_s']['total']:.0f} s.", ""]
+    plot = _plot_curves(out)
+    if plot is not None:
+        lines += [f"![training curves]({plot.name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plot_curves(out: Path) -> Path | None:
+    """loss/total of every training run under ``out`` (TensorBoard), one line each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted(p.parent for p in out.rglob("tb") if p.is_dir())
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for run in runs:
+        events = EventAccumulator(str(run / "tb"))
+        events.Reload()
+        if "loss/total" not in events.Tags()["scalars"]:
+            continue
+        pts = events.Scalars("loss/total")
+        ax.plot([p.step for p in pts], [p.value for p in pts], label=str(run.relative_to(out)), linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss/total")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out / "training_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,32 @@
+"""The quickstart end to end at toy sizes: every row of the ablation, results.json and report.md."""
+
+import json
+
+from click.testing import CliRunner
+
+from hkd4vlm.cli import main
+from hkd4vlm.quickstart import ROWS
+
+
+def test_quickstart_writes_results_and_report(tmp_path):
+    out = tmp_path / "qs"
+    args = ["quickstart", "--out", str(out), "--seeds", "0",
+            "sizes={train: 16, val: 4, test: 4}", "pretrain_steps={teacher: 2, assistant: 2, student: 2}",
+            "pretrain_pool=32", "sft_steps=2", "ppod_steps=2", "tcrd_steps=2", "batch_size=4", "eval_limit=4",
+            "progress=false"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0] and set(results["timing_s"]) == {"total", "per_stage"}
+    for task in ("hallucination", "factuality"):
+        rows = results["tasks"][task]["rows"]
+        assert list(rows) == list(ROWS)
+        for r in rows.values():
+            assert len(r["accuracy"]) == 1 and 0.0 <= r["accuracy"][0] <= 1.0 and len(r["macro_f1"]) == 1
+        assert rows["student_sft"]["params"] < rows["teacher_sft"]["params"] / 5
+    report = (out / "report.md").read_text()
+    assert "student_hkd_msei" in report and (out / "training_curves.png").is_file()
+    # the PPOD-only row is the plain recipe's student after its PPOD stages, then TCRD continues from it
+    plain = out / "seed0" / "ppod_plain"
+    assert sorted(p.name for p in plain.glob("stage-*")) == [
+        "stage-0-ppod-level1", "stage-1-ppod-level2", "stage-2-tcrd-level2"]
