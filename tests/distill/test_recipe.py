@@ -82,3 +82,19 @@ def test_two_stage_recipe_chains_and_resumes(pyramid, synth_root, tmp_path):
     a, b = load_file(s0 / "model" / "model.safetensors"), load_file(s1 / "model" / "model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert json.loads((s1 / "done.json").read_text())["model"] == str(s1 / "model")
+
+
+def test_mutual_ppod_hands_its_teacher_to_later_stages(pyramid, synth_root, tmp_path):
+    import yaml
+
+    raw = _recipe(pyramid, synth_root, tmp_path / "run", mutual=True, mutual_lr=1e-2)
+    raw["stages"][1]["assistant"] = 1
+    final = run_recipe(RecipeConfig.model_validate(raw))
+    s0, s1 = tmp_path / "run" / "stage-0-ppod-level2", tmp_path / "run" / "stage-1-tcrd-level2"
+    teacher = json.loads((s0 / "done.json").read_text())["teacher"]
+    assert teacher == str(s0 / "mutual_teacher") and final[1] == teacher
+    assert (s0 / "checkpoints").is_dir() and list((s0 / "checkpoints").glob("step-*/mutual.state.pt"))
+    before = load_file(f"{pyramid[1]}/model.safetensors")
+    after = load_file(f"{teacher}/model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["stages"][0]["mutual"] is True

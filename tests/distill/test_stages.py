@@ -87,3 +87,28 @@ def test_tcrd_terms_and_projector_gradient(pyramid):
     terms["total"].backward()
     assert projector.proj.weight.grad is not None and projector.proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.model.parameters())
+
+
+def test_ppod_mutual_updates_the_nearest_teacher_only(synth_root, tmp_path):
+    split = read_split(synth_root, "hallucination", "train")
+    records = split.records[:4]
+    images = [split.load_image(r) for r in records]
+    far = Teacher(*load_model(init_model("tiny-llava-m", synth_root, tmp_path / "far", seed=1)))
+    near = Teacher(*load_model(init_model("tiny-idefics3-s", synth_root, tmp_path / "near", seed=2)))
+    student, proc = load_model(init_model("tiny-llava-s", synth_root, tmp_path / "s", seed=3))
+    far_before = [p.detach().clone() for p in far.model.parameters()]
+    near_before = [p.detach().clone() for p in near.model.parameters()]
+    stage = PPODStage([far, near], gamma=0.5, mutual_lr=1e-2, total_steps=4)
+    scores = answer_distribution(student, proc, records, images)
+    terms = stage(scores, records, images=images, step=0)
+    assert "mutual_teacher_loss" in terms and torch.isfinite(terms["mutual_teacher_loss"])
+    terms["total"].backward()
+    assert all(torch.equal(a, b) for a, b in zip(far_before, far.model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(near_before, near.model.parameters()))
+    assert all(p.grad is None for p in near.model.parameters())  # the student's loss does not reach it
+    state = stage.state_dict()
+    assert set(state) == {"teacher", "optimizer"}
+    fresh = PPODStage([far, Teacher(*load_model(tmp_path / "near"))], mutual_lr=1e-2)
+    fresh.load_state_dict(state)
+    for a, b in zip(fresh.teachers[-1].model.parameters(), near.model.parameters()):
+        assert torch.equal(a, b)

@@ -31,6 +31,8 @@ class StageConfig(_Strict):
     gamma: float = Field(default=0.5, ge=0)
     tau: tuple[float, float] = (4.0, 1.0)
     alpha: tuple[float, float] = (0.2, 0.5)
+    mutual: bool = False
+    mutual_lr: float = Field(default=1e-5, gt=0, description="the nearest teacher's learning rate when mutual")
     # tcrd
     teacher: int = 0
     assistant: int = 1
@@ -97,7 +99,10 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
         stage_out = out / f"stage-{i}-{st.kind}-level{st.level}"
         done = stage_out / "done.json"
         if done.is_file():
-            current[st.level] = json.loads(done.read_text())["model"]
+            record = json.loads(done.read_text())
+            current[st.level] = record["model"]
+            if "teacher" in record:
+                current[st.level - 1] = record["teacher"]
             continue
         cfg = _train_config(recipe, st, current[st.level], stage_out)
         model, processor = load_model(cfg.model, lora=cfg.lora, freeze_vision=cfg.freeze_vision)
@@ -113,7 +118,8 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
             stage = sft_stage
         elif st.kind == "ppod":
             teachers = [teacher_at(j) for j in range(st.level)]
-            stage = PPODStage(teachers, gamma=st.gamma, tau=st.tau, alpha=st.alpha, total_steps=st.steps)
+            stage = PPODStage(teachers, gamma=st.gamma, tau=st.tau, alpha=st.alpha, total_steps=st.steps,
+                              mutual_lr=st.mutual_lr if st.mutual else None)
         else:
             teacher, assistant = teacher_at(st.teacher), teacher_at(st.assistant)
             projector = FeatureProjector(_hidden_size(model), _hidden_size(assistant))
@@ -129,9 +135,17 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
         evaluate = None
         if recipe.data.eval_split:
             evaluate = split_eval(recipe.data.root, recipe.data.tasks, recipe.data.eval_split, limit=recipe.data.eval_limit)
+        mutual = st.kind == "ppod" and st.mutual
         final = train(cfg, source, stage=stage, model=model, processor=processor, evaluate=evaluate, resume=True,
-                      on_step=on_step, extra_modules=extra)
-        done.write_text(json.dumps({"model": str(final), "stage": st.model_dump(mode="json")}, indent=2))
+                      on_step=on_step, extra_modules=extra, stateful={"mutual": stage} if mutual else None)
+        record = {"model": str(final), "stage": st.model_dump(mode="json")}
+        if mutual:  # the nearest teacher learned too: later stages use its new weights
+            from ..engine.loop import save_model
+
+            nearest = stage.teachers[-1]
+            record["teacher"] = str(save_model(nearest.model, nearest.processor, stage_out / "mutual_teacher"))
+            current[st.level - 1] = record["teacher"]
+        done.write_text(json.dumps(record, indent=2))
         current[st.level] = str(final)
     return current
 

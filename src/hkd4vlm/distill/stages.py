@@ -65,27 +65,77 @@ class PPODStage:
         q = Σ_j w_j · p_j^τ,   L = α · L_ce + (1 − α) · τ² · KL(q ‖ p_S^τ)
 
     with τ and α moving linearly from their start to their end value over ``total_steps``.
+
+    ``mutual_lr``: the nearest teacher keeps learning too (deep mutual learning): after scoring the
+    batch for q, it takes its own AdamW step on L_ce + τ² · KL(p_S^τ ‖ p_T^τ) (student detached), its
+    gradients averaged over processes. Its weights and optimizer are checkpointed through
+    ``state_dict`` (pass the stage to the loop's ``stateful``).
     """
 
-    def __init__(self, teachers: list[Teacher], *, gamma: float = 0.5, tau: tuple[float, float] = (4.0, 1.0),
-                 alpha: tuple[float, float] = (0.2, 0.5), total_steps: int = 1):
+    def __init__(self, teachers: list, *, gamma: float = 0.5, tau: tuple[float, float] = (4.0, 1.0),
+                 alpha: tuple[float, float] = (0.2, 0.5), total_steps: int = 1, mutual_lr: float | None = None):
         if not teachers:
             raise ValueError("PPOD needs at least one teacher")
         self.teachers, self.weights = teachers, pyramid_weights(len(teachers), gamma)
         self.tau, self.alpha, self.total_steps = tau, alpha, total_steps
+        self.mutual = None
+        if mutual_lr is not None:
+            nearest = teachers[-1]
+            if not isinstance(nearest, Teacher):
+                raise ValueError("mutual learning needs the nearest teacher online, not from a cache")
+            nearest.model.train()
+            params = [p for p in nearest.model.parameters() if p.is_floating_point()]
+            for p in params:
+                p.requires_grad_(True)
+            self.mutual = torch.optim.AdamW(params, lr=mutual_lr)
+
+    def _mutual_step(self, student_logits: torch.Tensor, items, images, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score with the nearest teacher with gradients, update it, return its (detached) logits and loss."""
+        nearest = self.teachers[-1]
+        scores = answer_distribution(nearest.model, nearest.processor, items, images)
+        labels = _labels(items, scores.logits.device)
+        loss = torch.nn.functional.cross_entropy(scores.logits, labels) + tau**2 * forward_kl(
+            scores.logits, student_logits.detach().to(scores.logits.device), temperature=tau)
+        self.mutual.zero_grad(set_to_none=True)
+        loss.backward()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for group in self.mutual.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+        self.mutual.step()
+        self.mutual.zero_grad(set_to_none=True)
+        return scores.logits.detach(), loss.detach()
+
+    def state_dict(self) -> dict:
+        if self.mutual is None:
+            return {}
+        return {"teacher": self.teachers[-1].model.state_dict(), "optimizer": self.mutual.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.mutual is not None and state:
+            self.teachers[-1].model.load_state_dict(state["teacher"])
+            self.mutual.load_state_dict(state["optimizer"])
 
     def __call__(self, scores: AnswerScores, items, *, images, step: int = 0, keys=None, **_) -> dict[str, torch.Tensor]:
         tau = linear_schedule(*self.tau, step, self.total_steps)
         alpha = linear_schedule(*self.alpha, step, self.total_steps)
         device = scores.logits.device
         q = 0
-        for w, teacher in zip(self.weights, self.teachers):
-            t_logits = teacher.scores(items, images, keys=keys).logits.to(device)
+        terms = {}
+        for j, (w, teacher) in enumerate(zip(self.weights, self.teachers)):
+            if self.mutual is not None and j == len(self.teachers) - 1:
+                t_logits, terms["mutual_teacher_loss"] = self._mutual_step(scores.logits, items, images, tau)
+                t_logits = t_logits.to(device)
+            else:
+                t_logits = teacher.scores(items, images, keys=keys).logits.to(device)
             q = q + w * torch.softmax(t_logits / tau, dim=-1)  # (B, n)
         ce = torch.nn.functional.cross_entropy(scores.logits, _labels(items, device))
         kd = forward_kl(scores.logits, _as_logits(q, tau), temperature=tau)
         total = alpha * ce + (1 - alpha) * tau**2 * kd
-        return {"total": total, "ce": ce, "kd": kd, "tau": torch.tensor(tau), "alpha": torch.tensor(alpha)}
+        return {"total": total, "ce": ce, "kd": kd, "tau": torch.tensor(tau), "alpha": torch.tensor(alpha), **terms}
 
 
 def coupling_weight(p_teacher: torch.Tensor, p_assistant: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

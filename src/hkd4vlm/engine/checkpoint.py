@@ -40,7 +40,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, root: str | Path, step: int, *, model, optimizer, scheduler, state: dict,
-                    extra_modules: dict | None = None, keep: int = 2) -> Path:
+                    extra_modules: dict | None = None, stateful: dict | None = None, keep: int = 2) -> Path:
     """Write ``root/step-{step}`` atomically; every process calls this (each saves its RNG)."""
     root = Path(root)
     final = root / f"step-{step}"
@@ -56,6 +56,8 @@ def save_checkpoint(accelerator, root: str | Path, step: int, *, model, optimize
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for name, module in (extra_modules or {}).items():
             torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
+        for name, obj in (stateful or {}).items():
+            torch.save(obj.state_dict(), tmp / f"{name}.state.pt")
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -69,7 +71,8 @@ def save_checkpoint(accelerator, root: str | Path, step: int, *, model, optimize
     return final
 
 
-def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, scheduler, extra_modules: dict | None = None) -> dict:
+def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, scheduler, extra_modules: dict | None = None,
+                    stateful: dict | None = None) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the saved state (step, epoch, position ...)."""
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
@@ -78,6 +81,8 @@ def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, schedule
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     for name, module in (extra_modules or {}).items():
         accelerator.unwrap_model(module).load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True))
+    for name, obj in (stateful or {}).items():
+        obj.load_state_dict(torch.load(path / f"{name}.state.pt", map_location="cpu", weights_only=True))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(

@@ -72,7 +72,7 @@ def _make_writer(out: Path):
 
 def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None, processor=None,
           evaluate: Callable | None = None, resume: bool = False, on_step: Callable[[int], None] | None = None,
-          extra_modules: dict | None = None) -> Path:
+          extra_modules: dict | None = None, stateful: dict | None = None) -> Path:
     """Run ``cfg.steps`` optimizer steps on ``source``; returns the folder of the saved final model.
 
     ``stage(scores, items, images=..., step=..., temperature=...)`` returns the loss terms (default: SFT);
@@ -81,7 +81,9 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
     pairs (cached teachers look their outputs up by them). ``evaluate(model,
     processor) -> dict`` is called every ``cfg.eval_every`` steps and at the end. ``on_step(step)`` runs
     after each optimizer step (tests use it to interrupt a run). ``extra_modules`` are trained
-    alongside the model (e.g. a feature projector) and checkpointed with it.
+    alongside the model (e.g. a feature projector) and checkpointed with it; ``stateful`` objects (with
+    ``state_dict`` / ``load_state_dict``, e.g. a mutual-learning teacher and its optimizer) are only
+    checkpointed.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -127,7 +129,7 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
         last = latest_checkpoint(ckpt_root)
         if last is not None:
             state = load_checkpoint(accelerator, last, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    extra_modules=modules)
+                                    extra_modules=modules, stateful=stateful)
             step, pos = state["step"], Position(state["epoch"], state["index"])
             accelerator.print(f"resumed from {last} at step {step} (epoch {pos.epoch}, item {pos.index})")
 
@@ -184,7 +186,7 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
             _run_eval(accelerator, evaluate, model, processor, writer, step)
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(accelerator, ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            state={"epoch": pos.epoch, "index": pos.index}, extra_modules=modules,
+                            state={"epoch": pos.epoch, "index": pos.index}, extra_modules=modules, stateful=stateful,
                             keep=cfg.keep_checkpoints)
         if on_step is not None:
             on_step(step)
