@@ -109,5 +109,141 @@ def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> 
     click.echo(f"results: {out / 'results.json'}; report: {out / 'report.md'}")
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+def train(config: Path, overrides: tuple, resume: bool) -> None:
+    """Fine-tune a model (SFT) from a YAML config; `key.sub=value` arguments override its values.
+
+    Runs on one device as is, or on several with `accelerate launch --num_processes N -m hkd4vlm.cli train ...`.
+    """
+    from .engine.config import ConfigError, load_config
+    from .engine.sft import run_sft
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    final = run_sft(cfg, resume=resume)
+    click.echo(f"model saved to {final}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def distill(recipe: Path, overrides: tuple) -> None:
+    """Run a distillation recipe (ordered sft / ppod / tcrd stages over a pyramid); resumable.
+
+    `key.sub=value` arguments override the recipe, e.g. `stages.1.tcrd_tau=3.0`.
+    """
+    from .distill.recipe import RecipeConfig, run_recipe
+    from .engine.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(recipe, overrides, schema=RecipeConfig)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    final = run_recipe(cfg)
+    for level, path in sorted(final.items()):
+        click.echo(f"level {level}: {path}")
+
+
+@main.command("cache-teacher")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--task", "tasks", type=click.Choice(["hallucination", "factuality"]), multiple=True)
+@click.option("--split", default="train", show_default=True)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--augment", "augment", default="", help="name=prob,... as in the stage that reads the cache.")
+@click.option("--variants", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Augmentation draws per record (training repeats them every this many epochs).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The recipe's seed.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Path, augment: str, variants: int,
+                  seed: int, batch_size: int) -> None:
+    """Precompute a teacher's answer distributions and hidden states per (record, augmentation)."""
+    from .distill.cache import build_cache
+
+    probs = {}
+    for part in filter(None, augment.split(",")):
+        name, _, value = part.partition("=")
+        try:
+            probs[name.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not name=probability", param_hint="--augment") from None
+    build_cache(model_dir, data, list(tasks) or ["hallucination", "factuality"], split, out, augment=probs, seed=seed,
+                variants=variants, batch_size=batch_size)
+    click.echo(f"teacher cache written to {out}")
+
+
+@main.command()
+@click.option("--preset", required=True, help="Tiny preset to build and pretrain (e.g. tiny-llava-l).")
+@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Dataset root whose text trains the tokenizer (its images are not used).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: the preset's recipe).")
+@click.option("--lr", type=float, default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--pool-size", type=click.IntRange(min=16), default=12_000, show_default=True,
+              help="Rendered curriculum questions (cached next to --out).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def pretrain(preset: str, data: Path, out: Path, steps: int | None, lr: float | None, batch_size: int, pool_size: int,
+             seed: int) -> None:
+    """Pretrain a from-scratch preset on the grounding curriculum; cached, resumable."""
+    from .engine.pretrain import pretrain as run
+
+    final = run(preset, data, out, steps=steps, lr=lr, batch_size=batch_size, pool_size=pool_size, seed=seed)
+    click.echo(f"base checkpoint: {final}")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--task", type=click.Choice(["hallucination", "factuality"]), required=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
+@click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
+@click.option("--dtype", default="auto", show_default=True)
+def predict(model_dir: Path, data: Path, task: str, split: str, out: Path, batch_size: int, limit: int | None,
+            device: str | None, dtype: str) -> None:
+    """Write one JSONL line per record: image, question, answer, choice, pred_ans, status, probs."""
+    from .data.layout import read_split
+    from .infer.predict import accuracy, predict_split, write_jsonl
+    from .models.loading import load_model
+
+    model, processor = load_model(model_dir, dtype=dtype, device=device)
+    preds = predict_split(model, processor, read_split(data, task, split), batch_size=batch_size, limit=limit, progress=True)
+    write_jsonl(preds, out)
+    labelled = sum(p.status != "unlabelled" for p in preds)
+    tail = f"; accuracy {accuracy(preds):.4f} on {labelled} labelled" if labelled else ""
+    click.echo(f"{len(preds)} predictions written to {out}{tail}")
+
+
+@main.command()
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="metrics.json to write.")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Confusion-matrix PNG (default: next to --out).")
+def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
+    """Accuracy, macro/micro-F1, per-letter scores, ECE, position bias and a confusion-matrix plot."""
+    from .eval.report import evaluate_predictions, plot_confusion, read_predictions
+
+    try:
+        report = evaluate_predictions(read_predictions(predictions), str(predictions))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot = plot or out.with_name(out.stem + "_confusion.png")
+    plot_confusion(report, plot, title=f"{predictions.name}: accuracy {report['accuracy']:.3f}")
+    share = " ".join(f"{k}={v:.2f}" for k, v in report["prediction_share"].items())
+    click.echo(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  micro-F1 {report['micro_f1']:.4f}"
+               f"  ECE {report.get('ece', float('nan')):.4f}  prediction share {share}")
+    click.echo(f"metrics: {out}; confusion matrix: {plot}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -120,8 +120,9 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
         s, warmup=cfg.optim.warmup_steps, total=cfg.steps, min_ratio=cfg.optim.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
-    for name in modules:
-        modules[name] = accelerator.prepare(modules[name])
+    # extra modules stay unwrapped (stages hold references to them); their gradients are averaged below
+    for m in modules.values():
+        m.to(accelerator.device)
 
     step, pos = 0, Position()
     ckpt_root = out / "checkpoints"
@@ -157,6 +158,12 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
                 accelerator.backward(terms["total"] / accum)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+        if world > 1:
+            for m in modules.values():
+                for p in m.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
         grad_norm = None
         if cfg.optim.max_grad_norm is not None:
             grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
