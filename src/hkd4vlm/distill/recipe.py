@@ -92,8 +92,9 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
     from ..models.loading import load_model
 
     out = Path(recipe.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(recipe, out / "recipe.yaml")
+    if _is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(recipe, out / "recipe.yaml")
     current = {i: str(p) for i, p in enumerate(recipe.pyramid)}
     for i, st in enumerate(recipe.stages):
         stage_out = out / f"stage-{i}-{st.kind}-level{st.level}"
@@ -139,18 +140,19 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
         final = train(cfg, source, stage=stage, model=model, processor=processor, evaluate=evaluate, resume=True,
                       on_step=on_step, extra_modules=extra, stateful={"mutual": stage} if mutual else None)
         record = {"model": str(final), "stage": st.model_dump(mode="json")}
-        if mutual:  # the nearest teacher learned too: later stages use its new weights
+        if mutual:  # the nearest teacher learned too (the same weights on every process): later stages use it
             from ..engine.loop import save_model
 
             nearest = stage.teachers[-1]
-            record["teacher"] = str(save_model(nearest.model, nearest.processor, stage_out / "mutual_teacher"))
+            record["teacher"] = str(stage_out / "mutual_teacher")
+            if _is_main():
+                save_model(nearest.model, nearest.processor, stage_out / "mutual_teacher")
             current[st.level - 1] = record["teacher"]
-        done.write_text(json.dumps(record, indent=2))
+        if _is_main():
+            done.write_text(json.dumps(record, indent=2))
+        _barrier()
         current[st.level] = str(final)
     return current
-
-
-from ..distill.stages import Teacher  # noqa: E402  (after the schema, which the CLI imports alone)
 
 
 def _teachers(stage) -> list:
@@ -160,7 +162,22 @@ def _teachers(stage) -> list:
 
 def _hidden_size(model_or_teacher) -> int:
     """Hidden size at the answer position: of a model (peft-wrapped or not), an online or a cached teacher."""
+    from .stages import Teacher
+
     if hasattr(model_or_teacher, "table"):  # CachedTeacher
         return next(iter(model_or_teacher.table.values()))[1].shape[-1]
-    model = getattr(model_or_teacher, "model", model_or_teacher) if isinstance(model_or_teacher, Teacher) else model_or_teacher
+    model = model_or_teacher.model if isinstance(model_or_teacher, Teacher) else model_or_teacher
     return model.config.get_text_config().hidden_size
+
+
+def _is_main() -> bool:
+    import torch
+
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
