@@ -56,31 +56,22 @@ def _commit() -> str:
 
 
 def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shifts: int | None) -> dict[str, dict]:
-    import torch
-
     from .data.layout import read_split
     from .eval.metrics import classification_report
+    from .infer.predict import predict_split
     from .infer.shifts import msei_probs
     from .models.loading import load_model
-    from .models.scoring import answer_distribution
 
     model, processor = load_model(model_dir)
-    model.eval()
+
+    def shifted(model, processor, records, images):
+        return msei_probs(model, processor, records, images, shifts=shifts)
+
     out = {}
     for task in ("hallucination", "factuality"):
-        split = read_split(data, task, "test")
-        records = split.records[:limit] if limit else split.records
-        gold, pred = [], []
-        with torch.inference_mode():
-            for s in range(0, len(records), 32):
-                chunk = records[s: s + 32]
-                images = [split.load_image(r) for r in chunk]
-                probs = (msei_probs(model, processor, chunk, images, shifts=shifts) if msei
-                         else answer_distribution(model, processor, chunk, images).probs)
-                for r, p in zip(chunk, probs.argmax(-1).tolist()):
-                    gold.append(r.correct_choice)
-                    pred.append(r.letters[p])
-        rep = classification_report(gold, pred)
+        preds = predict_split(model, processor, read_split(data, task, "test"), limit=limit,
+                              probs_fn=shifted if msei else None)
+        rep = classification_report([p.choice for p in preds], [p.pred_letter for p in preds])
         out[task] = {"accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"]}
     return out
 

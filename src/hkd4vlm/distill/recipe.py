@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..engine.config import DataConfig, OptimConfig, TrainConfig, _Strict, save_config
+from ..engine.distributed import barrier, is_main_process
 
 
 class StageConfig(_Strict):
@@ -92,7 +93,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
     from ..models.loading import load_model
 
     out = Path(recipe.out)
-    if _is_main():
+    if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         save_config(recipe, out / "recipe.yaml")
     current = {i: str(p) for i, p in enumerate(recipe.pyramid)}
@@ -145,12 +146,12 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
 
             nearest = stage.teachers[-1]
             record["teacher"] = str(stage_out / "mutual_teacher")
-            if _is_main():
+            if is_main_process():
                 save_model(nearest.model, nearest.processor, stage_out / "mutual_teacher")
             current[st.level - 1] = record["teacher"]
-        if _is_main():
+        if is_main_process():
             done.write_text(json.dumps(record, indent=2))
-        _barrier()
+        barrier()
         current[st.level] = str(final)
     return current
 
@@ -169,15 +170,3 @@ def _hidden_size(model_or_teacher) -> int:
     model = model_or_teacher.model if isinstance(model_or_teacher, Teacher) else model_or_teacher
     return model.config.get_text_config().hidden_size
 
-
-def _is_main() -> bool:
-    import torch
-
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
-def _barrier() -> None:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

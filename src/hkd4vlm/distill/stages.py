@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.distributed import average_gradients
 from ..models.scoring import AnswerScores, answer_distribution
 from .losses import FeatureProjector, feature_cosine, forward_kl, rectify_teacher
 
@@ -98,13 +99,7 @@ class PPODStage:
             scores.logits, student_logits.detach().to(scores.logits.device), temperature=tau)
         self.mutual.zero_grad(set_to_none=True)
         loss.backward()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            for group in self.mutual.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= world
+        average_gradients(p for group in self.mutual.param_groups for p in group["params"])
         self.mutual.step()
         self.mutual.zero_grad(set_to_none=True)
         return scores.logits.detach(), loss.detach()

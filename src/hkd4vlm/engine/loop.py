@@ -20,6 +20,7 @@ import torch
 from ..models.scoring import answer_distribution
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, save_config
+from .distributed import average_gradients
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -158,12 +159,7 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
                 accelerator.backward(terms["total"] / accum)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
-        if world > 1:
-            for m in modules.values():
-                for p in m.parameters():
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= world
+        average_gradients(p for m in modules.values() for p in m.parameters())
         grad_norm = None
         if cfg.optim.max_grad_norm is not None:
             grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)

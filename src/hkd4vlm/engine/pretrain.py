@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import DataConfig, OptimConfig, TrainConfig
+from .distributed import is_main_process
 from .loop import train
 from .sources import GroundingSource
 
@@ -126,7 +127,7 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
     model, processor = load_model(init_dir)
     final = train(cfg, source, stage=grounding_stage(processor.tokenizer), model=model, processor=processor,
                   evaluate=grounding_eval(image_size=image_size), resume=resume)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if not is_main_process():
         return final
     pending.replace(marker)
     return final

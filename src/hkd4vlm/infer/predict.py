@@ -46,8 +46,12 @@ def to_prediction(record: Record, probs: list[float]) -> Prediction:
 
 
 def predict_split(model, processor, split: Split, *, batch_size: int = 32, limit: int | None = None,
-                  progress: bool = False) -> list[Prediction]:
-    """Predictions for every record of ``split`` (in order), scored ``batch_size`` at a time."""
+                  progress: bool = False, probs_fn=None) -> list[Prediction]:
+    """Predictions for every record of ``split`` (in order), scored ``batch_size`` at a time.
+
+    ``probs_fn(model, processor, records, images) -> (B, n)`` option probabilities; default: one pass of
+    :func:`answer_distribution` (mapping-shift inference passes its own).
+    """
     records = split.records[:limit] if limit else split.records
     out: list[Prediction] = []
     bar = None
@@ -61,8 +65,11 @@ def predict_split(model, processor, split: Split, *, batch_size: int = 32, limit
         for start in range(0, len(records), batch_size):
             chunk = records[start: start + batch_size]
             images = [split.load_image(r) for r in chunk]
-            scores = answer_distribution(model, processor, chunk, images)
-            for r, p in zip(chunk, scores.probs.cpu().tolist()):
+            if probs_fn is None:
+                probs = answer_distribution(model, processor, chunk, images).probs
+            else:
+                probs = probs_fn(model, processor, chunk, images)
+            for r, p in zip(chunk, probs.cpu().tolist()):
                 out.append(to_prediction(r, p[: len(r.choices)]))
             if bar is not None:
                 bar.update(len(chunk))

@@ -8,7 +8,7 @@ Teacher and student may come from different families: answer scoring reads lette
 
 from __future__ import annotations
 
-from .presets import PRESETS, TinyPreset, build_tiny_llava, build_tokenizer
+from .presets import PRESETS, TinyPreset, build_tiny_llava, build_tokenizer, config_sizes
 
 #: Idefics3 presets; scale_factor 2 merges each 2x2 patch block into one text-side token
 IDEFICS3_PRESETS: dict[str, TinyPreset] = {
@@ -73,16 +73,12 @@ def build_tiny_idefics3(preset: str, texts: list[str], *, seed: int = 0):
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
+    vision, text = config_sizes(p)
     config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(
-            hidden_size=p.vision_hidden, intermediate_size=2 * p.vision_hidden, num_hidden_layers=p.vision_layers,
-            num_attention_heads=p.heads, image_size=p.image_size, patch_size=p.patch_size,
-        ),
+        vision_config=Idefics3VisionConfig(**vision),
         text_config=LlamaConfig(
-            hidden_size=p.text_hidden, intermediate_size=2 * p.text_hidden, num_hidden_layers=p.text_layers,
-            num_attention_heads=p.heads, num_key_value_heads=p.heads, vocab_size=len(tokenizer),
-            max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=IDEFICS3_SCALE_FACTOR,
         pad_token_id=tokenizer.pad_token_id,

@@ -36,6 +36,16 @@ PRESETS: dict[str, TinyPreset] = {
 }
 
 
+def config_sizes(p: TinyPreset) -> tuple[dict, dict]:
+    """Keyword arguments of the vision and the text config for a preset's sizes (every family's)."""
+    vision = {"hidden_size": p.vision_hidden, "intermediate_size": 2 * p.vision_hidden,
+              "num_hidden_layers": p.vision_layers, "num_attention_heads": p.heads, "image_size": p.image_size,
+              "patch_size": p.patch_size}
+    text = {"hidden_size": p.text_hidden, "intermediate_size": 2 * p.text_hidden, "num_hidden_layers": p.text_layers,
+            "num_attention_heads": p.heads, "num_key_value_heads": p.heads, "max_position_embeddings": 1024}
+    return vision, text
+
+
 def corpus(root: str | Path) -> list[str]:
     """Every text field of every split of both tasks under a dataset root."""
     texts = []
@@ -83,16 +93,10 @@ def build_tiny_llava(preset: str, texts: list[str], *, seed: int = 0):
         vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
     )
     n_patches = (p.image_size // p.patch_size) ** 2
+    vision, text = config_sizes(p)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=p.vision_hidden, intermediate_size=2 * p.vision_hidden, num_hidden_layers=p.vision_layers,
-            num_attention_heads=p.heads, image_size=p.image_size, patch_size=p.patch_size,
-        ),
-        text_config=Qwen2Config(
-            hidden_size=p.text_hidden, intermediate_size=2 * p.text_hidden, num_hidden_layers=p.text_layers,
-            num_attention_heads=p.heads, num_key_value_heads=p.heads, vocab_size=len(tokenizer),
-            max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=Qwen2Config(**text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=n_patches,
         vision_feature_layer=-1, vision_feature_select_strategy="default",
     )

@@ -194,7 +194,7 @@ def sample_item(seed: str, progress: float, level: Level = LEVELS["medium"], kin
     n = rng.randint(lo, hi)
     while True:  # large objects may not fit: fewer objects then
         try:
-            scene = _sample_fitting(rng, lvl, n)
+            scene = sample_scene(rng, lvl, n)
             break
         except RecursionError:
             n -= 1
@@ -203,9 +203,6 @@ def sample_item(seed: str, progress: float, level: Level = LEVELS["medium"], kin
     q.open = is_open
     return scene, q
 
-
-def _sample_fitting(rng: random.Random, level: Level, n: int) -> Scene:
-    return sample_scene(rng, level, n)
 
 
 def vocabulary_texts(n: int = 3000, seed: int = 0) -> list[str]:
