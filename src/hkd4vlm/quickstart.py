@@ -28,17 +28,17 @@ class QuickstartConfig(_Strict):
     teacher: str = "tiny-llava-l"
     assistant: str = "tiny-llava-m"
     student: str = "tiny-llava-s"
-    pretrain_steps: dict[str, int] = Field(default_factory=lambda: {"teacher": 3000, "assistant": 2000, "student": 2000})
+    pretrain_steps: dict[str, int] = Field(default_factory=lambda: {"teacher": 250, "assistant": 250, "student": 250})
     pretrain_pool: int = Field(default=12_000, ge=16, description="rendered curriculum questions")
-    sft_steps: int = Field(default=1000, ge=1)
-    ppod_steps: int = Field(default=600, ge=1)
-    tcrd_steps: int = Field(default=300, ge=1)
+    sft_steps: int = Field(default=150, ge=1)
+    ppod_steps: int = Field(default=100, ge=1)
+    tcrd_steps: int = Field(default=50, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     augment: dict[str, float] = Field(default_factory=lambda: {
         "permute_options": 0.5, "hflip": 0.5, "photometric": 0.3, "crop_rescale": 0.3, "shuffle_sentences": 0.3,
         "paraphrase": 0.3})
-    eval_limit: int | None = Field(default=None, ge=1, description="score at most this many test records per task")
+    eval_limit: int | None = Field(default=300, ge=1, description="score at most this many test records per task")
     msei_shifts: int | None = None
     progress: bool = True
 

@@ -701,3 +701,12 @@ def test_synthetic_dataset_validates(tmp_path):
     result = CliRunner().invoke(main, ["validate", str(root)])
     assert result.exit_code == 0, result.output
     assert "0 problem(s)" in result.output
+
+
+def test_read_split_again_sees_an_image_corrupted_since_the_last_read(tmp_path):
+    # a second read in the same process skips images that decoded before, but only while they are unchanged
+    dataset(tmp_path, "factuality", "train", [fact("f0.jpg")])
+    assert len(read_split(tmp_path, "factuality", "train").records) == 1
+    (images_dir(tmp_path, "factuality") / "f0.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(DatasetError, match="f0.jpg.*image_id"):
+        read_split(tmp_path, "factuality", "train")

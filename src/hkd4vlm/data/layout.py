@@ -69,9 +69,24 @@ def load_raw(path: Path) -> tuple[list, list[Problem]]:
     return data, []
 
 
+#: files that decoded cleanly, by (path, size, mtime, pixel limit): a split read again in the same process
+#: (every stage of a recipe, every evaluation) is not decoded again unless a file changed
+_DECODED_OK: set[tuple[str, int, int, int]] = set()
+
+
 def check_image(images: Path, image_id: str, *, file: str, key: str, max_pixels: int) -> list[Problem]:
     try:
-        open_image(resolve_image_path(images, image_id), max_pixels=max_pixels)
+        path = resolve_image_path(images, image_id)
+        try:
+            st = path.stat()
+            stamp = (str(path), st.st_size, st.st_mtime_ns, max_pixels)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp in _DECODED_OK:
+            return []
+        open_image(path, max_pixels=max_pixels)
+        if stamp is not None:
+            _DECODED_OK.add(stamp)
     except ImageProblem as e:
         return [Problem(file, key, "image_id", str(e))]
     return []
