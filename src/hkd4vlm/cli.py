@@ -207,19 +207,45 @@ def pretrain(preset: str, data: Path, out: Path, steps: int | None, lr: float | 
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", default="auto", show_default=True)
+@click.option("--shifts", default="1", show_default=True,
+              help="Mapping-shift inference: score N cyclic option→letter shifts per record and aggregate "
+                   "('all' = one per option; 1 = a single plain pass).")
+@click.option("--aggregate", type=click.Choice(["logmean", "mean", "vote"]), default="logmean", show_default=True)
+@click.option("--random-mappings", is_flag=True, help="Use N seeded random permutations instead of cyclic shifts.")
 def predict(model_dir: Path, data: Path, task: str, split: str, out: Path, batch_size: int, limit: int | None,
-            device: str | None, dtype: str) -> None:
-    """Write one JSONL line per record: image, question, answer, choice, pred_ans, status, probs."""
+            device: str | None, dtype: str, shifts: str, aggregate: str, random_mappings: bool) -> None:
+    """Write one JSONL line per record: image, question, answer, choice, pred_ans, status, probs (and the
+    shifts' agreement with mapping-shift inference)."""
     from .data.layout import read_split
+    from .infer.msei import MappingSpec
     from .infer.predict import accuracy, predict_split, write_jsonl
     from .models.loading import load_model
 
+    spec = _mapping_spec(shifts, random_mappings)
     model, processor = load_model(model_dir, dtype=dtype, device=device)
-    preds = predict_split(model, processor, read_split(data, task, split), batch_size=batch_size, limit=limit, progress=True)
+    preds = predict_split(model, processor, read_split(data, task, split), batch_size=batch_size, limit=limit,
+                          progress=True, spec=spec, aggregate=aggregate)
     write_jsonl(preds, out)
     labelled = sum(p.status != "unlabelled" for p in preds)
     tail = f"; accuracy {accuracy(preds):.4f} on {labelled} labelled" if labelled else ""
     click.echo(f"{len(preds)} predictions written to {out}{tail}")
+
+
+def _mapping_spec(shifts: str, random_mappings: bool = False):
+    """``--shifts`` → a MappingSpec, or None for one plain pass."""
+    from .infer.msei import MappingSpec
+
+    if shifts.strip().lower() == "all":
+        return MappingSpec(None, mode="random" if random_mappings else "cyclic")
+    try:
+        k = int(shifts)
+    except ValueError:
+        raise click.BadParameter(f"expected a number of shifts or 'all', got {shifts!r}", param_hint="--shifts") from None
+    if k < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--shifts")
+    if k == 1 and not random_mappings:
+        return None
+    return MappingSpec(k, mode="random" if random_mappings else "cyclic")
 
 
 @main.command()

@@ -58,19 +58,15 @@ def _commit() -> str:
 def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shifts: int | None) -> dict[str, dict]:
     from .data.layout import read_split
     from .eval.metrics import classification_report
+    from .infer.msei import MappingSpec
     from .infer.predict import predict_split
-    from .infer.shifts import msei_probs
     from .models.loading import load_model
 
     model, processor = load_model(model_dir)
-
-    def shifted(model, processor, records, images):
-        return msei_probs(model, processor, records, images, shifts=shifts)
-
     out = {}
     for task in ("hallucination", "factuality"):
         preds = predict_split(model, processor, read_split(data, task, "test"), limit=limit,
-                              probs_fn=shifted if msei else None)
+                              spec=MappingSpec(shifts) if msei else None)
         rep = classification_report([p.choice for p in preds], [p.pred_letter for p in preds])
         out[task] = {"accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"]}
     return out

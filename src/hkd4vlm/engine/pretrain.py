@@ -86,6 +86,7 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
     """Build ``preset`` (tokenizer from ``data_root``) and pretrain it; returns ``out/model``."""
     from ..models.families import IDEFICS3_PRESETS
     from ..models.presets import PRESETS, init_model
+    from ..models.prompt import PROMPT_VERSION
 
     recipe = dict(PRETRAIN_RECIPES.get(preset, DEFAULT_RECIPE))
     if steps is not None:
@@ -94,7 +95,7 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
         recipe["lr"] = lr
     out = Path(out)
     key = {"preset": preset, "data": str(Path(data_root).resolve()), "seed": seed, "batch_size": batch_size,
-           "pool_size": pool_size, **recipe}
+           "pool_size": pool_size, "prompt_version": PROMPT_VERSION, **recipe}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     marker = out / "pretrain.json"
     if (out / "model" / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()).get("digest") == digest:

@@ -25,6 +25,7 @@ class Prediction:
     status: str  # "correct" / "wrong" / "unlabelled"
     probs: dict[str, float]  # letter -> probability
     task: str
+    agreement: float | None = None  # mapping-shift inference: share of mappings that voted for the prediction
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -34,24 +35,28 @@ def question_of(record: Record) -> str:
     return record.system2_question if record.task == "hallucination" else record.question
 
 
-def to_prediction(record: Record, probs: list[float]) -> Prediction:
-    best = max(range(len(probs)), key=probs.__getitem__)
+def to_prediction(record: Record, probs: list[float], *, winner: int | None = None,
+                  agreement: float | None = None) -> Prediction:
+    best = max(range(len(probs)), key=probs.__getitem__) if winner is None else winner
     letter = record.letters[best]
     status = "unlabelled" if record.correct_choice is None else ("correct" if letter == record.correct_choice else "wrong")
     return Prediction(
         image=record.image_id, question=question_of(record), answer=record.correct_answer,
         choice=record.correct_choice, pred_ans=f"{letter}: {record.options[best]}", pred_letter=letter,
         status=status, probs={l: float(p) for l, p in zip(record.letters, probs)}, task=record.task,
+        agreement=agreement,
     )
 
 
 def predict_split(model, processor, split: Split, *, batch_size: int = 32, limit: int | None = None,
-                  progress: bool = False, probs_fn=None) -> list[Prediction]:
-    """Predictions for every record of ``split`` (in order), scored ``batch_size`` at a time.
+                  progress: bool = False, spec=None, aggregate: str = "logmean") -> list[Prediction]:
+    """Predictions for every record of ``split`` (in order), scored ``batch_size`` records at a time.
 
-    ``probs_fn(model, processor, records, images) -> (B, n)`` option probabilities; default: one pass of
-    :func:`answer_distribution` (mapping-shift inference passes its own).
+    ``spec`` (an :class:`~hkd4vlm.infer.msei.MappingSpec`): score each record under several option→letter
+    mappings and aggregate them (mapping-shift inference, with prefix reuse); default one plain pass.
     """
+    from .msei import score_shifts
+
     records = split.records[:limit] if limit else split.records
     out: list[Prediction] = []
     bar = None
@@ -65,12 +70,15 @@ def predict_split(model, processor, split: Split, *, batch_size: int = 32, limit
         for start in range(0, len(records), batch_size):
             chunk = records[start: start + batch_size]
             images = [split.load_image(r) for r in chunk]
-            if probs_fn is None:
+            if spec is None:
                 probs = answer_distribution(model, processor, chunk, images).probs
+                for r, p in zip(chunk, probs.cpu().tolist()):
+                    out.append(to_prediction(r, p[: len(r.choices)]))
             else:
-                probs = probs_fn(model, processor, chunk, images)
-            for r, p in zip(chunk, probs.cpu().tolist()):
-                out.append(to_prediction(r, p[: len(r.choices)]))
+                res = score_shifts(model, processor, chunk, images, spec=spec, how=aggregate)
+                for i, r in enumerate(chunk):
+                    out.append(to_prediction(r, res.probs[i, : len(r.choices)].tolist(), winner=int(res.winner[i]),
+                                             agreement=float(res.agreement[i])))
             if bar is not None:
                 bar.update(len(chunk))
     if bar is not None:

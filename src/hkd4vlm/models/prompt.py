@@ -1,5 +1,6 @@
-"""Turning a record into the model's prompt. Shared content comes first and the options last, so that
-shifted option mappings share a prefix (mapping-shift inference). The text (caption, or context and
+"""Turning a record into the model's prompt. Shared content (text, image, the instruction) comes first and
+the options last, so that shifted option mappings share everything up to the first option line
+(mapping-shift inference encodes that prefix once, infer.msei). The text (caption, or context and
 claim) goes before the image: under causal attention the image tokens can then attend to what is being
 asked about, which is what lets a small model ground phrases (see the pretraining notes in README)."""
 
@@ -8,8 +9,9 @@ from __future__ import annotations
 from ..data.records import Record
 
 #: bump when the prompt layout changes: cached teacher outputs are keyed by it
-PROMPT_VERSION = 2
+PROMPT_VERSION = 3
 ANSWER_CUE = "Answer:"
+INSTRUCTION = "Answer with the option's letter."
 
 
 def shared_text(record: Record) -> str:
@@ -26,10 +28,11 @@ def options_text(options: list[str], letters: list[str]) -> str:
 
 
 def choices_text(record: Record, options: list[str] | None = None) -> str:
-    """Prompt text after the image: the options by letter, then the instruction."""
+    """Prompt text after the image: the instruction (the same for every option order), then the options by
+    letter."""
     opts = record.options if options is None else options
     letters = record.letters[: len(opts)]
-    return f"{options_text(opts, letters)}\nAnswer with the option's letter."
+    return f"{INSTRUCTION}\n{options_text(opts, letters)}"
 
 
 def build_prompt(processor, record: Record, options: list[str] | None = None) -> str:

@@ -1,0 +1,231 @@
+"""The Python API: a trained judge behind two calls.
+
+    from hkd4vlm import Detector
+
+    det = Detector.from_pretrained("runs/quickstart/seed0/ppod_hkd/stage-2-tcrd-level2/model", shifts=4)
+    r = det.detect_hallucination("photo.jpg", caption="A red circle and a blue square.",
+                                 options=["red circle", "blue square", "green star", "yellow triangle"])
+    r.option, r.letter, r.probabilities, r.agreement
+    det.check_fact(image_bytes, claim="Tom drew the circle.", context="...")
+
+Every call scores the record under ``shifts`` cyclic option→letter mappings with the shared prefix
+encoded once (infer.msei) and returns the aggregated prediction with the shifts' agreement, which a caller
+can threshold to abstain. Images may be a path, a PIL image or bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from .data.images import DEFAULT_MAX_PIXELS, open_image
+from .data.records import LETTERS, Choice, Record
+from .data.synth.factuality import QUESTIONS as FACT_QUESTIONS
+from .data.synth.factuality import VERDICTS
+from .data.synth.hallucination import SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS
+from .infer.msei import AGGREGATES, MappingSpec, score_shifts
+
+#: what a request may carry: at least two options, at most one per letter
+MIN_OPTIONS, MAX_OPTIONS = 2, len(LETTERS)
+DEFAULT_HALLUCINATION_QUESTION = SYSTEM2_QUESTIONS[0]
+DEFAULT_FACT_QUESTION = FACT_QUESTIONS[0]
+#: the four verdicts of the factuality task, the default choices of check_fact
+DEFAULT_VERDICTS: tuple[str, ...] = tuple(VERDICTS)
+
+ImageInput = str | os.PathLike | bytes | bytearray | Image.Image
+
+
+class InputError(ValueError):
+    """A request that cannot be scored; the message names the field."""
+
+
+@dataclass
+class Detection:
+    """One judged record: the predicted option and the evidence for it."""
+
+    task: str
+    index: int  # of the predicted option, in the order given
+    letter: str  # the letter that option has in the unshifted prompt (A, B, ...)
+    option: str
+    probabilities: list[float]  # per option, in the order given
+    agreement: float  # share of the shifts whose own top option is the prediction
+    votes: int
+    shifts: int  # how many option→letter mappings were scored
+    per_shift: list[list[float]] = field(default_factory=list)  # each mapping's probabilities, per option
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_text(value: Any, name: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"field '{name}': must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise InputError(f"field '{name}': empty")
+    return value
+
+
+def _check_options(options: Any, name: str) -> list[str]:
+    if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
+        raise InputError(f"field '{name}': must be a list of strings")
+    if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
+        raise InputError(f"field '{name}': needs {MIN_OPTIONS} to {MAX_OPTIONS} options, got {len(options)}")
+    out = [_check_text(o, f"{name}[{i}]") for i, o in enumerate(options)]
+    if len(set(o.strip() for o in out)) != len(out):
+        raise InputError(f"field '{name}': options must be distinct")
+    return out
+
+
+def load_image_input(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    """An RGB image from a path, bytes or a PIL image; InputError naming the field when it is not one."""
+    if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image)):
+        raise InputError(f"field '{name}': must be a path, bytes or a PIL image, got {type(image).__name__}")
+    try:
+        return open_image(Path(image) if isinstance(image, (str, os.PathLike)) else image, max_pixels=max_pixels)
+    except ValueError as e:
+        raise InputError(f"field '{name}': {e}") from None
+
+
+def hallucination_record(caption: str, options: Sequence[str], question: str | None = None) -> Record:
+    caption = _check_text(caption, "caption")
+    opts = _check_options(options, "options")
+    question = DEFAULT_HALLUCINATION_QUESTION if question is None else _check_text(question, "question")
+    return Record(task="hallucination", image_id="<request>", choices=[Choice(LETTERS[i], o) for i, o in enumerate(opts)],
+                  system1_question=SYSTEM1_QUESTIONS[0], system1_answer=caption, system2_question=question)
+
+
+def fact_record(claim: str, context: str, choices: Sequence[str] | None = None, question: str | None = None) -> Record:
+    claim = _check_text(claim, "claim")
+    context = _check_text(context, "context", allow_empty=True)
+    opts = _check_options(DEFAULT_VERDICTS if choices is None else choices, "choices")
+    question = DEFAULT_FACT_QUESTION if question is None else _check_text(question, "question")
+    return Record(task="factuality", image_id="<request>", choices=[Choice(LETTERS[i], o) for i, o in enumerate(opts)],
+                  context=context, claim=claim, question=question)
+
+
+def request_record(item: Mapping[str, Any]) -> Record:
+    """A Record from a request dict: ``task`` "hallucination" (caption, options, question?) or "factuality"
+    (claim, context, choices?, question?)."""
+    task = item.get("task")
+    known = {"hallucination": {"task", "image", "caption", "options", "question"},
+             "factuality": {"task", "image", "claim", "context", "choices", "question"}}
+    if task not in known:
+        raise InputError(f"field 'task': must be 'hallucination' or 'factuality', got {task!r}")
+    unknown = set(item) - known[task]
+    if unknown:
+        raise InputError(f"unknown field(s) for {task}: {', '.join(sorted(unknown))}")
+    for name in ("caption", "options") if task == "hallucination" else ("claim", "context"):
+        if name not in item:
+            raise InputError(f"field '{name}': missing")
+    if task == "hallucination":
+        return hallucination_record(item["caption"], item["options"], item.get("question"))
+    return fact_record(item["claim"], item["context"], item.get("choices"), item.get("question"))
+
+
+class Detector:
+    """A judge model with mapping-shift inference. Not thread-safe: call it from one thread at a time."""
+
+    def __init__(self, model, processor, *, shifts: int | None = 4, aggregate: str = "logmean", name: str = "model",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, prefix_reuse: bool = True):
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if shifts is not None and shifts < 1:
+            raise ValueError(f"shifts must be at least 1 (or None for one per option), got {shifts}")
+        self.model, self.processor = model, processor
+        self.model.eval()
+        self.spec = MappingSpec(shifts)
+        self.shifts, self.aggregate, self.name = shifts, aggregate, name
+        self.max_pixels, self.prefix_reuse = max_pixels, prefix_reuse
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, shifts: int | None = 4, *, device: str | None = None,
+                        dtype: str | torch.dtype = "auto", aggregate: str = "logmean", **kwargs) -> "Detector":
+        """A detector from a local model folder (any family ``models.loading.load_model`` reads)."""
+        from .models.loading import load_model
+
+        model, processor = load_model(path, dtype=dtype, device=device)
+        return cls(model, processor, shifts=shifts, aggregate=aggregate, name=Path(path).resolve().name, **kwargs)
+
+    @property
+    def num_parameters(self) -> int:
+        from .models.loading import count_parameters
+
+        return count_parameters(self.model)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.num_parameters, "shifts": self.shifts, "aggregate": self.aggregate,
+                "model_type": getattr(self.model.config, "model_type", None),
+                "device": str(next(self.model.parameters()).device)}
+
+    # -- single records ------------------------------------------------------------------------------
+    def detect_hallucination(self, image: ImageInput, caption: str, options: Sequence[str], *,
+                             question: str | None = None) -> Detection:
+        """Which option is not supported by the image, given the AI-written caption."""
+        record = hallucination_record(caption, options, question)
+        return self._score([record], [self._image(image)])[0]
+
+    def check_fact(self, image: ImageInput, claim: str, context: str, choices: Sequence[str] | None = None, *,
+                   question: str | None = None) -> Detection:
+        """Which verdict holds for the claim, given the image and the context (the four verdicts by default)."""
+        record = fact_record(claim, context, choices, question)
+        return self._score([record], [self._image(image)])[0]
+
+    # -- batches -------------------------------------------------------------------------------------
+    def predict(self, records: Iterable[Mapping[str, Any] | tuple[Record, ImageInput]], batch_size: int = 16, *,
+                progress: bool = True) -> list[Detection]:
+        """Judge many records, ``batch_size`` at a time. Each item is a request dict (``task``, ``image`` and the
+        task's fields, as in :func:`request_record`) or a ``(Record, image)`` pair."""
+        items = list(records)
+        prepared: list[tuple[Record, Image.Image]] = []
+        for i, item in enumerate(items):
+            try:
+                if isinstance(item, tuple):
+                    record, image = item
+                else:
+                    if "image" not in item:
+                        raise InputError("field 'image': missing")
+                    record, image = request_record(item), item["image"]
+                prepared.append((record, self._image(image)))
+            except InputError as e:
+                raise InputError(f"record #{i}: {e}") from None
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prepared), desc="detect", unit="rec")
+        out: list[Detection] = []
+        for start in range(0, len(prepared), batch_size):
+            chunk = prepared[start: start + batch_size]
+            out += self._score([r for r, _ in chunk], [im for _, im in chunk])
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        return out
+
+    def score_records(self, records: list[Record], images: list[Image.Image]) -> list[Detection]:
+        """Detections for already built records and loaded images (one batched call)."""
+        return self._score(records, images)
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _image(self, image: ImageInput) -> Image.Image:
+        return load_image_input(image, max_pixels=self.max_pixels)
+
+    def _score(self, records: list[Record], images: list[Image.Image]) -> list[Detection]:
+        with torch.inference_mode():
+            res = score_shifts(self.model, self.processor, records, images, spec=self.spec, how=self.aggregate,
+                               prefix_reuse=self.prefix_reuse)
+        out = []
+        for i, r in enumerate(records):
+            n = len(r.choices)
+            w = int(res.winner[i])
+            out.append(Detection(task=r.task, index=w, letter=r.letters[w], option=r.options[w],
+                                 probabilities=[float(p) for p in res.probs[i, :n]], agreement=float(res.agreement[i]),
+                                 votes=int(res.votes[i]), shifts=len(res.mappings[i]),
+                                 per_shift=res.per_shift[i].tolist()))
+        return out
