@@ -98,3 +98,42 @@ def test_mutual_ppod_hands_its_teacher_to_later_stages(pyramid, synth_root, tmp_
     after = load_file(f"{teacher}/model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["stages"][0]["mutual"] is True
+
+
+def test_two_processes_match_one_with_mutual_teacher_and_projector(pyramid, synth_root, tmp_path):
+    """accelerate launch --num_processes 2 (gloo, CPU) of a mutual PPOD + TCRD recipe gives the weights of one
+    process: student, projector and the mutual teacher (whose gradients are averaged by hand)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    def recipe(out):
+        raw = _recipe(pyramid, synth_root, out, mutual=True, mutual_lr=1e-2)
+        raw["stages"][1]["assistant"] = 1
+        raw["save_every"] = 100
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    one, two = recipe(tmp_path / "one"), recipe(tmp_path / "two")
+    run_recipe(load_config(one, [], schema=RecipeConfig))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hkd4vlm.cli", "distill", str(two)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s0, s1 = "stage-0-ppod-level2", "stage-1-tcrd-level2"
+    for rel in (f"{s0}/model/model.safetensors", f"{s0}/mutual_teacher/model.safetensors", f"{s1}/model/model.safetensors"):
+        a, b = load_file(tmp_path / "one" / rel), load_file(tmp_path / "two" / rel)
+        assert a.keys() == b.keys()
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst <= 2e-4, f"{rel}: largest difference {worst:.3g}"
+    pa = torch.load(tmp_path / "one" / s1 / "projector.pt")
+    pb = torch.load(tmp_path / "two" / s1 / "projector.pt")
+    pa, pb = (p.state_dict() if hasattr(p, "state_dict") else p for p in (pa, pb))
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) <= 2e-4
+    # the mutual teacher and the projector did learn (so equality above is not trivial)
+    assert any(not torch.equal(load_file(f"{pyramid[1]}/model.safetensors")[k], v)
+               for k, v in load_file(tmp_path / "two" / s0 / "mutual_teacher" / "model.safetensors").items())
