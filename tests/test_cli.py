@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from hkd4vlm.cli import main
 
 COMMANDS = {"synth", "validate", "init-model", "pretrain", "train", "distill", "cache-teacher", "predict", "evaluate",
-            "quickstart"}
+            "quickstart", "serve", "bench"}
 
 
 def test_every_command_is_registered():

@@ -271,5 +271,91 @@ def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
     click.echo(f"metrics: {out}; confusion matrix: {plot}")
 
 
+@main.command()
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench.json"),
+              show_default=True, help="The json to write.")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A quickstart run folder: its student, assistant and teacher [default: runs/quickstart when it "
+                   "holds a finished run, else untrained tiny presets].")
+@click.option("--models", "model_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A model folder (repeat it: the first is the student, the last the teacher).")
+@click.option("--student", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--teacher", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Dataset root to take the records from [default: the run's data, else a generated synthetic one].")
+@click.option("--quick", is_flag=True, help="A smaller, faster run (noisier figures).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Inference batch size [16; --quick 8].")
+@click.option("--records", type=click.IntRange(min=1), default=None, help="Inference records [64; --quick 16].")
+@click.option("--latency-records", type=click.IntRange(min=1), default=None,
+              help="Records timed one by one at batch 1 [24; --quick 4].")
+@click.option("--rounds", type=click.IntRange(min=1), default=None, help="Timed passes over the records [3; --quick 2].")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=None,
+              help="Generate-then-parse: tokens generated per record, EOS suppressed until then [64].")
+@click.option("--train-batch-size", type=click.IntRange(min=1), default=None,
+              help="The student's training batch [32; --quick 8].")
+@click.option("--train-steps", type=click.IntRange(min=1), default=None, help="Timed optimizer steps [20; --quick 3].")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Torch threads in every measurement (0: torch's default).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available].")
+@click.option("--serve", "serve_load", is_flag=True,
+              help="Instead: load-test the HTTP service on the student; writes {\"serve\": ...}.")
+@click.option("--requests", type=click.IntRange(min=1), default=2000, show_default=True, help="With --serve.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True, help="With --serve.")
+def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | None, teacher: Path | None,
+          data: Path | None, quick: bool, threads: int, device: str | None, serve_load: bool, requests: int,
+          concurrency: int, **sizes) -> None:
+    """Speed and memory side by side: inference (one pass, mapping shifts with and without prefix reuse,
+    generate-then-parse), training (SFT, online and offline distillation) and peak memory, each measured
+    in a fresh process; prints a table and writes OUT."""
+    from dataclasses import replace
+
+    from .bench import QUICK, BenchError, BenchSettings, default_run, format_table, run_bench, run_serve_bench
+
+    settings = BenchSettings(**QUICK) if quick else BenchSettings()
+    settings = replace(settings, threads=threads, device=device, **{k: v for k, v in sizes.items() if v is not None})
+    if run_dir is None and not (model_dirs or student or teacher):
+        run_dir = default_run(log=click.echo)
+    try:
+        if serve_load:
+            result = run_serve_bench(settings, requests=requests, concurrency=concurrency, run=run_dir,
+                                     models=model_dirs, student=student, data=data, log=click.echo)
+        else:
+            result = run_bench(settings, run=run_dir, models=model_dirs, student=student, teacher=teacher, data=data,
+                               quick=quick, log=click.echo)
+    except (BenchError, ImportError) as e:  # ImportError: --serve without the serve extra
+        raise click.ClickException(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    click.echo(json.dumps(result["serve"], indent=2) if serve_load else "\n" + format_table(result))
+    click.echo(f"written to {out}")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: all interfaces).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
+@click.option("--shifts", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Cyclic option→letter mappings scored per request (mapping-shift inference).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests scored together in one model call.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long the first request of a batch waits for others to join it.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Larger request bodies are refused (413).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=16_000_000, show_default=True,
+              help="Larger images are refused (422; decompression bombs).")
+@click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
+@click.option("--dtype", default="auto", show_default=True)
+def serve(model_dir: Path, host: str, port: int, shifts: int, max_batch_size: int, max_wait_ms: float,
+          max_body_mb: float, max_pixels: int, device: str | None, dtype: str) -> None:
+    """Serve a judge over HTTP: POST /v1/hallucination and /v1/factuality (JSON with a base64 image, or
+    multipart), micro-batched into single model calls; GET /healthz, /v1/model, /v1/stats."""
+    try:
+        from .serve import run
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
+    run(model_dir, host=host, port=port, shifts=shifts, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+        max_body_mb=max_body_mb, max_pixels=max_pixels, device=device, dtype=dtype)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

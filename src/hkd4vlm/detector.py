@@ -149,7 +149,9 @@ class Detector:
         from .models.loading import load_model
 
         model, processor = load_model(path, dtype=dtype, device=device)
-        return cls(model, processor, shifts=shifts, aggregate=aggregate, name=Path(path).resolve().name, **kwargs)
+        path = Path(path).resolve()
+        name = f"{path.parent.name}/{path.name}" if path.name == "model" else path.name  # run folders end in model/
+        return cls(model, processor, shifts=shifts, aggregate=aggregate, name=name, **kwargs)
 
     @property
     def num_parameters(self) -> int:

@@ -16,6 +16,7 @@ one full pass per mapping, batched.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -170,12 +171,7 @@ def _split_prompt(prompts: list[str], image_token: str) -> int | None:
     """Where the prompts of one record's mappings stop sharing text: the cut falls at the start of a line
     (or right after the image placeholder), so that it is a token boundary; None when the image is not
     in the shared part."""
-    common = prompts[0]
-    for p in prompts[1:]:
-        i = 0
-        while i < min(len(common), len(p)) and common[i] == p[i]:
-            i += 1
-        common = common[:i]
+    common = os.path.commonprefix(prompts)
     cut = common.rfind("\n") + 1
     img = common.rfind(image_token)
     if img < 0:
@@ -203,11 +199,16 @@ def _prefix_reuse_probs(model, processor, records, images, rows, row_options) ->
             if prompts[r][:cut] != prefixes[i]:
                 return None
             suffixes[r] = prompts[r][cut:]
-    # the split must not change tokenization: tokens(prefix + suffix) == tokens(prefix) + tokens(suffix)
-    pre_ids = {i: tokenizer(prefixes[i])["input_ids"] for i in by_record}
-    suf_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in suffixes]
-    for r, (i, _) in enumerate(rows):
-        if tokenizer(prompts[r])["input_ids"] != pre_ids[i] + suf_ids[r]:
+    # the split must not change tokenization: tokens(prefix + suffix) == tokens(prefix) + tokens(suffix).
+    # Checked on each record's first mapping: the others cut the same prefix at the same place and their
+    # suffixes start with the same characters (the first letter line), and pre-tokenization is local.
+    # Each list goes through the tokenizer in one batched call (per-string calls cost more than a tiny model).
+    pre_ids = tokenizer(prefixes)["input_ids"]
+    suf_ids = tokenizer(suffixes, add_special_tokens=False)["input_ids"]
+    firsts = [rs[0] for rs in by_record.values()]
+    full_ids = tokenizer([prompts[r] for r in firsts])["input_ids"]
+    for r, ids in zip(firsts, full_ids):
+        if ids != pre_ids[rows[r][0]] + suf_ids[r]:
             warnings.warn("prompt split is not a token boundary for this tokenizer; scoring every mapping in full",
                           stacklevel=3)
             return None
