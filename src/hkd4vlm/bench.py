@@ -614,11 +614,11 @@ def format_table(result: dict) -> str:
 def run_serve_bench(s: BenchSettings, *, requests: int, concurrency: int, run: Path | None = None,
                     models: list[Path] | tuple = (), student: Path | None = None, data: Path | None = None,
                     log: Callable[[str], None] = print) -> dict:
-    """The HTTP service's load test (``bench_serve.bench_serve``) on the student model, replaying the
+    """The HTTP service's load test (``serve.bench_serve``) on the student model, replaying the
     benchmark's records: ``{"serve": {...}}``."""
     import torch
 
-    from .bench_serve import bench_serve
+    from .serve import bench_serve
     from .detector import Detector
 
     if s.threads:

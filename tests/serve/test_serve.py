@@ -23,7 +23,7 @@ from hkd4vlm import Detector  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from hkd4vlm import serve as serve_module  # noqa: E402
-from hkd4vlm.bench_serve import bench_serve  # noqa: E402
+from hkd4vlm.serve import bench_serve  # noqa: E402
 from hkd4vlm.cli import main  # noqa: E402
 from hkd4vlm.data.layout import read_split  # noqa: E402
 from hkd4vlm.detector import DEFAULT_VERDICTS  # noqa: E402

@@ -1,6 +1,6 @@
 """Load benchmark of the HTTP service: a real server on a free loopback port and many client threads.
 
-    from hkd4vlm.bench_serve import bench_serve
+    from hkd4vlm.serve import bench_serve
     report = bench_serve(detector, requests=2000, concurrency=64, images="data/synth")
 
 The clients replay the records of a dataset in the challenge layout (both tasks, mostly base64 JSON, some
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.records import LETTERS
-from .detector import Detector
+from ..data.records import LETTERS
+from ..detector import Detector
 
 #: at most this many failure messages are kept in the report
 MAX_FAILURE_EXAMPLES = 5
@@ -71,7 +71,7 @@ def _requests_for(path: str, fields: dict[str, Any], image: bytes, list_field: s
 
 def load_workload(root: str | os.PathLike, split: str = "test") -> list[tuple[_Request, _Request]]:
     """(JSON, multipart) request pairs for every record of ``split`` of both tasks found under ``root``."""
-    from .data.layout import available_splits, read_split
+    from ..data.layout import available_splits, read_split
 
     out = []
     for task in ("hallucination", "factuality"):
@@ -182,12 +182,12 @@ def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 
     counts (ok, failed: a wrong or malformed answer, lost: no answer at all), latency percentiles in ms,
     throughput and the server's batching (batches, mean_batch_size) over the timed requests.
     """
-    from .serve import ServerThread, create_app
+    from .app import ServerThread, create_app
 
     if requests < 1 or concurrency < 1:
         raise ValueError(f"requests and concurrency must be at least 1, got {requests} and {concurrency}")
     if images is None:
-        from .data.synth.generate import generate
+        from ..data.synth.generate import generate
 
         with tempfile.TemporaryDirectory(prefix="hkd4vlm-bench-") as tmp:
             generate(Path(tmp) / "data", level="medium", sizes={"train": 0, "val": 0, "test": 32}, seed=seed,

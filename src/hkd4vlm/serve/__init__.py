@@ -1,0 +1,35 @@
+"""The HTTP service: a Detector behind FastAPI, with requests micro-batched into single model calls.
+
+    from hkd4vlm import Detector
+    from hkd4vlm.serve import ServerThread, create_app
+
+    app = create_app(Detector.from_pretrained("model_dir"), max_batch_size=16, max_wait_ms=5)
+    with ServerThread(app) as server:           # uvicorn on a free loopback port
+        httpx.post(f"{server.url}/v1/hallucination", json={"image": b64, "caption": "...", "options": [...]})
+
+Endpoints: ``GET /healthz``, ``GET /v1/model``, ``GET /v1/stats``, ``POST /v1/hallucination`` and
+``POST /v1/factuality`` (JSON with a base64 image, or multipart form data with the image as a file).
+
+A request is validated and its image decoded in its handler; the ready (record, image) pair joins a queue,
+and one batcher task scores up to ``max_batch_size`` of them at a time in a single-thread executor (the model
+is not thread-safe), waiting at most ``max_wait_ms`` after the first for others to join.
+"""
+
+from __future__ import annotations
+
+try:
+    import fastapi  # noqa: F401
+    import multipart  # noqa: F401  (python-multipart, for form uploads)
+    import uvicorn  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the installed extras
+    raise ImportError(f"the HTTP service needs the 'serve' extra ({e.name} is not installed): "
+                      "pip install 'hkd4vlm[serve]'") from e
+
+from .app import ServerThread, create_app, run
+from .batching import MicroBatcher
+from .load import bench_serve
+from .middleware import BodySizeLimit, RequestCounter, RequestCounts
+from .requests import RequestError
+
+__all__ = ["BodySizeLimit", "MicroBatcher", "RequestCounter", "RequestCounts", "RequestError", "ServerThread",
+           "bench_serve", "create_app", "run"]

@@ -1,0 +1,164 @@
+"""The FastAPI app, a background-thread server for tests and benchmarks, and ``hkd4vlm serve``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..detector import Detector, InputError, load_image_input
+from .batching import MicroBatcher
+from .middleware import BodySizeLimit, RequestCounter, RequestCounts
+from .requests import RequestError, _error_body, _from_input_error, _request_fields, _request_record, _response
+
+
+def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
+               max_body_bytes: int = 10 * 2**20, max_pixels: int = 16_000_000) -> FastAPI:
+    """The FastAPI app serving ``detector``; its batcher runs while the app's lifespan does."""
+    batcher = MicroBatcher(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    info = detector.info()  # counts parameters once, not per request
+    counter = RequestCounts()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="hkd4vlm judge", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    @app.exception_handler(RequestError)
+    async def refuse(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse(_error_body(e.message, e.field), status_code=e.status)
+
+    async def score(request: Request, task: str) -> dict[str, Any]:
+        fields = await _request_fields(request)
+        record = _request_record(task, fields)
+        try:  # decoding is CPU work: off the event loop, so other requests keep arriving
+            image = await run_in_threadpool(load_image_input, fields["image"], max_pixels=max_pixels)
+        except InputError as e:
+            raise _from_input_error(e) from None
+        return _response(await batcher.submit(record, image), info["name"])
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    async def model() -> dict[str, Any]:
+        return {**info, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
+                "max_body_bytes": max_body_bytes, "max_pixels": max_pixels}
+
+    @app.get("/v1/stats")
+    async def stats() -> dict[str, Any]:
+        b = batcher
+        return {"requests": counter.requests, "ok": counter.ok,
+                "errors": counter.client_errors + counter.server_errors,
+                "client_errors": counter.client_errors, "server_errors": counter.server_errors,
+                "batches": b.batches, "batched_requests": b.items, "failed_batches": b.failed_batches,
+                "mean_batch_size": b.items / b.batches if b.batches else 0.0, "largest_batch": b.largest,
+                "model_seconds": b.model_seconds, "queued": b.queued,
+                "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}
+
+    @app.post("/v1/hallucination")
+    async def hallucination(request: Request) -> dict[str, Any]:
+        return await score(request, "hallucination")
+
+    @app.post("/v1/factuality")
+    async def factuality(request: Request) -> dict[str, Any]:
+        return await score(request, "factuality")
+
+    app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(RequestCounter, counts=counter)  # added last, so it is outside and counts the 413s too
+    return app
+
+
+class ServerThread:
+    """uvicorn serving ``app`` in a background thread, as a context manager.
+
+    On enter it binds the socket itself (``port=0``: a free port), starts the server and waits until it
+    accepts connections; ``.port`` and ``.url`` then say where. On exit it stops the server and joins the thread.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, startup_timeout_s: float = 60.0,
+                 log_level: str = "warning"):
+        self.app, self.host, self.requested_port = app, host, port
+        self.startup_timeout_s, self.log_level = startup_timeout_s, log_level
+        self.port: int | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def __enter__(self) -> "ServerThread":
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.requested_port))
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        # log_config=None: leave the process's logging configuration alone
+        config = uvicorn.Config(self.app, log_level=self.log_level, log_config=None, access_log=False, lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._serve, args=(sock,), name=f"uvicorn:{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self._server.started:  # readiness: uvicorn sets this once it is accepting connections
+            if not self._thread.is_alive():
+                sock.close()
+                raise RuntimeError(f"the server on {self.url} did not start: {self._error!r}")
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"the server on {self.url} did not start within {self.startup_timeout_s} s")
+            time.sleep(0.01)
+        return self
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            self._server.run(sockets=[sock])
+        except BaseException as e:  # noqa: BLE001 - reported by __enter__ (uvicorn exits via SystemExit)
+            self._error = e
+
+    def __exit__(self, *exc) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+
+def run(model_dir, host: str = "127.0.0.1", port: int = 8000, shifts: int | None = 4, max_batch_size: int = 16,
+        max_wait_ms: float = 5.0, max_body_mb: float = 10.0, max_pixels: int = 16_000_000, device: str | None = None,
+        dtype: str = "auto") -> None:
+    """Load the model in ``model_dir`` and serve it until interrupted (``hkd4vlm serve``)."""
+    detector = Detector.from_pretrained(model_dir, shifts=shifts, device=device, dtype=dtype)
+    app = create_app(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                     max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels)
+    info = detector.info()
+    print(f"serving {info['name']} ({info['params']:,} parameters, {info['shifts']} shifts, {info['device']}) "
+          f"on http://{host}:{port}", flush=True)
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False)).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
+        pass

@@ -1,0 +1,124 @@
+"""Micro-batching: concurrent requests joined into single model calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from PIL import Image
+
+from ..data.records import Record
+from ..detector import Detection, Detector
+from .requests import RequestError
+
+
+@dataclass
+class _Pending:
+    record: Record
+    image: Image.Image
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Collects scored requests into batches: up to ``max_batch_size`` items, waiting at most ``max_wait_ms``
+    after the first; each batch is one ``detector.score_records`` call on a dedicated model thread."""
+
+    def __init__(self, detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be non-negative, got {max_wait_ms}")
+        self.detector, self.max_batch_size, self.max_wait_s = detector, max_batch_size, max_wait_ms / 1000
+        self.batches = self.items = self.largest = self.failed_batches = 0
+        self.model_seconds = 0.0
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hkd4vlm-model")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="hkd4vlm-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self._queue is not None and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(RequestError(503, "the server is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._task = self._queue = self._executor = None
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def submit(self, record: Record, image: Image.Image) -> Detection:
+        if self._queue is None:
+            raise RequestError(503, "the server is not running (no batcher)")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(record, image, future))
+        return await future
+
+    async def _collect(self) -> list[_Pending]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), left))
+            except TimeoutError:
+                break
+        return [p for p in batch if not p.future.done()]  # a cancelled request needs no answer
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            try:
+                await self._score(batch)
+            except asyncio.CancelledError:  # shutting down mid-batch: nobody will set these futures now
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(RequestError(503, "the server is shutting down"))
+                raise
+
+    async def _score(self, batch: list[_Pending]) -> None:
+        self.batches += 1
+        self.items += len(batch)
+        self.largest = max(self.largest, len(batch))
+        t0 = time.perf_counter()
+        try:
+            outcomes: list = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.detector.score_records, [p.record for p in batch], [p.image for p in batch])
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"the model answered {len(outcomes)} of {len(batch)} records")
+        except Exception as e:  # answer this batch with 500 and go on serving
+            self.failed_batches += 1
+            outcomes = [RequestError(500, f"model error: {type(e).__name__}: {e}") for _ in batch]
+        finally:
+            self.model_seconds += time.perf_counter() - t0
+        for p, outcome in zip(batch, outcomes):
+            if p.future.done():
+                continue
+            if isinstance(outcome, RequestError):
+                p.future.set_exception(outcome)
+            else:
+                p.future.set_result(outcome)

@@ -1,0 +1,134 @@
+"""Request handling of the HTTP service: the fields each endpoint takes, JSON (base64 image) and multipart
+parsing, validation into a Record, the refusal type and the response body."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from ..data.records import Record
+from ..detector import Detection, InputError, fact_record, hallucination_record
+
+#: per task: the fields a request may carry, and which of them it must carry
+FIELDS = {"hallucination": ("image", "caption", "options", "question"),
+          "factuality": ("image", "claim", "context", "choices", "question")}
+REQUIRED = {"hallucination": ("image", "caption", "options"), "factuality": ("image", "claim", "context")}
+LIST_FIELDS = ("options", "choices")
+SCORING_PATHS = {"/v1/hallucination": "hallucination", "/v1/factuality": "factuality"}
+
+
+class RequestError(Exception):
+    """A request the service refuses: an HTTP status and a message that names the field."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def _from_input_error(e: InputError) -> RequestError:
+    m = re.search(r"field '([^']+)'", str(e))
+    return RequestError(422, str(e), m.group(1) if m else None)
+
+
+def _error_body(message: str, field: str | None) -> dict[str, Any]:
+    return {"detail": message, "field": field}
+
+
+def _decode_base64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise RequestError(422, f"field 'image': must be a base64 string, got {type(value).__name__}", "image")
+    text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value  # data URLs
+    text = "".join(text.split()).translate(str.maketrans("-_", "+/"))  # line breaks, URL-safe alphabet
+    if not text:
+        raise RequestError(422, "field 'image': empty", "image")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(422, f"field 'image': not valid base64 ({e})", "image") from None
+
+
+async def _json_fields(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"body: malformed JSON ({e})", "body") from None
+    if not isinstance(payload, dict):
+        raise RequestError(422, f"body: must be a JSON object, got {type(payload).__name__}", "body")
+    if "image" in payload:
+        payload["image"] = _decode_base64(payload["image"])
+    return payload
+
+
+def _form_list(name: str, values: list[str]) -> list[str]:
+    """Repeated fields, or one field holding a JSON list."""
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        try:
+            parsed = json.loads(values[0])
+        except json.JSONDecodeError as e:
+            raise RequestError(422, f"field '{name}': not a valid JSON list ({e})", name) from None
+        return parsed
+    return values
+
+
+async def _form_fields(request: Request) -> dict[str, Any]:
+    try:
+        async with request.form(max_files=4, max_fields=64) as form:
+            out: dict[str, Any] = {}
+            for name in dict.fromkeys(form.keys()):
+                values = form.getlist(name)
+                if name == "image":
+                    if len(values) != 1 or not isinstance(values[0], UploadFile):
+                        raise RequestError(422, "field 'image': must be one uploaded file", "image")
+                    out[name] = await values[0].read()
+                    continue
+                if any(isinstance(v, UploadFile) for v in values):
+                    raise RequestError(422, f"field '{name}': must be a text field, not a file", name)
+                if name in LIST_FIELDS:
+                    out[name] = _form_list(name, values)
+                elif len(values) > 1:
+                    raise RequestError(422, f"field '{name}': given {len(values)} times, expected once", name)
+                else:
+                    out[name] = values[0]
+            return out
+    except HTTPException as e:  # starlette's own multipart errors (too many parts, a part too large, ...)
+        raise RequestError(400, f"body: {e.detail}", "body") from None
+
+
+async def _request_fields(request: Request) -> dict[str, Any]:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return await _json_fields(request)
+    if media == "multipart/form-data":
+        return await _form_fields(request)
+    raise RequestError(415, f"content-type: expected application/json or multipart/form-data, got {media or 'none'!r}",
+                       "content-type")
+
+
+def _request_record(task: str, fields: dict[str, Any]) -> Record:
+    unknown = [k for k in fields if k not in FIELDS[task]]
+    if unknown:
+        raise RequestError(422, f"unknown field(s) for {task}: {', '.join(map(repr, unknown))}; "
+                                f"expected {', '.join(FIELDS[task])}", unknown[0])
+    for name in REQUIRED[task]:
+        if name not in fields:
+            raise RequestError(422, f"field '{name}': missing", name)
+    try:
+        if task == "hallucination":
+            return hallucination_record(fields["caption"], fields["options"], fields.get("question"))
+        return fact_record(fields["claim"], fields["context"], fields.get("choices"), fields.get("question"))
+    except InputError as e:
+        raise _from_input_error(e) from None
+
+
+def _response(d: Detection, model: str) -> dict[str, Any]:
+    return {"task": d.task, "prediction": {"index": d.index, "letter": d.letter, "option": d.option},
+            "probabilities": d.probabilities, "agreement": d.agreement, "votes": d.votes, "shifts": d.shifts,
+            "model": model}
