@@ -19,7 +19,7 @@ from __future__ import annotations
 
 try:
     import fastapi  # noqa: F401
-    import multipart  # noqa: F401  (python-multipart, for form uploads)
+    import python_multipart  # noqa: F401  (form uploads)
     import uvicorn  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"the HTTP service needs the 'serve' extra ({e.name} is not installed): "
