@@ -217,7 +217,6 @@ def predict(model_dir: Path, data: Path, task: str, split: str, out: Path, batch
     """Write one JSONL line per record: image, question, answer, choice, pred_ans, status, probs (and the
     shifts' agreement with mapping-shift inference)."""
     from .data.layout import read_split
-    from .infer.msei import MappingSpec
     from .infer.predict import accuracy, predict_split, write_jsonl
     from .models.loading import load_model
 
