@@ -142,3 +142,11 @@ def test_parse_letter_takes_the_first_standalone_option_letter():
     assert parse_letter("the red circle is B because A is wrong", ["A", "B", "C", "D"]) == "B"
     assert parse_letter("Answer: E or C", ["A", "B", "C", "D"]) == "C"
     assert parse_letter("no letter at all", ["A", "B"]) is None
+
+
+def test_serve_mode_writes_the_load_test(tmp_path):
+    result, output = _invoke(["--serve", "--quick", "--requests", "24", "--concurrency", "6"], tmp_path)
+    serve = result["serve"]
+    assert serve["requests"] == 24 and serve["ok"] == 24 and serve["failed"] == 0 and serve["lost"] == 0
+    assert serve["concurrency"] == 6 and 0 < serve["p50_ms"] <= serve["p99_ms"]
+    assert serve["batches"] * serve["mean_batch_size"] == pytest.approx(24)
