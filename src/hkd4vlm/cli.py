@@ -343,10 +343,12 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
               help="Larger request bodies are refused (413).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=16_000_000, show_default=True,
               help="Larger images are refused (422; decompression bombs).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Requests waiting for the model beyond this many are refused (503, Retry-After).")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", default="auto", show_default=True)
 def serve(model_dir: Path, host: str, port: int, shifts: int, max_batch_size: int, max_wait_ms: float,
-          max_body_mb: float, max_pixels: int, device: str | None, dtype: str) -> None:
+          max_body_mb: float, max_pixels: int, device: str | None, dtype: str, max_queue: int) -> None:
     """Serve a judge over HTTP: POST /v1/hallucination and /v1/factuality (JSON with a base64 image, or
     multipart), micro-batched into single model calls; GET /healthz, /v1/model, /v1/stats."""
     try:
@@ -354,7 +356,7 @@ def serve(model_dir: Path, host: str, port: int, shifts: int, max_batch_size: in
     except ImportError as e:
         raise click.ClickException(str(e)) from None
     run(model_dir, host=host, port=port, shifts=shifts, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_body_mb=max_body_mb, max_pixels=max_pixels, device=device, dtype=dtype)
+        max_body_mb=max_body_mb, max_pixels=max_pixels, device=device, dtype=dtype, max_queue=max_queue)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -244,6 +244,51 @@ def test_a_failing_batch_answers_500_and_the_server_goes_on(client, detector, ha
     assert_still_serving(client, hall)
 
 
+def test_an_overloaded_server_sheds_load_with_503_and_recovers(detector, hall):
+    """While the model is busy, requests beyond max_queue are refused at once (503 + Retry-After); the queued
+    ones are answered when the model frees up, and so is a later request."""
+    release, entered = threading.Event(), threading.Event()
+    real = detector.score_records
+
+    def blocked(records, images):  # the model thread holds here until the test releases it
+        entered.set()
+        release.wait(60)
+        return real(records, images)
+
+    app = create_app(detector, max_batch_size=1, max_wait_ms=0, max_queue=2)
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        detector.score_records = blocked
+        try:
+            results: dict[int, httpx.Response] = {}
+
+            def send(i):
+                with httpx.Client(base_url=srv.url, timeout=60) as cc:
+                    results[i] = cc.post("/v1/hallucination", json=hall_json(hall, i))
+
+            first = threading.Thread(target=send, args=(0,))
+            first.start()
+            assert entered.wait(30)  # request 0 is in the model; the queue is empty
+            queued = [threading.Thread(target=send, args=(i,)) for i in (1, 2)]
+            for t in queued:
+                t.start()
+            deadline = time.monotonic() + 30
+            while c.get("/v1/stats").json()["queued"] < 2:  # both wait for the model now
+                assert time.monotonic() < deadline
+            refused = c.post("/v1/hallucination", json=hall_json(hall, 3))
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert "busy" in refused.json()["detail"]
+            release.set()
+            for t in [first, *queued]:
+                t.join()
+        finally:
+            release.set()
+            detector.score_records = real
+        assert all(results[i].status_code == 200 for i in (0, 1, 2))
+        stats = c.get("/v1/stats").json()
+        assert stats["shed"] == 1 and stats["server_errors"] == 1 and stats["ok"] == 3
+        assert c.post("/v1/hallucination", json=hall_json(hall, 4)).status_code == 200
+
+
 def test_concurrent_requests_are_micro_batched_and_each_gets_its_own_answer(client, server, detector, hall, fact):
     n = 16
     jobs = []
@@ -301,11 +346,11 @@ def test_cli_serve_passes_its_options_to_run(model_dir, monkeypatch):
     monkeypatch.setattr(serve_module, "run", lambda *a, **kw: calls.append((a, kw)))
     result = CliRunner().invoke(main, ["serve", "--model", str(model_dir), "--port", "9001", "--shifts", "2",
                                        "--max-batch-size", "4", "--max-wait-ms", "7.5", "--max-body-mb", "1",
-                                       "--max-pixels", "1000"])
+                                       "--max-pixels", "1000", "--max-queue", "9"])
     assert result.exit_code == 0, result.output
     assert calls == [((model_dir,), {"host": "127.0.0.1", "port": 9001, "shifts": 2, "max_batch_size": 4,
                                      "max_wait_ms": 7.5, "max_body_mb": 1.0, "max_pixels": 1000, "device": None,
-                                     "dtype": "auto"})]
+                                     "dtype": "auto", "max_queue": 9})]
 
 
 @pytest.mark.slow  # a fresh process imports torch and loads the model: ~10 s

@@ -20,9 +20,10 @@ from .requests import RequestError, _error_body, _from_input_error, _request_fie
 
 
 def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
-               max_body_bytes: int = 10 * 2**20, max_pixels: int = 16_000_000) -> FastAPI:
-    """The FastAPI app serving ``detector``; its batcher runs while the app's lifespan does."""
-    batcher = MicroBatcher(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+               max_body_bytes: int = 10 * 2**20, max_pixels: int = 16_000_000, max_queue: int = 1024) -> FastAPI:
+    """The FastAPI app serving ``detector``; its batcher runs while the app's lifespan does. Beyond
+    ``max_queue`` requests waiting for the model, new ones are refused with 503 and Retry-After."""
+    batcher = MicroBatcher(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
     info = detector.info()  # counts parameters once, not per request
     counter = RequestCounts()
 
@@ -39,7 +40,8 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
 
     @app.exception_handler(RequestError)
     async def refuse(request: Request, e: RequestError) -> JSONResponse:
-        return JSONResponse(_error_body(e.message, e.field), status_code=e.status)
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+        return JSONResponse(_error_body(e.message, e.field), status_code=e.status, headers=headers)
 
     async def score(request: Request, task: str) -> dict[str, Any]:
         fields = await _request_fields(request)
@@ -57,7 +59,7 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
     @app.get("/v1/model")
     async def model() -> dict[str, Any]:
         return {**info, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
-                "max_body_bytes": max_body_bytes, "max_pixels": max_pixels}
+                "max_body_bytes": max_body_bytes, "max_pixels": max_pixels, "max_queue": max_queue}
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
@@ -67,8 +69,8 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
                 "client_errors": counter.client_errors, "server_errors": counter.server_errors,
                 "batches": b.batches, "batched_requests": b.items, "failed_batches": b.failed_batches,
                 "mean_batch_size": b.items / b.batches if b.batches else 0.0, "largest_batch": b.largest,
-                "model_seconds": b.model_seconds, "queued": b.queued,
-                "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}
+                "model_seconds": b.model_seconds, "queued": b.queued, "shed": b.shed,
+                "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": max_queue}
 
     @app.post("/v1/hallucination")
     async def hallucination(request: Request) -> dict[str, Any]:
@@ -150,11 +152,11 @@ class ServerThread:
 
 def run(model_dir, host: str = "127.0.0.1", port: int = 8000, shifts: int | None = 4, max_batch_size: int = 16,
         max_wait_ms: float = 5.0, max_body_mb: float = 10.0, max_pixels: int = 16_000_000, device: str | None = None,
-        dtype: str = "auto") -> None:
+        dtype: str = "auto", max_queue: int = 1024) -> None:
     """Load the model in ``model_dir`` and serve it until interrupted (``hkd4vlm serve``)."""
     detector = Detector.from_pretrained(model_dir, shifts=shifts, device=device, dtype=dtype)
     app = create_app(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                     max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels)
+                     max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels, max_queue=max_queue)
     info = detector.info()
     print(f"serving {info['name']} ({info['params']:,} parameters, {info['shifts']} shifts, {info['device']}) "
           f"on http://{host}:{port}", flush=True)

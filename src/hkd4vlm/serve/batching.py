@@ -25,9 +25,16 @@ class MicroBatcher:
     """Collects scored requests into batches: up to ``max_batch_size`` items, waiting at most ``max_wait_ms``
     after the first; each batch is one ``detector.score_records`` call on a dedicated model thread."""
 
-    def __init__(self, detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0):
+    def __init__(self, detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
+                 max_queue: int = 1024):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        #: requests waiting for the model beyond this many are refused with 503 (load shedding: an overloaded
+        #: server answers "busy" at once instead of letting every latency grow without bound)
+        self.max_queue = max_queue
+        self.shed = 0
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be non-negative, got {max_wait_ms}")
         self.detector, self.max_batch_size, self.max_wait_s = detector, max_batch_size, max_wait_ms / 1000
@@ -64,8 +71,12 @@ class MicroBatcher:
     async def submit(self, record: Record, image: Image.Image) -> Detection:
         if self._queue is None:
             raise RequestError(503, "the server is not running (no batcher)")
+        if self._queue.qsize() >= self.max_queue:
+            self.shed += 1
+            raise RequestError(503, f"server busy: {self.max_queue} requests are waiting for the model; retry later",
+                               retry_after=1)
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(record, image, future))
+        self._queue.put_nowait(_Pending(record, image, future))
         return await future
 
     async def _collect(self) -> list[_Pending]:

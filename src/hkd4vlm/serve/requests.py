@@ -25,11 +25,12 @@ SCORING_PATHS = {"/v1/hallucination": "hallucination", "/v1/factuality": "factua
 
 
 class RequestError(Exception):
-    """A request the service refuses: an HTTP status and a message that names the field."""
+    """A request the service refuses: an HTTP status and a message that names the field (``retry_after``:
+    seconds, sent as a Retry-After header, for a busy server)."""
 
-    def __init__(self, status: int, message: str, field: str | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, *, retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.message, self.field = status, message, field
+        self.status, self.message, self.field, self.retry_after = status, message, field, retry_after
 
 
 def _from_input_error(e: InputError) -> RequestError:
