@@ -37,14 +37,22 @@ def assert_still_correct(record, image):
         assert record.options[record.label] == record.correct_answer
 
 
+#: overall brightness factors the photometric augmentation can compound (brightness and contrast, each 1 ± 0.15)
+SHADES = np.linspace(0.7, 1.35, 27, dtype=np.float32)
+
+
 def assert_colours_named(record, image):
-    """The pixels at each object's centre are still nearest to the object's named colour."""
+    """The pixels at each object's centre are still nearest to the object's named colour, up to the overall
+    brightness change the augmentation is allowed to make: a darkened yellow (195, 177, 29) is a dark
+    yellow, not an orange, though plain RGB distance puts it a hair nearer to orange (245, 135, 20)."""
     arr = np.asarray(image, dtype=np.float32)
     palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    shaded = SHADES[:, None, None] * palette[None]  # (shade, colour, rgb)
     for o in record.extra["synth"]["scene"]["objects"]:
         x, y = int(round(o["x"])), int(round(o["y"]))
         patch = arr[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).mean(axis=0)
-        nearest = list(COLOURS)[int(np.argmin(((palette - patch) ** 2).sum(axis=1)))]
+        distance = ((shaded - patch) ** 2).sum(axis=-1).min(axis=0)  # best shade of each colour
+        nearest = list(COLOURS)[int(np.argmin(distance))]
         assert nearest == o["colour"], (o, patch)
 
 
