@@ -26,7 +26,7 @@ import torch
 
 from ..data.records import Record
 from ..models.prompt import build_prompt
-from ..models.scoring import MASKED, answer_distribution, letter_token_ids
+from ..models.scoring import answer_distribution, masked_letter_logits
 
 Aggregate = Literal["logmean", "mean", "vote"]
 AGGREGATES = ("logmean", "mean", "vote")
@@ -239,12 +239,6 @@ def _prefix_reuse_probs(model, processor, records, images, rows, row_options) ->
     attention = torch.cat([prefix_mask, s_mask], dim=1)
     out = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
-    last = out.logits[:, -1, :]
-    counts = [len(o) for o in row_options]
-    n = max(counts)
-    letters = next(records[i].letters for (i, _), c in zip(rows, counts) if c == n)[:n]
-    letter_logits = last[:, torch.tensor(letter_token_ids(tokenizer, letters), device=device)].float()
-    if min(counts) < n:
-        missing = torch.arange(n, device=device)[None, :] >= torch.tensor(counts, device=device)[:, None]
-        letter_logits = letter_logits.masked_fill(missing, MASKED)
+    letter_logits = masked_letter_logits(out.logits[:, -1, :], tokenizer, [records[i] for i, _ in rows],
+                                         [len(o) for o in row_options])
     return torch.softmax(letter_logits, dim=-1)

@@ -63,6 +63,19 @@ def encode(processor, records: list[Record], images: list, options: list[list[st
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
 
 
+def masked_letter_logits(last: torch.Tensor, tokenizer, records: list[Record], counts: list[int]) -> torch.Tensor:
+    """(B, n) logits of the option letters from the answer position's (B, V) logits, n the most options in
+    the batch; row i's letters beyond ``counts[i]`` get ``MASKED``."""
+    n = max(counts)
+    letters = next(r.letters for r, c in zip(records, counts) if c == n)[:n]
+    ids = torch.tensor(letter_token_ids(tokenizer, letters), device=last.device)
+    letter_logits = last[:, ids].float()
+    if min(counts) < n:
+        missing = torch.arange(n, device=last.device)[None, :] >= torch.tensor(counts, device=last.device)[:, None]
+        letter_logits = letter_logits.masked_fill(missing, MASKED)
+    return letter_logits
+
+
 def answer_distribution(model, processor, records: list[Record], images: list, *, temperature: float = 1.0,
                         options: list[list[str]] | None = None) -> AnswerScores:
     """p(i | x) = softmax_i z(x)[tok(letter_i)] at the answer position; differentiable when called with
@@ -72,18 +85,12 @@ def answer_distribution(model, processor, records: list[Record], images: list, *
     one, and a record's missing letters get probability 0 (their logits are set to ``MASKED``).
     """
     counts = [len(r.choices) if options is None else len(options[i]) for i, r in enumerate(records)]
-    n = max(counts)
-    letters = next(r.letters for r, c in zip(records, counts) if c == n)[:n]
-    ids = torch.tensor(letter_token_ids(processor.tokenizer, letters))
     batch = encode(processor, records, images, options)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     out = model(**batch, output_hidden_states=True, logits_to_keep=1)
     last = out.logits[:, -1, :]  # (B, V)
-    letter_logits = last[:, ids.to(device)].float()  # (B, n_options)
-    if min(counts) < n:
-        missing = torch.arange(n, device=device)[None, :] >= torch.tensor(counts, device=device)[:, None]
-        letter_logits = letter_logits.masked_fill(missing, MASKED)
+    letter_logits = masked_letter_logits(last, processor.tokenizer, records, counts)
     probs = torch.softmax(letter_logits / temperature, dim=-1)
     hidden = out.hidden_states[-1][:, -1, :]  # (B, H)
     return AnswerScores(probs=probs, logits=letter_logits, hidden=hidden, vocab_logits=last)
