@@ -108,23 +108,34 @@ def fact_record(claim: str, context: str, choices: Sequence[str] | None = None, 
                   context=context, claim=claim, question=question)
 
 
-def request_record(item: Mapping[str, Any]) -> Record:
-    """A Record from a request dict: ``task`` "hallucination" (caption, options, question?) or "factuality"
-    (claim, context, choices?, question?)."""
-    task = item.get("task")
-    known = {"hallucination": {"task", "image", "caption", "options", "question"},
-             "factuality": {"task", "image", "claim", "context", "choices", "question"}}
-    if task not in known:
-        raise InputError(f"field 'task': must be 'hallucination' or 'factuality', got {task!r}")
-    unknown = set(item) - known[task]
+#: per task: the fields a request may carry (besides ``task``), and those it must carry
+REQUEST_FIELDS = {"hallucination": ("image", "caption", "options", "question"),
+                  "factuality": ("image", "claim", "context", "choices", "question")}
+REQUIRED_FIELDS = {"hallucination": ("image", "caption", "options"), "factuality": ("image", "claim", "context")}
+
+
+def record_from_fields(task: str, fields: Mapping[str, Any]) -> Record:
+    """A Record from one task's request fields (``REQUEST_FIELDS``); the image is only checked to be there.
+    InputError names the first unknown or missing field, or the bad one."""
+    unknown = [k for k in fields if k not in REQUEST_FIELDS[task]]
     if unknown:
-        raise InputError(f"unknown field(s) for {task}: {', '.join(sorted(unknown))}")
-    for name in ("caption", "options") if task == "hallucination" else ("claim", "context"):
-        if name not in item:
+        raise InputError(f"field '{unknown[0]}': unknown for {task} (unknown: {', '.join(map(repr, unknown))}; "
+                         f"expected {', '.join(REQUEST_FIELDS[task])})")
+    for name in REQUIRED_FIELDS[task]:
+        if name not in fields:
             raise InputError(f"field '{name}': missing")
     if task == "hallucination":
-        return hallucination_record(item["caption"], item["options"], item.get("question"))
-    return fact_record(item["claim"], item["context"], item.get("choices"), item.get("question"))
+        return hallucination_record(fields["caption"], fields["options"], fields.get("question"))
+    return fact_record(fields["claim"], fields["context"], fields.get("choices"), fields.get("question"))
+
+
+def request_record(item: Mapping[str, Any]) -> Record:
+    """A Record from a request dict: ``task`` "hallucination" (image, caption, options, question?) or
+    "factuality" (image, claim, context, choices?, question?)."""
+    task = item.get("task")
+    if task not in REQUEST_FIELDS:
+        raise InputError(f"field 'task': must be 'hallucination' or 'factuality', got {task!r}")
+    return record_from_fields(task, {k: v for k, v in item.items() if k != "task"})
 
 
 class Detector:
@@ -189,8 +200,6 @@ class Detector:
                 if isinstance(item, tuple):
                     record, image = item
                 else:
-                    if "image" not in item:
-                        raise InputError("field 'image': missing")
                     record, image = request_record(item), item["image"]
                 prepared.append((record, self._image(image)))
             except InputError as e:

@@ -14,12 +14,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ..data.records import Record
-from ..detector import Detection, InputError, fact_record, hallucination_record
+from ..detector import Detection, InputError, record_from_fields
 
-#: per task: the fields a request may carry, and which of them it must carry
-FIELDS = {"hallucination": ("image", "caption", "options", "question"),
-          "factuality": ("image", "claim", "context", "choices", "question")}
-REQUIRED = {"hallucination": ("image", "caption", "options"), "factuality": ("image", "claim", "context")}
 LIST_FIELDS = ("options", "choices")
 SCORING_PATHS = {"/v1/hallucination": "hallucination", "/v1/factuality": "factuality"}
 
@@ -114,17 +110,8 @@ async def _request_fields(request: Request) -> dict[str, Any]:
 
 
 def _request_record(task: str, fields: dict[str, Any]) -> Record:
-    unknown = [k for k in fields if k not in FIELDS[task]]
-    if unknown:
-        raise RequestError(422, f"unknown field(s) for {task}: {', '.join(map(repr, unknown))}; "
-                                f"expected {', '.join(FIELDS[task])}", unknown[0])
-    for name in REQUIRED[task]:
-        if name not in fields:
-            raise RequestError(422, f"field '{name}': missing", name)
     try:
-        if task == "hallucination":
-            return hallucination_record(fields["caption"], fields["options"], fields.get("question"))
-        return fact_record(fields["claim"], fields["context"], fields.get("choices"), fields.get("question"))
+        return record_from_fields(task, fields)
     except InputError as e:
         raise _from_input_error(e) from None
 
