@@ -16,22 +16,12 @@ from hkd4vlm.models.presets import init_model
 from hkd4vlm.models.scoring import answer_distribution
 
 
-def _sharpened(path):
-    """A tiny model with large random weights, so that its answer depends strongly on the prompt (a fresh
-    init answers nearly uniformly, which would let a wrong mapping pass unnoticed)."""
-    model, processor = load_model(path)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.15)
-    model.eval()
-    return model, processor
-
-
 @pytest.fixture(scope="module", params=["tiny-llava-s", "tiny-idefics3-s"])
-def model_pair(request, synth_root, tmp_path_factory):
+def model_pair(request, synth_root, tmp_path_factory, sharpen):
     path = init_model(request.param, synth_root, tmp_path_factory.mktemp("msei") / request.param, seed=2)
-    return _sharpened(path)
+    model, processor = load_model(path)
+    sharpen(model, 0)
+    return model.eval(), processor
 
 
 def _mixed_batch(root):

@@ -4,7 +4,6 @@ processor needs torchvision for its video slot: what needs the real processor is
 import pytest
 import torch
 
-from hkd4vlm.data.layout import read_split
 from hkd4vlm.models.families import IDEFICS3_PRESETS, build_tiny, preset_names
 from hkd4vlm.models.loading import count_parameters, freeze_vision_tower, load_model, vision_tower
 from hkd4vlm.models.presets import build_tokenizer, corpus, init_model
@@ -17,13 +16,6 @@ def idefics3(synth_root, tmp_path_factory):
     out = init_model("tiny-idefics3-s", synth_root, tmp_path_factory.mktemp("models") / "idefics3-s", seed=0)
     model, processor = load_model(out)
     return out, model.eval(), processor
-
-
-@pytest.fixture(scope="module")
-def batch(synth_root):
-    split = read_split(synth_root, "factuality", "test")
-    records = split.records[:4]
-    return records, [split.load_image(r) for r in records]
 
 
 # ---- Idefics3 (SmolVLM architecture) ----

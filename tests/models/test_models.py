@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from hkd4vlm.data.layout import read_split
 from hkd4vlm.models.loading import count_parameters, load_model
 from hkd4vlm.models.presets import PRESETS, build_tokenizer, init_model
 from hkd4vlm.models.prompt import build_prompt
@@ -13,13 +12,6 @@ def tiny(synth_root, tmp_path_factory):
     out = init_model("tiny-llava-s", synth_root, tmp_path_factory.mktemp("models") / "s", seed=0)
     model, processor = load_model(out)
     return out, model.eval(), processor
-
-
-@pytest.fixture(scope="module")
-def batch(synth_root):
-    split = read_split(synth_root, "factuality", "test")
-    records = split.records[:4]
-    return records, [split.load_image(r) for r in records]
 
 
 def test_preset_round_trips_through_auto_classes(tiny, batch):
