@@ -184,16 +184,19 @@ def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Pa
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: the preset's recipe).")
 @click.option("--lr", type=float, default=None)
+@click.option("--dense-steps", type=click.IntRange(min=0), default=None,
+              help="Dense vision pretraining steps before the curriculum (default: the preset's recipe; 0 skips it).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--pool-size", type=click.IntRange(min=16), default=12_000, show_default=True,
               help="Rendered curriculum questions (cached next to --out).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def pretrain(preset: str, data: Path, out: Path, steps: int | None, lr: float | None, batch_size: int, pool_size: int,
-             seed: int) -> None:
-    """Pretrain a from-scratch preset on the grounding curriculum; cached, resumable."""
+def pretrain(preset: str, data: Path, out: Path, steps: int | None, lr: float | None, dense_steps: int | None,
+             batch_size: int, pool_size: int, seed: int) -> None:
+    """Pretrain a from-scratch preset (dense vision stage, then the grounding curriculum); cached, resumable."""
     from .engine.pretrain import pretrain as run
 
-    final = run(preset, data, out, steps=steps, lr=lr, batch_size=batch_size, pool_size=pool_size, seed=seed)
+    final = run(preset, data, out, steps=steps, lr=lr, dense_steps=dense_steps, batch_size=batch_size,
+                pool_size=pool_size, seed=seed)
     click.echo(f"base checkpoint: {final}")
 
 

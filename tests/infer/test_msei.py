@@ -16,9 +16,12 @@ from hkd4vlm.models.presets import init_model
 from hkd4vlm.models.scoring import answer_distribution
 
 
-@pytest.fixture(scope="module", params=["tiny-llava-s", "tiny-idefics3-s"])
+@pytest.fixture(scope="module", params=[("tiny-llava-s", "option"), ("tiny-idefics3-s", "option"),
+                                        ("tiny-llava-s", "letter"), ("tiny-idefics3-s", "letter")],
+                ids=lambda p: "-".join(p))
 def model_pair(request, synth_root, tmp_path_factory, sharpen):
-    path = init_model(request.param, synth_root, tmp_path_factory.mktemp("msei") / request.param, seed=2)
+    preset, readout = request.param
+    path = init_model(preset, synth_root, tmp_path_factory.mktemp("msei") / preset, seed=2, readout=readout)
     model, processor = load_model(path)
     sharpen(model, 0)
     return model.eval(), processor

@@ -54,6 +54,8 @@ class TrainConfig(_Strict):
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     temperature: float = Field(default=1.0, gt=0)
+    readout: Literal["letter", "option"] | None = Field(
+        default=None, description="answer readout to train and save with the model (None: the model's own)")
     augment: dict[str, float] = Field(default_factory=dict, description="augmentation -> probability")
     lora: dict[str, Any] | None = None
     freeze_vision: bool = False

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..models.scoring import answer_distribution
+from ..models.scoring import answer_distribution, set_readout
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, save_config
 from .distributed import average_gradients
@@ -108,6 +108,8 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
 
     if model is None:
         model, processor = load_model(cfg.model, lora=cfg.lora, freeze_vision=cfg.freeze_vision)
+    if cfg.readout is not None:
+        set_readout(model, cfg.readout)
     model.train()
     modules = dict(extra_modules or {})
     params = [p for p in model.parameters() if p.requires_grad]

@@ -81,9 +81,10 @@ def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
 
 
 def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int | None = None, lr: float | None = None,
-             batch_size: int = 32, seed: int = 0, pool_size: int = 12_000, cache_dir: str | Path | None = None,
-             progress: bool = True, resume: bool = True) -> Path:
-    """Build ``preset`` (tokenizer from ``data_root``) and pretrain it; returns ``out/model``."""
+             dense_steps: int | None = None, batch_size: int = 32, seed: int = 0, pool_size: int = 12_000,
+             cache_dir: str | Path | None = None, progress: bool = True, resume: bool = True) -> Path:
+    """Build ``preset`` (tokenizer from ``data_root``) and pretrain it: ``dense_steps`` of dense vision
+    pretraining (engine.dense; 0 skips it), then ``steps`` of the grounding curriculum; returns ``out/model``."""
     from ..models.families import IDEFICS3_PRESETS
     from ..models.presets import PRESETS, init_model
     from ..models.prompt import PROMPT_VERSION
@@ -93,6 +94,9 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
         recipe["steps"] = steps
     if lr is not None:
         recipe["lr"] = lr
+    if dense_steps is not None:
+        recipe["dense_steps"] = dense_steps
+    recipe.setdefault("dense_steps", 0)
     out = Path(out)
     key = {"preset": preset, "data": str(Path(data_root).resolve()), "seed": seed, "batch_size": batch_size,
            "pool_size": pool_size, "prompt_version": PROMPT_VERSION, **recipe}
@@ -125,7 +129,19 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
                              open_share=recipe.get("open_share", 0.5), cache_dir=cache_dir or out.parent / "cache")
     from ..models.loading import load_model
 
-    model, processor = load_model(init_dir)
+    start_dir = init_dir
+    if recipe["dense_steps"]:
+        start_dir = out / "dense" / "model"
+        if not (start_dir / "config.json").is_file():
+            from .dense import dense_pretrain
+            from .loop import save_model
+
+            model, processor = load_model(init_dir)
+            dense_pretrain(model, processor, out / "dense", steps=recipe["dense_steps"], batch_size=batch_size,
+                           lr=recipe.get("dense_lr", 1e-3), seed=seed, log=print if progress else (lambda *_: None))
+            save_model(model, processor, start_dir)
+        cfg.model = str(start_dir)
+    model, processor = load_model(start_dir)
     final = train(cfg, source, stage=grounding_stage(processor.tokenizer), model=model, processor=processor,
                   evaluate=grounding_eval(image_size=image_size), resume=resume)
     if not is_main_process():

@@ -25,8 +25,9 @@ from typing import Literal, Sequence
 import torch
 
 from ..data.records import Record
-from ..models.prompt import build_prompt
-from ..models.scoring import answer_distribution, masked_letter_logits
+from ..models.prompt import prompt_with_option_ends
+from ..models.scoring import (answer_distribution, get_readout, kept_positions, masked_letter_logits, option_end_offsets,
+                              option_scores, verdict_token_id)
 
 Aggregate = Literal["logmean", "mean", "vote"]
 AGGREGATES = ("logmean", "mean", "vote")
@@ -180,20 +181,27 @@ def _split_prompt(prompts: list[str], image_token: str) -> int | None:
 
 
 def _prefix_reuse_probs(model, processor, records, images, rows, row_options) -> torch.Tensor | None:
-    """(rows, n_max) letter probabilities with one prefix pass per record; None when the prompts cannot be
-    split on a token boundary (then the caller scores every row in full)."""
+    """(rows, n_max) answer probabilities (in the model's readout) with one prefix pass per record; None when
+    the prompts cannot be split on a token boundary (then the caller scores every row in full)."""
     tokenizer = processor.tokenizer
     image_token = getattr(processor, "image_token", "<image>")
-    prompts = [build_prompt(processor, records[i], opts) for (i, _), opts in zip(rows, row_options)]
+    built = [prompt_with_option_ends(processor, records[i], opts) for (i, _), opts in zip(rows, row_options)]
+    prompts = [p for p, _ in built]
     by_record: dict[int, list[int]] = {}
     for r, (i, _) in enumerate(rows):
         by_record.setdefault(i, []).append(r)
     prefixes: list[str] = [""] * len(records)
     suffixes: list[str] = [""] * len(rows)
+    option_readout = get_readout(model).kind == "option"
     for i, rs in by_record.items():
         cut = _split_prompt([prompts[r] for r in rs], image_token)
         if cut is None:
             return None
+        if option_readout:
+            # every option's end must be in the part run per mapping, even where mappings share a first option:
+            # cut at the start of the first option line at the latest
+            first_line = min(built[r][1][0] - len(f"{records[i].letters[0]}: {row_options[r][0]}") for r in rs)
+            cut = min(cut, first_line)
         prefixes[i] = prompts[rs[0]][:cut]
         for r in rs:
             if prompts[r][:cut] != prefixes[i]:
@@ -237,8 +245,18 @@ def _prefix_reuse_probs(model, processor, records, images, rows, row_options) ->
     start = torch.full((len(rows), 1), p_len, device=device)  # the shared prefix fills positions < P
     positions = (start + s_mask.cumsum(-1) - 1).clamp_min(0)
     attention = torch.cat([prefix_mask, s_mask], dim=1)
+    readout = get_readout(model)
+    counts = [len(o) for o in row_options]
+    if readout.kind == "option":
+        # the suffix is the prompt's tail, so an option's distance from the end is the same as in the full prompt
+        offsets = option_end_offsets(tokenizer, prompts, [e for _, e in built], ids)
+        keep = kept_positions(offsets, s_max)
+        out = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=keep.to(device))
+        scores = option_scores(out.logits, keep, s_max, offsets, verdict_token_id(tokenizer, readout.verdict_token),
+                               max(counts))
+        return torch.softmax(scores, dim=-1)
     out = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
-    letter_logits = masked_letter_logits(out.logits[:, -1, :], tokenizer, [records[i] for i, _ in rows],
-                                         [len(o) for o in row_options])
+    letter_logits = masked_letter_logits(out.logits[:, -1, :], tokenizer, [records[i] for i, _ in rows], counts)
     return torch.softmax(letter_logits, dim=-1)

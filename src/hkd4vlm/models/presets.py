@@ -14,8 +14,11 @@ from ..data.records import TASKS
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<image>", "<bos>", "<eos>"]
 #: always in the vocabulary: option letters, digits, punctuation and the prompt's own words
 BASE_WORDS = list(string.ascii_uppercase) + list(string.digits) + list(".,:;?!'\"()-") + [
-    "Caption", "Context", "Claim", "Answer", "with", "the", "option's", "letter",
+    "Caption", "Context", "Claim", "Answer", "with", "the", "option's", "letter", "Yes",
 ]
+#: tiny presets are trained from scratch, and only the option readout is learnt at their size in
+#: practice (README, "Readouts"); real checkpoints keep the letter readout unless told otherwise
+TINY_READOUT = "option"
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class TinyPreset:
 PRESETS: dict[str, TinyPreset] = {
     "tiny-llava-s": TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=2),
     "tiny-llava-m": TinyPreset(vision_hidden=96, vision_layers=2, text_hidden=128, text_layers=3, heads=4),
-    "tiny-llava-l": TinyPreset(vision_hidden=128, vision_layers=3, text_hidden=192, text_layers=4, heads=4),
+    "tiny-llava-l": TinyPreset(vision_hidden=128, vision_layers=3, text_hidden=192, text_layers=4, heads=4, patch_size=8),
 }
 
 
@@ -105,14 +108,16 @@ def build_tiny_llava(preset: str, texts: list[str], *, seed: int = 0):
     return model, processor
 
 
-def init_model(preset: str, data_root: str | Path, out: str | Path, *, seed: int = 0) -> Path:
+def init_model(preset: str, data_root: str | Path, out: str | Path, *, seed: int = 0, readout: str = TINY_READOUT) -> Path:
     """Build a preset of any family (``families.preset_names()``) with a tokenizer trained on
-    ``data_root`` and save it to ``out``."""
+    ``data_root`` and save it to ``out``, with ``readout`` (models.scoring) in its config."""
     from ..data.synth.grounding import vocabulary_texts
     from .families import build_tiny
+    from .scoring import set_readout
 
     # the tokenizer also covers the grounding curriculum, so that any preset can be pretrained
     model, processor = build_tiny(preset, corpus(data_root) + vocabulary_texts(), seed=seed)
+    set_readout(model, readout)
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)

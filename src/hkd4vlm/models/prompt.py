@@ -38,6 +38,29 @@ def choices_text(record: Record, options: list[str] | None = None) -> str:
 def build_prompt(processor, record: Record, options: list[str] | None = None) -> str:
     """The full prompt string (shared text, image, options), through the processor's chat template when
     it has one; it ends where the answer letter is expected."""
+    return prompt_with_option_ends(processor, record, options)[0]
+
+
+def prompt_with_option_ends(processor, record: Record, options: list[str] | None = None) -> tuple[str, list[int]]:
+    """The prompt and, per option, the character offset just past the option's text in it (the option
+    readout reads there, models.scoring); no offsets for open questions, which show no options."""
+    prompt = _render(processor, record, options)
+    if getattr(record, "open", False):
+        return prompt, []
+    opts = record.options if options is None else options
+    tail = choices_text(record, opts)
+    at = prompt.rfind(tail)
+    if at < 0:  # a chat template that rewrites message text would break the offsets
+        raise ValueError("the processor's chat template changed the options' text; the option readout cannot find them")
+    ends, pos = [], at + len(INSTRUCTION) + 1
+    for letter, text in zip(record.letters[: len(opts)], opts):
+        pos += len(f"{letter}: {text}")
+        ends.append(pos)
+        pos += 1  # the newline between option lines
+    return prompt, ends
+
+
+def _render(processor, record: Record, options: list[str] | None) -> str:
     shared = shared_text(record)
     # open pretraining questions (data.synth.grounding) show no options: the answer is a word
     tail = "" if getattr(record, "open", False) else choices_text(record, options)

@@ -1,0 +1,150 @@
+"""Dense vision pretraining: the vision tower alone, with a target for every patch straight from the renderer
+(the colour, shape and size of the object whose centre falls in the patch, or "none"). One question per
+image gives one gradient per image; a target per patch gives one per image token, which is what gets a
+from-scratch tower past its plateau on shape (README, "Pretraining"). The per-patch heads are thrown away;
+the tower's weights go back into the model, which then takes the question curriculum.
+
+Batches depend only on (seed, step), so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+#: per-patch label sets; the last class of each is "no object centred here"
+DENSE_TARGETS = ("colour", "shape", "size")
+
+
+def _classes():
+    from ..data.synth.scene import COLOURS, SHAPES, SIZES
+
+    return {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}
+
+
+def patch_grid(model) -> int:
+    """Side of the vision tower's patch grid (image_size // patch_size)."""
+    vc = model.config.vision_config
+    return vc.image_size // vc.patch_size
+
+
+def render_batch(rng: random.Random, n: int, image_size: int, grid: int, level_name: str = "medium"):
+    """``n`` fresh scenes resized to ``image_size``: PIL images and per-patch targets, each (n, grid * grid)."""
+    from ..data.synth.levels import LEVELS
+    from ..data.synth.scene import render, sample_scene
+
+    level = LEVELS[level_name]
+    classes = _classes()
+    images, targets = [], {k: np.full((n, grid, grid), len(v)) for k, v in classes.items()}
+    for b in range(n):
+        scene = sample_scene(rng, level)
+        images.append(render(scene, level).resize((image_size, image_size), Image.BICUBIC))
+        for o in scene.objects:
+            i = min(grid - 1, int(o.y / scene.height * grid))
+            j = min(grid - 1, int(o.x / scene.width * grid))
+            targets["colour"][b, i, j] = classes["colour"].index(o.colour)
+            targets["shape"][b, i, j] = classes["shape"].index(o.shape)
+            targets["size"][b, i, j] = classes["size"].index(o.size)
+    return images, {k: torch.tensor(v.reshape(n, -1)) for k, v in targets.items()}
+
+
+class DenseHeads(torch.nn.Module):
+    """One linear classifier per target over every patch feature."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, len(v) + 1) for k, v in _classes().items()})
+
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:  # (B, N, H) -> {name: (B, N, C)}
+        return {k: h(feats) for k, h in self.heads.items()}
+
+
+def patch_features(tower, pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, grid * grid, H) last-layer patch features (a leading CLS token, as CLIP has, is dropped)."""
+    out = tower(pixel_values=pixel_values, output_hidden_states=True)
+    feats = out.hidden_states[-1]
+    if feats.shape[1] == grid * grid + 1:
+        feats = feats[:, 1:]
+    return feats
+
+
+def dense_accuracy(logits: dict, targets: dict) -> dict[str, float]:
+    """Accuracy per target on the patches that hold an object's centre."""
+    occupied = targets["colour"] != len(_classes()["colour"])
+    return {k: float((logits[k].argmax(-1) == targets[k])[occupied].float().mean()) for k in targets}
+
+
+def dense_pretrain(model, processor, out: str | Path, *, steps: int, batch_size: int = 32, lr: float = 1e-3,
+                   seed: int = 0, eval_every: int = 250, save_every: int = 250, n_eval: int = 256,
+                   log=print) -> dict:
+    """Train ``model``'s vision tower in place on per-patch targets; returns the last held-out accuracies.
+
+    Checkpoints (tower, heads, optimizer, step) go to ``out/dense.pt`` and a run resumes from them; the
+    accuracy curve goes to ``out/dense.jsonl``.
+    """
+    from ..models.loading import vision_tower
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tower = vision_tower(model)
+    grid = patch_grid(model)
+    image_size = model.config.vision_config.image_size
+    heads = DenseHeads(model.config.vision_config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = min(200, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps)))))
+    ckpt, curve = out / "dense.pt", out / "dense.jsonl"
+    step = 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        tower.load_state_dict(state["tower"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step = int(state["step"])
+        log(f"dense: resumed at step {step}")
+
+    def pixels(images):
+        return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    eval_images, eval_targets = render_batch(random.Random(f"dense-eval:{seed}"), n_eval, image_size, grid)
+    eval_pixels = pixels(eval_images)
+
+    def evaluate() -> dict:
+        tower.eval()
+        with torch.inference_mode():
+            logits = heads(torch.cat([patch_features(tower, eval_pixels[i: i + 64], grid) for i in range(0, n_eval, 64)]))
+        tower.train()
+        return dense_accuracy(logits, eval_targets)
+
+    tower.train()
+    t0, metrics = time.perf_counter(), {}
+    while step < steps:
+        images, targets = render_batch(random.Random(f"dense:{seed}:{step}"), batch_size, image_size, grid)
+        logits = heads(patch_features(tower, pixels(images), grid))
+        loss = sum(torch.nn.functional.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten()) for k in targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % eval_every == 0 or step == steps:
+            metrics = {"step": step, "loss": float(loss), **evaluate(), "seconds": round(time.perf_counter() - t0, 1)}
+            log(f"dense step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "step"))
+            with curve.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if step % save_every == 0 or step == steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "step": step}, tmp)
+            tmp.replace(ckpt)
+    return metrics or {"step": step, **evaluate()}
