@@ -11,8 +11,9 @@ from hkd4vlm.quickstart import ROWS
 def test_quickstart_writes_results_and_report(tmp_path):
     out = tmp_path / "qs"
     args = ["quickstart", "--out", str(out), "--seeds", "0",
-            "sizes={train: 16, val: 4, test: 4}", "pretrain_steps={teacher: 2, assistant: 2, student: 2}",
-            "pretrain_pool=32", "sft_steps=2", "ppod_steps=2", "tcrd_steps=2", "batch_size=4", "eval_limit=4",
+            "sizes={train: 16, val: 4, test: 4}", "pretrain=true", "pretrain_steps={teacher: 2, assistant: 2, student: 2}",
+            "pretrain_dense_steps={teacher: 2, assistant: 2, student: 0}",
+            "pretrain_pool=32", "sft_steps=2", "ppod_steps=2", "tcrd_steps=2", "batch_size=4",
             "progress=false"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -23,6 +24,7 @@ def test_quickstart_writes_results_and_report(tmp_path):
         assert list(rows) == list(ROWS)
         for r in rows.values():
             assert len(r["accuracy"]) == 1 and 0.0 <= r["accuracy"][0] <= 1.0 and len(r["macro_f1"]) == 1
+            assert r["n"] == [4]  # the whole (toy) test split: eval_limit defaults to none
         assert rows["student_sft"]["params"] < rows["teacher_sft"]["params"] / 5
     report = (out / "report.md").read_text()
     assert "student_hkd_msei" in report and (out / "training_curves.png").is_file()

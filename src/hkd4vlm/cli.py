@@ -11,6 +11,27 @@ import click
 from .data.images import DEFAULT_MAX_PIXELS
 
 
+class ModelPathType(click.ParamType):
+    """A model directory that exists, or a shipped base by name (``zoo:tiny-llava-l``)."""
+
+    name = "model"
+
+    def convert(self, value, param, ctx):
+        from .models.zoo import PREFIX, available, is_zoo
+
+        if is_zoo(value):
+            if str(value)[len(PREFIX):] not in available():
+                self.fail(f"no zoo model {value!r}; shipped: {', '.join(PREFIX + n for n in available()) or 'none'}", param, ctx)
+            return str(value)
+        path = Path(value)
+        if not path.is_dir():
+            self.fail(f"model directory {value!r} does not exist (or use zoo:NAME)", param, ctx)
+        return path
+
+
+MODEL_PATH = ModelPathType()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hkd4vlm")
 def main() -> None:
@@ -150,7 +171,7 @@ def distill(recipe: Path, overrides: tuple) -> None:
 
 
 @main.command("cache-teacher")
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--model", "model_dir", type=MODEL_PATH, required=True)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--task", "tasks", type=click.Choice(["hallucination", "factuality"]), multiple=True)
 @click.option("--split", default="train", show_default=True)
@@ -201,7 +222,7 @@ def pretrain(preset: str, data: Path, out: Path, steps: int | None, lr: float | 
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--model", "model_dir", type=MODEL_PATH, required=True)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--task", type=click.Choice(["hallucination", "factuality"]), required=True)
 @click.option("--split", default="test", show_default=True)
@@ -279,10 +300,10 @@ def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A quickstart run folder: its student, assistant and teacher [default: runs/quickstart when it "
                    "holds a finished run, else untrained tiny presets].")
-@click.option("--models", "model_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--models", "model_dirs", multiple=True, type=MODEL_PATH,
               help="A model folder (repeat it: the first is the student, the last the teacher).")
-@click.option("--student", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
-@click.option("--teacher", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--student", type=MODEL_PATH, default=None)
+@click.option("--teacher", type=MODEL_PATH, default=None)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Dataset root to take the records from [default: the run's data, else a generated synthetic one].")
 @click.option("--quick", is_flag=True, help="A smaller, faster run (noisier figures).")
@@ -333,7 +354,7 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--model", "model_dir", type=MODEL_PATH, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: all interfaces).")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
 @click.option("--shifts", type=click.IntRange(min=1), default=4, show_default=True,

@@ -1,7 +1,8 @@
 """The quickstart: the whole method and its ablation on the synthetic benchmark, on a CPU.
 
-Reads top to bottom: generate the medium benchmark, pretrain the tiny pyramid (cached), tune the
-teacher, then for each seed train the student directly (SFT), by PPOD down the pyramid, by PPOD then
+Reads top to bottom: generate the medium benchmark, take the tiny pyramid's pretrained bases from the
+zoo (or pretrain them, cached, when ``pretrain: true``), tune the teacher, then for each seed train the
+student directly (SFT), by PPOD down the pyramid, by PPOD then
 TCRD, and by PPOD then TCRD with augmentation (the full method); evaluate every model on the test split
 of both tasks, the full method also with mapping-shift inference; write ``results.json`` and
 ``report.md`` (ablation table and training curves).
@@ -28,7 +29,14 @@ class QuickstartConfig(_Strict):
     teacher: str = "tiny-llava-l"
     assistant: str = "tiny-llava-m"
     student: str = "tiny-llava-s"
+    bases: dict[str, str] = Field(
+        default_factory=lambda: {"teacher": "zoo:tiny-llava-l", "assistant": "zoo:tiny-llava-m",
+                                 "student": "zoo:tiny-llava-s"},
+        description="role -> base checkpoint (a zoo name or a folder); used unless pretrain is true")
+    pretrain: bool = Field(default=False, description="pretrain the presets here instead of using the bases")
     pretrain_steps: dict[str, int] = Field(default_factory=lambda: {"teacher": 250, "assistant": 250, "student": 250})
+    pretrain_dense_steps: dict[str, int] | None = Field(default=None, description="role -> dense vision steps "
+                                                                              "(default: the preset's recipe)")
     pretrain_pool: int = Field(default=12_000, ge=16, description="rendered curriculum questions")
     sft_steps: int = Field(default=150, ge=1)
     ppod_steps: int = Field(default=100, ge=1)
@@ -38,7 +46,8 @@ class QuickstartConfig(_Strict):
     augment: dict[str, float] = Field(default_factory=lambda: {
         "permute_options": 0.5, "hflip": 0.5, "photometric": 0.3, "crop_rescale": 0.3, "shuffle_sentences": 0.3,
         "paraphrase": 0.3})
-    eval_limit: int | None = Field(default=300, ge=1, description="score at most this many test records per task")
+    eval_limit: int | None = Field(default=None, ge=1, description="score at most this many test records per task "
+                                                                   "(default: the whole test split)")
     msei_shifts: int | None = None
     progress: bool = True
 
@@ -68,7 +77,7 @@ def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shif
         preds = predict_split(model, processor, read_split(data, task, "test"), limit=limit,
                               spec=MappingSpec(shifts) if msei else None)
         rep = classification_report([p.choice for p in preds], [p.pred_letter for p in preds])
-        out[task] = {"accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"]}
+        out[task] = {"accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"], "n": len(preds)}
     return out
 
 
@@ -93,13 +102,16 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
     if not (data / "stats.json").is_file():
         timed("synth", lambda: generate(data, level=cfg.level, sizes=cfg.sizes, seed=0, baselines=False))
 
-    # 2. the pyramid's base checkpoints (cached by pretrain)
+    # 2. the pyramid's base checkpoints: shipped in the zoo, or pretrained here (cached by pretrain)
     bases = {}
     for role in ("teacher", "assistant", "student"):
         preset = getattr(cfg, role)
+        if not cfg.pretrain:
+            bases[role] = cfg.bases[role]
+            continue
         bases[role] = str(timed(f"pretrain_{role}", lambda: pretrain(
             preset, data, out / "pretrain" / preset, steps=cfg.pretrain_steps[role], batch_size=cfg.batch_size,
-            pool_size=cfg.pretrain_pool, progress=cfg.progress)))
+            dense_steps=(cfg.pretrain_dense_steps or {}).get(role), pool_size=cfg.pretrain_pool, progress=cfg.progress)))
     params = {role: count_parameters(load_model(path)[0]) for role, path in bases.items()}
 
     def recipe(name: str, seed: int, pyramid: list[str], stages: list[dict]) -> dict[int, str]:
@@ -140,6 +152,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
                 "params": params[role],
                 "accuracy": [r[task]["accuracy"] for r in rows[row]],
                 "macro_f1": [r[task]["macro_f1"] for r in rows[row]],
+                "n": [r[task]["n"] for r in rows[row]],
             }
     results["timing_s"] = {"total": time.perf_counter() - t_start, "per_stage": timing}
     out.mkdir(parents=True, exist_ok=True)

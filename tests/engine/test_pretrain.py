@@ -1,5 +1,10 @@
 """Pretraining on the grounding curriculum: runs, is cached, and its loss mixes letters and words."""
 
+import json
+import random
+
+import numpy as np
+import pytest
 import torch
 
 from hkd4vlm.data.synth.grounding import sample_item
@@ -10,12 +15,15 @@ from hkd4vlm.models.scoring import answer_distribution
 
 def test_pretrain_runs_and_is_cached(tmp_path, synth_root):
     out = tmp_path / "pt"
-    final = pretrain("tiny-llava-s", synth_root, out, steps=3, batch_size=4, pool_size=32, progress=False,
-                     cache_dir=tmp_path / "cache")
+    final = pretrain("tiny-llava-s", synth_root, out, steps=3, dense_steps=2, batch_size=4, pool_size=32,
+                     progress=False, cache_dir=tmp_path / "cache")
     assert (final / "config.json").is_file() and list((tmp_path / "cache").glob("grounding-*.npz"))
+    # the dense vision stage ran first and the curriculum started from its weights
+    assert len((out / "dense" / "dense.jsonl").read_text().splitlines()) == 1
+    assert json.loads((final / "pretrain_recipe.json").read_text())["dense_steps"] == 2
     stamp = (final / "model.safetensors").stat().st_mtime_ns
-    again = pretrain("tiny-llava-s", synth_root, out, steps=3, batch_size=4, pool_size=32, progress=False,
-                     cache_dir=tmp_path / "cache")
+    again = pretrain("tiny-llava-s", synth_root, out, steps=3, dense_steps=2, batch_size=4, pool_size=32,
+                     progress=False, cache_dir=tmp_path / "cache")
     assert again == final and (final / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
     model, processor = load_model(final)
     assert model.config.model_type == "llava"
@@ -46,3 +54,50 @@ def test_grounding_stage_uses_letters_or_words(tmp_path, synth_root):
         else:
             per.append(-torch.log_softmax(scores.logits[j], -1)[q.label])
     assert torch.allclose(terms["total"], torch.stack(per).mean(), atol=1e-5)
+
+
+def test_dense_targets_sit_on_the_objects():
+    """Each object's colour label is at the patch holding its centre, and that pixel has the object's colour."""
+    from hkd4vlm.data.synth.scene import COLOURS
+    from hkd4vlm.engine.dense import render_batch
+
+    images, targets = render_batch(random.Random(0), 8, 64, 8)
+    names = list(COLOURS)
+    found = 0
+    for b, image in enumerate(images):
+        px = np.asarray(image).astype(int)
+        for cell in np.flatnonzero(targets["colour"][b].numpy() != len(names)):
+            i, j = divmod(int(cell), 8)
+            colour = np.array(COLOURS[names[int(targets["colour"][b, cell])]])
+            # some pixel of the 8 x 8 patch is (nearly) the labelled colour
+            patch = px[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8].reshape(-1, 3)
+            assert np.abs(patch - colour).sum(-1).min() < 60, (b, cell)
+            found += 1
+    assert found >= 8 * 2  # at least two objects per scene
+
+
+def test_dense_stage_resumes_exactly(tmp_path, synth_root):
+    from hkd4vlm.engine.dense import dense_pretrain
+    from hkd4vlm.models.loading import vision_tower
+    from hkd4vlm.models.presets import init_model
+
+    init = init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=0)
+    straight, proc = load_model(init)
+    dense_pretrain(straight, proc, tmp_path / "a", steps=4, batch_size=4, eval_every=2, save_every=2, n_eval=8,
+                   log=lambda *_: None)
+    first, _ = load_model(init)
+
+    def stop(step):
+        if step == 3:  # killed after step 3, one step past its last checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dense_pretrain(first, proc, tmp_path / "b", steps=4, batch_size=4, eval_every=2, save_every=2, n_eval=8,
+                       log=lambda *_: None, on_step=stop)
+    resumed, _ = load_model(init)  # a fresh process: weights come from the checkpoint
+    dense_pretrain(resumed, proc, tmp_path / "b", steps=4, batch_size=4, eval_every=2, save_every=2, n_eval=8,
+                   log=lambda *_: None)
+    a, b = vision_tower(straight).state_dict(), vision_tower(resumed).state_dict()
+    changed = vision_tower(load_model(init)[0]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], changed[k]) for k in a)  # it did train

@@ -10,6 +10,7 @@ Batches depend only on (seed, step), so a resumed run continues exactly where it
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -82,8 +83,9 @@ def dense_accuracy(logits: dict, targets: dict) -> dict[str, float]:
 
 def dense_pretrain(model, processor, out: str | Path, *, steps: int, batch_size: int = 32, lr: float = 1e-3,
                    seed: int = 0, eval_every: int = 250, save_every: int = 250, n_eval: int = 256,
-                   log=print) -> dict:
+                   log=print, on_step=None) -> dict:
     """Train ``model``'s vision tower in place on per-patch targets; returns the last held-out accuracies.
+    ``on_step(step)`` runs after each step (tests use it to interrupt a run).
 
     Checkpoints (tower, heads, optimizer, step) go to ``out/dense.pt`` and a run resumes from them; the
     accuracy curve goes to ``out/dense.jsonl``.
@@ -95,12 +97,15 @@ def dense_pretrain(model, processor, out: str | Path, *, steps: int, batch_size:
     tower = vision_tower(model)
     grid = patch_grid(model)
     image_size = model.config.vision_config.image_size
-    heads = DenseHeads(model.config.vision_config.hidden_size)
+    with torch.random.fork_rng():  # the heads' init depends on the seed only, not on what ran before
+        torch.manual_seed(seed)
+        heads = DenseHeads(model.config.vision_config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = min(200, steps // 10)
+    # warmup, then cosine to a tenth; plain floats, so that the checkpoint loads with weights_only
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps)))))
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     ckpt, curve = out / "dense.pt", out / "dense.jsonl"
     step = 0
     if ckpt.is_file():
@@ -138,7 +143,7 @@ def dense_pretrain(model, processor, out: str | Path, *, steps: int, batch_size:
         sched.step()
         step += 1
         if step % eval_every == 0 or step == steps:
-            metrics = {"step": step, "loss": float(loss), **evaluate(), "seconds": round(time.perf_counter() - t0, 1)}
+            metrics = {"step": step, "loss": float(loss.detach()), **evaluate(), "seconds": round(time.perf_counter() - t0, 1)}
             log(f"dense step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "step"))
             with curve.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -147,4 +152,6 @@ def dense_pretrain(model, processor, out: str | Path, *, steps: int, batch_size:
             torch.save({"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
                         "sched": sched.state_dict(), "step": step}, tmp)
             tmp.replace(ckpt)
+        if on_step is not None:
+            on_step(step)
     return metrics or {"step": step, **evaluate()}

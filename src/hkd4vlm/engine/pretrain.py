@@ -16,13 +16,40 @@ from .distributed import is_main_process
 from .loop import train
 from .sources import GroundingSource
 
-#: steps and learning rate per preset (see README, "Pretraining", for what was tried)
+#: per preset: dense vision steps, then curriculum steps and learning rate (README, "Pretraining", for what
+#: was tried). The zoo's manifests record the digest of these; a change here means rebuilding the zoo.
 PRETRAIN_RECIPES = {
-    "tiny-llava-s": {"steps": 3000, "lr": 2e-3},
-    "tiny-llava-m": {"steps": 3000, "lr": 2e-3},
-    "tiny-llava-l": {"steps": 4000, "lr": 2e-3},
+    "tiny-llava-s": {"dense_steps": 3000, "steps": 3000, "lr": 2e-3},
+    "tiny-llava-m": {"dense_steps": 3000, "steps": 3000, "lr": 2e-3},
+    "tiny-llava-l": {"dense_steps": 4000, "steps": 4000, "lr": 2e-3},
 }
-DEFAULT_RECIPE = {"steps": 3000, "lr": 1e-3}
+DEFAULT_RECIPE = {"dense_steps": 0, "steps": 3000, "lr": 1e-3}
+
+
+def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None = None, dense_steps: int | None = None,
+                    batch_size: int = 32, seed: int = 0, pool_size: int = 12_000) -> dict:
+    """Everything that decides a pretrained base, given its training data's tokenizer: the preset's
+    architecture, the prompt version, the stages' steps and learning rates, batch, pool and seed."""
+    from dataclasses import asdict
+
+    from ..models.families import IDEFICS3_PRESETS
+    from ..models.presets import PRESETS, TINY_READOUT
+    from ..models.prompt import PROMPT_VERSION
+
+    specs = {**PRESETS, **IDEFICS3_PRESETS}
+    if preset not in specs:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(specs)}")
+    recipe = {**DEFAULT_RECIPE, **PRETRAIN_RECIPES.get(preset, {})}
+    for name, value in (("steps", steps), ("lr", lr), ("dense_steps", dense_steps)):
+        if value is not None:
+            recipe[name] = value
+    return {"preset": preset, "architecture": asdict(specs[preset]), "readout": TINY_READOUT,
+            "prompt_version": PROMPT_VERSION, "batch_size": batch_size, "seed": seed, "pool_size": pool_size, **recipe}
+
+
+def recipe_digest(recipe: dict) -> str:
+    """A short hash of a pretraining recipe (``pretrain_recipe``)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def grounding_stage(tokenizer):
@@ -85,40 +112,29 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
              cache_dir: str | Path | None = None, progress: bool = True, resume: bool = True) -> Path:
     """Build ``preset`` (tokenizer from ``data_root``) and pretrain it: ``dense_steps`` of dense vision
     pretraining (engine.dense; 0 skips it), then ``steps`` of the grounding curriculum; returns ``out/model``."""
-    from ..models.families import IDEFICS3_PRESETS
-    from ..models.presets import PRESETS, init_model
-    from ..models.prompt import PROMPT_VERSION
+    from ..models.presets import init_model
 
-    recipe = dict(PRETRAIN_RECIPES.get(preset, DEFAULT_RECIPE))
-    if steps is not None:
-        recipe["steps"] = steps
-    if lr is not None:
-        recipe["lr"] = lr
-    if dense_steps is not None:
-        recipe["dense_steps"] = dense_steps
-    recipe.setdefault("dense_steps", 0)
+    recipe = pretrain_recipe(preset, steps=steps, lr=lr, dense_steps=dense_steps, batch_size=batch_size, seed=seed,
+                             pool_size=pool_size)
     out = Path(out)
-    key = {"preset": preset, "data": str(Path(data_root).resolve()), "seed": seed, "batch_size": batch_size,
-           "pool_size": pool_size, "prompt_version": PROMPT_VERSION, **recipe}
+    key = {**recipe, "data": str(Path(data_root).resolve())}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     marker = out / "pretrain.json"
     if (out / "model" / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()).get("digest") == digest:
         return out / "model"
     pending = out / "pretrain.pending.json"
     if pending.is_file() and json.loads(pending.read_text()).get("digest") != digest:
-        # an interrupted run with another recipe: its checkpoints must not be resumed
+        # an interrupted run with another recipe: nothing of it may be resumed
         import shutil
 
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for part in ("checkpoints", "dense", "init"):
+            shutil.rmtree(out / part, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    pending.write_text(json.dumps({**key, "digest": digest}, indent=2))
+    pending.write_text(json.dumps({**key, "digest": digest, "recipe_digest": recipe_digest(recipe)}, indent=2))
     init_dir = out / "init"
     if not (init_dir / "config.json").is_file():
         init_model(preset, data_root, init_dir, seed=seed)
-    specs = {**PRESETS, **IDEFICS3_PRESETS}
-    if preset not in specs:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(specs)}")
-    image_size = specs[preset].image_size
+    image_size = recipe["architecture"]["image_size"]
     cfg = TrainConfig(
         model=str(init_dir), out=out, data=DataConfig(root=Path(data_root), eval_split=None),
         optim=OptimConfig(lr=recipe["lr"], warmup_steps=min(200, recipe["steps"] // 10)),
@@ -146,5 +162,6 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
                   evaluate=grounding_eval(image_size=image_size), resume=resume)
     if not is_main_process():
         return final
+    (out / "model" / "pretrain_recipe.json").write_text(json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2))
     pending.replace(marker)
     return final

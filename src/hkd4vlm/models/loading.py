@@ -7,7 +7,9 @@ from pathlib import Path
 
 def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = None, device_map: str | None = None,
                trust_remote_code: bool = False, lora: dict | None = None, freeze_vision: bool = False):
-    """(model, processor) from a local checkpoint directory; safetensors only, no hub access.
+    """(model, processor) from a local checkpoint directory, or a shipped base by name (``zoo:tiny-llava-l``,
+    checked against its manifest; stored in half precision, loaded as float32 unless ``dtype`` says
+    otherwise); safetensors only, no hub access.
 
     ``lora``: keyword arguments of ``peft.LoraConfig`` (e.g. ``{"r": 8, "target_modules": "all-linear"}``).
     ``freeze_vision``: no gradient for the vision tower.
@@ -15,7 +17,11 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = No
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = Path(path)
+    from .zoo import is_zoo, resolve
+
+    if is_zoo(path) and dtype == "auto":
+        dtype = "float32"
+    path = resolve(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json); models load from local paths only")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)

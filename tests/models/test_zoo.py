@@ -1,0 +1,103 @@
+"""The model zoo: every shipped base matches its manifest and the code's recipe, its recipe runs, and the
+mechanics (publish, load by name, refuse a changed file) on a zoo of our own."""
+
+import json
+
+import pytest
+import torch
+
+from hkd4vlm.engine.pretrain import pretrain, pretrain_recipe, recipe_digest
+from hkd4vlm.models import zoo
+from hkd4vlm.models.loading import load_model
+from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.scoring import answer_distribution, get_readout
+
+SHIPPED = zoo.available()
+#: the bases the quickstart starts from must be shipped
+PYRAMID = ["tiny-llava-l", "tiny-llava-m", "tiny-llava-s"]
+
+
+def test_the_quickstart_pyramid_is_shipped():
+    from hkd4vlm.quickstart import QuickstartConfig
+
+    assert sorted(QuickstartConfig().bases.values()) == sorted(f"zoo:{n}" for n in PYRAMID)
+    assert set(PYRAMID) <= set(SHIPPED), f"missing from {zoo.ZOO_DIR}: {sorted(set(PYRAMID) - set(SHIPPED))}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_base_matches_its_manifest_and_the_code(name):
+    assert zoo.verify(name) == []
+    m = zoo.read_manifest(name)
+    rec = m["recipe"]
+    code = pretrain_recipe(rec["preset"], batch_size=rec["batch_size"], seed=rec["seed"], pool_size=rec["pool_size"])
+    assert m["recipe_digest"] == recipe_digest(code) == recipe_digest(rec), (
+        "the code's pretraining recipe changed since this base was trained: rebuild it (README, 'Model zoo')")
+    assert m["readout"] == code["readout"] and len(m["code_commit"]) == 40
+    assert m["held_out"]["accuracy"] > 0.25 and all(k.startswith("accuracy") for k in m["held_out"])
+    assert sum(f.stat().st_size for f in (zoo.ZOO_DIR / name).rglob("*")) < 20 * 2**20  # the zoo stays small
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_runs(name, synth_root, tmp_path):
+    rec = zoo.read_manifest(name)["recipe"]
+    final = pretrain(rec["preset"], synth_root, tmp_path / "pt", steps=2, dense_steps=2, batch_size=4, pool_size=32,
+                     seed=rec["seed"], progress=False, cache_dir=tmp_path / "cache")
+    written = json.loads((final / "pretrain_recipe.json").read_text())
+    assert {k: v for k, v in written.items() if k not in ("steps", "dense_steps", "batch_size", "pool_size", "recipe_digest")} == {
+        k: v for k, v in rec.items() if k not in ("steps", "dense_steps", "batch_size", "pool_size")}
+
+
+@pytest.fixture
+def own_zoo(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path / "zoo")
+    return tmp_path / "zoo"
+
+
+def test_publish_then_load_by_name(own_zoo, synth_root, tmp_path, batch, sharpen):
+    src = init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=4)
+    model, processor = load_model(src)
+    sharpen(model, 4)
+    model.save_pretrained(src)
+    folder = zoo.publish(src, "mine", manifest={"recipe": {"preset": "tiny-llava-s"}, "code_commit": "c" * 40})
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["dtype"] == "float16" and m["readout"] == "option" and "model.safetensors" in m["files"]
+    assert zoo.available() == ["mine"] and zoo.verify("mine") == []
+    loaded, proc = load_model("zoo:mine")
+    assert next(loaded.parameters()).dtype == torch.float32 and get_readout(loaded).kind == "option"
+    records, images = batch
+    with torch.inference_mode():
+        want = answer_distribution(model.eval(), processor, records, images).probs
+        got = answer_distribution(loaded.eval(), proc, records, images).probs
+    assert torch.allclose(got, want, atol=2e-2)  # half-precision storage
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_a_changed_or_missing_zoo_file_is_refused(own_zoo, synth_root, tmp_path):
+    src = init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=5)
+    folder = zoo.publish(src, "mine", manifest={"recipe": {}})
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(zoo.ZooError, match="model.safetensors: sha256 differs"):
+        load_model("zoo:mine")
+    (folder / "stray.bin").write_bytes(b"x")
+    assert any("not listed" in p for p in zoo.verify("mine"))
+    with pytest.raises(zoo.ZooError, match="no zoo model 'other'"):
+        load_model("zoo:other")
+
+
+def test_cli_accepts_zoo_names_and_rejects_unknown_ones(own_zoo, synth_root, tmp_path):
+    from click.testing import CliRunner
+
+    from hkd4vlm.cli import main
+
+    res = CliRunner().invoke(main, ["predict", "--model", "zoo:nothing-here", "--data", str(synth_root), "--task",
+                                    "factuality", "--out", str(tmp_path / "p.jsonl")])
+    assert res.exit_code == 2 and "no zoo model 'zoo:nothing-here'" in res.output
+    zoo.publish(init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=6), "mine", manifest={"recipe": {}})
+    res = CliRunner().invoke(main, ["predict", "--model", "zoo:mine", "--data", str(synth_root), "--task",
+                                    "factuality", "--out", str(tmp_path / "p.jsonl"), "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
