@@ -23,7 +23,7 @@ PRETRAIN_RECIPES = {
     "tiny-llava-m": {"dense_steps": 3000, "steps": 3000, "lr": 2e-3},
     "tiny-llava-l": {"dense_steps": 4000, "steps": 4000, "lr": 2e-3},
 }
-DEFAULT_RECIPE = {"dense_steps": 0, "steps": 3000, "lr": 1e-3}
+DEFAULT_RECIPE = {"dense_steps": 0, "steps": 3000, "lr": 1e-3, "freeze_vision": True}
 
 
 def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None = None, dense_steps: int | None = None,
@@ -157,7 +157,9 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
                            lr=recipe.get("dense_lr", 1e-3), seed=seed, log=print if progress else (lambda *_: None))
             save_model(model, processor, start_dir)
         cfg.model = str(start_dir)
-    model, processor = load_model(start_dir)
+        # the curriculum's fresh projector and language model must not wash out what the tower learnt
+        cfg.freeze_vision = bool(recipe["freeze_vision"])
+    model, processor = load_model(start_dir, freeze_vision=cfg.freeze_vision)
     final = train(cfg, source, stage=grounding_stage(processor.tokenizer), model=model, processor=processor,
                   evaluate=grounding_eval(image_size=image_size), resume=resume)
     if not is_main_process():
