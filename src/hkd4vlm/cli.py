@@ -199,7 +199,9 @@ def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Pa
 
 
 @main.command()
-@click.option("--preset", required=True, help="Tiny preset to build and pretrain (e.g. tiny-llava-l).")
+@click.option("--preset", default=None, help="Tiny preset to build and pretrain (e.g. tiny-llava-l).")
+@click.option("--like", default=None, metavar="zoo:NAME",
+              help="Reproduce a shipped base: its preset and recorded recipe (steps, lr, batch, pool, seed).")
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Dataset root whose text trains the tokenizer (its images are not used).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -211,14 +213,51 @@ def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Pa
 @click.option("--pool-size", type=click.IntRange(min=16), default=12_000, show_default=True,
               help="Rendered curriculum questions (cached next to --out).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def pretrain(preset: str, data: Path, out: Path, steps: int | None, lr: float | None, dense_steps: int | None,
-             batch_size: int, pool_size: int, seed: int) -> None:
+def pretrain(preset: str | None, like: str | None, data: Path, out: Path, steps: int | None, lr: float | None,
+             dense_steps: int | None, batch_size: int, pool_size: int, seed: int) -> None:
     """Pretrain a from-scratch preset (dense vision stage, then the grounding curriculum); cached, resumable."""
     from .engine.pretrain import pretrain as run
 
+    if like is not None:
+        from .models import zoo as model_zoo
+
+        if not model_zoo.is_zoo(like):
+            raise click.BadParameter(f"expected zoo:NAME, got {like!r}", param_hint="--like")
+        rec = model_zoo.read_manifest(like[len(model_zoo.PREFIX):])["recipe"]
+        preset, batch_size, pool_size, seed = rec["preset"], rec["batch_size"], rec["pool_size"], rec["seed"]
+        steps, lr, dense_steps = steps or rec["steps"], lr or rec["lr"], rec["dense_steps"] if dense_steps is None else dense_steps
+    if preset is None:
+        raise click.UsageError("give --preset or --like zoo:NAME")
     final = run(preset, data, out, steps=steps, lr=lr, dense_steps=dense_steps, batch_size=batch_size,
                 pool_size=pool_size, seed=seed)
     click.echo(f"base checkpoint: {final}")
+
+
+@main.group()
+def zoo() -> None:
+    """The shipped pretrained bases (load them anywhere a model is accepted as zoo:NAME)."""
+
+
+@zoo.command("list")
+def zoo_list() -> None:
+    """Each shipped base, its preset, steps and held-out accuracy."""
+    from .models import zoo as model_zoo
+
+    for name in model_zoo.available():
+        m = model_zoo.read_manifest(name)
+        acc = m.get("held_out", {}).get("accuracy")
+        click.echo(f"zoo:{name}  preset {m.get('preset')}  steps {m.get('steps')}  held-out accuracy "
+                   f"{'n/a' if acc is None else f'{acc:.3f}'}  recipe {m.get('recipe_digest')}")
+
+
+@zoo.command("publish")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Zoo name (default: the preset's).")
+def zoo_publish(run: Path, name: str | None) -> None:
+    """Publish a finished `hkd4vlm pretrain` run folder into the zoo (replacing a base of the same name)."""
+    from .engine.pretrain import publish_base
+
+    click.echo(f"published {publish_base(run, name)}")
 
 
 @main.command()

@@ -1,6 +1,7 @@
 """Pretraining on the grounding curriculum: runs, is cached, and its loss mixes letters and words."""
 
 import json
+import math
 import random
 
 import numpy as np
@@ -101,3 +102,42 @@ def test_dense_stage_resumes_exactly(tmp_path, synth_root):
     changed = vision_tower(load_model(init)[0]).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], changed[k]) for k in a)  # it did train
+
+
+def test_dense_word_term_against_a_hand_computation(tmp_path, synth_root):
+    """At each image token whose patch holds an object's centre, -1/3 (log p(colour) + log p(shape) +
+    log p(size)) under the output head; patches without an object add nothing."""
+    from hkd4vlm.data.synth.levels import LEVELS
+    from hkd4vlm.data.synth.scene import COLOURS, SHAPES, SIZES, render
+    from hkd4vlm.engine.dense import patch_targets
+    from hkd4vlm.models.presets import init_model
+
+    model, processor = load_model(init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=3))
+    grid = math.isqrt(model.config.image_seq_length)
+    qs, images = [], []
+    for i in range(3):
+        scene, q = sample_item(f"d:{i}", 1.0, open_share=0.5)
+        q.patches = patch_targets(scene, grid)
+        qs.append(q)
+        images.append(render(scene, LEVELS["medium"]))
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    stage = grounding_stage(tok, head=model.get_output_embeddings(), image_token_id=image_id, dense_weight=0.5)
+    plain = grounding_stage(tok)
+    scores = answer_distribution(model, processor, qs, images)
+    terms, base = stage(scores, qs), plain(scores, qs)
+    assert torch.allclose(terms["total"], base["total"] + 0.5 * terms["dense_words"])
+
+    word = {w: tok.encode(f" {w}", add_special_tokens=False)[0] for w in list(COLOURS) + list(SHAPES) + list(SIZES)}
+    per = []
+    for b, q in enumerate(qs):
+        ids = scores.input_ids[b].tolist()
+        image_positions = [t for t, x in enumerate(ids) if x == image_id]
+        assert len(image_positions) == grid * grid
+        logp = torch.log_softmax(model.get_output_embeddings()(scores.last_hidden[b, image_positions]), -1)
+        for cell, (c, s, z) in enumerate(q.patches):
+            if c == len(COLOURS):
+                continue
+            per += [logp[cell, word[list(COLOURS)[c]]], logp[cell, word[SHAPES[s]]], logp[cell, word[SIZES[z]]]]
+    assert len(per) >= 3 * 3
+    assert torch.allclose(terms["dense_words"], -torch.stack(per).mean(), atol=1e-5)

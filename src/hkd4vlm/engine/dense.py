@@ -35,24 +35,32 @@ def patch_grid(model) -> int:
     return vc.image_size // vc.patch_size
 
 
+def patch_targets(scene, grid: int) -> np.ndarray:
+    """(grid * grid, 3) class indices (colour, shape, size) of the object centred in each patch, or each set's
+    "none" index (its size) where no object's centre falls."""
+    classes = _classes()
+    out = np.array([[len(classes[k]) for k in DENSE_TARGETS]] * (grid * grid))
+    for o in scene.objects:
+        i = min(grid - 1, int(o.y / scene.height * grid))
+        j = min(grid - 1, int(o.x / scene.width * grid))
+        out[i * grid + j] = [classes["colour"].index(o.colour), classes["shape"].index(o.shape),
+                             classes["size"].index(o.size)]
+    return out
+
+
 def render_batch(rng: random.Random, n: int, image_size: int, grid: int, level_name: str = "medium"):
     """``n`` fresh scenes resized to ``image_size``: PIL images and per-patch targets, each (n, grid * grid)."""
     from ..data.synth.levels import LEVELS
     from ..data.synth.scene import render, sample_scene
 
     level = LEVELS[level_name]
-    classes = _classes()
-    images, targets = [], {k: np.full((n, grid, grid), len(v)) for k, v in classes.items()}
-    for b in range(n):
+    images, targets = [], []
+    for _ in range(n):
         scene = sample_scene(rng, level)
         images.append(render(scene, level).resize((image_size, image_size), Image.BICUBIC))
-        for o in scene.objects:
-            i = min(grid - 1, int(o.y / scene.height * grid))
-            j = min(grid - 1, int(o.x / scene.width * grid))
-            targets["colour"][b, i, j] = classes["colour"].index(o.colour)
-            targets["shape"][b, i, j] = classes["shape"].index(o.shape)
-            targets["size"][b, i, j] = classes["size"].index(o.size)
-    return images, {k: torch.tensor(v.reshape(n, -1)) for k, v in targets.items()}
+        targets.append(patch_targets(scene, grid))
+    stacked = torch.tensor(np.stack(targets))  # (n, grid * grid, 3)
+    return images, {k: stacked[..., i] for i, k in enumerate(DENSE_TARGETS)}
 
 
 class DenseHeads(torch.nn.Module):

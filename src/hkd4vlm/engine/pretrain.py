@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import DataConfig, OptimConfig, TrainConfig
@@ -23,7 +25,7 @@ PRETRAIN_RECIPES = {
     "tiny-llava-m": {"dense_steps": 3000, "steps": 3000, "lr": 2e-3},
     "tiny-llava-l": {"dense_steps": 4000, "steps": 4000, "lr": 2e-3},
 }
-DEFAULT_RECIPE = {"dense_steps": 0, "steps": 3000, "lr": 1e-3, "freeze_vision": True}
+DEFAULT_RECIPE = {"dense_steps": 0, "steps": 3000, "lr": 1e-3, "freeze_vision": True, "dense_word_weight": 1.0}
 
 
 def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None = None, dense_steps: int | None = None,
@@ -52,15 +54,27 @@ def recipe_digest(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def grounding_stage(tokenizer):
-    """Loss of the curriculum: cross-entropy over the option letters for multiple-choice questions and
-    over the whole vocabulary (the answer's first token) for open ones."""
+def grounding_stage(tokenizer, *, head=None, image_token_id: int | None = None, dense_weight: float = 0.0):
+    """Loss of the curriculum: cross-entropy over the options for multiple-choice questions and over the
+    whole vocabulary (the answer's first token) for open ones; with ``dense_weight`` > 0, also a dense
+    term through the language model: at every image token whose patch holds an object's centre, the
+    output head (``head``, the model's output embedding) should put a third of its mass on each of the
+    words for that object's colour, shape and size. It ties what the image tokens carry to the words the
+    options are written in, with a target per object at every step (one question gives one per image)."""
     cache: dict[str, int] = {}
 
     def first_token(text: str) -> int:
         if text not in cache:
             cache[text] = tokenizer.encode(f" {text}", add_special_tokens=False)[0]
         return cache[text]
+
+    word_ids = None
+    if dense_weight:
+        from .dense import DENSE_TARGETS, _classes
+
+        classes = _classes()
+        # (3, n_classes + 1) vocabulary id of each class word; the "none" column is never used as a target
+        word_ids = [torch.tensor([first_token(w) for w in classes[k]] + [0]) for k in DENSE_TARGETS]
 
     def stage(scores, items, *, temperature: float = 1.0, **_) -> dict[str, torch.Tensor]:
         device = scores.logits.device
@@ -70,13 +84,35 @@ def grounding_stage(tokenizer):
         ce_mc = torch.nn.functional.cross_entropy(scores.logits, letters, reduction="none")  # (B,)
         ce_open = torch.nn.functional.cross_entropy(scores.vocab_logits.float(), words, reduction="none")  # (B,)
         zero = scores.logits.sum() * 0
-        return {
+        terms = {
             "total": torch.where(is_open, ce_open, ce_mc).mean(),
             "ce_choice": ce_mc[~is_open].mean() if (~is_open).any() else zero,
             "ce_open": ce_open[is_open].mean() if is_open.any() else zero,
         }
+        if dense_weight:
+            terms["dense_words"] = _dense_word_loss(scores, items, head, image_token_id, word_ids)
+            terms["total"] = terms["total"] + dense_weight * terms["dense_words"]
+        return terms
 
     return stage
+
+
+def _dense_word_loss(scores, items, head, image_token_id: int, word_ids: list[torch.Tensor]) -> torch.Tensor:
+    """Mean soft cross-entropy of the head's word distribution at object-centre image tokens."""
+    patches = torch.as_tensor(np.stack([q.patches for q in items])).long()  # (B, N, 3) class per patch
+    positions = scores.input_ids == image_token_id  # (B, T): exactly N image tokens per row, in patch order
+    n = patches.shape[1]
+    if not bool((positions.sum(-1) == n).all()):
+        raise ValueError(f"dense word targets: expected {n} image tokens per prompt, got {positions.sum(-1).tolist()}")
+    feats = scores.last_hidden[positions].view(len(items), n, -1)  # (B, N, H)
+    occupied = patches[..., 0] != len(word_ids[0]) - 1  # (B, N)
+    if not occupied.any():
+        return scores.logits.sum() * 0
+    logp = torch.log_softmax(head(feats[occupied.to(feats.device)]).float(), dim=-1)  # (M, V)
+    targets = patches[occupied]  # (M, 3)
+    picked = torch.stack([logp.gather(1, word_ids[k][targets[:, k]].to(logp.device)[:, None])[:, 0]
+                          for k in range(len(word_ids))], dim=-1)  # (M, 3)
+    return -picked.mean()
 
 
 def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
@@ -141,8 +177,6 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
         steps=recipe["steps"], batch_size=batch_size, seed=seed, save_every=max(1, recipe["steps"] // 6),
         log_every=10, progress=progress, eval_every=max(1, recipe["steps"] // 8),
     )
-    source = GroundingSource(pool_size, recipe["steps"] * batch_size, image_size, seed=seed,
-                             open_share=recipe.get("open_share", 0.5), cache_dir=cache_dir or out.parent / "cache")
     from ..models.loading import load_model
 
     start_dir = init_dir
@@ -160,10 +194,45 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
         # the curriculum's fresh projector and language model must not wash out what the tower learnt
         cfg.freeze_vision = bool(recipe["freeze_vision"])
     model, processor = load_model(start_dir, freeze_vision=cfg.freeze_vision)
-    final = train(cfg, source, stage=grounding_stage(processor.tokenizer), model=model, processor=processor,
+    # the image tokens the language model sees form a square grid (Idefics3 merges 2 x 2 patches into one)
+    grid = math.isqrt(getattr(processor, "image_seq_len", None) or model.config.image_seq_length)
+    source = GroundingSource(pool_size, recipe["steps"] * batch_size, image_size, seed=seed, grid=grid,
+                             open_share=recipe.get("open_share", 0.5), cache_dir=cache_dir or out.parent / "cache")
+    stage = grounding_stage(processor.tokenizer, head=model.get_output_embeddings(),
+                            image_token_id=processor.tokenizer.convert_tokens_to_ids(processor.image_token),
+                            dense_weight=recipe["dense_word_weight"])
+    final = train(cfg, source, stage=stage, model=model, processor=processor,
                   evaluate=grounding_eval(image_size=image_size), resume=resume)
     if not is_main_process():
         return final
     (out / "model" / "pretrain_recipe.json").write_text(json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2))
     pending.replace(marker)
     return final
+
+
+def publish_base(run: str | Path, name: str | None = None) -> Path:
+    """Publish a finished pretraining run folder (``pretrain``'s ``out``) into the model zoo: its model in
+    half precision and a manifest with the recipe and its digest, the steps, and the held-out accuracy per
+    question kind (the curriculum's six-object questions, and the dense stage's per-patch colour, shape
+    and size)."""
+    from ..models import zoo
+
+    run = Path(run)
+    marker = run / "pretrain.json"
+    if not marker.is_file():
+        raise FileNotFoundError(f"{run} holds no finished pretraining run (no pretrain.json)")
+    key = json.loads(marker.read_text())
+    recipe = {k: v for k, v in key.items() if k not in ("data", "digest", "recipe_digest")}
+    held_out = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+    dense = run / "dense" / "dense.jsonl"
+    if dense.is_file():
+        last = json.loads(dense.read_text().splitlines()[-1])
+        held_out.update({f"accuracy_patch_{k}": last[k] for k in ("colour", "shape", "size") if k in last})
+    manifest = {
+        "preset": recipe["preset"], "recipe": recipe, "recipe_digest": recipe_digest(recipe),
+        "steps": {"dense": recipe.get("dense_steps", 0), "curriculum": recipe["steps"]},
+        "held_out": held_out,
+        "tokenizer_data": "the text of the dataset given to `hkd4vlm pretrain --data` (the medium benchmark, "
+                          "`hkd4vlm synth --seed 0`, 4,000 / 500 / 1,000 records) and the curriculum's words",
+    }
+    return zoo.publish(run / "model", name or recipe["preset"], manifest=manifest)

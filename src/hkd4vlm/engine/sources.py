@@ -62,25 +62,25 @@ class GroundingSource:
     cached on disk (images at the model's input size) and shared between presets."""
 
     def __init__(self, pool_size: int, draws: int, image_size: int, *, level: str = "medium", seed: int = 0,
-                 open_share: float = 0.5, cache_dir: str | Path | None = None, ramp: float = 0.7):
+                 open_share: float = 0.5, cache_dir: str | Path | None = None, ramp: float = 0.7, grid: int = 8):
         from ..data.synth.grounding import GroundingQuestion
 
         self.draws, self.seed, self.ramp = draws, seed, ramp
         cache = None
         if cache_dir is not None:
-            cache = Path(cache_dir) / f"grounding-v2-{level}-n{pool_size}-s{seed}-px{image_size}-o{open_share}.npz"
+            cache = Path(cache_dir) / f"grounding-v3-{level}-n{pool_size}-s{seed}-px{image_size}-g{grid}-o{open_share}.npz"
         if cache is not None and cache.is_file():
             data = np.load(cache)
-            self.images = data["images"]
+            self.images, self.patches = data["images"], data["patches"]
             self.questions = [GroundingQuestion(**q) for q in json.loads(str(data["questions"]))]
         else:
-            self.images, self.questions = _render_pool(pool_size, image_size, level, seed, open_share)
+            self.images, self.patches, self.questions = _render_pool(pool_size, image_size, level, seed, open_share, grid)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(".tmp.npz")
                 qs = [{"question": q.question, "options": q.options, "label": q.label, "kind": q.kind,
                        "context": q.context, "open": q.open} for q in self.questions]
-                np.savez(tmp, images=self.images, questions=json.dumps(qs))
+                np.savez(tmp, images=self.images, patches=self.patches, questions=json.dumps(qs))
                 tmp.replace(cache)
 
     def __len__(self) -> int:
@@ -97,18 +97,23 @@ class GroundingSource:
         return out
 
     def get(self, index: int, epoch: int = 0):
-        return self.questions[index], Image.fromarray(self.images[index])
+        q = self.questions[index]
+        q.patches = self.patches[index]  # (grid * grid, 3) colour / shape / size class per patch (engine.dense)
+        return q, Image.fromarray(self.images[index])
 
 
-def _render_pool(n: int, image_size: int, level: str, seed: int, open_share: float):
+def _render_pool(n: int, image_size: int, level: str, seed: int, open_share: float, grid: int):
     from ..data.synth.grounding import sample_item
     from ..data.synth.levels import LEVELS
     from ..data.synth.scene import render
+    from .dense import patch_targets
 
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    patches = np.empty((n, grid * grid, 3), dtype=np.int16)
     questions = []
     for i in range(n):
         scene, q = sample_item(f"grounding:{seed}:{i}", i / n, LEVELS[level], open_share=open_share)
         images[i] = np.asarray(render(scene, LEVELS[level]).resize((image_size, image_size), Image.BICUBIC))
+        patches[i] = patch_targets(scene, grid)
         questions.append(q)
-    return images, questions
+    return images, patches, questions

@@ -116,6 +116,8 @@ class AnswerScores:
     logits: torch.Tensor  # (B, n_options) letter logits (letter readout) or option scores (option readout)
     hidden: torch.Tensor  # (B, H) per-record feature: answer-position hidden state, or the option ends' mean
     vocab_logits: torch.Tensor | None = None  # (B, V) all logits at the answer position
+    last_hidden: torch.Tensor | None = None  # (B, T, H) last-layer hidden states of the whole prompt
+    input_ids: torch.Tensor | None = None  # (B, T) the prompt's tokens (image placeholders expanded)
 
 
 def encode(processor, records: list[Record], images: list, options: list[list[str]] | None = None) -> dict:
@@ -204,7 +206,8 @@ def answer_distribution(model, processor, records: list[Record], images: list, *
         letter_logits = masked_letter_logits(last, processor.tokenizer, records, counts)
         probs = torch.softmax(letter_logits / temperature, dim=-1)
         hidden = out.hidden_states[-1][:, -1, :]  # (B, H)
-        return AnswerScores(probs=probs, logits=letter_logits, hidden=hidden, vocab_logits=last)
+        return AnswerScores(probs=probs, logits=letter_logits, hidden=hidden, vocab_logits=last,
+                            last_hidden=out.hidden_states[-1], input_ids=batch["input_ids"])
     seq_len = batch["input_ids"].shape[1]
     offsets = option_end_offsets(processor.tokenizer, prompts, ends, batch["input_ids"])
     positions = kept_positions(offsets, seq_len)
@@ -216,4 +219,5 @@ def answer_distribution(model, processor, records: list[Record], images: list, *
     hidden = torch.stack([
         last_hidden[b, [seq_len - 1 - d for d in ds]].mean(0) if ds else last_hidden[b, -1]
         for b, ds in enumerate(offsets)])  # (B, H)
-    return AnswerScores(probs=probs, logits=scores, hidden=hidden, vocab_logits=out.logits[:, -1, :])
+    return AnswerScores(probs=probs, logits=scores, hidden=hidden, vocab_logits=out.logits[:, -1, :],
+                        last_hidden=last_hidden, input_ids=batch["input_ids"])
