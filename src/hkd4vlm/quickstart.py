@@ -43,6 +43,7 @@ class QuickstartConfig(_Strict):
     tcrd_steps: int = Field(default=50, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    freeze_vision: bool = Field(default=True, description="keep the bases' pretrained vision towers fixed in every stage")
     augment: dict[str, float] = Field(default_factory=lambda: {
         "permute_options": 0.5, "hflip": 0.5, "photometric": 0.3, "crop_rescale": 0.3, "shuffle_sentences": 0.3,
         "paraphrase": 0.3})
@@ -124,7 +125,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
     def stage(kind: str, level: int, steps: int, augment: bool, **extra) -> dict:
         return {"kind": kind, "level": level, "steps": steps, "batch_size": cfg.batch_size,
                 "optim": {"lr": cfg.lr, "warmup_steps": min(100, steps // 10)},
-                "augment": cfg.augment if augment else {}, **extra}
+                "augment": cfg.augment if augment else {}, "freeze_vision": cfg.freeze_vision, **extra}
 
     results: dict = {"commit": _commit(), "seeds": seeds, "tasks": {t: {"rows": {}} for t in ("hallucination", "factuality")}}
     rows: dict[str, list[dict]] = {r: [] for r in ROWS}

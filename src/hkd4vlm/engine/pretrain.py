@@ -23,7 +23,7 @@ from .sources import GroundingSource
 PRETRAIN_RECIPES = {
     "tiny-llava-s": {"dense_steps": 3000, "steps": 3000, "lr": 2e-3},
     "tiny-llava-m": {"dense_steps": 3000, "steps": 3000, "lr": 2e-3},
-    "tiny-llava-l": {"dense_steps": 4000, "steps": 4000, "lr": 2e-3},
+    "tiny-llava-l": {"dense_steps": 4000, "steps": 2000, "lr": 2e-3},
 }
 DEFAULT_RECIPE = {"dense_steps": 0, "steps": 3000, "lr": 1e-3, "freeze_vision": True, "dense_word_weight": 1.0}
 
