@@ -194,6 +194,9 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
         # the curriculum's fresh projector and language model must not wash out what the tower learnt
         cfg.freeze_vision = bool(recipe["freeze_vision"])
     model, processor = load_model(start_dir, freeze_vision=cfg.freeze_vision)
+    from ..models.scoring import set_readout
+
+    set_readout(model, recipe["readout"])  # the recipe's readout, whatever an earlier init on disk was saved with
     # the image tokens the language model sees form a square grid (Idefics3 merges 2 x 2 patches into one)
     grid = math.isqrt(getattr(processor, "image_seq_len", None) or model.config.image_seq_length)
     source = GroundingSource(pool_size, recipe["steps"] * batch_size, image_size, seed=seed, grid=grid,
@@ -232,6 +235,9 @@ def publish_base(run: str | Path, name: str | None = None) -> Path:
         "preset": recipe["preset"], "recipe": recipe, "recipe_digest": recipe_digest(recipe),
         "steps": {"dense": recipe.get("dense_steps", 0), "curriculum": recipe["steps"]},
         "held_out": held_out,
+        "held_out_about": "accuracy*: 512 held-out four-option curriculum questions about six objects of the "
+                          "benchmark's size (chance 0.25); accuracy_patch_*: the dense stage's per-patch "
+                          "accuracy at object centres on 256 fresh medium scenes",
         "tokenizer_data": "the text of the dataset given to `hkd4vlm pretrain --data` (the medium benchmark, "
                           "`hkd4vlm synth --seed 0`, 4,000 / 500 / 1,000 records) and the curriculum's words",
     }
