@@ -14,7 +14,11 @@ from hkd4vlm.models.presets import init_model
 @pytest.fixture(scope="module")
 def pyramid(synth_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("pyr")
-    return [str(init_model(p, synth_root, root / p, seed=s))
+    # the letter readout: the two-process test holds Adam's steps to a fraction of lr, which assumes no
+    # gradient element near 0 (Adam moves those by ~lr whatever their sign); the option readout has some
+    # at init (a key bias's gradient is round-off only). Its gradients are checked to be split-invariant
+    # directly in tests/models/test_readout.py; the stages read either readout the same way.
+    return [str(init_model(p, synth_root, root / p, seed=s, readout="letter"))
             for p, s in (("tiny-llava-m", 1), ("tiny-idefics3-s", 2), ("tiny-llava-s", 3))]
 
 
@@ -128,8 +132,13 @@ def test_two_processes_match_one_with_mutual_teacher_and_projector(pyramid, synt
     for rel in (f"{s0}/model/model.safetensors", f"{s0}/mutual_teacher/model.safetensors", f"{s1}/model/model.safetensors"):
         a, b = load_file(tmp_path / "one" / rel), load_file(tmp_path / "two" / rel)
         assert a.keys() == b.keys()
-        worst = max((a[k] - b[k]).abs().max().item() for k in a)
-        assert worst <= 2e-4, f"{rel}: largest difference {worst:.3g}"
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        # Adam moves an element whose gradient is ~0 by ~lr whatever the sign of its round-off, so a few
+        # isolated elements may differ by up to 2 lr; a wrong average or a wrong batch moves most of them
+        # (one such element in 209,408 after the LLaVA presets moved to 8 px patches)
+        outliers = int((diff > 2e-4).sum())
+        assert outliers <= 4 and diff.max() <= 2 * 1e-2, f"{rel}: {outliers} elements differ by more than 2e-4"
+        assert diff.mean() <= 1e-6, f"{rel}: mean difference {diff.mean():.3g}"
     pa = torch.load(tmp_path / "one" / s1 / "projector.pt")
     pb = torch.load(tmp_path / "two" / s1 / "projector.pt")
     pa, pb = (p.state_dict() if hasattr(p, "state_dict") else p for p in (pa, pb))
