@@ -161,8 +161,8 @@ def kept_positions(offsets: list[list[int]], seq_len: int) -> torch.Tensor:
 def option_scores(kept: torch.Tensor, positions: torch.Tensor, seq_len: int, offsets: list[list[int]], verdict_id: int,
                   n: int) -> torch.Tensor:
     """(B, n) verdict-token logits at each option's end from ``kept`` (B, K, V), the logits at ``positions``
-    (K,); a row's options beyond its own count (and every option of an open question) get ``MASKED``,
-    except that an open question's row is all zeros (nothing to read; its loss does not use it)."""
+    (K,); a row's options beyond its own count get ``MASKED``; an open question (no options shown) gets a
+    row of zeros (nothing to read; its loss does not use it)."""
     col = {int(p): j for j, p in enumerate(positions.tolist())}
     verdict = kept[:, :, verdict_id].float()  # (B, K)
     rows = []
