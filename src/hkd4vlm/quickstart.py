@@ -11,7 +11,6 @@ of both tasks, the full method also with mapping-shift inference; write ``result
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from importlib import resources
 from pathlib import Path
@@ -55,14 +54,6 @@ class QuickstartConfig(_Strict):
 
 def default_config_path() -> Path:
     return Path(str(resources.files("hkd4vlm") / "configs" / "quickstart.yaml"))
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shifts: int | None) -> dict[str, dict]:
@@ -127,7 +118,9 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
                 "optim": {"lr": cfg.lr, "warmup_steps": min(100, steps // 10)},
                 "augment": cfg.augment if augment else {}, "freeze_vision": cfg.freeze_vision, **extra}
 
-    results: dict = {"commit": _commit(), "seeds": seeds, "tasks": {t: {"rows": {}} for t in ("hallucination", "factuality")}}
+    from .models.zoo import code_commit
+
+    results: dict = {"commit": code_commit(), "seeds": seeds, "tasks": {t: {"rows": {}} for t in ("hallucination", "factuality")}}
     rows: dict[str, list[dict]] = {r: [] for r in ROWS}
     for seed in seeds:
         teacher = recipe("teacher_sft", seed, [bases["teacher"]], [stage("sft", 0, cfg.sft_steps, True)])[0]

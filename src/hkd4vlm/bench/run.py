@@ -76,7 +76,7 @@ def run_bench(s: BenchSettings, *, run: Path | None = None, models: list[Path] |
               student: Path | None = None, teacher: Path | None = None, data: Path | None = None,
               quick: bool = False, log: Callable[[str], None] = print) -> dict:
     """Every measurement, each in a fresh process; returns the result that ``bench.json`` holds."""
-    from ..quickstart import _commit
+    from ..models.zoo import code_commit
 
     chosen = resolve_models(run, list(models), student, teacher, data)
     env = in_fresh_process(environment, requested_device=s.device, requested_threads=s.threads)
@@ -126,7 +126,7 @@ def run_bench(s: BenchSettings, *, run: Path | None = None, models: list[Path] |
                 "source": chosen.source, "student": student_label, "teacher": teacher_label,
                 "data": str(chosen.data) if chosen.data else "synthetic (generated)",
                 "memory": "torch.cuda.max_memory_allocated" if env["cuda"] else "ru_maxrss of a fresh process",
-                "cpu_count": os.cpu_count(), **_versions(), "commit": _commit()}
+                "cpu_count": os.cpu_count(), **_versions(), "commit": code_commit()}
     return {**ratios, "targets": targets(ratios), "settings": settings, "models": results, "training": training}
 
 

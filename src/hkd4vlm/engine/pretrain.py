@@ -149,6 +149,7 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
     """Build ``preset`` (tokenizer from ``data_root``) and pretrain it: ``dense_steps`` of dense vision
     pretraining (engine.dense; 0 skips it), then ``steps`` of the grounding curriculum; returns ``out/model``."""
     from ..models.presets import init_model
+    from ..models.scoring import set_readout
 
     recipe = pretrain_recipe(preset, steps=steps, lr=lr, dense_steps=dense_steps, batch_size=batch_size, seed=seed,
                              pool_size=pool_size)
@@ -194,8 +195,6 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
         # the curriculum's fresh projector and language model must not wash out what the tower learnt
         cfg.freeze_vision = bool(recipe["freeze_vision"])
     model, processor = load_model(start_dir, freeze_vision=cfg.freeze_vision)
-    from ..models.scoring import set_readout
-
     set_readout(model, recipe["readout"])  # the recipe's readout, whatever an earlier init on disk was saved with
     # the image tokens the language model sees form a square grid (Idefics3 merges 2 x 2 patches into one)
     grid = math.isqrt(getattr(processor, "image_seq_len", None) or model.config.image_seq_length)

@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 import torch
 
 from ..data.records import Record
-from ..models.prompt import prompt_with_option_ends
+from ..models.prompt import option_line, prompt_with_option_ends
 from ..models.scoring import (answer_distribution, get_readout, kept_positions, masked_letter_logits, option_end_offsets,
                               option_scores, verdict_token_id)
 
@@ -192,15 +192,15 @@ def _prefix_reuse_probs(model, processor, records, images, rows, row_options) ->
         by_record.setdefault(i, []).append(r)
     prefixes: list[str] = [""] * len(records)
     suffixes: list[str] = [""] * len(rows)
-    option_readout = get_readout(model).kind == "option"
+    readout = get_readout(model)
     for i, rs in by_record.items():
         cut = _split_prompt([prompts[r] for r in rs], image_token)
         if cut is None:
             return None
-        if option_readout:
+        if readout.kind == "option":
             # every option's end must be in the part run per mapping, even where mappings share a first option:
             # cut at the start of the first option line at the latest
-            first_line = min(built[r][1][0] - len(f"{records[i].letters[0]}: {row_options[r][0]}") for r in rs)
+            first_line = min(built[r][1][0] - len(option_line(records[i].letters[0], row_options[r][0])) for r in rs)
             cut = min(cut, first_line)
         prefixes[i] = prompts[rs[0]][:cut]
         for r in rs:
@@ -245,7 +245,6 @@ def _prefix_reuse_probs(model, processor, records, images, rows, row_options) ->
     start = torch.full((len(rows), 1), p_len, device=device)  # the shared prefix fills positions < P
     positions = (start + s_mask.cumsum(-1) - 1).clamp_min(0)
     attention = torch.cat([prefix_mask, s_mask], dim=1)
-    readout = get_readout(model)
     counts = [len(o) for o in row_options]
     if readout.kind == "option":
         # the suffix is the prompt's tail, so an option's distance from the end is the same as in the full prompt

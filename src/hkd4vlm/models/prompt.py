@@ -23,8 +23,12 @@ def shared_text(record: Record) -> str:
     return f"Context: {record.context}\nClaim: {record.claim}\n{record.question}"
 
 
+def option_line(letter: str, text: str) -> str:
+    return f"{letter}: {text}"
+
+
 def options_text(options: list[str], letters: list[str]) -> str:
-    return "\n".join(f"{letter}: {text}" for letter, text in zip(letters, options))
+    return "\n".join(option_line(letter, text) for letter, text in zip(letters, options))
 
 
 def choices_text(record: Record, options: list[str] | None = None) -> str:
@@ -54,7 +58,7 @@ def prompt_with_option_ends(processor, record: Record, options: list[str] | None
         raise ValueError("the processor's chat template changed the options' text; the option readout cannot find them")
     ends, pos = [], at + len(INSTRUCTION) + 1
     for letter, text in zip(record.letters[: len(opts)], opts):
-        pos += len(f"{letter}: {text}")
+        pos += len(option_line(letter, text))
         ends.append(pos)
         pos += 1  # the newline between option lines
     return prompt, ends

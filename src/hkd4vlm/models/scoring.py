@@ -72,12 +72,20 @@ def set_readout(model, kind: str, verdict_token: str | None = None) -> Readout:
     return get_readout(model)
 
 
-def verdict_token_id(tokenizer, token: str) -> int:
-    """The single token id of the verdict token (" Yes" or "Yes")."""
-    for form in (f" {token}", token):
+def _single_token_id(tokenizer, word: str) -> int | None:
+    """The id of ``word`` as one known token, as it follows a space (" A") or on its own ("A"); None if neither."""
+    for form in (f" {word}", word):
         toks = tokenizer.encode(form, add_special_tokens=False)
         if len(toks) == 1 and toks[0] != tokenizer.unk_token_id:
             return toks[0]
+    return None
+
+
+def verdict_token_id(tokenizer, token: str) -> int:
+    """The single token id of the verdict token (" Yes" or "Yes")."""
+    found = _single_token_id(tokenizer, token)
+    if found is not None:
+        return found
     raise ReadoutError(f"verdict token {token!r} is not a single known token for this tokenizer "
                        f"({tokenizer.encode(token, add_special_tokens=False)}); choose one that is "
                        "(set_readout(model, 'option', verdict_token=...))")
@@ -92,12 +100,7 @@ def letter_token_ids(tokenizer, letters: list[str] | tuple[str, ...]) -> list[in
 def _letter_ids(tokenizer, letters: tuple[str, ...]) -> tuple[int, ...]:
     ids = []
     for letter in letters:
-        found = None
-        for form in (f" {letter}", letter):
-            toks = tokenizer.encode(form, add_special_tokens=False)
-            if len(toks) == 1 and toks[0] != tokenizer.unk_token_id:
-                found = toks[0]
-                break
+        found = _single_token_id(tokenizer, letter)
         if found is None:
             raise LetterTokenError(
                 f"option letter {letter!r} is not a single token for this tokenizer "

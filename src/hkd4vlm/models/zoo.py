@@ -79,10 +79,11 @@ def resolve(path: str | Path) -> Path:
 
 
 def code_commit() -> str:
+    """The package's git commit ("unknown" outside a git checkout); recorded with results and zoo bases."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ZOO_DIR.parent, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
