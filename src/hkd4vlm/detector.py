@@ -25,6 +25,7 @@ from PIL import Image
 
 from .data.images import DEFAULT_MAX_PIXELS, open_image
 from .data.records import LETTERS, Choice, Record
+from .data.text_checks import DEFAULT_CONTROL_TOKENS, TextPolicy
 from .data.synth.factuality import QUESTIONS as FACT_QUESTIONS
 from .data.synth.factuality import VERDICTS
 from .data.synth.hallucination import SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS
@@ -38,6 +39,8 @@ DEFAULT_FACT_QUESTION = FACT_QUESTIONS[0]
 DEFAULT_VERDICTS: tuple[str, ...] = tuple(VERDICTS)
 
 ImageInput = str | os.PathLike | bytes | bytearray | Image.Image
+#: the module functions' text check when no model is at hand: no control tokens, no length limit
+DEFAULT_TEXT_POLICY = TextPolicy()
 
 
 class InputError(ValueError):
@@ -62,20 +65,23 @@ class Detection:
         return asdict(self)
 
 
-def _check_text(value: Any, name: str, *, allow_empty: bool = False) -> str:
+def _check_text(value: Any, name: str, *, allow_empty: bool = False, policy: TextPolicy = DEFAULT_TEXT_POLICY) -> str:
     if not isinstance(value, str):
         raise InputError(f"field '{name}': must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise InputError(f"field '{name}': empty")
+    problem = policy.problem(value)  # control tokens and length limits (data.text_checks says why)
+    if problem is not None:
+        raise InputError(f"field '{name}': {problem}")
     return value
 
 
-def _check_options(options: Any, name: str) -> list[str]:
+def _check_options(options: Any, name: str, policy: TextPolicy = DEFAULT_TEXT_POLICY) -> list[str]:
     if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
         raise InputError(f"field '{name}': must be a list of strings")
     if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
         raise InputError(f"field '{name}': needs {MIN_OPTIONS} to {MAX_OPTIONS} options, got {len(options)}")
-    out = [_check_text(o, f"{name}[{i}]") for i, o in enumerate(options)]
+    out = [_check_text(o, f"{name}[{i}]", policy=policy) for i, o in enumerate(options)]
     if len(set(o.strip() for o in out)) != len(out):
         raise InputError(f"field '{name}': options must be distinct")
     return out
@@ -91,19 +97,21 @@ def load_image_input(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise InputError(f"field '{name}': {e}") from None
 
 
-def hallucination_record(caption: str, options: Sequence[str], question: str | None = None) -> Record:
-    caption = _check_text(caption, "caption")
-    opts = _check_options(options, "options")
-    question = DEFAULT_HALLUCINATION_QUESTION if question is None else _check_text(question, "question")
+def hallucination_record(caption: str, options: Sequence[str], question: str | None = None, *,
+                         policy: TextPolicy = DEFAULT_TEXT_POLICY) -> Record:
+    caption = _check_text(caption, "caption", policy=policy)
+    opts = _check_options(options, "options", policy)
+    question = DEFAULT_HALLUCINATION_QUESTION if question is None else _check_text(question, "question", policy=policy)
     return Record(task="hallucination", image_id="<request>", choices=[Choice(LETTERS[i], o) for i, o in enumerate(opts)],
                   system1_question=SYSTEM1_QUESTIONS[0], system1_answer=caption, system2_question=question)
 
 
-def fact_record(claim: str, context: str, choices: Sequence[str] | None = None, question: str | None = None) -> Record:
-    claim = _check_text(claim, "claim")
-    context = _check_text(context, "context", allow_empty=True)
-    opts = _check_options(DEFAULT_VERDICTS if choices is None else choices, "choices")
-    question = DEFAULT_FACT_QUESTION if question is None else _check_text(question, "question")
+def fact_record(claim: str, context: str, choices: Sequence[str] | None = None, question: str | None = None, *,
+                policy: TextPolicy = DEFAULT_TEXT_POLICY) -> Record:
+    claim = _check_text(claim, "claim", policy=policy)
+    context = _check_text(context, "context", allow_empty=True, policy=policy)
+    opts = _check_options(DEFAULT_VERDICTS if choices is None else choices, "choices", policy)
+    question = DEFAULT_FACT_QUESTION if question is None else _check_text(question, "question", policy=policy)
     return Record(task="factuality", image_id="<request>", choices=[Choice(LETTERS[i], o) for i, o in enumerate(opts)],
                   context=context, claim=claim, question=question)
 
@@ -114,9 +122,9 @@ REQUEST_FIELDS = {"hallucination": ("image", "caption", "options", "question"),
 REQUIRED_FIELDS = {"hallucination": ("image", "caption", "options"), "factuality": ("image", "claim", "context")}
 
 
-def record_from_fields(task: str, fields: Mapping[str, Any]) -> Record:
+def record_from_fields(task: str, fields: Mapping[str, Any], *, policy: TextPolicy = DEFAULT_TEXT_POLICY) -> Record:
     """A Record from one task's request fields (``REQUEST_FIELDS``); the image is only checked to be there.
-    InputError names the first unknown or missing field, or the bad one."""
+    InputError names the first unknown or missing field, or the bad one (``policy``: what text may hold)."""
     unknown = [k for k in fields if k not in REQUEST_FIELDS[task]]
     if unknown:
         raise InputError(f"field '{unknown[0]}': unknown for {task} (unknown: {', '.join(map(repr, unknown))}; "
@@ -125,24 +133,44 @@ def record_from_fields(task: str, fields: Mapping[str, Any]) -> Record:
         if name not in fields:
             raise InputError(f"field '{name}': missing")
     if task == "hallucination":
-        return hallucination_record(fields["caption"], fields["options"], fields.get("question"))
-    return fact_record(fields["claim"], fields["context"], fields.get("choices"), fields.get("question"))
+        return hallucination_record(fields["caption"], fields["options"], fields.get("question"), policy=policy)
+    return fact_record(fields["claim"], fields["context"], fields.get("choices"), fields.get("question"), policy=policy)
 
 
-def request_record(item: Mapping[str, Any]) -> Record:
+def request_record(item: Mapping[str, Any], *, policy: TextPolicy = DEFAULT_TEXT_POLICY) -> Record:
     """A Record from a request dict: ``task`` "hallucination" (image, caption, options, question?) or
     "factuality" (image, claim, context, choices?, question?)."""
     task = item.get("task")
     if task not in REQUEST_FIELDS:
         raise InputError(f"field 'task': must be 'hallucination' or 'factuality', got {task!r}")
-    return record_from_fields(task, {k: v for k, v in item.items() if k != "task"})
+    return record_from_fields(task, {k: v for k, v in item.items() if k != "task"}, policy=policy)
+
+
+def record_text_fields(record: Record) -> list[tuple[str, str]]:
+    """(field name, text) of every text of ``record`` that its prompt shows, under the record's own names."""
+    names = {"hallucination": ("system1_answer", "system2_question"), "factuality": ("context", "claim", "question")}
+    fields = [(name, getattr(record, name)) for name in names.get(record.task, ())]
+    return fields + [(f"choices[{j}].choice", c.choice) for j, c in enumerate(record.choices)]
+
+
+def check_record_text(record: Record, policy: TextPolicy) -> None:
+    """InputError naming the first field of a built record whose text ``policy`` refuses."""
+    for name, text in record_text_fields(record):
+        problem = policy.problem(text) if isinstance(text, str) else None
+        if problem is not None:
+            raise InputError(f"field '{name}': {problem}")
 
 
 class Detector:
-    """A judge model with mapping-shift inference. Not thread-safe: call it from one thread at a time."""
+    """A judge model with mapping-shift inference. Not thread-safe: call it from one thread at a time.
+
+    Text holding a control token of the model's tokenizer (``<image>``, ``<eos>``, a chat-template marker)
+    is refused with InputError naming the field (data.text_checks says why); ``max_text_chars`` and
+    ``max_text_tokens`` bound each text field (None: no bound)."""
 
     def __init__(self, model, processor, *, shifts: int | None = 4, aggregate: str = "logmean", name: str = "model",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, prefix_reuse: bool = True):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, prefix_reuse: bool = True, max_text_chars: int | None = None,
+                 max_text_tokens: int | None = None):
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         if shifts is not None and shifts < 1:
@@ -152,6 +180,7 @@ class Detector:
         self.spec = MappingSpec(shifts)
         self.shifts, self.aggregate, self.name = shifts, aggregate, name
         self.max_pixels, self.prefix_reuse = max_pixels, prefix_reuse
+        self.text_policy = self.text_policy_with(max_text_chars, max_text_tokens)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, shifts: int | None = 4, *, device: str | None = None,
@@ -175,17 +204,29 @@ class Detector:
                 "model_type": getattr(self.model.config, "model_type", None),
                 "device": str(next(self.model.parameters()).device)}
 
+    def text_policy_with(self, max_chars: int | None, max_tokens: int | None) -> TextPolicy:
+        """What a text field may hold for this model: none of its tokenizer's control tokens, and the limits."""
+        from .models.loading import special_tokens
+
+        return TextPolicy(control_tokens=DEFAULT_CONTROL_TOKENS | special_tokens(self.processor), max_chars=max_chars,
+                          max_tokens=max_tokens, count_tokens=self.count_tokens)
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` is to this model's tokenizer (no special tokens added)."""
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     # -- single records ------------------------------------------------------------------------------
     def detect_hallucination(self, image: ImageInput, caption: str, options: Sequence[str], *,
                              question: str | None = None) -> Detection:
         """Which option is not supported by the image, given the AI-written caption."""
-        record = hallucination_record(caption, options, question)
+        record = hallucination_record(caption, options, question, policy=self.text_policy)
         return self._score([record], [self._image(image)])[0]
 
     def check_fact(self, image: ImageInput, claim: str, context: str, choices: Sequence[str] | None = None, *,
                    question: str | None = None) -> Detection:
         """Which verdict holds for the claim, given the image and the context (the four verdicts by default)."""
-        record = fact_record(claim, context, choices, question)
+        record = fact_record(claim, context, choices, question, policy=self.text_policy)
         return self._score([record], [self._image(image)])[0]
 
     # -- batches -------------------------------------------------------------------------------------
@@ -199,8 +240,9 @@ class Detector:
             try:
                 if isinstance(item, tuple):
                     record, image = item
+                    check_record_text(record, self.text_policy)
                 else:
-                    record, image = request_record(item), item["image"]
+                    record, image = request_record(item, policy=self.text_policy), item["image"]
                 prepared.append((record, self._image(image)))
             except InputError as e:
                 raise InputError(f"record #{i}: {e}") from None
@@ -220,7 +262,13 @@ class Detector:
         return out
 
     def score_records(self, records: list[Record], images: list[Image.Image]) -> list[Detection]:
-        """Detections for already built records and loaded images (one batched call)."""
+        """Detections for already built records and loaded images (one batched call); InputError when a
+        record's text holds one of the model's control tokens."""
+        for i, record in enumerate(records):
+            try:
+                check_record_text(record, self.text_policy)
+            except InputError as e:
+                raise InputError(f"record #{i}: {e}") from None
         return self._score(records, images)
 
     # -- internals -----------------------------------------------------------------------------------

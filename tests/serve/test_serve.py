@@ -3,7 +3,6 @@ request gets the right 4xx naming the field while the server keeps serving, conc
 micro-batched, and the load benchmark counts what it sends."""
 
 import base64
-import io
 import json
 import signal
 import socket
@@ -13,37 +12,21 @@ import threading
 import time
 
 import pytest
-from PIL import Image
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from hkd4vlm import Detector  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
+from serve_helpers import assert_same, assert_still_serving, b64, hall_json, png  # noqa: E402
 
 from hkd4vlm import serve as serve_module  # noqa: E402
-from hkd4vlm.serve import bench_serve  # noqa: E402
 from hkd4vlm.cli import main  # noqa: E402
-from hkd4vlm.data.layout import read_split  # noqa: E402
 from hkd4vlm.detector import DEFAULT_VERDICTS  # noqa: E402
-from hkd4vlm.models.presets import init_model  # noqa: E402
-from hkd4vlm.serve import ServerThread, create_app  # noqa: E402
+from hkd4vlm.serve import ServerThread, bench_serve, create_app  # noqa: E402
 
 MAX_BATCH = 8
 MAX_BODY = 256 * 1024  # the synthetic images are ~30 kB
 MAX_PIXELS = 200_000  # the synthetic images are ~240 x 240
-
-
-@pytest.fixture(scope="module")
-def model_dir(synth_root, tmp_path_factory):
-    return init_model("tiny-llava-s", synth_root, tmp_path_factory.mktemp("serve") / "tiny", seed=4)
-
-
-@pytest.fixture(scope="module")
-def detector(model_dir, sharpen):
-    det = Detector.from_pretrained(model_dir, shifts=4)
-    sharpen(det.model, 1)
-    return det
 
 
 @pytest.fixture(scope="module")
@@ -59,39 +42,6 @@ def server(detector):
 def client(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def hall(synth_root):
-    return read_split(synth_root, "hallucination", "test")
-
-
-@pytest.fixture(scope="module")
-def fact(synth_root):
-    return read_split(synth_root, "factuality", "test")
-
-
-def b64(path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
-def hall_json(split, i=0, **extra) -> dict:
-    r = split.records[i]
-    return {"image": b64(split.image_path(r)), "caption": r.system1_answer, "options": r.options,
-            "question": r.system2_question, **extra}
-
-
-def assert_same(answer: dict, want, model_name: str) -> None:
-    assert answer["prediction"] == {"index": want.index, "letter": want.letter, "option": want.option}
-    assert answer["probabilities"] == pytest.approx(want.probabilities, abs=1e-4)
-    assert answer["agreement"] == pytest.approx(want.agreement, abs=1e-6)
-    assert answer["shifts"] == want.shifts and answer["model"] == model_name
-
-
-def assert_still_serving(client, hall) -> None:
-    r = client.post("/v1/hallucination", json=hall_json(hall, 1))
-    assert r.status_code == 200, r.text
-    assert r.json()["prediction"]["option"] in hall.records[1].options
 
 
 def test_healthz_and_model(client, detector):
@@ -149,12 +99,6 @@ def test_multipart_factuality_equals_the_detector(client, detector, fact):
     assert got.status_code == 200, got.text
     want = detector.check_fact(fact.image_path(r), r.claim, r.context, question=r.question)
     assert_same(got.json(), want, detector.name)
-
-
-def png(size) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, "white").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def chunks(n_bytes: int, chunk: int = 16 * 1024):

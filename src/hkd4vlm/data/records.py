@@ -11,6 +11,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .text_checks import control_token_message, find_control_token
+
 Task = Literal["hallucination", "factuality"]
 TASKS: tuple[Task, ...] = ("hallucination", "factuality")
 #: folder name of each task under a dataset root, as the challenge ships it
@@ -109,7 +111,8 @@ def record_key(raw: Any, index: int) -> str:
 
 
 def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool | None = None) -> list[Problem]:
-    """Every problem of one raw record (schema and label consistency; images are checked elsewhere).
+    """Every problem of one raw record (schema, label consistency, and no tokenizer control tokens in the
+    text the model reads: data.text_checks; images are checked elsewhere).
 
     ``labelled``: True requires the ``correct_*`` fields, False forbids nothing, None requires
     them only when one of the two is present (test files may lack both).
@@ -129,6 +132,8 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
             problems.append(problem(name, f"must be a string, got {type(raw[name]).__name__}"))
         elif name == "image_id" and not raw[name].strip():
             problems.append(problem(name, "empty"))
+        elif name != "image_id" and (token := find_control_token(raw[name])) is not None:
+            problems.append(problem(name, control_token_message(token)))  # why refused: data.text_checks
 
     ids: list[str] = []
     texts: dict[str, str] = {}
@@ -155,6 +160,8 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
             if not isinstance(text, str) or not text.strip():
                 problems.append(problem(f"{where}.choice", "must be a non-empty string"))
                 continue
+            if (token := find_control_token(text)) is not None:
+                problems.append(problem(f"{where}.choice", control_token_message(token)))
             ids.append(cid)
             texts[cid] = text
 

@@ -68,3 +68,20 @@ def freeze_vision_tower(model):
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def special_tokens(processor) -> frozenset[str]:
+    """The strings a model's tokenizer reads as control rather than text: its special tokens (bos, eos,
+    pad, ...), the added tokens marked special (image and chat-template markers) and the processor's own
+    markers (``image_token``, ``video_token``, ...). Text holding one is refused (data.text_checks)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    found |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+              if getattr(t, "special", False)}
+    for owner in (processor, tokenizer):
+        for name in ("image_token", "video_token", "boi_token", "eoi_token", "fake_image_token", "global_image_token",
+                     "end_of_utterance_token"):
+            value = getattr(owner, name, None)
+            if isinstance(value, str):
+                found.add(value)
+    return frozenset(t for t in found if t and t.strip())

@@ -45,7 +45,7 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
 
     async def score(request: Request, task: str) -> dict[str, Any]:
         fields = await _request_fields(request)
-        record = _request_record(task, fields)
+        record = _request_record(task, fields, detector.text_policy)
         try:  # decoding is CPU work: off the event loop, so other requests keep arriving
             image = await run_in_threadpool(load_image_input, fields["image"], max_pixels=max_pixels)
         except InputError as e:
@@ -68,6 +68,7 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
                 "errors": counter.client_errors + counter.server_errors,
                 "client_errors": counter.client_errors, "server_errors": counter.server_errors,
                 "batches": b.batches, "batched_requests": b.items, "failed_batches": b.failed_batches,
+                "failed_records": b.failed_records,
                 "mean_batch_size": b.items / b.batches if b.batches else 0.0, "largest_batch": b.largest,
                 "model_seconds": b.model_seconds, "queued": b.queued, "shed": b.shed,
                 "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": max_queue}

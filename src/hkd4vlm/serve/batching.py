@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..data.records import Record
-from ..detector import Detection, Detector
-from .requests import RequestError
+from ..detector import Detection, Detector, InputError
+from .requests import RequestError, _from_input_error
 
 
 @dataclass
@@ -23,7 +23,11 @@ class _Pending:
 
 class MicroBatcher:
     """Collects scored requests into batches: up to ``max_batch_size`` items, waiting at most ``max_wait_ms``
-    after the first; each batch is one ``detector.score_records`` call on a dedicated model thread."""
+    after the first; each batch is one ``detector.score_records`` call on a dedicated model thread.
+
+    One request never fails another: when a batch's call fails, its halves are scored apart, and so on down to
+    single records, so that only the records that fail alone are answered with an error (one bad record in a
+    batch of n costs about 2·log2(n) extra calls)."""
 
     def __init__(self, detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
                  max_queue: int = 1024):
@@ -39,6 +43,7 @@ class MicroBatcher:
             raise ValueError(f"max_wait_ms must be non-negative, got {max_wait_ms}")
         self.detector, self.max_batch_size, self.max_wait_s = detector, max_batch_size, max_wait_ms / 1000
         self.batches = self.items = self.largest = self.failed_batches = 0
+        self.failed_records = 0  # answered with an error after scoring alone
         self.model_seconds = 0.0
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task | None = None
@@ -115,17 +120,9 @@ class MicroBatcher:
         self.batches += 1
         self.items += len(batch)
         self.largest = max(self.largest, len(batch))
-        t0 = time.perf_counter()
-        try:
-            outcomes: list = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.detector.score_records, [p.record for p in batch], [p.image for p in batch])
-            if len(outcomes) != len(batch):
-                raise RuntimeError(f"the model answered {len(outcomes)} of {len(batch)} records")
-        except Exception as e:  # answer this batch with 500 and go on serving
+        outcomes = await self._outcomes(batch)
+        if any(isinstance(o, RequestError) for o in outcomes):
             self.failed_batches += 1
-            outcomes = [RequestError(500, f"model error: {type(e).__name__}: {e}") for _ in batch]
-        finally:
-            self.model_seconds += time.perf_counter() - t0
         for p, outcome in zip(batch, outcomes):
             if p.future.done():
                 continue
@@ -133,3 +130,24 @@ class MicroBatcher:
                 p.future.set_exception(outcome)
             else:
                 p.future.set_result(outcome)
+
+    async def _outcomes(self, batch: list[_Pending]) -> list[Detection | RequestError]:
+        """A Detection per record, or the error of a record that fails when scored alone (bisection)."""
+        t0 = time.perf_counter()
+        try:
+            outcomes: list = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.detector.score_records, [p.record for p in batch], [p.image for p in batch])
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"the model answered {len(outcomes)} of {len(batch)} records")
+            return outcomes
+        except Exception as e:  # find the records that fail, answer only them, and go on serving
+            error = e
+        finally:
+            self.model_seconds += time.perf_counter() - t0
+        if len(batch) > 1:
+            mid = len(batch) // 2
+            return await self._outcomes(batch[:mid]) + await self._outcomes(batch[mid:])
+        self.failed_records += 1
+        if isinstance(error, InputError):  # the record's own fault (e.g. a control token of the model's tokenizer)
+            return [_from_input_error(InputError(str(error).removeprefix("record #0: ")))]
+        return [RequestError(500, f"model error: {type(error).__name__}: {error}")]

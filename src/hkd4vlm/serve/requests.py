@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ..data.records import Record
+from ..data.text_checks import TextPolicy
 from ..detector import Detection, InputError, record_from_fields
 
 LIST_FIELDS = ("options", "choices")
@@ -109,9 +110,9 @@ async def _request_fields(request: Request) -> dict[str, Any]:
                        "content-type")
 
 
-def _request_record(task: str, fields: dict[str, Any]) -> Record:
+def _request_record(task: str, fields: dict[str, Any], policy: TextPolicy) -> Record:
     try:
-        return record_from_fields(task, fields)
+        return record_from_fields(task, fields, policy=policy)
     except InputError as e:
         raise _from_input_error(e) from None
 

@@ -1,0 +1,86 @@
+"""What text a record may carry into a prompt: no tokenizer control tokens, and (where a limit is set) a
+bounded length per field.
+
+**Control tokens are refused, not read as plain text.** The prompt is one string that the processor
+tokenizes (models.prompt); a tokenizer matches its special tokens anywhere in that string. A caption holding
+``<image>`` therefore adds an image slot that has no image (the processor fails, and with it every record
+batched alongside); ``<eos>``, ``<pad>`` or a chat-template marker (``<|im_end|>``, ``<end_of_utterance>``)
+would be read as the end of the turn, padding or a new role: an injection into the judge's own prompt.
+Reading such text as plain text would need an escape that changes the characters the model sees, so the
+score would be of text the caller did not send. No genuine caption, claim or option contains these markers;
+one that does is a bug or an attack, and its sender is best served by an error naming the field. The same
+rule holds everywhere a record meets a model: ``validate`` and ``read_split`` (so training and ``predict``)
+check :data:`DEFAULT_CONTROL_TOKENS`, which covers every family the project builds and the common
+chat-template forms; ``Detector`` and the HTTP service check those plus the special tokens of the model's
+own tokenizer (models.loading.special_tokens).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterable
+
+#: special tokens of the families the project builds or loads (LLaVA / Qwen2 and Idefics3 tiny presets,
+#: Llama / Mistral, Gemma / PaliGemma), checked when no model is at hand
+DEFAULT_CONTROL_TOKENS: frozenset[str] = frozenset({
+    "<image>", "<video>", "<pad>", "<unk>", "<bos>", "<eos>", "<s>", "</s>", "<mask>", "<sep>", "<cls>",
+    "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",  # Idefics3 / SmolVLM
+    "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",  # Gemma
+    "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]",  # Mistral / Pixtral
+})
+#: control tokens that come in numbered families: ChatML and Qwen markers (``<|im_start|>``,
+#: ``<|vision_start|>``, ``<|endoftext|>``), Idefics3's image tiles, PaliGemma's locations and segments
+CONTROL_PATTERNS = (r"<\|[^<>|\s]{1,64}\|>", r"<row_\d+_col_\d+>", r"<loc\d{4}>", r"<seg\d{3}>")
+
+
+@lru_cache(maxsize=16)
+def _matcher(tokens: frozenset[str]) -> re.Pattern:
+    # longest first, so that a token that is a prefix of another does not hide it in the message
+    literal = [re.escape(t) for t in sorted(tokens, key=len, reverse=True) if t]
+    return re.compile("|".join([*literal, *CONTROL_PATTERNS]))
+
+
+def find_control_token(text: str, tokens: Iterable[str] = DEFAULT_CONTROL_TOKENS) -> str | None:
+    """The first control token in ``text`` (one of ``tokens``, or one of :data:`CONTROL_PATTERNS`), or None."""
+    m = _matcher(tokens if isinstance(tokens, frozenset) else frozenset(tokens)).search(text)
+    return m.group(0) if m else None
+
+
+def control_token_message(token: str) -> str:
+    return (f"contains {token!r}, a special token of the model's tokenizer; text with control tokens is refused "
+            "rather than read as plain text (remove or reword it)")
+
+
+@dataclass(frozen=True)
+class TextPolicy:
+    """What one text field may hold: none of ``control_tokens`` (nor :data:`CONTROL_PATTERNS`), at most
+    ``max_chars`` characters and ``max_tokens`` tokens (None: no limit; ``count_tokens`` counts them).
+    The character limit is checked first, so that an oversized text is never tokenized."""
+
+    control_tokens: frozenset[str] = DEFAULT_CONTROL_TOKENS
+    max_chars: int | None = None
+    max_tokens: int | None = None
+    count_tokens: Callable[[str], int] | None = None
+
+    def __post_init__(self):
+        for name in ("max_chars", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for no limit), got {value}")
+        if self.max_tokens is not None and self.count_tokens is None:
+            raise ValueError("max_tokens needs count_tokens (a tokenizer)")
+
+    def problem(self, text: str) -> str | None:
+        """What is wrong with ``text`` under this policy, or None."""
+        if self.max_chars is not None and len(text) > self.max_chars:
+            return f"{len(text):,} characters, over the limit of {self.max_chars:,}"
+        token = find_control_token(text, self.control_tokens)
+        if token is not None:
+            return control_token_message(token)
+        if self.max_tokens is not None:
+            n = self.count_tokens(text)
+            if n > self.max_tokens:
+                return f"{n:,} tokens, over the limit of {self.max_tokens:,}"
+        return None
