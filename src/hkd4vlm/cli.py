@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,11 +32,44 @@ class ModelPathType(click.ParamType):
 
 MODEL_PATH = ModelPathType()
 
+#: errors about what the user gave (data, config, model folder, checkpoint, paths): one message, exit 1; so is
+#: any other OSError about a named file (a full disk, a read-only folder)
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Commands(click.Group):
+    """The command group; a user error ends in one message (file, record, field) and exit status 1, its
+    traceback only with ``--debug`` or ``HKD4VLM_DEBUG=1``."""
+
+    def invoke(self, ctx):
+        from .errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except (UserError, OSError) as e:
+            if isinstance(e, OSError) and not isinstance(e, _USER_OS_ERRORS) and e.filename is None:
+                raise
+            if ctx.params.get("debug") or os.environ.get("HKD4VLM_DEBUG", "").strip() not in ("", "0"):
+                raise
+            if isinstance(e, OSError) and e.filename is not None:
+                raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hkd4vlm")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also: HKD4VLM_DEBUG=1).")
+def main(debug: bool) -> None:
     """Train and run small vision-language judges for hallucination detection and factuality checking."""
+
+
+def _report_skipped(problems: list, what: str) -> None:
+    """``--skip-invalid``: every record left out, one line each, and how many (on stderr)."""
+    if problems:
+        n = len({(p.file, p.record) for p in problems})
+        click.echo(f"--skip-invalid: {n} invalid record(s) left out of {what} ({len(problems)} problem(s)):", err=True)
+        for p in problems:
+            click.echo(f"  {p}", err=True)
 
 
 @main.command()
@@ -133,8 +167,12 @@ def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
-@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
-def train(config: Path, overrides: tuple, resume: bool) -> None:
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last intact checkpoint.")
+@click.option("--resume-force", is_flag=True,
+              help="Resume even though settings that change what is trained (seed, batch size, lr, data ...) differ.")
+@click.option("--skip-invalid", is_flag=True,
+              help="Leave invalid records out (listed and counted) instead of stopping (data.skip_invalid).")
+def train(config: Path, overrides: tuple, resume: bool, resume_force: bool, skip_invalid: bool) -> None:
     """Fine-tune a model (SFT) from a YAML config; `key.sub=value` arguments override its values.
 
     Runs on one device as is, or on several with `accelerate launch --num_processes N -m hkd4vlm.cli train ...`.
@@ -143,17 +181,21 @@ def train(config: Path, overrides: tuple, resume: bool) -> None:
     from .engine.sft import run_sft
 
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, (*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])))
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    final = run_sft(cfg, resume=resume)
+    final = run_sft(cfg, resume=resume, resume_force=resume_force)
     click.echo(f"model saved to {final}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
-def distill(recipe: Path, overrides: tuple) -> None:
+@click.option("--resume-force", is_flag=True,
+              help="Resume an interrupted stage even though settings that change what it trains differ.")
+@click.option("--skip-invalid", is_flag=True,
+              help="Leave invalid records out (listed and counted) instead of stopping (data.skip_invalid).")
+def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bool) -> None:
     """Run a distillation recipe (ordered sft / ppod / tcrd stages over a pyramid); resumable.
 
     `key.sub=value` arguments override the recipe, e.g. `stages.1.tcrd_tau=3.0`.
@@ -162,10 +204,11 @@ def distill(recipe: Path, overrides: tuple) -> None:
     from .engine.config import ConfigError, load_config
 
     try:
-        cfg = load_config(recipe, overrides, schema=RecipeConfig)
+        cfg = load_config(recipe, (*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])),
+                          schema=RecipeConfig)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    final = run_recipe(cfg)
+    final = run_recipe(cfg, resume_force=resume_force)
     for level, path in sorted(final.items()):
         click.echo(f"level {level}: {path}")
 
@@ -181,8 +224,10 @@ def distill(recipe: Path, overrides: tuple) -> None:
               help="Augmentation draws per record (training repeats them every this many epochs).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The recipe's seed.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--skip-invalid", is_flag=True,
+              help="Leave invalid records out (listed and counted); the recipe that reads the cache must skip them too.")
 def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Path, augment: str, variants: int,
-                  seed: int, batch_size: int) -> None:
+                  seed: int, batch_size: int, skip_invalid: bool) -> None:
     """Precompute a teacher's answer distributions and hidden states per (record, augmentation)."""
     from .distill.cache import build_cache
 
@@ -193,9 +238,12 @@ def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Pa
             probs[name.strip()] = float(value)
         except ValueError:
             raise click.BadParameter(f"{part!r} is not name=probability", param_hint="--augment") from None
-    build_cache(model_dir, data, list(tasks) or ["hallucination", "factuality"], split, out, augment=probs, seed=seed,
-                variants=variants, batch_size=batch_size)
-    click.echo(f"teacher cache written to {out}")
+    manifest = build_cache(model_dir, data, list(tasks) or ["hallucination", "factuality"], split, out, augment=probs,
+                           seed=seed, variants=variants, batch_size=batch_size, skip_invalid=skip_invalid,
+                           log=lambda problems: _report_skipped(problems, "the cache"))
+    skipped = json.loads((manifest / "manifest.json").read_text()).get("skipped_records", 0)
+    tail = f"; {skipped} invalid record(s) skipped" if skip_invalid else ""
+    click.echo(f"teacher cache written to {out}{tail}")
 
 
 @main.command()
@@ -275,21 +323,29 @@ def zoo_publish(run: Path, name: str | None) -> None:
                    "('all' = one per option; 1 = a single plain pass).")
 @click.option("--aggregate", type=click.Choice(["logmean", "mean", "vote"]), default="logmean", show_default=True)
 @click.option("--random-mappings", is_flag=True, help="Use N seeded random permutations instead of cyclic shifts.")
+@click.option("--skip-invalid", is_flag=True, help="Leave invalid records out (listed and counted) instead of stopping.")
 def predict(model_dir: Path, data: Path, task: str, split: str, out: Path, batch_size: int, limit: int | None,
-            device: str | None, dtype: str, shifts: str, aggregate: str, random_mappings: bool) -> None:
-    """Write one JSONL line per record: image, question, answer, choice, pred_ans, status, probs (and the
-    shifts' agreement with mapping-shift inference)."""
+            device: str | None, dtype: str, shifts: str, aggregate: str, random_mappings: bool,
+            skip_invalid: bool) -> None:
+    """Write one JSONL line per record: image, question, answer, choice, pred_ans, pred_letter, status
+    ("success", or "error" with the reason in "error"), correct, probs (and the shifts' agreement with
+    mapping-shift inference)."""
     from .data.layout import read_split
     from .infer.predict import accuracy, predict_split, write_jsonl
     from .models.loading import load_model
 
     spec = _mapping_spec(shifts, random_mappings)
+    records = read_split(data, task, split, skip_invalid=skip_invalid)
+    _report_skipped(records.skipped, "the predictions")
     model, processor = load_model(model_dir, dtype=dtype, device=device)
-    preds = predict_split(model, processor, read_split(data, task, split), batch_size=batch_size, limit=limit,
+    preds = predict_split(model, processor, records, batch_size=batch_size, limit=limit,
                           progress=True, spec=spec, aggregate=aggregate)
     write_jsonl(preds, out)
-    labelled = sum(p.status != "unlabelled" for p in preds)
+    labelled = sum(p.correct is not None for p in preds)
+    errors = sum(p.status == "error" for p in preds)
     tail = f"; accuracy {accuracy(preds):.4f} on {labelled} labelled" if labelled else ""
+    tail += f"; {errors} could not be scored (status \"error\")" if errors else ""
+    tail += f"; {len({(p.file, p.record) for p in records.skipped})} invalid record(s) skipped" if skip_invalid else ""
     click.echo(f"{len(preds)} predictions written to {out}{tail}")
 
 
@@ -323,8 +379,9 @@ def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
         report = evaluate_predictions(read_predictions(predictions), str(predictions))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    from .files import write_text_atomic
+
+    write_text_atomic(out, json.dumps(report, indent=2))
     plot = plot or out.with_name(out.stem + "_confusion.png")
     plot_confusion(report, plot, title=f"{predictions.name}: accuracy {report['accuracy']:.3f}")
     share = " ".join(f"{k}={v:.2f}" for k, v in report["prediction_share"].items())

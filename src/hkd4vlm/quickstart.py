@@ -68,7 +68,9 @@ def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shif
     for task in ("hallucination", "factuality"):
         preds = predict_split(model, processor, read_split(data, task, "test"), limit=limit,
                               spec=MappingSpec(shifts) if msei else None)
-        rep = classification_report([p.choice for p in preds], [p.pred_letter for p in preds])
+        # a record that could not be scored (status "error", no letter) counts as wrong
+        letters = sorted({p.choice for p in preds} | {p.pred_letter for p in preds if p.pred_letter})
+        rep = classification_report([p.choice for p in preds], [p.pred_letter or "" for p in preds], letters=letters)
         out[task] = {"accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"], "n": len(preds)}
     return out
 

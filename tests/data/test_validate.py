@@ -710,3 +710,41 @@ def test_read_split_again_sees_an_image_corrupted_since_the_last_read(tmp_path):
     (images_dir(tmp_path, "factuality") / "f0.jpg").write_bytes(b"not an image at all")
     with pytest.raises(DatasetError, match="f0.jpg.*image_id"):
         read_split(tmp_path, "factuality", "train")
+
+
+# --------------------------------------------------------------------------- hostile files: one problem line each
+
+
+def test_hostile_records_and_files_are_each_one_problem_line_among_the_others(tmp_path):
+    """NUL byte in an image_id, JSON nested 200,000 deep, a split path that is a directory, an empty split and an
+    images folder that is a symlink out of the root: each is one problem line, and the rest of the report stays."""
+    root = tmp_path / "root"
+    train = dataset(root, "hallucination", "train", [hall("a.jpg"), hall("bad\x00.jpg"), hall("c.jpg", choices=[])],
+                    images=["a.jpg", "c.jpg"])
+    deep = write_json(root, "hallucination", "val", "[" * 200_000 + "]" * 200_000)
+    as_dir = split_file(root, "hallucination", "test")
+    as_dir.mkdir(parents=True)
+    empty = write_json(root, "factuality", "val", [])
+    dataset(root, "factuality", "train", [fact("f.jpg")])
+    outside = tmp_path / "elsewhere"
+    images_dir(root, "factuality").rename(outside)
+    images_dir(root, "factuality").symlink_to(outside, target_is_directory=True)
+
+    problems, counts = validate_dataset(root)
+    lines = {(p.file, p.record, p.field): p.message for p in problems}
+    assert "NUL" in lines[(str(train), "bad\x00.jpg", "image_id")]
+    assert "choices" in {f for _, r, f in lines if r == "c.jpg"}  # the ordinary problem is still reported
+    assert "nested too deeply" in lines[(str(deep), "-", "-")]
+    assert "directory" in lines[(str(as_dir), "-", "-")]
+    assert "no records" in lines[(str(empty), "-", "-")]
+    assert "outside the dataset root" in lines[(str(images_dir(root, "factuality")), "-", "-")]
+    assert len(problems) == 6, "\n".join(map(str, problems))
+    assert counts["hallucination/train"] == 3 and counts["factuality/train"] == 1
+
+    res = CliRunner().invoke(main, ["validate", str(root)])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert "6 problem(s)" in res.output and "checked hallucination/test: 0" in res.output
+    res = CliRunner().invoke(main, ["validate", str(root), "--json"])
+    assert len(json.loads(res.output)["problems"]) == 6
+    with pytest.raises(DatasetError, match="outside the dataset root"):
+        read_split(root, "factuality", "train")

@@ -162,8 +162,8 @@ def test_two_processes_match_one(tmp_path, tiny_model, synth_root):
            "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hkd4vlm.cli", "train", str(two)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints" / "step-3").glob("rng-*.pt")) == [
-        "rng-0.pt", "rng-1.pt"]
+    assert sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints" / "step-3").glob("rng-*")) == [
+        "rng-0.json", "rng-1.json"]
     _assert_same_weights(_weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run"), atol=ADAM_TOL * 3e-3 * 3)
     l1, l2 = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
     assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-5)

@@ -1,6 +1,7 @@
 """predict and evaluate on a tiny model, through the command line."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -27,12 +28,14 @@ def test_predict_writes_the_scorers_shape(tmp_path, tiny_model, synth_root, task
     records = read_split(synth_root, task, "test").records
     assert [r["image"] for r in rows] == [r.image_id for r in records]
     for row, rec in zip(rows, records):
-        assert {"image", "question", "answer", "choice", "pred_ans", "status", "probs"} <= set(row)
+        assert {"image", "question", "answer", "choice", "pred_ans", "status", "correct", "probs"} <= set(row)
         assert row["choice"] == rec.correct_choice and row["answer"] == rec.correct_answer
         assert sum(row["probs"].values()) == pytest.approx(1.0, abs=1e-5)
         best = max(row["probs"], key=row["probs"].get)
         assert row["pred_ans"] == f"{best}: {rec.options[rec.letters.index(best)]}"
-        assert row["status"] == ("correct" if best == rec.correct_choice else "wrong")
+        # status is the inference status (the peer scorers' convention); correctness has its own field
+        assert row["status"] == "success" and row["error"] is None
+        assert row["correct"] is (best == rec.correct_choice)
 
 
 def test_evaluate_reports_metrics_and_plot(tmp_path):
@@ -88,3 +91,110 @@ def test_predict_with_mapping_shifts_writes_agreement(tmp_path, tiny_model, synt
         assert row["pred_letter"] == max(row["probs"], key=row["probs"].get) or row["probs"][row["pred_letter"]] == max(row["probs"].values())
     res = CliRunner().invoke(main, args + ["--shifts", "zero"])
     assert res.exit_code != 0 and "--shifts" in res.output
+
+
+def peer_score(lines: list[dict]) -> dict:
+    """A scorer written to the other teams' public convention: ``status`` is the inference status, a line
+    whose status is not "success" counts as failed, the predicted letter is what ``pred_ans`` starts with;
+    accuracy and macro-F1 over the letters A-D."""
+    gold, pred = [], []
+    for item in lines:
+        gold.append(item["choice"])
+        pred.append(item["pred_ans"].split(":")[0].strip() if item["status"] == "success" else "failed")
+    f1s = []
+    for letter in "ABCD":
+        tp = sum(g == p == letter for g, p in zip(gold, pred))
+        fp = sum(p == letter != g for g, p in zip(gold, pred))
+        fn = sum(g == letter != p for g, p in zip(gold, pred))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": sum(g == p for g, p in zip(gold, pred)) / len(gold), "macro_f1": sum(f1s) / 4}
+
+
+def test_a_peer_scorer_reads_our_predictions_as_we_do(tmp_path, tiny_model, synth_root):
+    out = tmp_path / "preds.jsonl"
+    res = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task",
+                                    "hallucination", "--split", "test", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    ours = evaluate_predictions(read_predictions(out))
+    theirs = peer_score(lines)
+    assert ours["accuracy"] > 0  # a scorer that counted every line as failed would say 0
+    assert theirs["accuracy"] == pytest.approx(ours["accuracy"])
+    assert theirs["macro_f1"] == pytest.approx(ours["macro_f1"])
+    assert sum(l["correct"] for l in lines) / len(lines) == pytest.approx(ours["accuracy"])
+    assert f"accuracy {ours['accuracy']:.4f}" in res.output
+
+
+def test_an_unscorable_record_is_an_error_line_without_nan(tmp_path, synth_root):
+    from hkd4vlm.infer.predict import to_prediction, write_jsonl
+
+    records = read_split(synth_root, "factuality", "test").records[:2]
+    preds = [to_prediction(records[0], [float("nan")] * len(records[0].choices)),
+             to_prediction(records[1], [0.7] + [0.3 / (len(records[1].choices) - 1)] * (len(records[1].choices) - 1))]
+    path = write_jsonl(preds, tmp_path / "p.jsonl")
+
+    def no_nan(token):
+        raise AssertionError(f"{token} written to a predictions file")
+
+    lines = [json.loads(l, parse_constant=no_nan) for l in path.read_text().splitlines()]
+    assert lines[0]["status"] == "error" and "non-finite" in lines[0]["error"]
+    assert lines[0]["probs"] is None and lines[0]["correct"] is False and lines[0]["pred_ans"] == ""
+    assert lines[1]["status"] == "success" and lines[1]["pred_letter"] == records[1].letters[0]
+    report = evaluate_predictions(read_predictions(path))
+    # the unscored line counts as wrong, for us as for a peer scorer
+    assert report["errors"] == 1 and report["n"] == 2
+    assert report["accuracy"] == pytest.approx(peer_score(lines)["accuracy"])
+
+
+GOOD = {"image": "1.jpg", "choice": "A", "pred_ans": "A: x", "pred_letter": "A", "probs": {"A": 0.9, "B": 0.1}}
+MALFORMED = {  # a field of line 2 -> the field the error must name
+    "choice as list": ({"choice": ["A"]}, "choice"),
+    "probs as list": ({"probs": [0.9, 0.1]}, "probs"),
+    "pred_letter int": ({"pred_letter": 1}, "pred_letter"),
+    "word read as a letter": ({"pred_ans": "Zebra: x", "pred_letter": None}, "pred_ans"),
+    "NaN probability": ({"probs": {"A": float("nan"), "B": 0.1}}, "probs.A"),
+    "probability above 1": ({"probs": {"A": 1.5, "B": 0.1}}, "probs.A"),
+    "probability as text": ({"probs": {"A": "0.9", "B": 0.1}}, "probs.A"),
+    "pred_letter against pred_ans": ({"pred_letter": "B"}, "pred_letter"),
+    "unknown status": ({"status": "maybe"}, "status"),
+    "image as number": ({"image": 7}, "image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_evaluate_names_the_line_and_field_of_a_malformed_prediction(tmp_path, case):
+    change, field = MALFORMED[case]
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "image": "2.jpg", **change}) + "\n")
+    with pytest.raises(ValueError, match=rf"p\.jsonl:2: .*field '{re.escape(field)}'"):
+        read_predictions(preds)
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"field '{field}'" in res.output and not (tmp_path / "m.json").exists()
+
+
+def test_evaluate_writes_its_metrics_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk) leaves the previous metrics file whole."""
+    import errno
+    import pathlib
+
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps(GOOD) + "\n")
+    out = tmp_path / "metrics.json"
+    out.write_text('{"accuracy": "the previous run"}')
+    real = pathlib.Path.write_text
+
+    def disk_full(self, data, *args, **kwargs):
+        if "metrics.json" in self.name:
+            real(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_full)
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(out)])
+    assert res.exit_code == 1 and "No space left on device" in res.output
+    assert out.read_text() == '{"accuracy": "the previous run"}'
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    monkeypatch.setattr(pathlib.Path, "write_text", real)
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(out)])
+    assert res.exit_code == 0 and json.loads(out.read_text())["accuracy"] == 1.0

@@ -86,7 +86,9 @@ def test_letters_must_be_single_tokens():
 
 
 def test_load_model_refuses_a_non_model_dir(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    from hkd4vlm.errors import ModelError
+
+    with pytest.raises(ModelError, match="no config.json"):
         load_model(tmp_path)
 
 

@@ -24,6 +24,8 @@ def resolve_image_path(images_dir: str | os.PathLike, image_id: str) -> Path:
     """
     if not image_id or not image_id.strip():
         raise ImageProblem("empty image_id")
+    if "\x00" in image_id:
+        raise ImageProblem(f"{image_id!r} contains a NUL byte, which no file name can hold")
     if os.path.isabs(image_id) or image_id.startswith(("/", "\\")) or (len(image_id) > 1 and image_id[1] == ":"):
         raise ImageProblem(f"{image_id!r} is an absolute path; image_id must be relative to the images folder")
     if ".." in Path(image_id.replace("\\", "/")).parts:

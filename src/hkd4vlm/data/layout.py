@@ -58,12 +58,18 @@ def load_raw(path: Path) -> tuple[list, list[Problem]]:
     """The raw JSON list of a split file, or the problem that prevents reading it."""
     if not path.exists():
         return [], [Problem(str(path), "-", "-", "file not found")]
+    if not path.is_file():
+        return [], [Problem(str(path), "-", "-", "is a directory (or another non-file), not a JSON file")]
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         return [], [Problem(str(path), "-", "-", f"not UTF-8 text: {e}")]
     except json.JSONDecodeError as e:
         return [], [Problem(str(path), "-", "-", f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}")]
+    except RecursionError:
+        return [], [Problem(str(path), "-", "-", "JSON nested too deeply to read (records are flat objects)")]
+    except OSError as e:
+        return [], [Problem(str(path), "-", "-", f"cannot be read: {e.strerror or e}")]
     if not isinstance(data, list):
         return [], [Problem(str(path), "-", "-", f"must hold a JSON list of records, got {type(data).__name__}")]
     return data, []
@@ -89,6 +95,19 @@ def check_image(images: Path, image_id: str, *, file: str, key: str, max_pixels:
             _DECODED_OK.add(stamp)
     except ImageProblem as e:
         return [Problem(file, key, "image_id", str(e))]
+    except (OSError, ValueError) as e:  # a name the file system refuses (too long, ...)
+        return [Problem(file, key, "image_id", f"{image_id!r} cannot be opened: {e}")]
+    return []
+
+
+def check_images_dir(root: str | os.PathLike, task: Task) -> list[Problem]:
+    """The images folder must lie inside the dataset root (itself a symlink out of it is refused, as an
+    image id that leads out is)."""
+    folder = images_dir(root, task)
+    base, target = Path(root).resolve(), folder.resolve()
+    if folder.is_symlink() and base not in target.parents:
+        return [Problem(str(folder), "-", "-", f"is a symlink to {target}, outside the dataset root {base}; "
+                                              "copy the images in, or point the root at where they are")]
     return []
 
 
@@ -105,18 +124,23 @@ def check_split(
     raw, file_problems = load_raw(path)
     per_record: dict[int, list[Problem]] = {}
     images = images_dir(root, task)
+    if check_images:
+        file_problems += check_images_dir(root, task)
     seen: dict[str, int] = {}
     for i, item in enumerate(raw):
-        problems = check_record(item, task, file=str(path), index=i)
         key = record_key(item, i)
-        image_id = item.get("image_id") if isinstance(item, dict) else None
-        if isinstance(image_id, str) and image_id.strip():
-            if not any(p.field == "image_id" for p in problems) and check_images:
-                problems += check_image(images, image_id, file=str(path), key=key, max_pixels=max_pixels)
-            if image_id in seen:
-                # the challenge keys records by image_id; a repeat is flagged, as scorers would conflate them
-                problems.append(Problem(str(path), key, "image_id", f"duplicate of record #{seen[image_id]}"))
-            seen.setdefault(image_id, i)
+        try:
+            problems = check_record(item, task, file=str(path), index=i)
+            image_id = item.get("image_id") if isinstance(item, dict) else None
+            if isinstance(image_id, str) and image_id.strip():
+                if not any(p.field == "image_id" for p in problems) and check_images and not file_problems:
+                    problems += check_image(images, image_id, file=str(path), key=key, max_pixels=max_pixels)
+                if image_id in seen:
+                    # the challenge keys records by image_id; a repeat is flagged, as scorers would conflate them
+                    problems.append(Problem(str(path), key, "image_id", f"duplicate of record #{seen[image_id]}"))
+                seen.setdefault(image_id, i)
+        except Exception as e:  # one record that breaks a check is one problem line, never the end of the report
+            problems = [Problem(str(path), key, "-", f"could not be checked ({type(e).__name__}: {e})")]
         if problems:
             per_record[i] = problems
     return raw, per_record, file_problems
@@ -180,7 +204,10 @@ def validate_dataset(
             problems.append(Problem(str(task_dir(root, task) / "json"), "-", "-", "no <split>.json files found"))
         for split in names:
             raw, per_record, file_problems = check_split(root, task, split, max_pixels=max_pixels)
-            problems += file_problems
+            path = str(split_file(root, task, split))
+            if not raw and not any(p.file == path for p in file_problems):
+                file_problems.append(Problem(path, "-", "-", "holds no records (an empty list)"))
+            problems += [p for p in file_problems if p not in problems]  # the images folder's, once per task
             problems += [p for ps in per_record.values() for p in ps]
             counts[f"{task}/{split}"] = len(raw)
     return problems, counts

@@ -11,6 +11,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..errors import UserError
+
 from .text_checks import control_token_message, find_control_token
 
 Task = Literal["hallucination", "factuality"]
@@ -40,7 +42,7 @@ class Problem:
         return f"{self.file}: record {self.record}: field '{self.field}': {self.message}"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Raised when data is invalid; carries every problem found, one line each."""
 
     def __init__(self, problems: list[Problem]):

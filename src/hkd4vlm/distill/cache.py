@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+from ..files import write_text_atomic
 from ..models.prompt import PROMPT_VERSION
 from ..models.scoring import AnswerScores
 
 MANIFEST = "manifest.json"
 
 
-class StaleCacheError(ValueError):
+class StaleCacheError(UserError, ValueError):
     pass
 
 
@@ -54,18 +56,22 @@ def data_hash(root: str | Path, tasks: list[str], split: str) -> str:
     return _hash_files([split_file(root, t, split) for t in tasks])
 
 
-def _expected(model_dir, root, tasks, split, augment, seed, variants) -> dict:
+def _expected(model_dir, root, tasks, split, augment, seed, variants, skip_invalid) -> dict:
     return {
         "model_hash": model_hash(model_dir), "data_hash": data_hash(root, tasks, split), "prompt_version": PROMPT_VERSION,
         "tasks": list(tasks), "split": split, "augment": dict(sorted((augment or {}).items())), "seed": seed,
-        "variants": variants,
+        "variants": variants, "skip_invalid": skip_invalid,
     }
 
 
 def build_cache(model_dir: str | Path, root: str | Path, tasks: list[str], split: str, out: str | Path, *,
                 augment: dict | None = None, seed: int = 0, variants: int = 1, batch_size: int = 32,
-                shard_size: int = 4096, progress: bool = True) -> Path:
-    """Score every record of ``split`` under each of ``variants`` augmentation draws and write the cache."""
+                shard_size: int = 4096, progress: bool = True, skip_invalid: bool = False, log=None) -> Path:
+    """Score every record of ``split`` under each of ``variants`` augmentation draws and write the cache.
+
+    ``skip_invalid``: invalid records are left out (the cache's record indices are those of the records kept,
+    as a run with ``data.skip_invalid`` numbers them) and listed in the manifest's ``skipped``; ``log(problems)``
+    is called with them before scoring starts."""
     from safetensors.torch import save_file
 
     from ..engine.sources import RecordSource
@@ -73,10 +79,13 @@ def build_cache(model_dir: str | Path, root: str | Path, tasks: list[str], split
     from ..models.scoring import answer_distribution
 
     out = Path(out)
+    source = RecordSource(root, tasks, split, augment=augment, seed=seed, augment_epochs=variants,
+                          skip_invalid=skip_invalid)
+    if log is not None:
+        log(source.skipped)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = load_model(model_dir)
     model.eval()
-    source = RecordSource(root, tasks, split, augment=augment, seed=seed, augment_epochs=variants)
     keys = [(i, v) for v in range(variants) for i in range(len(source))]
     bar = None
     if progress:
@@ -111,9 +120,11 @@ def build_cache(model_dir: str | Path, root: str | Path, tasks: list[str], split
     flush()
     if bar is not None:
         bar.close()
-    manifest = {**_expected(model_dir, root, tasks, split, augment, seed, variants), "model": str(model_dir),
-                "records": len(source), "shards": shards}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest = {**_expected(model_dir, root, tasks, split, augment, seed, variants, skip_invalid),
+                "model": str(model_dir), "records": len(source), "shards": shards,
+                "skipped_records": len({(p.file, p.record) for p in source.skipped}),
+                "skipped": [str(p) for p in source.skipped]}
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
     return out
 
 
@@ -121,7 +132,7 @@ class CachedTeacher:
     """A teacher read from a cache; ``scores(items, images, keys=...)`` looks up (index, epoch) pairs."""
 
     def __init__(self, cache_dir: str | Path, *, model_dir: str | Path, root: str | Path, tasks: list[str], split: str,
-                 augment: dict | None, seed: int, name: str = "cached"):
+                 augment: dict | None, seed: int, name: str = "cached", skip_invalid: bool = False):
         from safetensors.torch import load_file
 
         self.dir, self.name = Path(cache_dir), name
@@ -129,7 +140,9 @@ class CachedTeacher:
         if not path.is_file():
             raise StaleCacheError(f"{self.dir} is not a teacher cache (no {MANIFEST}); build it with hkd4vlm cache-teacher")
         manifest = json.loads(path.read_text())
-        expected = _expected(model_dir, root, tasks, split, augment, seed, manifest.get("variants", 1))
+        expected = _expected(model_dir, root, tasks, split, augment, seed, manifest.get("variants", 1), skip_invalid)
+        if "skip_invalid" not in manifest:  # written before the option existed: every record was kept
+            manifest["skip_invalid"] = False
         diff = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
         if diff:
             what = "; ".join(f"{k}: cache has {a!r}, this run needs {b!r}" for k, (a, b) in diff.items())

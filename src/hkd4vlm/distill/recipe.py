@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from ..engine.config import DataConfig, OptimConfig, TrainConfig, _Strict, save_config
 from ..engine.distributed import barrier, is_main_process
+from ..files import write_text_atomic
 
 
 class StageConfig(_Strict):
@@ -82,8 +83,11 @@ def _train_config(recipe: RecipeConfig, stage: StageConfig, model: str, out: Pat
     )
 
 
-def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
-    """Run every stage in order; returns the final model directory of each pyramid level."""
+def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False) -> dict[int, str]:
+    """Run every stage in order; returns the final model directory of each pyramid level.
+
+    ``resume_force``: resume an interrupted stage even where the recipe changed in a way that breaks an exact
+    resume (see ``engine.loop.train``)."""
     from ..distill.cache import CachedTeacher
     from ..distill.losses import FeatureProjector
     from ..distill.stages import PPODStage, TCRDStage, Teacher
@@ -101,7 +105,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
         stage_out = out / f"stage-{i}-{st.kind}-level{st.level}"
         done = stage_out / "done.json"
         if done.is_file():
-            record = json.loads(done.read_text())
+            record = json.loads(done.read_text(encoding="utf-8"))
             current[st.level] = record["model"]
             if "teacher" in record:
                 current[st.level - 1] = record["teacher"]
@@ -113,7 +117,8 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
         def teacher_at(j: int):
             if j in st.cache:
                 return CachedTeacher(st.cache[j], model_dir=current[j], root=recipe.data.root, tasks=recipe.data.tasks,
-                                     split=recipe.data.split, augment=st.augment, seed=recipe.seed, name=f"level{j}")
+                                     split=recipe.data.split, augment=st.augment, seed=recipe.seed, name=f"level{j}",
+                                     skip_invalid=recipe.data.skip_invalid)
             return Teacher(*load_model(current[j]), name=f"level{j}")
 
         if st.kind == "sft":
@@ -133,13 +138,15 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
         if len(variants) > 1:
             raise ValueError(f"stages.{i}: teacher caches with different numbers of variants {sorted(variants)}")
         source = RecordSource(recipe.data.root, recipe.data.tasks, recipe.data.split, augment=st.augment,
-                              seed=recipe.seed, augment_epochs=variants.pop() if variants else None)
+                              seed=recipe.seed, augment_epochs=variants.pop() if variants else None,
+                              skip_invalid=recipe.data.skip_invalid)
         evaluate = None
         if recipe.data.eval_split:
-            evaluate = split_eval(recipe.data.root, recipe.data.tasks, recipe.data.eval_split, limit=recipe.data.eval_limit)
+            evaluate = split_eval(recipe.data.root, recipe.data.tasks, recipe.data.eval_split, limit=recipe.data.eval_limit,
+                                  skip_invalid=recipe.data.skip_invalid)
         mutual = st.kind == "ppod" and st.mutual
         final = train(cfg, source, stage=stage, model=model, processor=processor, evaluate=evaluate, resume=True,
-                      on_step=on_step, extra_modules=extra, stateful={"mutual": stage} if mutual else None)
+                      resume_force=resume_force, on_step=on_step, extra_modules=extra, stateful={"mutual": stage} if mutual else None)
         record = {"model": str(final), "stage": st.model_dump(mode="json")}
         if mutual:  # the nearest teacher learned too (the same weights on every process): later stages use it
             from ..engine.loop import save_model
@@ -150,7 +157,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None) -> dict[int, str]:
                 save_model(nearest.model, nearest.processor, stage_out / "mutual_teacher")
             current[st.level - 1] = record["teacher"]
         if is_main_process():
-            done.write_text(json.dumps(record, indent=2))
+            write_text_atomic(done, json.dumps(record, indent=2))
         barrier()
         current[st.level] = str(final)
     return current

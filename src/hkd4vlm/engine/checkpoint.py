@@ -1,37 +1,84 @@
 """Checkpoints of a training run: model, optimizer, scheduler, every process's RNG and the data position,
 written to a temporary folder and renamed into place, so that a killed run never leaves a half-written
-checkpoint that looks complete."""
+checkpoint that looks complete.
+
+The state file lists every other file of the checkpoint with its size and SHA-256; resuming verifies
+them and falls back to the newest checkpoint that is complete (a disk that filled up, a copy cut short).
+Nothing in a checkpoint is unpickled into arbitrary objects: tensors load with ``weights_only=True`` and
+the RNG state is JSON.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 STATE_FILE = "state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be resumed from; the message names the folder, the file and what is wrong."""
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's Python, NumPy and torch RNG states as plain JSON values."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+    }
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+
+
+def _legacy_rng_state(path: Path) -> dict:
+    """The RNG state of a checkpoint written before the JSON format (``rng-N.pt``, a pickle), read with
+    ``weights_only=True`` and only NumPy's array reconstruction allowed: a crafted file cannot run code."""
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed numpy.core
+    safe = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
+    with torch.serialization.safe_globals(safe):
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    (version, internal, gauss), (name, keys, pos, has_gauss, cached) = raw["python"], raw["numpy"]
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, np.asarray(keys, dtype=np.uint32).tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": base64.b64encode(raw["torch"].numpy().tobytes()).decode("ascii")}
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def checkpoint_dirs(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (a folder is complete once it has its state)."""
+    """Checkpoints under ``root`` that were renamed into place, oldest first (a folder is there once it has
+    its state file; whether its files are intact is :func:`verify_checkpoint`'s question)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -58,11 +105,13 @@ def save_checkpoint(accelerator, root: str | Path, step: int, *, model, optimize
             torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
         for name, obj in (stateful or {}).items():
             torch.save(obj.state_dict(), tmp / f"{name}.state.pt")
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # the state file goes last: its presence marks the folder complete
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        # the state file goes last: its presence marks the folder complete, its list of files lets a
+        # resume tell a truncated or altered file from a good one
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in sorted(tmp.iterdir())}
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(root)[:-keep]:
@@ -71,23 +120,111 @@ def save_checkpoint(accelerator, root: str | Path, step: int, *, model, optimize
     return final
 
 
+def verify_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's state after checking every file it lists (size, then SHA-256); raises
+    :class:`CheckpointError` naming the first file that is missing, truncated or altered."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("step", "epoch", "index")):
+        raise CheckpointError(f"{path / STATE_FILE}: lacks the integer fields step, epoch and index")
+    files = state.get("files")
+    if files is None:  # written before checkpoints listed their files: only their presence can be checked
+        needed = ["model.pt", "optimizer.pt", "scheduler.pt"]
+        missing = [n for n in needed if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: missing {', '.join(missing)}")
+        return state
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path / STATE_FILE}: field 'files' must map file names to sizes and hashes")
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise CheckpointError(f"{f}: {size} bytes, the state file says {want.get('bytes')} (truncated?)")
+        if _digest(f) != want.get("sha256"):
+            raise CheckpointError(f"{f}: contents differ from the SHA-256 in the state file")
+    return state
+
+
 def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, scheduler, extra_modules: dict | None = None,
                     stateful: dict | None = None) -> dict:
-    """Restore what :func:`save_checkpoint` wrote; returns the saved state (step, epoch, position ...)."""
+    """Restore what :func:`save_checkpoint` wrote; returns the saved state (step, epoch, position ...).
+
+    Every file is verified and read before anything is restored, so a bad checkpoint leaves the model as it was.
+    """
     path = Path(path)
-    state = json.loads((path / STATE_FILE).read_text())
-    accelerator.unwrap_model(model).load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    for name, module in (extra_modules or {}).items():
-        accelerator.unwrap_model(module).load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True))
-    for name, obj in (stateful or {}).items():
-        obj.load_state_dict(torch.load(path / f"{name}.state.pt", map_location="cpu", weights_only=True))
-    rng_file = path / f"rng-{accelerator.process_index}.pt"
-    if not rng_file.is_file():
-        raise FileNotFoundError(
+    state = verify_checkpoint(path)
+    rank = accelerator.process_index
+    rng_file = path / f"rng-{rank}.json"
+    legacy_rng = path / f"rng-{rank}.pt"
+    if not rng_file.is_file() and not legacy_rng.is_file():
+        raise CheckpointError(
             f"{rng_file} is missing: the checkpoint was written by fewer processes than this run has; "
             "resume with the same number of processes"
         )
-    set_rng_state(torch.load(rng_file, weights_only=False))
+
+    def read(name: str):
+        try:
+            return torch.load(path / name, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path / name}: missing") from None
+        except Exception as e:  # truncated zip, foreign pickle: any reason the file cannot be read
+            raise CheckpointError(f"{path / name}: cannot be read safely ({type(e).__name__}: {str(e)[:300]})") from None
+
+    weights, optim, sched = read("model.pt"), read("optimizer.pt"), read("scheduler.pt")
+    extras = {name: read(f"{name}.pt") for name in (extra_modules or {})}
+    states = {name: read(f"{name}.state.pt") for name in (stateful or {})}
+    try:
+        rng = json.loads(rng_file.read_text()) if rng_file.is_file() else _legacy_rng_state(legacy_rng)
+    except Exception as e:
+        raise CheckpointError(
+            f"{rng_file if rng_file.is_file() else legacy_rng}: not a valid RNG state ({type(e).__name__}: "
+            f"{str(e)[:300]}); a checkpoint's RNG state is never unpickled into arbitrary objects") from None
+
+    accelerator.unwrap_model(model).load_state_dict(weights)
+    optimizer.load_state_dict(optim)
+    scheduler.load_state_dict(sched)
+    for name, module in (extra_modules or {}).items():
+        accelerator.unwrap_model(module).load_state_dict(extras[name])
+    for name, obj in (stateful or {}).items():
+        obj.load_state_dict(states[name])
+    try:
+        set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{rng_file}: not a valid RNG state ({type(e).__name__}: {e})") from None
     return state
+
+
+def resume_latest(accelerator, root: str | Path, *, log=print, **parts) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint under ``root`` that verifies and reads; ``parts`` are
+    :func:`load_checkpoint`'s keyword arguments. A newer one that does not is said so, renamed
+    ``step-N.corrupt`` (kept for inspection, out of the way of pruning) and skipped. None when there is no
+    checkpoint; :class:`CheckpointError` when none of those there can be resumed from."""
+    dirs = checkpoint_dirs(root)
+    bad: list[tuple[Path, str]] = []
+    found = None
+    for path in reversed(dirs):
+        try:
+            found = path, load_checkpoint(accelerator, path, **parts)
+            break
+        except CheckpointError as e:
+            bad.append((path, str(e)))
+            log(f"checkpoint {path.name} cannot be resumed from: {e}")
+    if dirs and found is None:
+        raise CheckpointError(f"no checkpoint under {root} can be resumed from:\n" +
+                              "\n".join(f"  {p.name}: {why}" for p, why in bad) +
+                              "\nremove the folder to start afresh")
+    accelerator.wait_for_everyone()
+    if bad:
+        log(f"falling back to {found[0].name}; set aside: {', '.join(p.name + '.corrupt' for p, _ in bad)}")
+        if accelerator.is_main_process:
+            for p, _ in bad:
+                shutil.rmtree(p.with_name(p.name + ".corrupt"), ignore_errors=True)
+                p.rename(p.with_name(p.name + ".corrupt"))
+    accelerator.wait_for_everyone()
+    return found

@@ -11,12 +11,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..data.augment import AUGMENTATIONS
+from ..errors import UserError
 
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -30,15 +31,17 @@ class DataConfig(_Strict):
     split: str = "train"
     eval_split: str | None = "val"
     eval_limit: int | None = Field(default=None, ge=1, description="score at most this many eval records")
+    skip_invalid: bool = Field(default=False, description=(
+        "leave invalid records out (listed and counted) instead of stopping; --skip-invalid"))
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.01, ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(default=100, ge=0)
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
 
 
 class TrainConfig(_Strict):
@@ -65,6 +68,9 @@ class TrainConfig(_Strict):
     eval_every: int = Field(default=0, ge=0, description="0: evaluate only at the end")
     progress: bool = True
     find_unused_parameters: bool = Field(default=True, description="DDP: allow parameters without gradient")
+    skip_nonfinite: int = Field(default=0, ge=0, description=(
+        "optimizer steps with a NaN or infinite loss or gradient that are skipped (no update) before training "
+        "stops with an error; 0: stop at the first"))
 
     @field_validator("augment")
     @classmethod
@@ -156,6 +162,50 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         return schema.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+
+
+#: settings that can change between a run and its resume without changing what is trained
+RESUME_FREE = frozenset({"out", "progress", "log_every", "save_every", "keep_checkpoints", "eval_every",
+                         "data.eval_split", "data.eval_limit"})
+
+
+def _setting_keys(cfg: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of every setting; nested configs (data, optim) are opened, other values are one setting."""
+    keys = []
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        keys += _setting_keys(value, f"{prefix}{name}.") if isinstance(value, BaseModel) else [f"{prefix}{name}"]
+    return keys
+
+
+_ABSENT = object()
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def resume_changes(saved: str | Path, cfg: BaseModel) -> dict[str, tuple[Any, Any]]:
+    """Settings (dotted keys) in which ``cfg`` differs from the run's ``saved`` config.yaml and that break
+    an exact resume (seed, batch size, lr, data, ...): key -> (saved value, new value). A setting that the
+    saved config lacks (added to the schema since) is not a change."""
+    try:
+        old = yaml.safe_load(Path(saved).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{saved}: the run's saved config cannot be read ({e})") from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"{saved}: the run's saved config is not a mapping")
+    new = cfg.model_dump(mode="json")
+    changes = {}
+    for key in _setting_keys(cfg):
+        before, after = _lookup(old, key), _lookup(new, key)
+        if key not in RESUME_FREE and before is not _ABSENT and before != after:
+            changes[key] = (before, after)
+    return changes
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:

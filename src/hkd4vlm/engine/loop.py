@@ -17,9 +17,11 @@ from typing import Callable
 
 import torch
 
+from ..errors import NonFiniteError
+from ..files import write_text_atomic
 from ..models.scoring import answer_distribution, set_readout
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, save_config
+from .checkpoint import checkpoint_dirs, resume_latest, save_checkpoint
+from .config import ConfigError, TrainConfig, resume_changes, save_config
 from .distributed import average_gradients
 
 
@@ -72,8 +74,9 @@ def _make_writer(out: Path):
 
 
 def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None, processor=None,
-          evaluate: Callable | None = None, resume: bool = False, on_step: Callable[[int], None] | None = None,
-          extra_modules: dict | None = None, stateful: dict | None = None) -> Path:
+          evaluate: Callable | None = None, resume: bool = False, resume_force: bool = False,
+          on_step: Callable[[int], None] | None = None, extra_modules: dict | None = None,
+          stateful: dict | None = None) -> Path:
     """Run ``cfg.steps`` optimizer steps on ``source``; returns the folder of the saved final model.
 
     ``stage(scores, items, images=..., step=..., temperature=...)`` returns the loss terms (default: SFT);
@@ -85,6 +88,11 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
     alongside the model (e.g. a feature projector) and checkpointed with it; ``stateful`` objects (with
     ``state_dict`` / ``load_state_dict``, e.g. a mutual-learning teacher and its optimizer) are only
     checkpointed.
+
+    ``resume``: continue from the newest intact checkpoint; a config that differs from the run's saved one in
+    a setting that breaks an exact resume is refused (naming the settings) unless ``resume_force``. A NaN or
+    infinite loss or gradient stops training with :class:`NonFiniteError` (after ``cfg.skip_nonfinite``
+    skipped steps), and non-finite weights are never saved.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -102,6 +110,18 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
     micro = cfg.batch_size // (world * accum)
     set_seed(cfg.seed)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file; the run folder must be a folder (new or a run to resume)")
+    ckpt_root = out / "checkpoints"
+    if resume and checkpoint_dirs(ckpt_root) and (out / "config.yaml").is_file():
+        changes = resume_changes(out / "config.yaml", cfg)
+        if changes:
+            what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            if not resume_force:
+                raise ConfigError(f"{out}: resuming with changed settings would not continue the same run ({what}); "
+                                  "restore them, use a new out folder, or pass --resume-force to resume anyway")
+            accelerator.print(f"resuming with changed settings (--resume-force): {what}")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -128,14 +148,19 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
         m.to(accelerator.device)
 
     step, pos = 0, Position()
-    ckpt_root = out / "checkpoints"
     if resume:
-        last = latest_checkpoint(ckpt_root)
-        if last is not None:
-            state = load_checkpoint(accelerator, last, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    extra_modules=modules, stateful=stateful)
+        found = resume_latest(accelerator, ckpt_root, log=accelerator.print, model=model, optimizer=optimizer,
+                              scheduler=scheduler, extra_modules=modules, stateful=stateful)
+        if found is not None:
+            last, state = found
             step, pos = state["step"], Position(state["epoch"], state["index"])
             accelerator.print(f"resumed from {last} at step {step} (epoch {pos.epoch}, item {pos.index})")
+    skipped = list(getattr(source, "skipped", []))
+    if skipped:
+        n = len({(p.file, p.record) for p in skipped})
+        accelerator.print(f"--skip-invalid: {n} invalid record(s) left out of training ({len(skipped)} problem(s)):")
+        for problem in skipped:
+            accelerator.print(f"  {problem}")
 
     writer = _make_writer(out) if accelerator.is_main_process else None
     bar = None
@@ -144,7 +169,7 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
 
         bar = tqdm(total=cfg.steps, initial=step, desc=out.name, unit="step", dynamic_ncols=True)
     orders: dict = {}
-    t_last, seen = time.perf_counter(), 0
+    t_last, seen, nonfinite = time.perf_counter(), 0, 0
     while step < cfg.steps:
         batch, pos = next_global_batch(source, pos, cfg.batch_size, orders)
         sums: dict[str, float] = {}
@@ -165,7 +190,20 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
         grad_norm = None
         if cfg.optim.max_grad_norm is not None:
             grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        optimizer.step()
+        bad = _nonfinite(accelerator, sums, grad_norm, params)
+        if bad is None:
+            optimizer.step()
+        else:
+            # the step is counted (the batch is consumed, schedules move on) but the weights are not touched
+            nonfinite += 1
+            where = f"{out}: step {step + 1}: {bad}"
+            if nonfinite > cfg.skip_nonfinite:
+                last = checkpoint_dirs(ckpt_root)
+                raise NonFiniteError(
+                    f"{where}; training stopped ({nonfinite} such step(s), skip_nonfinite={cfg.skip_nonfinite}). "
+                    f"Lower optim.lr (now {cfg.optim.lr:g}), set optim.max_grad_norm, or check the data; "
+                    f"last checkpoint: {last[-1] if last else 'none'}")
+            accelerator.print(f"{where}; update skipped ({nonfinite} of at most {cfg.skip_nonfinite})")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -190,6 +228,7 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             _run_eval(accelerator, evaluate, model, processor, writer, step)
         if step % cfg.save_every == 0 or step == cfg.steps:
+            _refuse_nonfinite_weights(accelerator.unwrap_model(model), f"{out}: step {step}")
             save_checkpoint(accelerator, ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler,
                             state={"epoch": pos.epoch, "index": pos.index}, extra_modules=modules, stateful=stateful,
                             keep=cfg.keep_checkpoints)
@@ -204,7 +243,7 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
         if accelerator.is_main_process:
             import json
 
-            (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+            write_text_atomic(out / "eval.json", json.dumps(metrics, indent=2))
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), processor, final)
         for name, module in modules.items():
@@ -219,6 +258,7 @@ def save_model(model, processor, path: str | Path) -> Path:
     path = Path(path)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    _refuse_nonfinite_weights(model, f"saving {path}")
     tmp = path.with_name(path.name + ".tmp")
     import shutil
 
@@ -228,6 +268,31 @@ def save_model(model, processor, path: str | Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
+
+
+def _nonfinite(accelerator, losses: dict[str, float], grad_norm, params) -> str | None:
+    """Why this step's update must not be applied (a NaN or infinite loss term or gradient), or None; the
+    same answer on every process."""
+    bad = [f"loss {k} = {v}" for k, v in losses.items() if not math.isfinite(v)]
+    if grad_norm is not None:
+        if not math.isfinite(float(grad_norm)):
+            bad.append(f"gradient norm = {float(grad_norm)}")
+    elif not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+        bad.append("a gradient is not finite")
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(torch.tensor([float(bool(bad))], device=accelerator.device), reduction="sum")
+        if float(flag) and not bad:
+            bad.append("a loss or gradient on another process is not finite")
+    return ", ".join(bad) or None
+
+
+def _refuse_nonfinite_weights(model, where: str) -> None:
+    from ..models.loading import nonfinite_parameters
+
+    names = nonfinite_parameters(model)
+    if names:
+        raise NonFiniteError(f"{where}: {len(names)} parameter tensor(s) hold NaN or infinite values "
+                             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); not saved")
 
 
 def _run_eval(accelerator, evaluate, model, processor, writer, step) -> dict:

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 from ..data.augment import AugmentConfig, augment
-from ..data.layout import read_split
+from ..data.layout import read_split, split_file
+from ..data.records import DatasetError, Problem
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -26,15 +27,21 @@ class RecordSource:
     """The labelled records of one split of one or more tasks, with label-consistent augmentation."""
 
     def __init__(self, root: str | Path, tasks: list[str] | tuple[str, ...], split: str, *, augment: dict | None = None,
-                 seed: int = 0, labelled: bool = True, augment_epochs: int | None = None):
-        self.splits = [read_split(root, task, split) for task in tasks]
+                 seed: int = 0, labelled: bool = True, augment_epochs: int | None = None, skip_invalid: bool = False):
+        # skip_invalid: invalid (or, for training, unlabelled) records are left out and listed in ``skipped``
+        self.splits = [read_split(root, task, split, skip_invalid=skip_invalid) for task in tasks]
+        self.skipped = [p for s in self.splits for p in s.skipped]
         self.items = [(s, r) for s in self.splits for r in s.records]
         if labelled:
-            for s, r in self.items:
-                if r.correct_choice is None:
-                    raise ValueError(f"{s.root}/{s.task}/{s.name}: record {r.image_id!r} has no correct_choice; training needs labels")
+            unlabelled = [(s, r) for s, r in self.items if r.correct_choice is None]
+            problems = [Problem(str(split_file(s.root, s.task, s.name)), r.image_id, "correct_choice", "missing; training needs labels")
+                        for s, r in unlabelled]
+            if problems and not skip_invalid:
+                raise DatasetError(problems)
+            self.skipped += problems
+            self.items = [(s, r) for s, r in self.items if r.correct_choice is not None]
         if not self.items:
-            raise ValueError(f"no records in split {split!r} of {list(tasks)} under {root}")
+            raise DatasetError([Problem(str(split_file(root, t, split)), "-", "-", "no usable records") for t in tasks])
         self.augment = AugmentConfig(dict(augment)) if augment else None
         self.seed = seed
         #: with a teacher cache, augmentations repeat every ``augment_epochs`` epochs (what was cached)

@@ -3,15 +3,71 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
+from ..errors import UserError
 from .metrics import classification_report
 
 REQUIRED = ("image", "pred_ans", "choice")
+#: "B: red circle" or a bare "B": one capital letter, then a colon or the end
+_PRED_ANS = re.compile(r"^\s*([A-Z])\s*(?::|$)")
+#: inference statuses (the peer scorers' convention); the older correctness values read as "success"
+STATUSES = ("success", "error")
+_LEGACY_STATUSES = ("correct", "wrong", "unlabelled")
+
+
+class PredictionsError(UserError, ValueError):
+    """A predictions file that cannot be evaluated; the message names the file, line, record and field."""
+
+
+def _is_letter(value) -> bool:
+    return isinstance(value, str) and len(value) == 1 and "A" <= value <= "Z"
+
+
+def check_row(row, where: str) -> None:
+    """Raise :class:`PredictionsError` for the first malformed field of one predictions line."""
+    if not isinstance(row, dict):
+        raise PredictionsError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in REQUIRED if k not in row]
+    if missing:
+        raise PredictionsError(f"{where}: record {row.get('image', '?')!r} lacks field(s) {missing}")
+
+    def bad(field: str, msg: str) -> PredictionsError:
+        return PredictionsError(f"{where}: record {row['image']!r}: field '{field}': {msg}")
+
+    if not isinstance(row["image"], str):
+        raise PredictionsError(f"{where}: field 'image': must be a string, got {type(row['image']).__name__}")
+    if row["choice"] is not None and not _is_letter(row["choice"]):
+        raise bad("choice", f"must be one capital letter A-Z or null, got {row['choice']!r}")
+    status = row.get("status", "success")
+    if status not in STATUSES + _LEGACY_STATUSES:
+        raise bad("status", f"must be one of {list(STATUSES)}, got {status!r}")
+    if status == "error":  # not scored: counts as wrong whatever else the line holds
+        return
+    m = _PRED_ANS.match(row["pred_ans"]) if isinstance(row["pred_ans"], str) else None
+    if m is None:
+        raise bad("pred_ans", f"{row['pred_ans']!r} does not start with one capital letter and a colon (\"B: red circle\")")
+    letter = row.get("pred_letter")
+    if letter is not None:
+        if not _is_letter(letter):
+            raise bad("pred_letter", f"must be one capital letter A-Z, got {letter!r}")
+        if letter != m.group(1):
+            raise bad("pred_letter", f"{letter!r} disagrees with pred_ans {row['pred_ans']!r}")
+    probs = row.get("probs")
+    if probs is not None:
+        if not isinstance(probs, dict):
+            raise bad("probs", f"must be an object letter -> probability, got {type(probs).__name__}")
+        for k, p in probs.items():
+            if not _is_letter(k):
+                raise bad("probs", f"key {k!r} is not one capital letter A-Z")
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 <= p <= 1:
+                raise bad(f"probs.{k}", f"{p!r} is not a probability (a finite number in [0, 1])")
 
 
 def read_predictions(path: str | Path) -> list[dict]:
-    """Rows of a predictions JSONL; a malformed line is an error naming the file and line."""
+    """Rows of a predictions JSONL; a malformed line is an error naming the file, line, record and field."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -19,36 +75,36 @@ def read_predictions(path: str | Path) -> list[dict]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in REQUIRED if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{n}: record {row.get('image', '?')!r} lacks field(s) {missing}")
-            if not isinstance(row["pred_ans"], str) or not row["pred_ans"][:1].isalpha():
-                raise ValueError(f"{path}:{n}: record {row['image']!r}: pred_ans {row['pred_ans']!r} does not start with a letter")
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise PredictionsError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+            check_row(row, f"{path}:{n}")
             rows.append(row)
     return rows
 
 
 def pred_letter(row: dict) -> str:
-    """The predicted letter: ``pred_letter`` if present, else what ``pred_ans`` ("B: ...") starts with."""
-    return row.get("pred_letter") or row["pred_ans"].split(":", 1)[0].strip()
+    """The predicted letter: ``pred_letter`` if present, else what ``pred_ans`` ("B: ...") starts with; ""
+    for a line whose status is "error" (it was not scored)."""
+    if row.get("status") == "error":
+        return ""
+    return row.get("pred_letter") or _PRED_ANS.match(row["pred_ans"]).group(1)
 
 
 def evaluate_predictions(rows: list[dict], source: str = "predictions") -> dict:
+    """Metrics over the lines with a gold letter; a line with status "error" counts as a wrong prediction."""
     labelled = [r for r in rows if r.get("choice")]
     if not labelled:
-        raise ValueError(f"{source}: no record has a gold letter ('choice'); nothing to evaluate")
+        raise PredictionsError(f"{source}: no record has a gold letter ('choice'); nothing to evaluate")
     gold = [r["choice"] for r in labelled]
     pred = [pred_letter(r) for r in labelled]
-    letters = sorted({l for r in labelled for l in r.get("probs", {})} | set(gold) | set(pred))
+    letters = sorted({l for r in labelled for l in (r.get("probs") or {})} | set(gold) | set(pred) - {""})
     confidence = None
-    if all("probs" in r for r in labelled):
-        confidence = [float(r["probs"].get(p, 0.0)) for r, p in zip(labelled, pred)]
+    if all(r.get("probs") is not None or r.get("status") == "error" for r in labelled):
+        # an unscored line has no confidence in any letter
+        confidence = [float((r.get("probs") or {}).get(p, 0.0)) for r, p in zip(labelled, pred)]
     report = classification_report(gold, pred, confidence=confidence, letters=letters)
     report["unlabelled"] = len(rows) - len(labelled)
+    report["errors"] = sum(r.get("status") == "error" for r in labelled)
     return report
 
 
@@ -72,6 +128,13 @@ def plot_confusion(report: dict, path: str | Path, title: str = "") -> Path:
             ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
     ax.set_title(title or f"accuracy {report['accuracy']:.3f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: never a half-written plot
+    try:
+        fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,9 +1,15 @@
 """Prediction over a split: one answer-scoring pass per batch, exported as the JSONL other teams' scorers
-read (``image, question, answer, choice, pred_ans, status``) plus the per-option probabilities."""
+read (``image, question, answer, choice, pred_ans, status``) plus the per-option probabilities.
+
+``status`` is the *inference* status, as those scorers read it: ``"success"``, or ``"error"`` for a record
+that could not be scored (the reason in ``error``; such a record counts as wrong). Whether the prediction
+is right is its own field, ``correct`` (null when the record has no gold letter). No line holds a NaN.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,15 +26,17 @@ class Prediction:
     question: str
     answer: str | None  # gold option text, when known
     choice: str | None  # gold letter, when known
-    pred_ans: str  # "B: red circle"
-    pred_letter: str
-    status: str  # "correct" / "wrong" / "unlabelled"
-    probs: dict[str, float]  # letter -> probability
+    pred_ans: str  # "B: red circle"; "" when status is "error"
+    pred_letter: str | None
+    status: str  # "success", or "error" when the record could not be scored (why: ``error``)
+    correct: bool | None  # pred_letter == choice; None when unlabelled; False for a labelled "error"
+    probs: dict[str, float] | None  # letter -> probability; None when status is "error"
     task: str
     agreement: float | None = None  # mapping-shift inference: share of mappings that voted for the prediction
+    error: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        return json.dumps(asdict(self), ensure_ascii=False, allow_nan=False)
 
 
 def question_of(record: Record) -> str:
@@ -37,14 +45,18 @@ def question_of(record: Record) -> str:
 
 def to_prediction(record: Record, probs: list[float], *, winner: int | None = None,
                   agreement: float | None = None) -> Prediction:
+    labelled = record.correct_choice is not None
+    common = dict(image=record.image_id, question=question_of(record), answer=record.correct_answer,
+                  choice=record.correct_choice, task=record.task)
+    if not all(math.isfinite(p) for p in probs) or (agreement is not None and not math.isfinite(agreement)):
+        return Prediction(**common, pred_ans="", pred_letter=None, status="error", correct=False if labelled else None,
+                          probs=None, error=f"the model gave non-finite probabilities {[float(p) for p in probs]}")
     best = max(range(len(probs)), key=probs.__getitem__) if winner is None else winner
     letter = record.letters[best]
-    status = "unlabelled" if record.correct_choice is None else ("correct" if letter == record.correct_choice else "wrong")
     return Prediction(
-        image=record.image_id, question=question_of(record), answer=record.correct_answer,
-        choice=record.correct_choice, pred_ans=f"{letter}: {record.options[best]}", pred_letter=letter,
-        status=status, probs={l: float(p) for l, p in zip(record.letters, probs)}, task=record.task,
-        agreement=agreement,
+        **common, pred_ans=f"{letter}: {record.options[best]}", pred_letter=letter, status="success",
+        correct=letter == record.correct_choice if labelled else None,
+        probs={l: float(p) for l, p in zip(record.letters, probs)}, agreement=agreement,
     )
 
 
@@ -97,5 +109,6 @@ def write_jsonl(preds: list[Prediction], path: str | Path) -> Path:
 
 
 def accuracy(preds: list[Prediction]) -> float:
-    labelled = [p for p in preds if p.status != "unlabelled"]
-    return sum(p.status == "correct" for p in labelled) / len(labelled) if labelled else 0.0
+    """Share of the labelled predictions that are correct (one that could not be scored counts as wrong)."""
+    labelled = [p for p in preds if p.correct is not None]
+    return sum(p.correct for p in labelled) / len(labelled) if labelled else 0.0

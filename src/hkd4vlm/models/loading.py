@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from ..errors import ModelError
+
+#: files any one of which holds a tokenizer that loads without extra packages or conversion
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = None, device_map: str | None = None,
@@ -13,6 +19,9 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = No
 
     ``lora``: keyword arguments of ``peft.LoraConfig`` (e.g. ``{"r": 8, "target_modules": "all-linear"}``).
     ``freeze_vision``: no gradient for the vision tower.
+
+    A folder that is missing, lacks its config, weights or tokenizer, holds a corrupt one, or whose weights
+    are not all finite raises :class:`~hkd4vlm.errors.ModelError` naming the folder and the file.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -22,14 +31,30 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = No
     if is_zoo(path) and dtype == "auto":
         dtype = "float32"
     path = resolve(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json); models load from local paths only")
+    check_model_dir(path)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-        use_safetensors=True, local_files_only=True,
-    )
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+            use_safetensors=True, local_files_only=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelError(f"{path}: the model cannot be loaded from its config.json and *.safetensors "
+                         f"({type(e).__name__}: {str(e)[:400]})") from e
+    except Exception as e:  # safetensors' own error type (a truncated or corrupt file) is not an OSError
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelError(f"{path}: a *.safetensors file is corrupt or truncated ({e})") from e
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: the processor (tokenizer and image processor) cannot be loaded "
+                         f"({type(e).__name__}: {str(e)[:400]})") from e
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise ModelError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); refusing to use the model (was it trained with a "
+                         "learning rate that diverged?)")
     if device and not device_map:
         model.to(device)
     if freeze_vision:
@@ -39,6 +64,41 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = No
 
         model = get_peft_model(model, LoraConfig(**lora))
     return model, processor
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a folder that cannot be a model before transformers tries (its messages point elsewhere, e.g.
+    at installing sentencepiece when tokenizer.json is missing)."""
+    if not path.is_dir():
+        raise ModelError(f"model directory {path} does not exist; models load from local paths (or zoo:NAME)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{path} is not a model directory (no config.json); models load from local paths only")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{config}: not valid JSON ({e})") from None
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ModelError(f"{path}: no *.safetensors weights (models load from safetensors only)")
+    from safetensors import safe_open
+
+    for f in weights:  # reads the header only; a truncated or foreign file names itself here
+        try:
+            with safe_open(f, framework="pt"):
+                pass
+        except Exception as e:  # safetensors raises its own error type (not an OSError) for a bad header
+            raise ModelError(f"{f}: not a readable safetensors file, corrupt or truncated ({e})") from None
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{path}: no tokenizer file (tokenizer.json is missing); copy it from the folder the model "
+                         "was saved from")
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the parameters that hold a NaN or an infinite value (buffers may hold -inf by design, e.g. masks)."""
+    import torch
+
+    return [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
 
 
 def vision_tower(model):
