@@ -198,3 +198,16 @@ def test_evaluate_writes_its_metrics_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(pathlib.Path, "write_text", real)
     res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(out)])
     assert res.exit_code == 0 and json.loads(out.read_text())["accuracy"] == 1.0
+
+
+def test_evaluate_names_a_file_that_is_not_text_or_nested_too_deeply(tmp_path):
+    preds = tmp_path / "p.jsonl"
+    preds.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe\n")
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "p.jsonl: not UTF-8" in res.output
+    preds.write_text(json.dumps(GOOD) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "p.jsonl:2: not valid JSON" in res.output
+    # a line separator inside a text field is part of the line, not the end of it
+    preds.write_text(json.dumps({**GOOD, "question": "a\u2028b"}, ensure_ascii=False) + "\n")
+    assert read_predictions(preds)[0]["question"] == "a\u2028b"
