@@ -420,9 +420,11 @@ def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
               help="Instead: load-test the HTTP service on the student; writes {\"serve\": ...}.")
 @click.option("--requests", type=click.IntRange(min=1), default=2000, show_default=True, help="With --serve.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True, help="With --serve.")
+@click.option("--large-image-share", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
+              help="With --serve: the share of requests that carry a 4000 x 4000 PNG instead of the record's image.")
 def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | None, teacher: Path | None,
           data: Path | None, quick: bool, threads: int, device: str | None, serve_load: bool, requests: int,
-          concurrency: int, **sizes) -> None:
+          concurrency: int, large_image_share: float, **sizes) -> None:
     """Speed and memory side by side: inference (one pass, mapping shifts with and without prefix reuse,
     generate-then-parse), training (SFT, online and offline distillation) and peak memory, each measured
     in a fresh process; prints a table and writes OUT."""
@@ -437,7 +439,8 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
     try:
         if serve_load:
             result = run_serve_bench(settings, requests=requests, concurrency=concurrency, run=run_dir,
-                                     models=model_dirs, student=student, data=data, log=click.echo)
+                                     models=model_dirs, student=student, data=data,
+                                     large_image_share=large_image_share, log=click.echo)
         else:
             result = run_bench(settings, run=run_dir, models=model_dirs, student=student, teacher=teacher, data=data,
                                quick=quick, log=click.echo)
@@ -465,10 +468,20 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
               help="Larger images are refused (422; decompression bombs).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Requests waiting for the model beyond this many are refused (503, Retry-After).")
+@click.option("--max-text-chars", type=click.IntRange(min=1), default=8_000, show_default=True,
+              help="Longer text fields (caption, option, claim, ...) are refused (422).")
+@click.option("--max-text-tokens", type=click.IntRange(min=1), default=1_024, show_default=True,
+              help="Text fields of more tokens (the model's tokenizer) are refused (422).")
+@click.option("--max-image-side", type=click.IntRange(min=1), default=1_024, show_default=True,
+              help="Images are scaled down to this many pixels on the longer side as they are decoded.")
+@click.option("--max-inflight-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
+              help="Memory the requests in flight may hold (bodies being parsed, decoded images); beyond it new "
+                   "ones are refused (503, Retry-After).")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", default="auto", show_default=True)
 def serve(model_dir: Path, host: str, port: int, shifts: int, max_batch_size: int, max_wait_ms: float,
-          max_body_mb: float, max_pixels: int, device: str | None, dtype: str, max_queue: int) -> None:
+          max_body_mb: float, max_pixels: int, device: str | None, dtype: str, max_queue: int, max_text_chars: int,
+          max_text_tokens: int, max_image_side: int, max_inflight_mb: float) -> None:
     """Serve a judge over HTTP: POST /v1/hallucination and /v1/factuality (JSON with a base64 image, or
     multipart), micro-batched into single model calls; GET /healthz, /v1/model, /v1/stats."""
     try:
@@ -476,7 +489,9 @@ def serve(model_dir: Path, host: str, port: int, shifts: int, max_batch_size: in
     except ImportError as e:
         raise click.ClickException(str(e)) from None
     run(model_dir, host=host, port=port, shifts=shifts, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_body_mb=max_body_mb, max_pixels=max_pixels, device=device, dtype=dtype, max_queue=max_queue)
+        max_body_mb=max_body_mb, max_pixels=max_pixels, device=device, dtype=dtype, max_queue=max_queue,
+        max_text_chars=max_text_chars, max_text_tokens=max_text_tokens, max_image_side=max_image_side,
+        max_inflight_mb=max_inflight_mb)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

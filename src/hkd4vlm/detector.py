@@ -87,12 +87,15 @@ def _check_options(options: Any, name: str, policy: TextPolicy = DEFAULT_TEXT_PO
     return out
 
 
-def load_image_input(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
-    """An RGB image from a path, bytes or a PIL image; InputError naming the field when it is not one."""
+def load_image_input(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None,
+                     name: str = "image") -> Image.Image:
+    """An RGB image from a path, bytes or a PIL image, scaled down to ``max_side`` when longer (None: as it is);
+    InputError naming the field when it is not one."""
     if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image)):
         raise InputError(f"field '{name}': must be a path, bytes or a PIL image, got {type(image).__name__}")
     try:
-        return open_image(Path(image) if isinstance(image, (str, os.PathLike)) else image, max_pixels=max_pixels)
+        source = Path(image) if isinstance(image, (str, os.PathLike)) else image
+        return open_image(source, max_pixels=max_pixels, max_side=max_side)
     except ValueError as e:
         raise InputError(f"field '{name}': {e}") from None
 

@@ -168,9 +168,10 @@ def format_table(result: dict) -> str:
 
 def run_serve_bench(s: BenchSettings, *, requests: int, concurrency: int, run: Path | None = None,
                     models: list[Path] | tuple = (), student: Path | None = None, data: Path | None = None,
-                    log: Callable[[str], None] = print) -> dict:
+                    large_image_share: float = 0.0, log: Callable[[str], None] = print) -> dict:
     """The HTTP service's load test (``serve.bench_serve``) on the student model, replaying the
-    benchmark's records: ``{"serve": {...}}``."""
+    benchmark's records (a share ``large_image_share`` with a 4000 x 4000 image): ``{"serve": {...}}``,
+    with the server's resident memory before, at the peak of and after the round."""
     import torch
 
     from ..serve import bench_serve
@@ -193,4 +194,5 @@ def run_serve_bench(s: BenchSettings, *, requests: int, concurrency: int, run: P
             student_dir = built["student"]
         detector = Detector.from_pretrained(student_dir)
         log(f"load test of the HTTP service on {student_dir}: {requests} requests, concurrency {concurrency} ...")
-        return {"serve": bench_serve(detector, requests=requests, concurrency=concurrency, images=root)}
+        return {"serve": bench_serve(detector, requests=requests, concurrency=concurrency, images=root,
+                                     large_image_share=large_image_share)}

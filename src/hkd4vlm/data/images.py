@@ -58,12 +58,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_side: int | None = None) -> Image.Image:
     """Load an image fully as RGB with EXIF orientation applied.
 
     ``source`` is a path, raw bytes or a PIL image. Raises :class:`ImageProblem` for a missing,
-    empty, truncated or non-image file, or one over ``max_pixels``.
+    empty, truncated or non-image file, or one over ``max_pixels``. ``max_side``: an image longer than
+    that on a side is scaled down to fit, keeping its aspect ratio (a JPEG is decoded at a reduced scale
+    at once, so a large photo never exists in memory at full size); None keeps the size.
     """
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be at least 1 (or None), got {max_side}")
     if isinstance(source, Image.Image):
         img = source
         _check_pixels(img, max_pixels)
@@ -87,6 +92,8 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: i
             try:
                 img = Image.open(fp)
                 _check_pixels(img, max_pixels)
+                if max_side is not None:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least max_side
+                    img.draft("RGB", (max_side, max_side))
                 img.load()
             except ImageProblem:
                 raise
@@ -100,7 +107,12 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: i
         img = ImageOps.exif_transpose(img)
     except Exception as e:  # a broken EXIF block should name itself, not crash a training run
         raise ImageProblem(f"corrupt EXIF data: {e}") from None
-    return to_rgb(img)
+    img = to_rgb(img)
+    if max_side is not None and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)  # a new image: the caller's is kept
+    return img
 
 
 def _check_pixels(img: Image.Image, max_pixels: int) -> None:

@@ -2,38 +2,64 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from ..detector import Detector, InputError, load_image_input
 from .batching import MicroBatcher
+from .limits import IdleTrim, MemoryBudget, image_bytes, request_reservation, rss_bytes
 from .middleware import BodySizeLimit, RequestCounter, RequestCounts
 from .requests import RequestError, _error_body, _from_input_error, _request_fields, _request_record, _response
 
 
 def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
-               max_body_bytes: int = 10 * 2**20, max_pixels: int = 16_000_000, max_queue: int = 1024) -> FastAPI:
-    """The FastAPI app serving ``detector``; its batcher runs while the app's lifespan does. Beyond
-    ``max_queue`` requests waiting for the model, new ones are refused with 503 and Retry-After."""
+               max_body_bytes: int = 10 * 2**20, max_pixels: int = 16_000_000, max_queue: int = 1024,
+               max_text_chars: int | None = 8_000, max_text_tokens: int | None = 1_024, max_image_side: int = 1_024,
+               max_inflight_bytes: int = 512 * 2**20, decode_workers: int = 2) -> FastAPI:
+    """The FastAPI app serving ``detector``; its batcher runs while the app's lifespan does.
+
+    Limits that bound the work: a text field longer than ``max_text_chars`` characters or ``max_text_tokens``
+    tokens is refused (422); an image over ``max_pixels`` is refused (422), and every image is scaled down to
+    ``max_image_side`` pixels on its longer side as it is decoded, on ``decode_workers`` threads; the requests
+    in flight hold at most ``max_inflight_bytes`` (serve.limits), and beyond ``max_queue`` requests waiting for
+    the model new ones are refused (503 with Retry-After)."""
+    if max_image_side < 1 or decode_workers < 1:
+        raise ValueError(f"max_image_side and decode_workers must be at least 1, got {max_image_side}, {decode_workers}")
+    largest = request_reservation({}, max_body_bytes, max_image_side)
+    if max_inflight_bytes < largest:
+        raise ValueError(f"max_inflight_bytes ({max_inflight_bytes:,}) must hold at least one request of the body "
+                         f"and image limits ({largest:,} bytes)")
     batcher = MicroBatcher(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
     info = detector.info()  # counts parameters once, not per request
     counter = RequestCounts()
+    policy = detector.text_policy_with(max_text_chars, max_text_tokens)
+    budget = MemoryBudget(max_inflight_bytes)
+    idle_trim = IdleTrim(lambda: budget.used == 0)
+    limits = {"max_body_bytes": max_body_bytes, "max_pixels": max_pixels, "max_image_side": max_image_side,
+              "max_text_chars": max_text_chars, "max_text_tokens": max_text_tokens,
+              "max_inflight_bytes": max_inflight_bytes, "max_queue": max_queue}
+    decoder: ThreadPoolExecutor | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal decoder
+        decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="hkd4vlm-decode")
         batcher.start()
         try:
             yield
         finally:
             await batcher.stop()
+            decoder.shutdown(wait=True)
 
     app = FastAPI(title="hkd4vlm judge", lifespan=lifespan)
     app.state.batcher = batcher
@@ -44,13 +70,24 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
         return JSONResponse(_error_body(e.message, e.field), status_code=e.status, headers=headers)
 
     async def score(request: Request, task: str) -> dict[str, Any]:
-        fields = await _request_fields(request)
-        record = _request_record(task, fields, detector.text_policy)
-        try:  # decoding is CPU work: off the event loop, so other requests keep arriving
-            image = await run_in_threadpool(load_image_input, fields["image"], max_pixels=max_pixels)
-        except InputError as e:
-            raise _from_input_error(e) from None
-        return _response(await batcher.submit(record, image), info["name"])
+        held = budget.reserve(request_reservation(request.headers, max_body_bytes, max_image_side))  # before reading
+        try:
+            fields = await _request_fields(request)
+            record = _request_record(task, fields, policy)
+            raw = fields.pop("image")
+            del fields
+            try:  # decoding is CPU work: off the event loop, so other requests keep arriving
+                image = await asyncio.get_running_loop().run_in_executor(
+                    decoder, partial(load_image_input, raw, max_pixels=max_pixels, max_side=max_image_side))
+            except InputError as e:
+                raise _from_input_error(e) from None
+            del raw
+            held.shrink(image_bytes(image))  # all the request holds while it waits for the model
+            return _response(await batcher.submit(record, image), info["name"])
+        finally:
+            held.release()
+            if budget.used == 0:  # idle: give the decoders' freed image buffers back to the system soon
+                idle_trim.soon()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -58,8 +95,7 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
 
     @app.get("/v1/model")
     async def model() -> dict[str, Any]:
-        return {**info, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
-                "max_body_bytes": max_body_bytes, "max_pixels": max_pixels, "max_queue": max_queue}
+        return {**info, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, **limits}
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
@@ -71,6 +107,8 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
                 "failed_records": b.failed_records,
                 "mean_batch_size": b.items / b.batches if b.batches else 0.0, "largest_batch": b.largest,
                 "model_seconds": b.model_seconds, "queued": b.queued, "shed": b.shed,
+                "inflight_bytes": budget.used, "peak_inflight_bytes": budget.peak, "refused_for_memory": budget.refused,
+                "rss_bytes": rss_bytes(),
                 "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": max_queue}
 
     @app.post("/v1/hallucination")
@@ -153,11 +191,14 @@ class ServerThread:
 
 def run(model_dir, host: str = "127.0.0.1", port: int = 8000, shifts: int | None = 4, max_batch_size: int = 16,
         max_wait_ms: float = 5.0, max_body_mb: float = 10.0, max_pixels: int = 16_000_000, device: str | None = None,
-        dtype: str = "auto", max_queue: int = 1024) -> None:
+        dtype: str = "auto", max_queue: int = 1024, max_text_chars: int | None = 8_000,
+        max_text_tokens: int | None = 1_024, max_image_side: int = 1_024, max_inflight_mb: float = 512.0) -> None:
     """Load the model in ``model_dir`` and serve it until interrupted (``hkd4vlm serve``)."""
     detector = Detector.from_pretrained(model_dir, shifts=shifts, device=device, dtype=dtype)
     app = create_app(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                     max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels, max_queue=max_queue)
+                     max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels, max_queue=max_queue,
+                     max_text_chars=max_text_chars, max_text_tokens=max_text_tokens, max_image_side=max_image_side,
+                     max_inflight_bytes=int(max_inflight_mb * 2**20))
     info = detector.info()
     print(f"serving {info['name']} ({info['params']:,} parameters, {info['shifts']} shifts, {info['device']}) "
           f"on http://{host}:{port}", flush=True)

@@ -4,13 +4,17 @@
     report = bench_serve(detector, requests=2000, concurrency=64, images="data/synth")
 
 The clients replay the records of a dataset in the challenge layout (both tasks, mostly base64 JSON, some
-multipart), check every answer and report latency percentiles, throughput and how well requests batched.
+multipart, optionally some with a 4000 x 4000 image), check every answer and report latency percentiles,
+throughput, how well requests batched, and the server's resident memory before, at the peak of and after the
+load round.
 """
 
 from __future__ import annotations
 
 import base64
+import gc
 import http.client
+import io
 import json
 import math
 import os
@@ -24,6 +28,7 @@ from typing import Any
 
 from ..data.records import LETTERS
 from ..detector import Detector
+from .limits import rss_bytes
 
 #: at most this many failure messages are kept in the report
 MAX_FAILURE_EXAMPLES = 5
@@ -67,6 +72,16 @@ def _requests_for(path: str, fields: dict[str, Any], image: bytes, list_field: s
     boundary = f"hkd4vlm-bench-{k}"
     as_form = _Request(path, _multipart(form, image, boundary), f"multipart/form-data; boundary={boundary}", options)
     return as_json, as_form
+
+
+def large_png(image: bytes, side: int = 4000) -> bytes:
+    """``image`` scaled up to ``side`` x ``side`` pixels (nearest neighbour), as PNG: a small upload that decodes
+    to a large image, as phone photos and screenshots do."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(image)).convert("RGB").resize((side, side), Image.Resampling.NEAREST).save(out, "PNG")
+    return out.getvalue()
 
 
 def load_workload(root: str | os.PathLike, split: str = "test") -> list[tuple[_Request, _Request]]:
@@ -163,6 +178,28 @@ def _client(host: str, port: int, plan: list[_Request], take, log: _ClientLog, t
     conn.close()
 
 
+class _RssSampler(threading.Thread):
+    """This process's resident memory, sampled every ``interval_s`` until stopped; ``peak`` in bytes."""
+
+    def __init__(self, interval_s: float = 0.01):
+        super().__init__(name="hkd4vlm-rss", daemon=True)
+        self.interval_s, self.peak = interval_s, rss_bytes() or 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            self.peak = max(self.peak, rss_bytes() or 0)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, rss_bytes() or 0)
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
 def _percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
@@ -173,14 +210,18 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 
 def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 64, max_batch_size: int = 16,
                 max_wait_ms: float = 5.0, images: str | os.PathLike | None = None, seed: int = 0,
-                split: str = "test", multipart_share: float = 0.2, timeout_s: float = 120.0) -> dict[str, Any]:
+                split: str = "test", multipart_share: float = 0.2, large_image_share: float = 0.0,
+                timeout_s: float = 120.0, settle_s: float = 1.0, **app_options) -> dict[str, Any]:
     """Serve ``detector`` on a free loopback port and send it ``requests`` requests from ``concurrency`` threads.
 
     ``images`` is a dataset root in the challenge layout whose ``split`` records (both tasks) are replayed;
     None generates a small synthetic benchmark in a temporary folder. A share ``multipart_share`` of the
-    requests are multipart uploads, the rest base64 JSON. Two warm-up requests are not counted. Returns
-    counts (ok, failed: a wrong or malformed answer, lost: no answer at all), latency percentiles in ms,
-    throughput and the server's batching (batches, mean_batch_size) over the timed requests.
+    requests are multipart uploads, the rest base64 JSON; a share ``large_image_share`` carry a 4000 x 4000
+    PNG instead of the record's image. Two warm-up requests are not counted. Returns counts (ok, failed: a
+    wrong or malformed answer, lost: no answer at all), latency percentiles in ms, throughput, the server's
+    batching (batches, mean_batch_size) over the timed requests, and ``rss_mb``: the resident memory of the
+    process (the server, and the client threads beside it) after the warm-up, at its peak during the round
+    (sampled every 10 ms) and ``settle_s`` after the last answer. ``app_options`` go to ``create_app``.
     """
     from .app import ServerThread, create_app
 
@@ -195,16 +236,31 @@ def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 
             workload = load_workload(Path(tmp) / "data", "test")
     else:
         workload = load_workload(images, split)
+    large = []
+    if large_image_share > 0:  # every record again, with the first record's image scaled up to 4000 x 4000
+        big = large_png(base64.b64decode(json.loads(workload[0][0].body)["image"]))
+        for k, (as_json, _) in enumerate(workload):
+            fields = {name: v for name, v in json.loads(as_json.body).items() if name != "image"}
+            list_field = "options" if as_json.path == "/v1/hallucination" else "choices"
+            large.append(_requests_for(as_json.path, fields, big, list_field, k))
     rng = random.Random(seed)
-    plan = [pair[rng.random() < multipart_share] for pair in (rng.choice(workload) for _ in range(requests))]
+    plan = []
+    for _ in range(requests):
+        i = rng.randrange(len(workload))
+        pair = large[i] if large and rng.random() < large_image_share else workload[i]
+        plan.append(pair[rng.random() < multipart_share])
 
-    app = create_app(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    app = create_app(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, **app_options)
     with ServerThread(app) as server:
         host, port = server.host, server.port
         warm = _ClientLog()  # one request per endpoint, so first-call costs stay out of the numbers
         warm_plan = list({json_req.path: json_req for json_req, _ in workload}.values())
         _client(host, port, warm_plan, _taker(len(warm_plan)), warm, timeout_s)
         before = _get_json(host, port, "/v1/stats", timeout_s)
+        gc.collect()
+        rss_before = rss_bytes()
+        sampler = _RssSampler()
+        sampler.start()
 
         go = threading.Event()
         logs = [_ClientLog() for _ in range(concurrency)]
@@ -218,7 +274,11 @@ def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        rss_peak = sampler.stop()
         after = _get_json(host, port, "/v1/stats", timeout_s)
+        time.sleep(settle_s)  # the server gives freed memory back once idle (serve.limits.IdleTrim)
+        gc.collect()
+        rss_after = rss_bytes()
 
     latencies = sorted(ms for log in logs for ms in log.latencies_ms)
     ok, failed, lost = (sum(getattr(log, k) for log in logs) for k in ("ok", "failed", "lost"))
@@ -234,6 +294,9 @@ def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 
         "largest_batch": after["largest_batch"],
         "model_seconds": round(after["model_seconds"] - before["model_seconds"], 3),
         "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "multipart_share": multipart_share,
+        "large_image_share": large_image_share,
+        "rss_mb": {"before": _mib(rss_before), "peak": _mib(rss_peak), "after": _mib(rss_after)},
+        "refused_for_memory": after.get("refused_for_memory", 0) - before.get("refused_for_memory", 0),
         "model": detector.name, "warmup_failures": warm.failed + warm.lost,
         "failure_examples": [f for log in logs for f in log.failures][:MAX_FAILURE_EXAMPLES],
     }

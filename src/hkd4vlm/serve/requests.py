@@ -53,7 +53,8 @@ def _decode_base64(value: Any) -> bytes:
 
 
 async def _json_fields(request: Request) -> dict[str, Any]:
-    body = await request.body()
+    # read from the stream rather than request.body(), which would keep the body on the request until it is answered
+    body = b"".join([chunk async for chunk in request.stream()])
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
