@@ -3,6 +3,7 @@ intact one, a changed config is refused, and NaN or infinite losses, gradients a
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,21 @@ def test_a_nan_loss_stops_training_or_is_skipped_when_allowed(tmp_path, tiny_mod
     assert "step 2: loss ce = nan" in said and "update skipped (1 of at most 1)" in said
     weights = load_file(final / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+@pytest.mark.parametrize("state,words", [
+    ("{", "unreadable"),
+    ('{"step": 2}', "step, epoch and index"),
+    ('{"step": 2, "epoch": 0, "index": 8, "files": [1]}', "'files'"),
+    ('{"step": 2, "epoch": 0, "index": 8, "files": {"model.pt": 5}}', "files.model.pt"),
+    ('{"step": 2, "epoch": 0, "index": 8, "files": {"../../etc/passwd": {"bytes": 1, "sha256": "x"}}}', "not a file of"),
+    ('{"step": 2, "epoch": 0, "index": 8, "files": {"model.pt": {"bytes": 1, "sha256": "x"}}}', "model.pt: missing"),
+])
+def test_a_tampered_state_file_is_a_checkpoint_error(tmp_path, state, words):
+    from hkd4vlm.engine.checkpoint import verify_checkpoint
+
+    ckpt = tmp_path / "step-2"
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text(state)
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        verify_checkpoint(ckpt)

@@ -140,6 +140,10 @@ def verify_checkpoint(path: str | Path) -> dict:
     if not isinstance(files, dict):
         raise CheckpointError(f"{path / STATE_FILE}: field 'files' must map file names to sizes and hashes")
     for name, want in files.items():
+        if Path(name).name != name or name in (".", "..", STATE_FILE):
+            raise CheckpointError(f"{path / STATE_FILE}: field 'files' lists {name!r}, which is not a file of the checkpoint")
+        if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str):
+            raise CheckpointError(f"{path / STATE_FILE}: field 'files.{name}' must be {{\"bytes\": int, \"sha256\": str}}")
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing")
