@@ -146,3 +146,28 @@ def test_two_processes_match_one_with_mutual_teacher_and_projector(pyramid, synt
     # the mutual teacher and the projector did learn (so equality above is not trivial)
     assert any(not torch.equal(load_file(f"{pyramid[1]}/model.safetensors")[k], v)
                for k, v in load_file(tmp_path / "two" / s0 / "mutual_teacher" / "model.safetensors").items())
+
+
+def test_resuming_a_stage_with_a_changed_recipe_is_refused_and_keeps_recipe_yaml(pyramid, synth_root, tmp_path):
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == 1:
+            raise Killed
+
+    raw = _recipe(pyramid, synth_root, tmp_path / "run")
+    raw["stages"] = raw["stages"][:1]
+    with pytest.raises(Killed):
+        run_recipe(RecipeConfig.model_validate(raw), on_step=kill)
+    saved = (tmp_path / "run" / "recipe.yaml").read_text()
+    raw["seed"] = 5
+    raw["stages"][0]["optim"] = {"lr": 0.5}
+    with pytest.raises(ConfigError, match=r"stages\.0 was interrupted.*optim\.lr: 0\.001 -> 0\.5; seed: 0 -> 5.*--resume-force"):
+        run_recipe(RecipeConfig.model_validate(raw))
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == saved
+    final = run_recipe(RecipeConfig.model_validate(raw), resume_force=True)
+    assert final[2].endswith("model")
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["seed"] == 5

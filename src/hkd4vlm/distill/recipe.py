@@ -97,6 +97,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
     from ..models.loading import load_model
 
     out = Path(recipe.out)
+    _check_resume(recipe, out, resume_force)  # before recipe.yaml is replaced
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         save_config(recipe, out / "recipe.yaml")
@@ -161,6 +162,32 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
         barrier()
         current[st.level] = str(final)
     return current
+
+
+def _check_resume(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
+    """Refuse to resume the interrupted stage (the first one not done) with settings that differ from the
+    ones it started with, naming them, unless ``resume_force`` (``engine.loop.train`` checks the same; this
+    runs first so that recipe.yaml is not replaced when refusing)."""
+    from ..engine.checkpoint import checkpoint_dirs
+    from ..engine.config import ConfigError, resume_changes
+
+    current = {i: str(p) for i, p in enumerate(recipe.pyramid)}
+    for i, st in enumerate(recipe.stages):
+        stage_out = out / f"stage-{i}-{st.kind}-level{st.level}"
+        done = stage_out / "done.json"
+        if done.is_file():
+            record = json.loads(done.read_text(encoding="utf-8"))
+            current[st.level] = record["model"]
+            if "teacher" in record:
+                current[st.level - 1] = record["teacher"]
+            continue
+        if checkpoint_dirs(stage_out / "checkpoints") and (stage_out / "config.yaml").is_file() and not resume_force:
+            changes = resume_changes(stage_out / "config.yaml", _train_config(recipe, st, current[st.level], stage_out))
+            if changes:
+                what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                raise ConfigError(f"{stage_out}: stages.{i} was interrupted and would resume with changed settings "
+                                  f"({what}); restore them, use a new out folder, or pass --resume-force")
+        return
 
 
 def _teachers(stage) -> list:
