@@ -748,3 +748,5 @@ def test_hostile_records_and_files_are_each_one_problem_line_among_the_others(tm
     assert len(json.loads(res.output)["problems"]) == 6
     with pytest.raises(DatasetError, match="outside the dataset root"):
         read_split(root, "factuality", "train")
+    huge = write_json(root, "hallucination", "extra", "[" + "9" * 5000 + "]")  # more digits than int() reads
+    assert "cannot be read" in only_problem(problems_of(root, split="extra"), huge, "-", "-").message

@@ -207,7 +207,10 @@ def test_evaluate_names_a_file_that_is_not_text_or_nested_too_deeply(tmp_path):
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "p.jsonl: not UTF-8" in res.output
     preds.write_text(json.dumps(GOOD) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
     res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json")])
-    assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "p.jsonl:2: not valid JSON" in res.output
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "p.jsonl:2: JSON that cannot be read" in res.output
+    preds.write_text(json.dumps(GOOD) + "\n" + '{"image": ' + "9" * 5000 + "}\n")
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "p.jsonl:2: JSON that cannot be read" in res.output
     # a line separator inside a text field is part of the line, not the end of it
     preds.write_text(json.dumps({**GOOD, "question": "a\u2028b"}, ensure_ascii=False) + "\n")
     assert read_predictions(preds)[0]["question"] == "a\u2028b"

@@ -68,6 +68,8 @@ def load_raw(path: Path) -> tuple[list, list[Problem]]:
         return [], [Problem(str(path), "-", "-", f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}")]
     except RecursionError:
         return [], [Problem(str(path), "-", "-", "JSON nested too deeply to read (records are flat objects)")]
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        return [], [Problem(str(path), "-", "-", f"JSON that cannot be read: {e}")]
     except OSError as e:
         return [], [Problem(str(path), "-", "-", f"cannot be read: {e.strerror or e}")]
     if not isinstance(data, list):

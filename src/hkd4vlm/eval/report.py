@@ -78,8 +78,10 @@ def read_predictions(path: str | Path) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise PredictionsError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+        except json.JSONDecodeError as e:
+            raise PredictionsError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        except (RecursionError, ValueError) as e:  # nested too deeply; an integer of too many digits
+            raise PredictionsError(f"{path}:{n}: JSON that cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
         check_row(row, f"{path}:{n}")
         rows.append(row)
     return rows
