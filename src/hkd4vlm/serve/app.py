@@ -103,6 +103,7 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
         return {"requests": counter.requests, "ok": counter.ok,
                 "errors": counter.client_errors + counter.server_errors,
                 "client_errors": counter.client_errors, "server_errors": counter.server_errors,
+                "disconnected": counter.disconnected,
                 "batches": b.batches, "batched_requests": b.items, "failed_batches": b.failed_batches,
                 "failed_records": b.failed_records,
                 "mean_batch_size": b.items / b.batches if b.batches else 0.0, "largest_batch": b.largest,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from .requests import SCORING_PATHS, _error_body
 
@@ -58,10 +59,14 @@ class RequestCounts:
     ok: int = 0
     client_errors: int = 0
     server_errors: int = 0
+    disconnected: int = 0
 
 
 class RequestCounter:
-    """Counts the scoring requests and their outcomes (ok, client error, server error) into ``counts``."""
+    """Counts the scoring requests and their outcomes (ok, client error, server error) into ``counts``.
+
+    A client that hangs up before its request is read is counted as ``disconnected``, and nothing is logged:
+    it is not the server's fault, and nobody is left to answer (uvicorn would print a traceback for each)."""
 
     def __init__(self, app, counts: RequestCounts):
         self.app, self.counts = app, counts
@@ -78,12 +83,14 @@ class RequestCounter:
                 status = event["status"]
             await send(event)
 
+        outcome = "server_errors"  # an exception before any response, unless the client hung up
         try:
             await self.app(scope, receive, watched_send)
+        except ClientDisconnect:
+            if status is not None:
+                raise
+            outcome = "disconnected"  # swallowed: the connection is gone, there is nothing to send
         finally:
-            if status is not None and status < 400:
-                self.counts.ok += 1
-            elif status is not None and status < 500:
-                self.counts.client_errors += 1
-            else:  # a 5xx, or an exception before any response
-                self.counts.server_errors += 1
+            if status is not None:
+                outcome = "ok" if status < 400 else "client_errors" if status < 500 else "server_errors"
+            setattr(self.counts, outcome, getattr(self.counts, outcome) + 1)

@@ -59,6 +59,9 @@ async def _json_fields(request: Request) -> dict[str, Any]:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"body: malformed JSON ({e})", "body") from None
+    except RecursionError:  # the parser recurses per level: a body of 100,000 '[' ends here, not in a 500
+        raise RequestError(400, "body: JSON nested too deeply (a request is an object of strings and lists of "
+                           "strings)", "body") from None
     if not isinstance(payload, dict):
         raise RequestError(422, f"body: must be a JSON object, got {type(payload).__name__}", "body")
     if "image" in payload:
@@ -73,6 +76,9 @@ def _form_list(name: str, values: list[str]) -> list[str]:
             parsed = json.loads(values[0])
         except json.JSONDecodeError as e:
             raise RequestError(422, f"field '{name}': not a valid JSON list ({e})", name) from None
+        except RecursionError:
+            raise RequestError(422, f"field '{name}': JSON nested too deeply (expected a list of strings)",
+                               name) from None
         return parsed
     return values
 

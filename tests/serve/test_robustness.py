@@ -1,0 +1,99 @@
+"""Hostile and broken clients over real HTTP: clients that hang up mid-request are not server errors and log no
+tracebacks; deeply nested JSON is a 400 (or a 422 naming the field), not a 500."""
+
+import json
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from serve_helpers import assert_still_serving, hall_json, png  # noqa: E402
+
+from hkd4vlm.serve import ServerThread, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(detector):
+    with ServerThread(create_app(detector, max_batch_size=8, max_wait_ms=5)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def _hang_up(port: int, kind: str, i: int) -> None:
+    """Start a scoring request, send part of its body slowly, and close the connection."""
+    if kind == "json":
+        head, body = "application/json", b'{"caption": "a red circle", "image": "' + b"QUFB" * 200
+    elif kind == "multipart":
+        head = "multipart/form-data; boundary=hkd"
+        body = b'--hkd\r\nContent-Disposition: form-data; name="caption"\r\n\r\na red'
+    else:  # chunked, no length given
+        head, body = "application/json", b"40\r\n" + b'{"caption": "a red circle", "options": ["red", "blue"], "ima'
+    length = "Transfer-Encoding: chunked" if kind == "chunked" else "Content-Length: 100000"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/{'hallucination' if i % 2 else 'factuality'} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Content-Type: {head}\r\n{length}\r\n\r\n".encode())
+        for start in range(0, len(body), 64):  # a slow client
+            sock.sendall(body[start:start + 64])
+            time.sleep(0.002)
+
+
+def test_clients_that_hang_up_are_not_server_errors_and_log_no_tracebacks(server, client, hall, caplog):
+    n = 30
+    before = client.get("/v1/stats").json()
+    with caplog.at_level(logging.INFO):
+        threads = [threading.Thread(target=_hang_up, args=(server.port, ("json", "multipart", "chunked")[i % 3], i))
+                   for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        deadline = time.monotonic() + 30
+        while client.get("/v1/stats").json()["requests"] - before["requests"] < n:  # every one has ended
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.2)
+    after = client.get("/v1/stats").json()
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not noisy, f"{len(noisy)} log records: " + "; ".join(f"{r.name}: {r.getMessage()}" for r in noisy[:3])
+    assert after["server_errors"] == before["server_errors"] and after["errors"] == before["errors"]
+    assert after["disconnected"] - before["disconnected"] == n
+    assert_still_serving(client, hall)
+
+
+DEEP = 100_000
+NESTED = {  # the request, the status, the field the answer must name
+    "a body of nested lists": (lambda h: {"content": b"[" * DEEP + b"]" * DEEP}, 400, "body"),
+    "a body of nested objects": (lambda h: {"content": b'{"a":' * DEEP + b"1" + b"}" * DEEP}, 400, "body"),
+    "nested lists in a field": (lambda h: {"content": b'{"caption": "c", "options": ' + b"[" * DEEP + b"]" * DEEP
+                                           + b"}"}, 400, "body"),
+    "unclosed nesting": (lambda h: {"content": b"[" * DEEP}, 400, "body"),
+    "a nested option, within the parser's depth": (lambda h: {"json": hall_json(h, options=json.loads(
+        "[" * 500 + "]" * 500))}, 422, "options"),
+    "a multipart list field nested deeply": (lambda h: {"data": {"caption": "c", "options": "[" * DEEP + "]" * DEEP},
+                                                        "files": {"image": ("x.png", png((8, 8)))}}, 422, "options"),
+}
+
+
+@pytest.mark.parametrize("case", list(NESTED))
+def test_deeply_nested_json_is_a_client_error_naming_the_field(client, hall, case):
+    make, status, field = NESTED[case]
+    kwargs = make(hall)
+    if "content" in kwargs:
+        kwargs["headers"] = {"Content-Type": "application/json"}
+    before = client.get("/v1/stats").json()
+    got = client.post("/v1/hallucination", **kwargs)
+    assert got.status_code == status, got.text[:300]
+    assert got.json()["field"] == field
+    after = client.get("/v1/stats").json()
+    assert after["server_errors"] == before["server_errors"] and after["client_errors"] == before["client_errors"] + 1
+    assert_still_serving(client, hall)
