@@ -83,6 +83,15 @@ def test_config_errors_name_the_field(tmp_path, synth_root):
     assert isinstance(cfg, TrainConfig) and cfg.optim.lr == 0.01 and cfg.data.tasks == ["factuality"]
 
 
+def test_an_empty_mapping_override_replaces(tmp_path, synth_root):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "out": "o", "data": {"root": str(synth_root)},
+                                    "augment": {"hflip": 0.5, "paraphrase": 0.3}}))
+    assert load_config(path, ["augment={}"]).augment == {}
+    assert load_config(path, ["augment.hflip=0"]).augment == {"hflip": 0.0, "paraphrase": 0.3}
+    assert load_config(path).augment == {"hflip": 0.5, "paraphrase": 0.3}
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, warmup=4, total=10) == pytest.approx(0.25)
     assert warmup_cosine(3, warmup=4, total=10) == pytest.approx(1.0)

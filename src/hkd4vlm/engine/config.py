@@ -116,11 +116,12 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
 
 
 def merge(base: Any, update: Any) -> Any:
-    """Deep merge of nested dicts; lists are indexed by integer keys (``stages.1.tau=2``)."""
+    """Deep merge of nested dicts; lists are indexed by integer keys (``stages.1.tau=2``). An empty mapping
+    replaces what it updates (``augment={}`` switches every augmentation off; merged, it would change nothing)."""
     if isinstance(base, dict) and isinstance(update, dict):
         out = dict(base)
         for k, v in update.items():
-            out[k] = merge(base.get(k), v) if k in base else v
+            out[k] = merge(base.get(k), v) if k in base and v != {} else v
         return out
     if isinstance(base, list) and isinstance(update, dict) and all(str(k).isdigit() for k in update):
         out = list(base)
