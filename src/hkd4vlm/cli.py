@@ -477,21 +477,40 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
 @click.option("--max-inflight-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
               help="Memory the requests in flight may hold (bodies being parsed, decoded images); beyond it new "
                    "ones are refused (503, Retry-After).")
+@click.option("--api-key", envvar="HKD4VLM_API_KEY", show_envvar=True, default=None,
+              help="Require 'Authorization: Bearer <key>' on every request but GET /healthz (401 otherwise). "
+                   "Prefer the environment variable: a command line is visible to other users.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A Host name the server answers to (repeat it; '*.example.com' for subdomains, '*' for any); "
+                   "others get 400 [default: the loopback names, plus --host when it is one address; any host "
+                   "when bound to every interface].")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Let browser pages from this origin call the service, e.g. https://app.example.com (repeat it); "
+                   "off by default.")
+@click.option("--docs", is_flag=True, help="Serve the interactive API docs at /docs and /openapi.json.")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", default="auto", show_default=True)
 def serve(model_dir: Path, host: str, port: int, shifts: int, max_batch_size: int, max_wait_ms: float,
           max_body_mb: float, max_pixels: int, device: str | None, dtype: str, max_queue: int, max_text_chars: int,
-          max_text_tokens: int, max_image_side: int, max_inflight_mb: float) -> None:
+          max_text_tokens: int, max_image_side: int, max_inflight_mb: float, api_key: str | None,
+          allowed_hosts: tuple, cors_origins: tuple, docs: bool) -> None:
     """Serve a judge over HTTP: POST /v1/hallucination and /v1/factuality (JSON with a base64 image, or
     multipart), micro-batched into single model calls; GET /healthz, /v1/model, /v1/stats."""
     try:
         from .serve import run
+        from .serve.access import check_api_key
     except ImportError as e:
         raise click.ClickException(str(e)) from None
+    if api_key is not None:
+        try:
+            check_api_key(api_key)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--api-key' / HKD4VLM_API_KEY") from None
     run(model_dir, host=host, port=port, shifts=shifts, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
         max_body_mb=max_body_mb, max_pixels=max_pixels, device=device, dtype=dtype, max_queue=max_queue,
         max_text_chars=max_text_chars, max_text_tokens=max_text_tokens, max_image_side=max_image_side,
-        max_inflight_mb=max_inflight_mb)
+        max_inflight_mb=max_inflight_mb, api_key=api_key, allowed_hosts=allowed_hosts or None,
+        cors_origins=cors_origins, docs=docs)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

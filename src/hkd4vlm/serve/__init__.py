@@ -10,9 +10,11 @@
 Endpoints: ``GET /healthz``, ``GET /v1/model``, ``GET /v1/stats``, ``POST /v1/hallucination`` and
 ``POST /v1/factuality`` (JSON with a base64 image, or multipart form data with the image as a file).
 
-A request is validated and its image decoded in its handler; the ready (record, image) pair joins a queue,
-and one batcher task scores up to ``max_batch_size`` of them at a time in a single-thread executor (the model
-is not thread-safe), waiting at most ``max_wait_ms`` after the first for others to join.
+A request is validated and its image decoded (and scaled down) in its handler; the ready (record, image) pair
+joins a queue, and one batcher task scores up to ``max_batch_size`` of them at a time in a single-thread
+executor (the model is not thread-safe), waiting at most ``max_wait_ms`` after the first for others to join.
+Limits bound each request's work and the memory of those in flight (serve.limits); access control is an
+optional API key, a Host allow-list and opt-in CORS (serve.access).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"the HTTP service needs the 'serve' extra ({e.name} is not installed): "
                       "pip install 'hkd4vlm[serve]'") from e
 
+from .access import ApiKeyAuth, HostAllowList
 from .app import ServerThread, create_app, run
 from .batching import MicroBatcher
 from .load import bench_serve
 from .middleware import BodySizeLimit, RequestCounter, RequestCounts
 from .requests import RequestError
 
-__all__ = ["BodySizeLimit", "MicroBatcher", "RequestCounter", "RequestCounts", "RequestError", "ServerThread",
-           "bench_serve", "create_app", "run"]
+__all__ = ["ApiKeyAuth", "BodySizeLimit", "HostAllowList", "MicroBatcher", "RequestCounter", "RequestCounts",
+           "RequestError", "ServerThread", "bench_serve", "create_app", "run"]

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.middleware.cors import CORSMiddleware
 
 from ..detector import Detector, InputError, load_image_input
+from .access import (LOOPBACK_HOSTS, ApiKeyAuth, HostAllowList, check_api_key, default_allowed_hosts,
+                     exposure_warning)
 from .batching import MicroBatcher
 from .limits import IdleTrim, MemoryBudget, image_bytes, request_reservation, rss_bytes
 from .middleware import BodySizeLimit, RequestCounter, RequestCounts
@@ -25,14 +29,23 @@ from .requests import RequestError, _error_body, _from_input_error, _request_fie
 def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
                max_body_bytes: int = 10 * 2**20, max_pixels: int = 16_000_000, max_queue: int = 1024,
                max_text_chars: int | None = 8_000, max_text_tokens: int | None = 1_024, max_image_side: int = 1_024,
-               max_inflight_bytes: int = 512 * 2**20, decode_workers: int = 2) -> FastAPI:
+               max_inflight_bytes: int = 512 * 2**20, decode_workers: int = 2, api_key: str | None = None,
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, cors_origins: Sequence[str] = (),
+               docs: bool = False) -> FastAPI:
     """The FastAPI app serving ``detector``; its batcher runs while the app's lifespan does.
+
+    Access (serve.access): with ``api_key``, every request but ``GET /healthz`` must carry
+    ``Authorization: Bearer <api_key>`` (401 otherwise); a request whose ``Host`` is not one of
+    ``allowed_hosts`` (``*``: any) is refused (400); browsers on ``cors_origins`` may call it (CORS, off by
+    default); the interactive docs (``/docs``, ``/openapi.json``) exist only with ``docs``.
 
     Limits that bound the work: a text field longer than ``max_text_chars`` characters or ``max_text_tokens``
     tokens is refused (422); an image over ``max_pixels`` is refused (422), and every image is scaled down to
     ``max_image_side`` pixels on its longer side as it is decoded, on ``decode_workers`` threads; the requests
     in flight hold at most ``max_inflight_bytes`` (serve.limits), and beyond ``max_queue`` requests waiting for
     the model new ones are refused (503 with Retry-After)."""
+    if api_key is not None:
+        check_api_key(api_key)  # here, not when the middleware is first built (at the first request)
     if max_image_side < 1 or decode_workers < 1:
         raise ValueError(f"max_image_side and decode_workers must be at least 1, got {max_image_side}, {decode_workers}")
     largest = request_reservation({}, max_body_bytes, max_image_side)
@@ -61,7 +74,8 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
             await batcher.stop()
             decoder.shutdown(wait=True)
 
-    app = FastAPI(title="hkd4vlm judge", lifespan=lifespan)
+    app = FastAPI(title="hkd4vlm judge", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.batcher = batcher
 
     @app.exception_handler(RequestError)
@@ -95,7 +109,8 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
 
     @app.get("/v1/model")
     async def model() -> dict[str, Any]:
-        return {**info, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, **limits}
+        return {**info, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, **limits,
+                "api_key": api_key is not None, "allowed_hosts": list(allowed_hosts), "cors_origins": list(cors_origins)}
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
@@ -103,7 +118,8 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
         return {"requests": counter.requests, "ok": counter.ok,
                 "errors": counter.client_errors + counter.server_errors,
                 "client_errors": counter.client_errors, "server_errors": counter.server_errors,
-                "disconnected": counter.disconnected,
+                "disconnected": counter.disconnected, "unauthorized": counter.unauthorized,
+                "wrong_host": counter.wrong_host,
                 "batches": b.batches, "batched_requests": b.items, "failed_batches": b.failed_batches,
                 "failed_records": b.failed_records,
                 "mean_batch_size": b.items / b.batches if b.batches else 0.0, "largest_batch": b.largest,
@@ -120,8 +136,16 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
     async def factuality(request: Request) -> dict[str, Any]:
         return await score(request, "factuality")
 
+    # the last added is the outermost: Host check, then CORS (its preflight answers need no key, and its headers
+    # reach the 401s too), the key, the counters (outside the body limit, so that they count the 413s too)
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
-    app.add_middleware(RequestCounter, counts=counter)  # added last, so it is outside and counts the 413s too
+    app.add_middleware(RequestCounter, counts=counter)
+    if api_key is not None:
+        app.add_middleware(ApiKeyAuth, api_key=api_key, on_refused=counter.count("unauthorized"))
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(HostAllowList, allowed=allowed_hosts, on_refused=counter.count("wrong_host"))
     return app
 
 
@@ -193,16 +217,24 @@ class ServerThread:
 def run(model_dir, host: str = "127.0.0.1", port: int = 8000, shifts: int | None = 4, max_batch_size: int = 16,
         max_wait_ms: float = 5.0, max_body_mb: float = 10.0, max_pixels: int = 16_000_000, device: str | None = None,
         dtype: str = "auto", max_queue: int = 1024, max_text_chars: int | None = 8_000,
-        max_text_tokens: int | None = 1_024, max_image_side: int = 1_024, max_inflight_mb: float = 512.0) -> None:
-    """Load the model in ``model_dir`` and serve it until interrupted (``hkd4vlm serve``)."""
+        max_text_tokens: int | None = 1_024, max_image_side: int = 1_024, max_inflight_mb: float = 512.0,
+        api_key: str | None = None, allowed_hosts: Sequence[str] | None = None, cors_origins: Sequence[str] = (),
+        docs: bool = False) -> None:
+    """Load the model in ``model_dir`` and serve it until interrupted (``hkd4vlm serve``). ``allowed_hosts``
+    None: the names a server bound to ``host`` is known by (serve.access.default_allowed_hosts)."""
+    allowed_hosts = tuple(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
     detector = Detector.from_pretrained(model_dir, shifts=shifts, device=device, dtype=dtype)
     app = create_app(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                      max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels, max_queue=max_queue,
                      max_text_chars=max_text_chars, max_text_tokens=max_text_tokens, max_image_side=max_image_side,
-                     max_inflight_bytes=int(max_inflight_mb * 2**20))
+                     max_inflight_bytes=int(max_inflight_mb * 2**20), api_key=api_key, allowed_hosts=allowed_hosts,
+                     cors_origins=cors_origins, docs=docs)
     info = detector.info()
+    warning = exposure_warning(host, api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"serving {info['name']} ({info['params']:,} parameters, {info['shifts']} shifts, {info['device']}) "
-          f"on http://{host}:{port}", flush=True)
+          f"on http://{host}:{port}" + (" (API key required)" if api_key else ""), flush=True)
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False)).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully

@@ -60,6 +60,12 @@ class RequestCounts:
     client_errors: int = 0
     server_errors: int = 0
     disconnected: int = 0
+    unauthorized: int = 0  # refused for a missing or wrong API key (serve.access)
+    wrong_host: int = 0  # refused for a Host that is not allowed
+
+    def count(self, name: str):
+        """A function that adds one to the counter ``name``."""
+        return lambda: setattr(self, name, getattr(self, name) + 1)
 
 
 class RequestCounter:
