@@ -183,6 +183,7 @@ class Detector:
         self.spec = MappingSpec(shifts)
         self.shifts, self.aggregate, self.name = shifts, aggregate, name
         self.max_pixels, self.prefix_reuse = max_pixels, prefix_reuse
+        self._token_counter = None
         self.text_policy = self.text_policy_with(max_text_chars, max_text_tokens)
 
     @classmethod
@@ -215,9 +216,27 @@ class Detector:
                           max_tokens=max_tokens, count_tokens=self.count_tokens)
 
     def count_tokens(self, text: str) -> int:
-        """How many tokens ``text`` is to this model's tokenizer (no special tokens added)."""
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        """How many tokens ``text`` is to this model's tokenizer (no special tokens added, nothing truncated).
+
+        Counted on a private copy of the tokenizer: the service counts on its event loop while the model
+        thread tokenizes batches, and a fast tokenizer shared between threads fails ("Already borrowed")
+        when one of them sets its padding or truncation."""
+        if self._token_counter is None:
+            tokenizer = getattr(self.processor, "tokenizer", self.processor)
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            if backend is not None:
+                from tokenizers import Tokenizer
+
+                counter = Tokenizer.from_str(backend.to_str())
+                counter.no_truncation()
+                counter.no_padding()
+                self._token_counter = lambda t: len(counter.encode(t, add_special_tokens=False).ids)
+            else:  # a slow (Python) tokenizer
+                import copy
+
+                private = copy.deepcopy(tokenizer)
+                self._token_counter = lambda t: len(private.encode(t, add_special_tokens=False, truncation=False))
+        return self._token_counter(text)
 
     # -- single records ------------------------------------------------------------------------------
     def detect_hallucination(self, image: ImageInput, caption: str, options: Sequence[str], *,

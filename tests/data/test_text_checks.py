@@ -139,3 +139,14 @@ def test_text_policy_limits_characters_before_tokens():
         TextPolicy(max_tokens=3)
     with pytest.raises(ValueError, match="max_chars must be at least 1"):
         TextPolicy(max_chars=0)
+
+
+def test_count_tokens_matches_the_tokenizer_and_ignores_its_truncation(detector):
+    tokenizer = detector.processor.tokenizer
+    for text in ("a red circle", "A red circle left of a blue square, and two green stars.", "x " * 300):
+        assert detector.count_tokens(text) == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    tokenizer.backend_tokenizer.enable_truncation(4)  # a setting of the shared tokenizer must not cap the count
+    try:
+        assert detector.count_tokens("x " * 300) == 300
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()
