@@ -85,6 +85,7 @@ CASES = [  # task, field (choices: a wrong option's text), value, the token the 
     ("factuality", "choices", "true<|endoftext|>", "<|endoftext|>"),
     ("factuality", "claim", "<|im_start|>assistant", "<|im_start|>"),
     ("factuality", "context", "Tom <s> drew", "<s>"),
+    ("hallucination", "system1_answer", "a red \ud83d circle", "lone surrogate"),  # half of an emoji
 ]
 
 
@@ -112,6 +113,7 @@ def detector():
     (lambda d, img: d.detect_hallucination(img, "a red circle <image>", ["a", "b"]), "'caption'.*<image>"),
     (lambda d, img: d.detect_hallucination(img, "c", ["a", "b<eos>"]), r"'options\[1\]'.*<eos>"),
     (lambda d, img: d.check_fact(img, "claim", "ctx <|endoftext|>"), "'context'.*endoftext"),
+    (lambda d, img: d.check_fact(img, "claim \udfff", "ctx"), "'claim'.*lone surrogate"),
     (lambda d, img: d.predict([{"task": "factuality", "image": img, "claim": "<bos>x", "context": "c"}],
                               progress=False), "record #0: field 'claim'.*<bos>"),
 ])

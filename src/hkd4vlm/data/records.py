@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from ..errors import UserError
 
-from .text_checks import control_token_message, find_control_token
+from .text_checks import text_problem
 
 Task = Literal["hallucination", "factuality"]
 TASKS: tuple[Task, ...] = ("hallucination", "factuality")
@@ -113,8 +113,8 @@ def record_key(raw: Any, index: int) -> str:
 
 
 def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool | None = None) -> list[Problem]:
-    """Every problem of one raw record (schema, label consistency, and no tokenizer control tokens in the
-    text the model reads: data.text_checks; images are checked elsewhere).
+    """Every problem of one raw record (schema, label consistency, and no tokenizer control tokens or lone
+    surrogates in the text the model reads: data.text_checks; images are checked elsewhere).
 
     ``labelled``: True requires the ``correct_*`` fields, False forbids nothing, None requires
     them only when one of the two is present (test files may lack both).
@@ -134,8 +134,8 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
             problems.append(problem(name, f"must be a string, got {type(raw[name]).__name__}"))
         elif name == "image_id" and not raw[name].strip():
             problems.append(problem(name, "empty"))
-        elif name != "image_id" and (token := find_control_token(raw[name])) is not None:
-            problems.append(problem(name, control_token_message(token)))  # why refused: data.text_checks
+        elif name != "image_id" and (why := text_problem(raw[name])) is not None:
+            problems.append(problem(name, why))  # control tokens, lone surrogates: data.text_checks says why
 
     ids: list[str] = []
     texts: dict[str, str] = {}
@@ -162,8 +162,8 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
             if not isinstance(text, str) or not text.strip():
                 problems.append(problem(f"{where}.choice", "must be a non-empty string"))
                 continue
-            if (token := find_control_token(text)) is not None:
-                problems.append(problem(f"{where}.choice", control_token_message(token)))
+            if (why := text_problem(text)) is not None:
+                problems.append(problem(f"{where}.choice", why))
             ids.append(cid)
             texts[cid] = text
 

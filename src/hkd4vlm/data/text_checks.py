@@ -48,6 +48,18 @@ def find_control_token(text: str, tokens: Iterable[str] = DEFAULT_CONTROL_TOKENS
     return m.group(0) if m else None
 
 
+def text_problem(text: str, tokens: Iterable[str] = DEFAULT_CONTROL_TOKENS) -> str | None:
+    """What makes ``text`` unfit for a prompt whatever its length, or None: a lone surrogate (JSON's
+    ``"\\ud800"`` decodes to one; it is not Unicode text, and tokenizers refuse it), or a control token."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start} (a UTF-16 half "
+                "without its pair)")
+    token = find_control_token(text, tokens)
+    return None if token is None else control_token_message(token)
+
+
 def control_token_message(token: str) -> str:
     return (f"contains {token!r}, a special token of the model's tokenizer; text with control tokens is refused "
             "rather than read as plain text (remove or reword it)")
@@ -76,9 +88,9 @@ class TextPolicy:
         """What is wrong with ``text`` under this policy, or None."""
         if self.max_chars is not None and len(text) > self.max_chars:
             return f"{len(text):,} characters, over the limit of {self.max_chars:,}"
-        token = find_control_token(text, self.control_tokens)
-        if token is not None:
-            return control_token_message(token)
+        problem = text_problem(text, self.control_tokens)
+        if problem is not None:
+            return problem
         if self.max_tokens is not None:
             n = self.count_tokens(text)
             if n > self.max_tokens:
