@@ -472,6 +472,8 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
               help="Longer text fields (caption, option, claim, ...) are refused (422).")
 @click.option("--max-text-tokens", type=click.IntRange(min=1), default=1_024, show_default=True,
               help="Text fields of more tokens (the model's tokenizer) are refused (422).")
+@click.option("--max-request-tokens", type=click.IntRange(min=1), default=2_048, show_default=True,
+              help="Requests whose text fields pass this many tokens together are refused (422).")
 @click.option("--max-image-side", type=click.IntRange(min=1), default=1_024, show_default=True,
               help="Images are scaled down to this many pixels on the longer side as they are decoded.")
 @click.option("--max-inflight-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
@@ -492,7 +494,8 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
 @click.option("--dtype", default="auto", show_default=True)
 def serve(model_dir: Path, host: str, port: int, shifts: int, max_batch_size: int, max_wait_ms: float,
           max_body_mb: float, max_pixels: int, device: str | None, dtype: str, max_queue: int, max_text_chars: int,
-          max_text_tokens: int, max_image_side: int, max_inflight_mb: float, api_key: str | None,
+          max_text_tokens: int, max_request_tokens: int, max_image_side: int, max_inflight_mb: float,
+          api_key: str | None,
           allowed_hosts: tuple, cors_origins: tuple, docs: bool) -> None:
     """Serve a judge over HTTP: POST /v1/hallucination and /v1/factuality (JSON with a base64 image, or
     multipart), micro-batched into single model calls; GET /healthz, /v1/model, /v1/stats."""
@@ -508,8 +511,8 @@ def serve(model_dir: Path, host: str, port: int, shifts: int, max_batch_size: in
             raise click.BadParameter(str(e), param_hint="'--api-key' / HKD4VLM_API_KEY") from None
     run(model_dir, host=host, port=port, shifts=shifts, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
         max_body_mb=max_body_mb, max_pixels=max_pixels, device=device, dtype=dtype, max_queue=max_queue,
-        max_text_chars=max_text_chars, max_text_tokens=max_text_tokens, max_image_side=max_image_side,
-        max_inflight_mb=max_inflight_mb, api_key=api_key, allowed_hosts=allowed_hosts or None,
+        max_text_chars=max_text_chars, max_text_tokens=max_text_tokens, max_request_tokens=max_request_tokens,
+        max_image_side=max_image_side, max_inflight_mb=max_inflight_mb, api_key=api_key, allowed_hosts=allowed_hosts or None,
         cors_origins=cors_origins, docs=docs)
 
 if __name__ == "__main__":  # pragma: no cover

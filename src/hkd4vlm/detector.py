@@ -76,6 +76,12 @@ def _check_text(value: Any, name: str, *, allow_empty: bool = False, policy: Tex
     return value
 
 
+def _check_total(policy: TextPolicy, fields: list[tuple[str, str]]) -> None:
+    problem = policy.total_problem(fields)
+    if problem is not None:
+        raise InputError(f"field '{problem[0]}': {problem[1]}")
+
+
 def _check_options(options: Any, name: str, policy: TextPolicy = DEFAULT_TEXT_POLICY) -> list[str]:
     if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
         raise InputError(f"field '{name}': must be a list of strings")
@@ -105,6 +111,7 @@ def hallucination_record(caption: str, options: Sequence[str], question: str | N
     caption = _check_text(caption, "caption", policy=policy)
     opts = _check_options(options, "options", policy)
     question = DEFAULT_HALLUCINATION_QUESTION if question is None else _check_text(question, "question", policy=policy)
+    _check_total(policy, [("caption", caption), ("question", question)] + [(f"options[{i}]", o) for i, o in enumerate(opts)])
     return Record(task="hallucination", image_id="<request>", choices=[Choice(LETTERS[i], o) for i, o in enumerate(opts)],
                   system1_question=SYSTEM1_QUESTIONS[0], system1_answer=caption, system2_question=question)
 
@@ -115,6 +122,8 @@ def fact_record(claim: str, context: str, choices: Sequence[str] | None = None, 
     context = _check_text(context, "context", allow_empty=True, policy=policy)
     opts = _check_options(DEFAULT_VERDICTS if choices is None else choices, "choices", policy)
     question = DEFAULT_FACT_QUESTION if question is None else _check_text(question, "question", policy=policy)
+    _check_total(policy, [("claim", claim), ("context", context), ("question", question)]
+                 + [(f"choices[{i}]", o) for i, o in enumerate(opts)])
     return Record(task="factuality", image_id="<request>", choices=[Choice(LETTERS[i], o) for i, o in enumerate(opts)],
                   context=context, claim=claim, question=question)
 
@@ -162,6 +171,7 @@ def check_record_text(record: Record, policy: TextPolicy) -> None:
         problem = policy.problem(text) if isinstance(text, str) else None
         if problem is not None:
             raise InputError(f"field '{name}': {problem}")
+    _check_total(policy, record_text_fields(record))
 
 
 class Detector:
@@ -169,11 +179,12 @@ class Detector:
 
     Text holding a control token of the model's tokenizer (``<image>``, ``<eos>``, a chat-template marker)
     is refused with InputError naming the field (data.text_checks says why); ``max_text_chars`` and
-    ``max_text_tokens`` bound each text field (None: no bound)."""
+    ``max_text_tokens`` bound each text field, ``max_request_tokens`` all of a record's text fields together
+    (None: no bound)."""
 
     def __init__(self, model, processor, *, shifts: int | None = 4, aggregate: str = "logmean", name: str = "model",
                  max_pixels: int = DEFAULT_MAX_PIXELS, prefix_reuse: bool = True, max_text_chars: int | None = None,
-                 max_text_tokens: int | None = None):
+                 max_text_tokens: int | None = None, max_request_tokens: int | None = None):
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         if shifts is not None and shifts < 1:
@@ -184,7 +195,7 @@ class Detector:
         self.shifts, self.aggregate, self.name = shifts, aggregate, name
         self.max_pixels, self.prefix_reuse = max_pixels, prefix_reuse
         self._token_counter = None
-        self.text_policy = self.text_policy_with(max_text_chars, max_text_tokens)
+        self.text_policy = self.text_policy_with(max_text_chars, max_text_tokens, max_request_tokens)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, shifts: int | None = 4, *, device: str | None = None,
@@ -208,12 +219,13 @@ class Detector:
                 "model_type": getattr(self.model.config, "model_type", None),
                 "device": str(next(self.model.parameters()).device)}
 
-    def text_policy_with(self, max_chars: int | None, max_tokens: int | None) -> TextPolicy:
+    def text_policy_with(self, max_chars: int | None, max_tokens: int | None,
+                         max_total_tokens: int | None = None) -> TextPolicy:
         """What a text field may hold for this model: none of its tokenizer's control tokens, and the limits."""
         from .models.loading import special_tokens
 
         return TextPolicy(control_tokens=DEFAULT_CONTROL_TOKENS | special_tokens(self.processor), max_chars=max_chars,
-                          max_tokens=max_tokens, count_tokens=self.count_tokens)
+                          max_tokens=max_tokens, count_tokens=self.count_tokens, max_total_tokens=max_total_tokens)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` is to this model's tokenizer (no special tokens added, nothing truncated).

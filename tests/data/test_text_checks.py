@@ -122,6 +122,14 @@ def test_the_detector_refuses_control_tokens_naming_the_field(detector, call, ma
         call(detector, Image.new("RGB", (16, 16), "white"))
 
 
+def test_the_detector_bounds_the_text_of_a_whole_record(synth_root):
+    det = Detector.from_pretrained("zoo:tiny-llava-s", shifts=2, max_request_tokens=10)
+    img = Image.new("RGB", (16, 16), "white")
+    with pytest.raises(InputError, match=r"field 'options\[2\]'.*over the limit of 10 for all text fields"):
+        det.detect_hallucination(img, "a red circle", ["red circle", "blue square", "green star"], question="Which?")
+    assert det.detect_hallucination(img, "a red", ["red", "blue"], question="Which?").shifts == 2
+
+
 def test_score_records_refuses_a_built_record_with_a_control_token(detector, synth_root):
     split = read_split(synth_root, "hallucination", "test")
     records = split.records[:2]
@@ -137,8 +145,13 @@ def test_text_policy_limits_characters_before_tokens():
     assert policy.problem("a b c") == "3 tokens, over the limit of 2"
     assert policy.problem("x" * 11) == "11 characters, over the limit of 10"
     assert counted == ["a b", "a b c"]  # the oversized text was never tokenized
-    with pytest.raises(ValueError, match="max_tokens needs count_tokens"):
+    with pytest.raises(ValueError, match="max_tokens and max_total_tokens need count_tokens"):
         TextPolicy(max_tokens=3)
+    total = TextPolicy(max_total_tokens=4, count_tokens=lambda t: len(t.split()))
+    assert total.total_problem([("a", "x y"), ("b", "z")]) is None
+    assert total.total_problem([("a", "x y"), ("b", "z w")]) is None  # 4: at the limit
+    assert total.total_problem([("a", "x y"), ("b", "z w v"), ("c", "v")]) == (
+        "b", "the request's text reaches 5 tokens with this field, over the limit of 4 for all text fields together")
     with pytest.raises(ValueError, match="max_chars must be at least 1"):
         TextPolicy(max_chars=0)
 

@@ -23,13 +23,13 @@ from hkd4vlm.cli import main  # noqa: E402
 from hkd4vlm.data.images import open_image  # noqa: E402
 from hkd4vlm.serve import ServerThread, bench_serve, create_app  # noqa: E402
 
-MAX_CHARS, MAX_TOKENS, MAX_SIDE = 2_000, 40, 128
+MAX_CHARS, MAX_TOKENS, MAX_REQUEST_TOKENS, MAX_SIDE = 2_000, 40, 100, 128
 
 
 @pytest.fixture(scope="module")
 def server(detector):
     app = create_app(detector, max_batch_size=8, max_wait_ms=20, max_text_chars=MAX_CHARS,
-                     max_text_tokens=MAX_TOKENS, max_image_side=MAX_SIDE)
+                     max_text_tokens=MAX_TOKENS, max_request_tokens=MAX_REQUEST_TOKENS, max_image_side=MAX_SIDE)
     with ServerThread(app) as s:
         yield s
 
@@ -69,6 +69,24 @@ def test_text_over_the_limits_is_refused_naming_the_field_before_the_model(clien
     assert after["batches"] == before["batches"] and after["client_errors"] == before["client_errors"] + 1
     limits = client.get("/v1/model").json()
     assert (limits["max_text_chars"], limits["max_text_tokens"]) == (MAX_CHARS, MAX_TOKENS)
+
+
+def test_text_over_the_request_limit_is_refused_naming_the_field_that_passes_it(client, detector, hall):
+    """Every field within its own limit, but 26 of them: the model's work grows with the whole prompt."""
+    options = [f"o{i} " + "red circle " * 15 for i in range(26)]  # 31 tokens each
+    body = hall_json(hall, caption="a red circle", question="Which option?", options=options)
+    counts = [detector.count_tokens(t) for t in ["a red circle", "Which option?", *options]]
+    assert max(counts) <= MAX_TOKENS and sum(counts) > MAX_REQUEST_TOKENS
+    crossing = next(i for i in range(len(counts)) if sum(counts[: i + 1]) > MAX_REQUEST_TOKENS) - 2
+    before = client.get("/v1/stats").json()
+    got = client.post("/v1/hallucination", json=body)
+    assert got.status_code == 422, got.text
+    assert got.json()["field"] == f"options[{crossing}]"
+    assert f"over the limit of {MAX_REQUEST_TOKENS} for all text fields together" in got.json()["detail"]
+    assert client.get("/v1/stats").json()["batches"] == before["batches"]
+    assert client.get("/v1/model").json()["max_request_tokens"] == MAX_REQUEST_TOKENS
+    fewer = client.post("/v1/hallucination", json={**body, "options": options[:2]})
+    assert fewer.status_code == 200, fewer.text
 
 
 def test_text_within_the_limits_is_answered(client, hall):

@@ -287,12 +287,14 @@ def test_cli_serve_passes_its_options_to_run(model_dir, monkeypatch):
     result = CliRunner().invoke(main, ["serve", "--model", str(model_dir), "--port", "9001", "--shifts", "2",
                                        "--max-batch-size", "4", "--max-wait-ms", "7.5", "--max-body-mb", "1",
                                        "--max-pixels", "1000", "--max-queue", "9", "--max-text-chars", "300",
-                                       "--max-text-tokens", "50", "--max-image-side", "640", "--max-inflight-mb", "64"],
+                                       "--max-text-tokens", "50", "--max-request-tokens", "70", "--max-image-side", "640",
+                                       "--max-inflight-mb", "64"],
                                 env={"HKD4VLM_API_KEY": None})
     assert result.exit_code == 0, result.output
     assert calls == [((model_dir,), {"host": "127.0.0.1", "port": 9001, "shifts": 2, "max_batch_size": 4,
                                      "max_wait_ms": 7.5, "max_body_mb": 1.0, "max_pixels": 1000, "device": None,
                                      "dtype": "auto", "max_queue": 9, "max_text_chars": 300, "max_text_tokens": 50,
+                                     "max_request_tokens": 70,
                                      "max_image_side": 640, "max_inflight_mb": 64.0, "api_key": None,
                                      "allowed_hosts": None, "cors_origins": (), "docs": False})]
 

@@ -68,21 +68,24 @@ def control_token_message(token: str) -> str:
 @dataclass(frozen=True)
 class TextPolicy:
     """What one text field may hold: none of ``control_tokens`` (nor :data:`CONTROL_PATTERNS`), at most
-    ``max_chars`` characters and ``max_tokens`` tokens (None: no limit; ``count_tokens`` counts them).
-    The character limit is checked first, so that an oversized text is never tokenized."""
+    ``max_chars`` characters and ``max_tokens`` tokens (None: no limit; ``count_tokens`` counts them);
+    and what one record's text fields may hold together: ``max_total_tokens`` (the model's work grows
+    with the whole prompt: 26 options of 1,000 tokens each pass every per-field limit). The character
+    limit is checked first, so that an oversized text is never tokenized."""
 
     control_tokens: frozenset[str] = DEFAULT_CONTROL_TOKENS
     max_chars: int | None = None
     max_tokens: int | None = None
     count_tokens: Callable[[str], int] | None = None
+    max_total_tokens: int | None = None
 
     def __post_init__(self):
-        for name in ("max_chars", "max_tokens"):
+        for name in ("max_chars", "max_tokens", "max_total_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or None for no limit), got {value}")
-        if self.max_tokens is not None and self.count_tokens is None:
-            raise ValueError("max_tokens needs count_tokens (a tokenizer)")
+        if (self.max_tokens is not None or self.max_total_tokens is not None) and self.count_tokens is None:
+            raise ValueError("max_tokens and max_total_tokens need count_tokens (a tokenizer)")
 
     def problem(self, text: str) -> str | None:
         """What is wrong with ``text`` under this policy, or None."""
@@ -95,4 +98,17 @@ class TextPolicy:
             n = self.count_tokens(text)
             if n > self.max_tokens:
                 return f"{n:,} tokens, over the limit of {self.max_tokens:,}"
+        return None
+
+    def total_problem(self, fields: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
+        """(the field at which the texts' tokens, counted in order, pass ``max_total_tokens``, and what is wrong),
+        or None."""
+        if self.max_total_tokens is None:
+            return None
+        total = 0
+        for name, text in fields:
+            total += self.count_tokens(text)
+            if total > self.max_total_tokens:
+                return name, (f"the request's text reaches {total:,} tokens with this field, over the limit of "
+                              f"{self.max_total_tokens:,} for all text fields together")
         return None

@@ -28,7 +28,8 @@ from .requests import RequestError, _error_body, _from_input_error, _request_fie
 
 def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
                max_body_bytes: int = 10 * 2**20, max_pixels: int = 16_000_000, max_queue: int = 1024,
-               max_text_chars: int | None = 8_000, max_text_tokens: int | None = 1_024, max_image_side: int = 1_024,
+               max_text_chars: int | None = 8_000, max_text_tokens: int | None = 1_024,
+               max_request_tokens: int | None = 2_048, max_image_side: int = 1_024,
                max_inflight_bytes: int = 512 * 2**20, decode_workers: int = 2, api_key: str | None = None,
                allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, cors_origins: Sequence[str] = (),
                docs: bool = False) -> FastAPI:
@@ -40,7 +41,7 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
     default); the interactive docs (``/docs``, ``/openapi.json``) exist only with ``docs``.
 
     Limits that bound the work: a text field longer than ``max_text_chars`` characters or ``max_text_tokens``
-    tokens is refused (422); an image over ``max_pixels`` is refused (422), and every image is scaled down to
+    tokens, or a request whose text fields pass ``max_request_tokens`` together, is refused (422); an image over ``max_pixels`` is refused (422), and every image is scaled down to
     ``max_image_side`` pixels on its longer side as it is decoded, on ``decode_workers`` threads; the requests
     in flight hold at most ``max_inflight_bytes`` (serve.limits), and beyond ``max_queue`` requests waiting for
     the model new ones are refused (503 with Retry-After)."""
@@ -55,11 +56,12 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
     batcher = MicroBatcher(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
     info = detector.info()  # counts parameters once, not per request
     counter = RequestCounts()
-    policy = detector.text_policy_with(max_text_chars, max_text_tokens)
+    policy = detector.text_policy_with(max_text_chars, max_text_tokens, max_request_tokens)
     budget = MemoryBudget(max_inflight_bytes)
     idle_trim = IdleTrim(lambda: budget.used == 0)
     limits = {"max_body_bytes": max_body_bytes, "max_pixels": max_pixels, "max_image_side": max_image_side,
               "max_text_chars": max_text_chars, "max_text_tokens": max_text_tokens,
+              "max_request_tokens": max_request_tokens,
               "max_inflight_bytes": max_inflight_bytes, "max_queue": max_queue}
     decoder: ThreadPoolExecutor | None = None
 
@@ -217,8 +219,8 @@ class ServerThread:
 def run(model_dir, host: str = "127.0.0.1", port: int = 8000, shifts: int | None = 4, max_batch_size: int = 16,
         max_wait_ms: float = 5.0, max_body_mb: float = 10.0, max_pixels: int = 16_000_000, device: str | None = None,
         dtype: str = "auto", max_queue: int = 1024, max_text_chars: int | None = 8_000,
-        max_text_tokens: int | None = 1_024, max_image_side: int = 1_024, max_inflight_mb: float = 512.0,
-        api_key: str | None = None, allowed_hosts: Sequence[str] | None = None, cors_origins: Sequence[str] = (),
+        max_text_tokens: int | None = 1_024, max_request_tokens: int | None = 2_048, max_image_side: int = 1_024,
+        max_inflight_mb: float = 512.0, api_key: str | None = None, allowed_hosts: Sequence[str] | None = None, cors_origins: Sequence[str] = (),
         docs: bool = False) -> None:
     """Load the model in ``model_dir`` and serve it until interrupted (``hkd4vlm serve``). ``allowed_hosts``
     None: the names a server bound to ``host`` is known by (serve.access.default_allowed_hosts)."""
@@ -226,7 +228,8 @@ def run(model_dir, host: str = "127.0.0.1", port: int = 8000, shifts: int | None
     detector = Detector.from_pretrained(model_dir, shifts=shifts, device=device, dtype=dtype)
     app = create_app(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                      max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels, max_queue=max_queue,
-                     max_text_chars=max_text_chars, max_text_tokens=max_text_tokens, max_image_side=max_image_side,
+                     max_text_chars=max_text_chars, max_text_tokens=max_text_tokens,
+                     max_request_tokens=max_request_tokens, max_image_side=max_image_side,
                      max_inflight_bytes=int(max_inflight_mb * 2**20), api_key=api_key, allowed_hosts=allowed_hosts,
                      cors_origins=cors_origins, docs=docs)
     info = detector.info()
