@@ -46,6 +46,9 @@ class QuickstartConfig(_Strict):
     augment: dict[str, float] = Field(default_factory=lambda: {
         "permute_options": 0.5, "hflip": 0.5, "photometric": 0.3, "crop_rescale": 0.3, "shuffle_sentences": 0.3,
         "paraphrase": 0.3})
+    sft_augment: bool = Field(default=False, description="augment in the SFT stages too (measured: every augmentation, "
+                                                         "even option permutation alone, keeps a tiny base on its "
+                                                         "initial plateau; README, Quickstart)")
     eval_limit: int | None = Field(default=None, ge=1, description="score at most this many test records per task "
                                                                    "(default: the whole test split)")
     msei_shifts: int | None = None
@@ -125,8 +128,8 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
     results: dict = {"commit": code_commit(), "seeds": seeds, "tasks": {t: {"rows": {}} for t in ("hallucination", "factuality")}}
     rows: dict[str, list[dict]] = {r: [] for r in ROWS}
     for seed in seeds:
-        teacher = recipe("teacher_sft", seed, [bases["teacher"]], [stage("sft", 0, cfg.sft_steps, True)])[0]
-        student_sft = recipe("student_sft", seed, [bases["student"]], [stage("sft", 0, cfg.sft_steps, True)])[0]
+        teacher = recipe("teacher_sft", seed, [bases["teacher"]], [stage("sft", 0, cfg.sft_steps, cfg.sft_augment)])[0]
+        student_sft = recipe("student_sft", seed, [bases["student"]], [stage("sft", 0, cfg.sft_steps, cfg.sft_augment)])[0]
         models = {"teacher_sft": teacher, "student_sft": student_sft}
         for name, augment in (("plain", False), ("hkd", True)):
             pyramid = [teacher, bases["assistant"], bases["student"]]
