@@ -88,3 +88,31 @@ def test_questions_are_deterministic_per_seed():
     a, b = sample_item("same", 0.5), sample_item("same", 0.5)
     assert a[1] == b[1] and a[0].to_dict() == b[0].to_dict()
     assert make_question(random.Random(1), a[0]) == make_question(random.Random(1), a[0])
+
+
+def test_verification_statements_are_read_off_the_scene_independently():
+    from hkd4vlm.data.synth.grounding import verify_item
+    from hkd4vlm.data.synth.phrases import parse_phrase
+
+    truths_seen, kinds_seen = [], set()
+    for i in range(200):
+        scene, q = verify_item(f"v:{i}")
+        assert q.kind == "verify" and len(q.options) == len(q.truths) == 4 and len(set(q.options)) == 4
+        for text, truth in zip(q.options, q.truths):
+            p = parse_phrase(text)  # every statement is one the task's oracle reads
+            kinds_seen.add(type(p).__name__)
+            # an independent check of each statement against the objects
+            objs = scene.objects
+            if type(p).__name__ == "Exist":
+                held = any((o.size, o.colour, o.shape) == (p.size, p.colour, p.shape) for o in objs)
+            elif type(p).__name__ == "Count":
+                held = sum(getattr(o, p.by) == p.value for o in objs) == p.n
+            else:
+                a = [o for o in objs if (o.colour, o.shape) == (p.colour_a, p.shape_a)]
+                b = [o for o in objs if (o.colour, o.shape) == (p.colour_b, p.shape_b)]
+                held = len(a) == 1 and len(b) == 1 and relation_holds(a[0], b[0], p.rel)
+            assert held == truth, (text, truth)
+            truths_seen.append(truth)
+    assert kinds_seen == {"Exist", "Count", "Relation"}
+    assert 0.4 < sum(truths_seen) / len(truths_seen) < 0.6  # true and false about equally often
+    assert verify_item("v:3")[1].options == verify_item("v:3")[1].options  # deterministic per seed

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hkd4vlm.data.synth.grounding import sample_item
-from hkd4vlm.engine.pretrain import grounding_stage, pretrain
+from hkd4vlm.engine.pretrain import grounding_stage, pretrain, pretrain_recipe, recipe_digest, verify_stage
 from hkd4vlm.models.loading import load_model
 from hkd4vlm.models.scoring import answer_distribution
 
@@ -141,3 +141,46 @@ def test_dense_word_term_against_a_hand_computation(tmp_path, synth_root):
             per += [logp[cell, word[list(COLOURS)[c]]], logp[cell, word[SHAPES[s]]], logp[cell, word[SIZES[z]]]]
     assert len(per) >= 3 * 3
     assert torch.allclose(terms["dense_words"], -torch.stack(per).mean(), atol=1e-5)
+
+
+def test_verify_stage_is_a_binary_cross_entropy_per_option(tmp_path, synth_root):
+    from hkd4vlm.data.synth.grounding import verify_item
+    from hkd4vlm.data.synth.levels import LEVELS
+    from hkd4vlm.data.synth.scene import render
+    from hkd4vlm.models.presets import init_model
+
+    model, processor = load_model(init_model("tiny-llava-s", synth_root, tmp_path / "m"))
+    items = [verify_item(f"t:{i}") for i in range(6)]
+    qs = [q for _, q in items]
+    qs[0].options, qs[0].truths = qs[0].options[:3], qs[0].truths[:3]  # a row with fewer options
+    scores = answer_distribution(model, processor, qs, [render(s, LEVELS["medium"]) for s, _ in items])
+    terms = verify_stage(scores, qs)
+    per = [torch.nn.functional.softplus(-s) if t else torch.nn.functional.softplus(s)
+           for q, row in zip(qs, scores.logits) for s, t in zip(row[:len(q.truths)], q.truths)]
+    assert len(per) == 23
+    assert torch.allclose(terms["total"], torch.stack(per).mean(), atol=1e-5)
+    terms["total"].backward()
+    assert model.get_output_embeddings().weight.grad is not None
+
+
+def test_pretrain_with_a_verification_stage(tmp_path, synth_root):
+    out = tmp_path / "pt"
+    final = pretrain("tiny-llava-s", synth_root, out, steps=2, dense_steps=0, verify_steps=2, batch_size=4,
+                     pool_size=32, progress=False, cache_dir=tmp_path / "cache")
+    assert final == out / "verify" / "model" and (final / "config.json").is_file()
+    recipe = json.loads((final / "pretrain_recipe.json").read_text())
+    assert recipe["verify_steps"] == 2 and recipe["verify_lr"] > 0
+    metrics = json.loads((out / "verify" / "eval.json").read_text())
+    assert {"accuracy", "accuracy_exist", "accuracy_count", "accuracy_relation"} <= set(metrics)
+    # the stage trained: the verification model differs from the curriculum's
+    a, b = load_model(out / "model")[0], load_model(final)[0]
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    # adding the stage to a finished base reuses its curriculum; the stage itself is cached too
+    stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    more = pretrain("tiny-llava-s", synth_root, out, steps=2, dense_steps=0, verify_steps=3, batch_size=4,
+                    pool_size=32, progress=False, cache_dir=tmp_path / "cache")
+    assert more == final and (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((final / "pretrain_recipe.json").read_text())["verify_steps"] == 3
+    # recipes without the stage keep their keys (and so the zoo's digests)
+    plain = pretrain_recipe("tiny-llava-s")
+    assert "verify_steps" not in plain and recipe_digest(pretrain_recipe("tiny-llava-s", verify_steps=0)) == recipe_digest(plain)

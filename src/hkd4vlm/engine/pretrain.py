@@ -16,7 +16,7 @@ import torch
 from .config import DataConfig, OptimConfig, TrainConfig
 from .distributed import is_main_process
 from .loop import train
-from .sources import GroundingSource
+from .sources import GroundingSource, VerifySource
 
 #: per preset: dense vision steps, then curriculum steps and learning rate (README, "Pretraining", for what
 #: was tried). The zoo's manifests record the digest of these; a change here means rebuilding the zoo.
@@ -25,13 +25,16 @@ PRETRAIN_RECIPES = {
     "tiny-llava-m": {"dense_steps": 3000, "steps": 3000, "lr": 2e-3},
     "tiny-llava-l": {"dense_steps": 4000, "steps": 2000, "lr": 2e-3},
 }
+#: learning rate of the verification stage (README, "Pretraining": measured with it)
+VERIFY_LR = 1e-3
 DEFAULT_RECIPE = {"dense_steps": 0, "steps": 3000, "lr": 1e-3, "freeze_vision": True, "dense_word_weight": 1.0}
 
 
 def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None = None, dense_steps: int | None = None,
-                    batch_size: int = 32, seed: int = 0, pool_size: int = 12_000) -> dict:
+                    verify_steps: int | None = None, batch_size: int = 32, seed: int = 0, pool_size: int = 12_000) -> dict:
     """Everything that decides a pretrained base, given its training data's tokenizer: the preset's
-    architecture, the prompt version, the stages' steps and learning rates, batch, pool and seed."""
+    architecture, the prompt version, the stages' steps and learning rates, batch, pool and seed. The
+    verification stage's keys appear only when it runs, so recipes without it keep their digests."""
     from dataclasses import asdict
 
     from ..models.families import IDEFICS3_PRESETS
@@ -42,9 +45,14 @@ def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None =
     if preset not in specs:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(specs)}")
     recipe = {**DEFAULT_RECIPE, **PRETRAIN_RECIPES.get(preset, {})}
-    for name, value in (("steps", steps), ("lr", lr), ("dense_steps", dense_steps)):
+    for name, value in (("steps", steps), ("lr", lr), ("dense_steps", dense_steps), ("verify_steps", verify_steps)):
         if value is not None:
             recipe[name] = value
+    if recipe.get("verify_steps"):
+        recipe.setdefault("verify_lr", VERIFY_LR)
+    else:
+        recipe.pop("verify_steps", None)
+        recipe.pop("verify_lr", None)
     return {"preset": preset, "architecture": asdict(specs[preset]), "readout": TINY_READOUT,
             "prompt_version": PROMPT_VERSION, "batch_size": batch_size, "seed": seed, "pool_size": pool_size, **recipe}
 
@@ -115,6 +123,58 @@ def _dense_word_loss(scores, items, head, image_token_id: int, word_ids: list[to
     return -picked.mean()
 
 
+def verify_stage(scores, items, **_) -> dict[str, torch.Tensor]:
+    """Loss of the verification stage: binary cross-entropy of every option's score (the option readout's
+    verdict logit) against whether the option holds (``q.truths``): four targets per image, where a
+    four-way question gives one. Options a row lacks are left out."""
+    logits = scores.logits.float()  # (B, n)
+    target = torch.zeros_like(logits)
+    mask = torch.zeros_like(logits)
+    for b, q in enumerate(items):
+        truths = torch.tensor([float(t) for t in q.truths], device=logits.device)
+        target[b, :len(truths)] = truths
+        mask[b, :len(truths)] = 1.0
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    loss = (bce * mask).sum() / mask.sum().clamp(min=1.0)
+    return {"bce_verify": loss, "total": loss}
+
+
+def verify_eval(n: int = 256, image_size: int = 64, seed: int = 20_000):
+    """An evaluate callback: held-out accuracy of the verification stage's statements (an option counts as
+    judged true when its score is above 0), overall and per kind of statement (exist, count, relation)."""
+    from ..data.synth.grounding import verify_item
+    from ..data.synth.levels import LEVELS
+    from ..data.synth.phrases import Count, Exist, parse_phrase
+    from ..data.synth.scene import render
+    from ..models.scoring import answer_distribution
+
+    level = LEVELS["medium"]
+    items = []
+    for i in range(n):
+        scene, q = verify_item(f"held-verify:{seed}:{i}", level)
+        items.append((q, render(scene, level).resize((image_size, image_size))))
+
+    def kind(text: str) -> str:
+        p = parse_phrase(text)
+        return "exist" if isinstance(p, Exist) else "count" if isinstance(p, Count) else "relation"
+
+    def evaluate(model, processor) -> dict:
+        hits, counts = collections.Counter(), collections.Counter()
+        for s in range(0, n, 64):
+            chunk = items[s: s + 64]
+            qs = [q for q, _ in chunk]
+            logits = answer_distribution(model, processor, qs, [im for _, im in chunk]).logits
+            for q, row in zip(qs, logits.tolist()):
+                for text, truth, score in zip(q.options, q.truths, row):
+                    hits[kind(text)] += (score > 0) == truth
+                    counts[kind(text)] += 1
+        out = {"accuracy": sum(hits.values()) / sum(counts.values())}
+        out.update({f"accuracy_{k}": hits[k] / counts[k] for k in sorted(counts)})
+        return out
+
+    return evaluate
+
+
 def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
     """An evaluate callback: accuracy on held-out six-object questions, overall and per kind."""
     from ..data.synth.grounding import sample_item
@@ -144,28 +204,80 @@ def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
 
 
 def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int | None = None, lr: float | None = None,
-             dense_steps: int | None = None, batch_size: int = 32, seed: int = 0, pool_size: int = 12_000,
-             cache_dir: str | Path | None = None, progress: bool = True, resume: bool = True) -> Path:
+             dense_steps: int | None = None, verify_steps: int | None = None, batch_size: int = 32, seed: int = 0,
+             pool_size: int = 12_000, cache_dir: str | Path | None = None, progress: bool = True,
+             resume: bool = True) -> Path:
     """Build ``preset`` (tokenizer from ``data_root``) and pretrain it: ``dense_steps`` of dense vision
-    pretraining (engine.dense; 0 skips it), then ``steps`` of the grounding curriculum; returns ``out/model``."""
+    pretraining (engine.dense; 0 skips it), then ``steps`` of the grounding curriculum, then
+    ``verify_steps`` of phrase verification (0 or None skips it); returns the last stage's model folder
+    (``out/model``, or ``out/verify/model`` after a verification stage)."""
+    recipe = pretrain_recipe(preset, steps=steps, lr=lr, dense_steps=dense_steps, verify_steps=verify_steps,
+                             batch_size=batch_size, seed=seed, pool_size=pool_size)
+    out = Path(out)
+    # the curriculum is keyed by the recipe without the verification stage: adding one reuses a finished base
+    base = {k: v for k, v in recipe.items() if not k.startswith("verify_")}
+    final = _curriculum(base, data_root, out, cache_dir=cache_dir, progress=progress, resume=resume)
+    if not recipe.get("verify_steps"):
+        return final
+    return _verification(recipe, data_root, out / "verify", final, progress=progress, resume=resume)
+
+
+def _stage_marker(out: Path, key: dict, parts: tuple[str, ...]) -> tuple[str, Path, Path]:
+    """(digest, marker, pending) of a pretraining stage folder; a run of another recipe there, interrupted or
+    finished, is cleared (``parts``), since nothing of it may be resumed."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    pending, marker = out / "pretrain.pending.json", out / "pretrain.json"
+    if any(f.is_file() and json.loads(f.read_text()).get("digest") != digest for f in (pending, marker)):
+        import shutil
+
+        for part in parts:
+            shutil.rmtree(out / part, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+    return digest, marker, pending
+
+
+def _finished(model_dir: Path, marker: Path, digest: str) -> bool:
+    return (model_dir / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()).get("digest") == digest
+
+
+def _verification(recipe: dict, data_root, out: Path, start: Path, *, progress: bool, resume: bool) -> Path:
+    """The verification stage from the curriculum's model ``start``, in ``out``; cached like the curriculum."""
+    from ..models.loading import load_model
+
+    key = {**recipe, "data": str(Path(data_root).resolve())}
+    digest, marker, pending = _stage_marker(out, key, ("checkpoints", "model"))
+    if _finished(out / "model", marker, digest):
+        return out / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    pending.write_text(json.dumps({**key, "digest": digest, "recipe_digest": recipe_digest(recipe)}, indent=2))
+    steps, batch_size = recipe["verify_steps"], recipe["batch_size"]
+    image_size = recipe["architecture"]["image_size"]
+    cfg = TrainConfig(
+        model=str(start), out=out, data=DataConfig(root=Path(data_root), eval_split=None),
+        optim=OptimConfig(lr=recipe["verify_lr"], warmup_steps=min(100, steps // 10)),
+        steps=steps, batch_size=batch_size, seed=recipe["seed"], save_every=max(1, steps // 6), log_every=10,
+        progress=progress, eval_every=max(1, steps // 6), freeze_vision=bool(recipe["freeze_vision"]),
+    )
+    model, processor = load_model(start, freeze_vision=cfg.freeze_vision)
+    final = train(cfg, VerifySource(steps * batch_size, image_size, seed=recipe["seed"]), stage=verify_stage,
+                  model=model, processor=processor, evaluate=verify_eval(image_size=image_size), resume=resume)
+    if not is_main_process():
+        return final
+    (Path(final) / "pretrain_recipe.json").write_text(json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2))
+    pending.replace(marker)
+    return final
+
+
+def _curriculum(recipe: dict, data_root, out: Path, *, cache_dir, progress: bool, resume: bool) -> Path:
+    """The dense vision stage and the grounding curriculum of ``recipe`` in ``out``; returns ``out/model``."""
     from ..models.presets import init_model
     from ..models.scoring import set_readout
 
-    recipe = pretrain_recipe(preset, steps=steps, lr=lr, dense_steps=dense_steps, batch_size=batch_size, seed=seed,
-                             pool_size=pool_size)
-    out = Path(out)
+    preset, batch_size, seed, pool_size = recipe["preset"], recipe["batch_size"], recipe["seed"], recipe["pool_size"]
     key = {**recipe, "data": str(Path(data_root).resolve())}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    marker = out / "pretrain.json"
-    if (out / "model" / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()).get("digest") == digest:
+    digest, marker, pending = _stage_marker(out, key, ("checkpoints", "dense", "init", "verify"))
+    if _finished(out / "model", marker, digest):
         return out / "model"
-    pending = out / "pretrain.pending.json"
-    if pending.is_file() and json.loads(pending.read_text()).get("digest") != digest:
-        # an interrupted run with another recipe: nothing of it may be resumed
-        import shutil
-
-        for part in ("checkpoints", "dense", "init"):
-            shutil.rmtree(out / part, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     pending.write_text(json.dumps({**key, "digest": digest, "recipe_digest": recipe_digest(recipe)}, indent=2))
     init_dir = out / "init"
@@ -207,7 +319,7 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
                   evaluate=grounding_eval(image_size=image_size), resume=resume)
     if not is_main_process():
         return final
-    (out / "model" / "pretrain_recipe.json").write_text(json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2))
+    (Path(final) / "pretrain_recipe.json").write_text(json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2))
     pending.replace(marker)
     return final
 
@@ -215,29 +327,41 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
 def publish_base(run: str | Path, name: str | None = None) -> Path:
     """Publish a finished pretraining run folder (``pretrain``'s ``out``) into the model zoo: its model in
     half precision and a manifest with the recipe and its digest, the steps, and the held-out accuracy per
-    question kind (the curriculum's six-object questions, and the dense stage's per-patch colour, shape
-    and size)."""
+    question kind (the curriculum's six-object questions, the dense stage's per-patch colour, shape and
+    size, and the verification stage's statements). With a finished verification stage, its model is the
+    base."""
     from ..models import zoo
 
     run = Path(run)
     marker = run / "pretrain.json"
     if not marker.is_file():
         raise FileNotFoundError(f"{run} holds no finished pretraining run (no pretrain.json)")
+    if (run / "verify" / "pretrain.json").is_file():  # a finished verification stage: the base is its model
+        marker = run / "verify" / "pretrain.json"
     key = json.loads(marker.read_text())
     recipe = {k: v for k, v in key.items() if k not in ("data", "digest", "recipe_digest")}
     held_out = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+    model_dir = run / "model"
+    if recipe.get("verify_steps"):
+        model_dir = run / "verify" / "model"
+        verify = run / "verify" / "eval.json"
+        if verify.is_file():
+            held_out.update({f"verify_{k}": v for k, v in json.loads(verify.read_text()).items()})
     dense = run / "dense" / "dense.jsonl"
     if dense.is_file():
         last = json.loads(dense.read_text().splitlines()[-1])
         held_out.update({f"accuracy_patch_{k}": last[k] for k in ("colour", "shape", "size") if k in last})
     manifest = {
         "preset": recipe["preset"], "recipe": recipe, "recipe_digest": recipe_digest(recipe),
-        "steps": {"dense": recipe.get("dense_steps", 0), "curriculum": recipe["steps"]},
+        "steps": {"dense": recipe.get("dense_steps", 0), "curriculum": recipe["steps"],
+                  "verify": recipe.get("verify_steps", 0)},
         "held_out": held_out,
         "held_out_about": "accuracy*: 512 held-out four-option curriculum questions about six objects of the "
                           "benchmark's size (chance 0.25); accuracy_patch_*: the dense stage's per-patch "
-                          "accuracy at object centres on 256 fresh medium scenes",
+                          "accuracy at object centres on 256 fresh medium scenes; verify_accuracy*: the "
+                          "verification stage's statements judged true or false, 256 fresh medium scenes x 4 "
+                          "(chance 0.5)",
         "tokenizer_data": "the text of the dataset given to `hkd4vlm pretrain --data` (the medium benchmark, "
                           "`hkd4vlm synth --seed 0`, 4,000 / 500 / 1,000 records) and the curriculum's words",
     }
-    return zoo.publish(run / "model", name or recipe["preset"], manifest=manifest)
+    return zoo.publish(model_dir, name or recipe["preset"], manifest=manifest)

@@ -109,6 +109,30 @@ class GroundingSource:
         return q, Image.fromarray(self.images[index])
 
 
+class VerifySource:
+    """Phrase-verification items (data.synth.grounding.verify_item): a fresh scene of ``level`` and four
+    statements for every draw, rendered at the model's input size. An item depends only on (seed, epoch,
+    index), so runs resume exactly and any process layout sees the same batches."""
+
+    def __init__(self, draws: int, image_size: int, *, level: str = "medium", seed: int = 0):
+        self.draws, self.image_size, self.level, self.seed = draws, image_size, level, seed
+
+    def __len__(self) -> int:
+        return self.draws
+
+    def order(self, epoch: int) -> list[int]:
+        return list(range(self.draws))  # every item is fresh already
+
+    def get(self, index: int, epoch: int = 0):
+        from ..data.synth.grounding import verify_item
+        from ..data.synth.levels import LEVELS
+        from ..data.synth.scene import render
+
+        level = LEVELS[self.level]
+        scene, q = verify_item(f"verify:{self.seed}:{epoch}:{index}", level)
+        return q, render(scene, level).resize((self.image_size, self.image_size), Image.BICUBIC)
+
+
 def _render_pool(n: int, image_size: int, level: str, seed: int, open_share: float, grid: int):
     from ..data.synth.grounding import sample_item
     from ..data.synth.levels import LEVELS

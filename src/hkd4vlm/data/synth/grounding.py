@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from ..records import LETTERS
 from .levels import LEVELS, Level
-from .phrases import NUMBER_WORDS, PLURAL
-from .scene import COLOURS, RELATIONS, SHAPES, SIZES, Obj, Scene, relation_holds, sample_scene
+from .phrases import NUMBER_WORDS, PLURAL, Count, Exist, Phrase, Relation, phrase_truth
+from .scene import COLOURS, OPPOSITE, RELATIONS, SHAPES, SIZES, Obj, Scene, relation_holds, sample_scene
 
 #: name of a position by the thirds of the image its centre falls in
 CELLS = {
@@ -51,6 +51,7 @@ class GroundingQuestion:
     kind: str
     context: str = ""
     open: bool = False  # answered with the answer's first word instead of a letter
+    truths: list[bool] | None = None  # verification questions: whether each option holds (one target per option)
     task: str = field(default="grounding", init=False)
 
     @property
@@ -203,6 +204,70 @@ def sample_item(seed: str, progress: float, level: Level = LEVELS["medium"], kin
     q.open = is_open
     return scene, q
 
+
+
+#: phrase verification (the pretraining's last stage): every option is a statement about the image, true or false
+VERIFY_QUESTION = "Which of the following are supported by the image?"
+VERIFY_KINDS = ("exist", "exist", "relation", "count")
+
+
+def verify_phrase(rng: random.Random, scene: Scene, kind: str, truth: bool) -> Phrase | None:
+    """A statement of the hallucination task's kinds (existence, count, relation) that ``scene`` makes
+    ``truth``, or None when this draw cannot make one (the caller draws again). False existence statements
+    name an absent shape or change one attribute of a real object, as the task's hallucinations do."""
+    objs = scene.objects
+    if kind == "exist":
+        if truth:
+            o = rng.choice(objs)
+            return Exist(o.size, o.colour, o.shape)
+        absent = [s for s in SHAPES if not scene.find(shape=s)]
+        if absent and rng.random() < 0.5:
+            return Exist(rng.choice(SIZES), rng.choice(list(COLOURS)), rng.choice(absent))
+        o = rng.choice(objs)
+        change = rng.randrange(3)
+        if change == 0:
+            return Exist(SIZES[1 - SIZES.index(o.size)], o.colour, o.shape)
+        if change == 1:
+            return Exist(o.size, rng.choice([c for c in COLOURS if c != o.colour]), o.shape)
+        return Exist(o.size, o.colour, rng.choice([s for s in SHAPES if s != o.shape]))
+    if kind == "count":
+        by = rng.choice(("shape", "colour"))
+        value = rng.choice(sorted({getattr(o, by) for o in objs}))
+        n = len(scene.find(shape=value) if by == "shape" else scene.find(colour=value))
+        if not truth:
+            n = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
+        return Count(n, by, value) if 1 <= n <= 6 else None
+    if len(objs) < 2:
+        return None
+    a, b = rng.sample(objs, 2)
+    holds = [r for r in RELATIONS if relation_holds(a, b, r)]
+    if not holds:
+        return None
+    rel = rng.choice(holds)
+    return Relation(a.colour, a.shape, rel if truth else OPPOSITE[rel], b.colour, b.shape)
+
+
+def verify_item(seed: str, level: Level = LEVELS["medium"], kinds: tuple[str, ...] = VERIFY_KINDS):
+    """(scene, question): a scene of ``level`` and one statement per kind in ``kinds``, each true or false
+    with probability 1/2 (checked by the benchmark's oracle, ``phrase_truth``), in random order; the
+    question's ``truths`` say which hold. Deterministic for ``seed``."""
+    rng = random.Random(seed)
+    scene = sample_scene(rng, level, rng.randint(*level.n_objects))
+    phrases: list[Phrase] = []
+    truths: list[bool] = []
+    for kind in kinds:
+        for _ in range(50):
+            truth = rng.random() < 0.5
+            p = verify_phrase(rng, scene, kind, truth)
+            if p is not None and phrase_truth(p, scene) is truth and p.text() not in [q.text() for q in phrases]:
+                phrases.append(p)
+                truths.append(truth)
+                break
+    order = list(range(len(phrases)))
+    rng.shuffle(order)
+    options, truths = [phrases[i].text() for i in order], [truths[i] for i in order]
+    label = truths.index(True) if True in truths else 0  # unused by the loss; a Record-like needs one
+    return scene, GroundingQuestion(VERIFY_QUESTION, options, label, "verify", truths=truths)
 
 
 def vocabulary_texts(n: int = 3000, seed: int = 0) -> list[str]:
