@@ -259,12 +259,15 @@ def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Pa
               help="Dense vision pretraining steps before the curriculum (default: the preset's recipe; 0 skips it).")
 @click.option("--verify-steps", type=click.IntRange(min=0), default=None,
               help="Phrase-verification steps after the curriculum (default: the preset's recipe; 0 skips it).")
+@click.option("--verify-owner-share", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Share of verification items about who drew what, given a context (default: the recipe's; 0).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--pool-size", type=click.IntRange(min=16), default=12_000, show_default=True,
               help="Rendered curriculum questions (cached next to --out).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def pretrain(preset: str | None, like: str | None, data: Path, out: Path, steps: int | None, lr: float | None,
-             dense_steps: int | None, verify_steps: int | None, batch_size: int, pool_size: int, seed: int) -> None:
+             dense_steps: int | None, verify_steps: int | None, verify_owner_share: float | None, batch_size: int,
+             pool_size: int, seed: int) -> None:
     """Pretrain a from-scratch preset (dense vision stage, the grounding curriculum, then phrase
     verification); cached, resumable."""
     from .engine.pretrain import pretrain as run
@@ -278,10 +281,12 @@ def pretrain(preset: str | None, like: str | None, data: Path, out: Path, steps:
         preset, batch_size, pool_size, seed = rec["preset"], rec["batch_size"], rec["pool_size"], rec["seed"]
         steps, lr, dense_steps = steps or rec["steps"], lr or rec["lr"], rec["dense_steps"] if dense_steps is None else dense_steps
         verify_steps = rec.get("verify_steps", 0) if verify_steps is None else verify_steps
+        if verify_owner_share is None:
+            verify_owner_share = rec.get("verify_owner_share", 0.0)
     if preset is None:
         raise click.UsageError("give --preset or --like zoo:NAME")
     final = run(preset, data, out, steps=steps, lr=lr, dense_steps=dense_steps, verify_steps=verify_steps,
-                batch_size=batch_size, pool_size=pool_size, seed=seed)
+                verify_owner_share=verify_owner_share, batch_size=batch_size, pool_size=pool_size, seed=seed)
     click.echo(f"base checkpoint: {final}")
 
 

@@ -116,3 +116,25 @@ def test_verification_statements_are_read_off_the_scene_independently():
     assert kinds_seen == {"Exist", "Count", "Relation"}
     assert 0.4 < sum(truths_seen) / len(truths_seen) < 0.6  # true and false about equally often
     assert verify_item("v:3")[1].options == verify_item("v:3")[1].options  # deterministic per seed
+
+
+def test_owner_statements_hold_exactly_when_the_context_credits_the_shapes_colour_to_the_name():
+    import re
+
+    from hkd4vlm.data.synth.grounding import statement_kind, verify_item
+
+    seen = []
+    for i in range(200):
+        scene, q = verify_item(f"o:{i}", owner_share=1.0)
+        assert q.context and 1 <= len(q.options) <= 4 and len(set(q.options)) == len(q.options)
+        credits = {m.group(2): m.group(1) for m in re.finditer(r"(\w+) drew the (\w+) shapes\.", q.context)}
+        assert 2 <= len(credits) <= 3
+        for text, truth in zip(q.options, q.truths):
+            assert statement_kind(text) == "owner"
+            name, shape = re.fullmatch(r"(\w+) drew the (\w+)", text).groups()
+            objs = [o for o in scene.objects if o.shape == shape]
+            assert truth == (len(objs) == 1 and credits.get(objs[0].colour) == name), (q.context, text, truth)
+            seen.append(truth)
+    assert 0.4 < sum(seen) / len(seen) < 0.6
+    # without owner_share every item is about the task's phrases
+    assert all(statement_kind(t) != "owner" for i in range(50) for t in verify_item(f"o:{i}")[1].options)

@@ -184,3 +184,10 @@ def test_pretrain_with_a_verification_stage(tmp_path, synth_root):
     # recipes without the stage keep their keys (and so the zoo's digests)
     plain = pretrain_recipe("tiny-llava-s")
     assert "verify_steps" not in plain and recipe_digest(pretrain_recipe("tiny-llava-s", verify_steps=0)) == recipe_digest(plain)
+    assert "verify_owner_share" not in pretrain_recipe("tiny-llava-s", verify_steps=5, verify_owner_share=0.0)
+    assert pretrain_recipe("tiny-llava-s", verify_steps=5, verify_owner_share=0.5)["verify_owner_share"] == 0.5
+    # the held-out statements about who drew what are scored by kind
+    from hkd4vlm.engine.pretrain import verify_eval
+
+    model, processor = load_model(final)
+    assert set(verify_eval(n=8, owner_share=1.0)(model, processor)) == {"accuracy", "accuracy_owner"}

@@ -31,7 +31,7 @@ DEFAULT_RECIPE = {"dense_steps": 0, "steps": 3000, "lr": 1e-3, "freeze_vision": 
 
 
 def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None = None, dense_steps: int | None = None,
-                    verify_steps: int | None = None, batch_size: int = 32, seed: int = 0, pool_size: int = 12_000) -> dict:
+                    verify_steps: int | None = None, verify_owner_share: float | None = None, batch_size: int = 32, seed: int = 0, pool_size: int = 12_000) -> dict:
     """Everything that decides a pretrained base, given its training data's tokenizer: the preset's
     architecture, the prompt version, the stages' steps and learning rates, batch, pool and seed. The
     verification stage's keys appear only when it runs, so recipes without it keep their digests."""
@@ -45,14 +45,17 @@ def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None =
     if preset not in specs:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(specs)}")
     recipe = {**DEFAULT_RECIPE, **PRETRAIN_RECIPES.get(preset, {})}
-    for name, value in (("steps", steps), ("lr", lr), ("dense_steps", dense_steps), ("verify_steps", verify_steps)):
+    for name, value in (("steps", steps), ("lr", lr), ("dense_steps", dense_steps), ("verify_steps", verify_steps),
+                        ("verify_owner_share", verify_owner_share)):
         if value is not None:
             recipe[name] = value
     if recipe.get("verify_steps"):
         recipe.setdefault("verify_lr", VERIFY_LR)
+        if not recipe.get("verify_owner_share"):
+            recipe.pop("verify_owner_share", None)
     else:
-        recipe.pop("verify_steps", None)
-        recipe.pop("verify_lr", None)
+        for name in ("verify_steps", "verify_lr", "verify_owner_share"):
+            recipe.pop(name, None)
     return {"preset": preset, "architecture": asdict(specs[preset]), "readout": TINY_READOUT,
             "prompt_version": PROMPT_VERSION, "batch_size": batch_size, "seed": seed, "pool_size": pool_size, **recipe}
 
@@ -139,24 +142,21 @@ def verify_stage(scores, items, **_) -> dict[str, torch.Tensor]:
     return {"bce_verify": loss, "total": loss}
 
 
-def verify_eval(n: int = 256, image_size: int = 64, seed: int = 20_000):
+def verify_eval(n: int = 256, image_size: int = 64, seed: int = 20_000, owner_share: float = 0.0):
     """An evaluate callback: held-out accuracy of the verification stage's statements (an option counts as
-    judged true when its score is above 0), overall and per kind of statement (exist, count, relation)."""
+    judged true when its score is above 0), overall and per kind of statement (exist, count, relation,
+    owner)."""
+    from ..data.synth.grounding import statement_kind as kind
     from ..data.synth.grounding import verify_item
     from ..data.synth.levels import LEVELS
-    from ..data.synth.phrases import Count, Exist, parse_phrase
     from ..data.synth.scene import render
     from ..models.scoring import answer_distribution
 
     level = LEVELS["medium"]
     items = []
     for i in range(n):
-        scene, q = verify_item(f"held-verify:{seed}:{i}", level)
+        scene, q = verify_item(f"held-verify:{seed}:{i}", level, owner_share=owner_share)
         items.append((q, render(scene, level).resize((image_size, image_size))))
-
-    def kind(text: str) -> str:
-        p = parse_phrase(text)
-        return "exist" if isinstance(p, Exist) else "count" if isinstance(p, Count) else "relation"
 
     def evaluate(model, processor) -> dict:
         hits, counts = collections.Counter(), collections.Counter()
@@ -204,7 +204,8 @@ def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
 
 
 def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int | None = None, lr: float | None = None,
-             dense_steps: int | None = None, verify_steps: int | None = None, batch_size: int = 32, seed: int = 0,
+             dense_steps: int | None = None, verify_steps: int | None = None,
+             verify_owner_share: float | None = None, batch_size: int = 32, seed: int = 0,
              pool_size: int = 12_000, cache_dir: str | Path | None = None, progress: bool = True,
              resume: bool = True) -> Path:
     """Build ``preset`` (tokenizer from ``data_root``) and pretrain it: ``dense_steps`` of dense vision
@@ -212,7 +213,7 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
     ``verify_steps`` of phrase verification (0 or None skips it); returns the last stage's model folder
     (``out/model``, or ``out/verify/model`` after a verification stage)."""
     recipe = pretrain_recipe(preset, steps=steps, lr=lr, dense_steps=dense_steps, verify_steps=verify_steps,
-                             batch_size=batch_size, seed=seed, pool_size=pool_size)
+                             verify_owner_share=verify_owner_share, batch_size=batch_size, seed=seed, pool_size=pool_size)
     out = Path(out)
     # the curriculum is keyed by the recipe without the verification stage: adding one reuses a finished base
     base = {k: v for k, v in recipe.items() if not k.startswith("verify_")}
@@ -259,8 +260,10 @@ def _verification(recipe: dict, data_root, out: Path, start: Path, *, progress: 
         progress=progress, eval_every=max(1, steps // 6), freeze_vision=bool(recipe["freeze_vision"]),
     )
     model, processor = load_model(start, freeze_vision=cfg.freeze_vision)
-    final = train(cfg, VerifySource(steps * batch_size, image_size, seed=recipe["seed"]), stage=verify_stage,
-                  model=model, processor=processor, evaluate=verify_eval(image_size=image_size), resume=resume)
+    share = recipe.get("verify_owner_share", 0.0)
+    final = train(cfg, VerifySource(steps * batch_size, image_size, seed=recipe["seed"], owner_share=share),
+                  stage=verify_stage, model=model, processor=processor,
+                  evaluate=verify_eval(image_size=image_size, owner_share=share), resume=resume)
     if not is_main_process():
         return final
     (Path(final) / "pretrain_recipe.json").write_text(json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2))

@@ -114,8 +114,9 @@ class VerifySource:
     statements for every draw, rendered at the model's input size. An item depends only on (seed, epoch,
     index), so runs resume exactly and any process layout sees the same batches."""
 
-    def __init__(self, draws: int, image_size: int, *, level: str = "medium", seed: int = 0):
+    def __init__(self, draws: int, image_size: int, *, level: str = "medium", seed: int = 0, owner_share: float = 0.0):
         self.draws, self.image_size, self.level, self.seed = draws, image_size, level, seed
+        self.owner_share = owner_share
 
     def __len__(self) -> int:
         return self.draws
@@ -129,7 +130,7 @@ class VerifySource:
         from ..data.synth.scene import render
 
         level = LEVELS[self.level]
-        scene, q = verify_item(f"verify:{self.seed}:{epoch}:{index}", level)
+        scene, q = verify_item(f"verify:{self.seed}:{epoch}:{index}", level, owner_share=self.owner_share)
         return q, render(scene, level).resize((self.image_size, self.image_size), Image.BICUBIC)
 
 

@@ -17,6 +17,7 @@ steps. Hence the curriculum shrinks objects as it adds them.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 from ..records import LETTERS
@@ -247,12 +248,83 @@ def verify_phrase(rng: random.Random, scene: Scene, kind: str, truth: bool) -> P
     return Relation(a.colour, a.shape, rel if truth else OPPOSITE[rel], b.colour, b.shape)
 
 
-def verify_item(seed: str, level: Level = LEVELS["medium"], kinds: tuple[str, ...] = VERIFY_KINDS):
+_OWNER_STATEMENT = re.compile(r"^(\w+) drew the (\w+)$")
+
+
+def statement_kind(text: str) -> str:
+    """The kind of a verification statement: exist, count, relation (the task's phrases) or owner."""
+    from .phrases import parse_phrase
+
+    if _OWNER_STATEMENT.match(text):
+        return "owner"
+    return {"Exist": "exist", "Count": "count", "Relation": "relation"}[type(parse_phrase(text)).__name__]
+
+
+def owner_statements(rng: random.Random, scene: Scene, n: int = 4) -> tuple[str, list[str], list[bool]] | None:
+    """The reading half of fact checking as statements: a context crediting two or three colours to people
+    (two in the scene where it has two) and up to ``n`` statements "NAME drew the SHAPE", each true or false with
+    probability 1/2. One holds when exactly one SHAPE is in the image and the context credits its colour
+    to NAME; a false one names someone else, a shape whose colour is not credited, or an absent shape."""
+    colours = sorted({o.colour for o in scene.objects})
+    credited = rng.sample(colours, min(2, len(colours)))
+    credited += rng.sample([c for c in COLOURS if c not in credited], 3 - len(credited))
+    names = rng.sample(NAMES, len(credited))
+    credits = dict(zip(credited, names))
+    context = [f"{name} drew the {colour} shapes." for colour, name in credits.items()]
+    rng.shuffle(context)
+    unique = [o for o in scene.objects if len(scene.find(shape=o.shape)) == 1]
+    owned = [o for o in unique if o.colour in credits]
+    if not owned:
+        return None
+    statements: list[str] = []
+    truths: list[bool] = []
+    trues = [f"{credits[o.colour]} drew the {o.shape}" for o in owned]
+    rng.shuffle(trues)
+    for _ in range(50 * n):
+        if len(statements) == n:
+            break
+        truth = rng.random() < 0.5
+        if truth:
+            if not trues:  # every true statement is used: stop rather than tip the balance to false ones
+                break
+            text = trues.pop()
+        else:
+            way = rng.randrange(3)
+            if way == 0:  # someone else
+                o = rng.choice(owned)
+                text = f"{rng.choice([m for m in NAMES if m != credits[o.colour]])} drew the {o.shape}"
+            elif way == 1:  # a colour the context does not credit
+                free = [o for o in unique if o.colour not in credits]
+                if not free:
+                    continue
+                text = f"{rng.choice(names)} drew the {rng.choice(free).shape}"
+            else:  # a shape that is not in the image
+                absent = [s for s in SHAPES if not scene.find(shape=s)]
+                if not absent:
+                    continue
+                text = f"{rng.choice(names)} drew the {rng.choice(absent)}"
+        if text not in statements:
+            statements.append(text)
+            truths.append(truth)
+    return " ".join(context), statements, truths
+
+
+def verify_item(seed: str, level: Level = LEVELS["medium"], kinds: tuple[str, ...] = VERIFY_KINDS,
+                owner_share: float = 0.0):
     """(scene, question): a scene of ``level`` and one statement per kind in ``kinds``, each true or false
     with probability 1/2 (checked by the benchmark's oracle, ``phrase_truth``), in random order; the
-    question's ``truths`` say which hold. Deterministic for ``seed``."""
+    question's ``truths`` say which hold. A share ``owner_share`` of the items are about who drew what
+    instead (``owner_statements``, with a context). Deterministic for ``seed``."""
     rng = random.Random(seed)
     scene = sample_scene(rng, level, rng.randint(*level.n_objects))
+    if owner_share and rng.random() < owner_share:
+        for _ in range(20):
+            made = owner_statements(rng, scene)
+            if made is not None:
+                context, options, truths = made
+                label = truths.index(True) if True in truths else 0
+                return scene, GroundingQuestion(VERIFY_QUESTION, options, label, "verify", context, truths=truths)
+            scene = sample_scene(rng, level, rng.randint(*level.n_objects))
     phrases: list[Phrase] = []
     truths: list[bool] = []
     for kind in kinds:
