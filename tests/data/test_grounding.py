@@ -114,6 +114,17 @@ def test_verification_statements_are_read_off_the_scene_independently():
             assert held == truth, (text, truth)
             truths_seen.append(truth)
     assert kinds_seen == {"Exist", "Count", "Relation"}
+    # no text shortcut: a count's number word says nothing about whether it holds (the scene is built
+    # for the statement, as the task's are), nor does an existence statement's size
+    by_word: dict = {}
+    for i in range(600):
+        _, q = verify_item(f"w:{i}")
+        for text, truth in zip(q.options, q.truths):
+            first = text.split()[0]
+            if first in ("one", "two", "small", "large"):
+                by_word.setdefault(first, []).append(truth)
+    for word, ts in by_word.items():
+        assert 0.4 < sum(ts) / len(ts) < 0.6, (word, sum(ts) / len(ts))
     assert 0.4 < sum(truths_seen) / len(truths_seen) < 0.6  # true and false about equally often
     assert verify_item("v:3")[1].options == verify_item("v:3")[1].options  # deterministic per seed
 
@@ -134,6 +145,7 @@ def test_owner_statements_hold_exactly_when_the_context_credits_the_shapes_colou
             name, shape = re.fullmatch(r"(\w+) drew the (\w+)", text).groups()
             objs = [o for o in scene.objects if o.shape == shape]
             assert truth == (len(objs) == 1 and credits.get(objs[0].colour) == name), (q.context, text, truth)
+            assert name in credits.values()  # as in the task, every name is one the context credits
             seen.append(truth)
     assert 0.4 < sum(seen) / len(seen) < 0.6
     # without owner_share every item is about the task's phrases

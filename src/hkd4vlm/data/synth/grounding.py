@@ -232,12 +232,7 @@ def verify_phrase(rng: random.Random, scene: Scene, kind: str, truth: bool) -> P
             return Exist(o.size, rng.choice([c for c in COLOURS if c != o.colour]), o.shape)
         return Exist(o.size, o.colour, rng.choice([s for s in SHAPES if s != o.shape]))
     if kind == "count":
-        by = rng.choice(("shape", "colour"))
-        value = rng.choice(sorted({getattr(o, by) for o in objs}))
-        n = len(scene.find(shape=value) if by == "shape" else scene.find(colour=value))
-        if not truth:
-            n = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
-        return Count(n, by, value) if 1 <= n <= 6 else None
+        raise ValueError("count statements are planned with their scene (count_plan), not drawn on one")
     if len(objs) < 2:
         return None
     a, b = rng.sample(objs, 2)
@@ -290,9 +285,9 @@ def owner_statements(rng: random.Random, scene: Scene, n: int = 4) -> tuple[str,
             text = trues.pop()
         else:
             way = rng.randrange(3)
-            if way == 0:  # someone else
+            if way == 0:  # someone else the context credits (as in the task, every name is in the context)
                 o = rng.choice(owned)
-                text = f"{rng.choice([m for m in NAMES if m != credits[o.colour]])} drew the {o.shape}"
+                text = f"{rng.choice([m for m in names if m != credits[o.colour]])} drew the {o.shape}"
             elif way == 1:  # a colour the context does not credit
                 free = [o for o in unique if o.colour not in credits]
                 if not free:
@@ -307,6 +302,23 @@ def owner_statements(rng: random.Random, scene: Scene, n: int = 4) -> tuple[str,
             statements.append(text)
             truths.append(truth)
     return " ".join(context), statements, truths
+
+
+def count_plan(rng: random.Random) -> tuple[Count, bool, dict]:
+    """A count statement drawn before its scene, as the task's are: the stated number (1 or 2) and whether
+    it holds are drawn independently, and the scene is then built to hold the true number (the stated one,
+    or one off), so the number word says nothing about the truth. Returns the statement, its truth and
+    ``sample_scene`` arguments."""
+    n, truth = rng.randint(1, 2), rng.random() < 0.5
+    true_n = n if truth else (2 if n == 1 else rng.choice((1, 3)))
+    by = rng.choice(("shape", "colour"))
+    if by == "shape":
+        value = rng.choice(SHAPES)
+        fixed = tuple((c, value) for c in rng.sample(list(COLOURS), true_n))
+        return Count(n, by, value), truth, {"fixed": fixed, "avoid_shapes": frozenset({value})}
+    value = rng.choice(list(COLOURS))
+    fixed = tuple((value, sh) for sh in rng.sample(SHAPES, true_n))
+    return Count(n, by, value), truth, {"fixed": fixed, "avoid_colours": frozenset({value})}
 
 
 def verify_item(seed: str, level: Level = LEVELS["medium"], kinds: tuple[str, ...] = VERIFY_KINDS,
@@ -327,6 +339,12 @@ def verify_item(seed: str, level: Level = LEVELS["medium"], kinds: tuple[str, ..
             scene = sample_scene(rng, level, rng.randint(*level.n_objects))
     phrases: list[Phrase] = []
     truths: list[bool] = []
+    if "count" in kinds:  # the count statement decides the scene
+        count, truth, layout = count_plan(rng)
+        scene = sample_scene(rng, level, rng.randint(*level.n_objects), **layout)
+        phrases.append(count)
+        truths.append(truth)
+        kinds = tuple(k for k in kinds if k != "count")
     for kind in kinds:
         for _ in range(50):
             truth = rng.random() < 0.5
