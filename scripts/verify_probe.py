@@ -1,6 +1,7 @@
-"""Can a base learn to verify one phrase against the image? Each draw is a fresh scene (the hallucination
-task's generator at its level) and four phrases of the task's kinds (existence, count, relation), each true
-or false with probability 1/2; the loss is a binary cross-entropy on every option's verdict logit (four
+"""Can a base learn to verify one phrase against the image? Each draw is the verification stage's item
+(data.synth.grounding.verify_item: a fresh scene and four statements of the task's kinds, each true or
+false with probability 1/2; README numbers marked "probe version" came from this script at commit 1d88e80,
+which drew its own statements, count ones with a text shortcut); the loss is a binary cross-entropy on every option's verdict logit (four
 signals per image instead of one four-way answer). Reports held-out per-phrase accuracy by kind, and the
 hallucination task solved by the verifier (the option it scores least true) on fresh task records.
 
@@ -13,14 +14,13 @@ import time
 import torch
 
 from hkd4vlm.data.synth import hallucination
-from hkd4vlm.data.synth.grounding import GroundingQuestion
+from hkd4vlm.data.synth.grounding import VERIFY_QUESTION, GroundingQuestion, statement_kind, verify_item
 from hkd4vlm.data.synth.levels import LEVELS
-from hkd4vlm.data.synth.phrases import Count, Exist, Relation, phrase_truth
-from hkd4vlm.data.synth.scene import COLOURS, OPPOSITE, RELATIONS, SHAPES, SIZES, relation_holds, render
+from hkd4vlm.data.synth.scene import render
 from hkd4vlm.models.loading import freeze_vision_tower, load_model
 from hkd4vlm.models.scoring import answer_distribution
 
-QUESTION = "Which of these statements are true of the image?"
+QUESTION = VERIFY_QUESTION
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="zoo:tiny-llava-s")
 p.add_argument("--level", default="medium")
@@ -34,57 +34,12 @@ p.add_argument("--save", default="")
 a = p.parse_args()
 torch.manual_seed(0)
 level = LEVELS[a.level]
-KINDS = a.kinds.split(",")
-
-
-def phrase(rng, scene, kind, truth):
-    objs = scene.objects
-    if kind == "exist":
-        if truth:
-            o = rng.choice(objs)
-            return Exist(o.size, o.colour, o.shape)
-        if rng.random() < 0.5:  # absent shape
-            shapes = [s for s in SHAPES if not scene.find(shape=s)]
-            if shapes:
-                return Exist(rng.choice(SIZES), rng.choice(list(COLOURS)), rng.choice(shapes))
-        o = rng.choice(objs)
-        alt = rng.randrange(3)
-        if alt == 0:
-            return Exist("small" if o.size == "large" else "large", o.colour, o.shape)
-        if alt == 1:
-            return Exist(o.size, rng.choice([c for c in COLOURS if c != o.colour]), o.shape)
-        return Exist(o.size, o.colour, rng.choice([s for s in SHAPES if s != o.shape]))
-    if kind == "count":
-        by = rng.choice(("shape", "colour"))
-        values = sorted({getattr(o, by) for o in objs})
-        v = rng.choice(values)
-        n = len(scene.find(shape=v) if by == "shape" else scene.find(colour=v))
-        if not truth:
-            n = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
-        return Count(min(n, 6), by, v) if 1 <= n <= 6 else None
-    a_, b_ = rng.sample(objs, 2)
-    holds = [r for r in RELATIONS if relation_holds(a_, b_, r)]
-    if not holds:
-        return None
-    r = rng.choice(holds)
-    return Relation(a_.colour, a_.shape, r if truth else OPPOSITE[r], b_.colour, b_.shape)
+KINDS = tuple(a.kinds.split(","))
 
 
 def item(key: str):
-    rng = random.Random(key)
-    _, scene = hallucination.make_record(rng, level, "probe.jpg", rng.choice(hallucination.HALLUCINATION_TYPES), 0)
-    phrases, truths, kinds = [], [], []
-    for kind in KINDS:
-        for _ in range(50):
-            truth = rng.random() < 0.5
-            ph = phrase(rng, scene, kind, truth)
-            if ph is not None and phrase_truth(ph, scene) is truth and ph.text() not in [q.text() for q in phrases]:
-                phrases.append(ph), truths.append(truth), kinds.append(kind)
-                break
-    order = list(range(len(phrases)))
-    rng.shuffle(order)
-    q = GroundingQuestion(QUESTION, [phrases[i].text() for i in order], 0, "verify")
-    return q, [truths[i] for i in order], [kinds[i] for i in order], render(scene, level).convert("RGB")
+    scene, q = verify_item(key, level, kinds=KINDS)  # the library's statements (engine: the verification stage)
+    return q, q.truths, [statement_kind(t) for t in q.options], render(scene, level).convert("RGB")
 
 
 def batch(keys):

@@ -1,5 +1,6 @@
 """Fixtures shared by the service tests: one sharpened tiny model and the synthetic test splits."""
 
+import httpx
 import pytest
 
 from hkd4vlm import Detector
@@ -27,3 +28,10 @@ def hall(synth_root):
 @pytest.fixture(scope="package")
 def fact(synth_root):
     return read_split(synth_root, "factuality", "test")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An HTTP client of the module's own ``server`` fixture (each module starts its app with its settings)."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c

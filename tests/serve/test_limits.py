@@ -34,12 +34,6 @@ def server(detector):
         yield s
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
 def _fact(split, **extra) -> dict:
     r = split.records[0]
     return {"image": b64(split.image_path(r)), "claim": r.claim, "context": r.context, **extra}

@@ -23,12 +23,6 @@ def server(detector):
         yield s
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
 def _hang_up(port: int, kind: str, i: int) -> None:
     """Start a scoring request, send part of its body slowly, and close the connection."""
     if kind == "json":

@@ -38,12 +38,6 @@ def server(detector):
         yield s
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
 def test_healthz_and_model(client, detector):
     assert client.get("/healthz").json() == {"status": "ok"}
     info = client.get("/v1/model").json()

@@ -142,6 +142,15 @@ def verify_stage(scores, items, **_) -> dict[str, torch.Tensor]:
     return {"bce_verify": loss, "total": loss}
 
 
+def _scored(items: list, model, processor, batch: int = 64):
+    """(questions, AnswerScores) per batch of held-out (question, image) pairs."""
+    from ..models.scoring import answer_distribution
+
+    for s in range(0, len(items), batch):
+        chunk = items[s: s + batch]
+        yield [q for q, _ in chunk], answer_distribution(model, processor, [q for q, _ in chunk], [im for _, im in chunk])
+
+
 def verify_eval(n: int = 256, image_size: int = 64, seed: int = 20_000, owner_share: float = 0.0):
     """An evaluate callback: held-out accuracy of the verification stage's statements (an option counts as
     judged true when its score is above 0), overall and per kind of statement (exist, count, relation,
@@ -150,7 +159,6 @@ def verify_eval(n: int = 256, image_size: int = 64, seed: int = 20_000, owner_sh
     from ..data.synth.grounding import verify_item
     from ..data.synth.levels import LEVELS
     from ..data.synth.scene import render
-    from ..models.scoring import answer_distribution
 
     level = LEVELS["medium"]
     items = []
@@ -160,11 +168,8 @@ def verify_eval(n: int = 256, image_size: int = 64, seed: int = 20_000, owner_sh
 
     def evaluate(model, processor) -> dict:
         hits, counts = collections.Counter(), collections.Counter()
-        for s in range(0, n, 64):
-            chunk = items[s: s + 64]
-            qs = [q for q, _ in chunk]
-            logits = answer_distribution(model, processor, qs, [im for _, im in chunk]).logits
-            for q, row in zip(qs, logits.tolist()):
+        for qs, scores in _scored(items, model, processor):
+            for q, row in zip(qs, scores.logits.tolist()):
                 for text, truth, score in zip(q.options, q.truths, row):
                     hits[kind(text)] += (score > 0) == truth
                     counts[kind(text)] += 1
@@ -180,7 +185,6 @@ def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
     from ..data.synth.grounding import sample_item
     from ..data.synth.levels import LEVELS
     from ..data.synth.scene import render
-    from ..models.scoring import answer_distribution
 
     items = []
     for i in range(n):
@@ -189,11 +193,8 @@ def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
 
     def evaluate(model, processor) -> dict:
         hits, counts = collections.Counter(), collections.Counter()
-        for s in range(0, n, 64):
-            chunk = items[s: s + 64]
-            qs = [q for q, _ in chunk]
-            probs = answer_distribution(model, processor, qs, [im for _, im in chunk]).probs
-            for q, p in zip(qs, probs.argmax(-1).tolist()):
+        for qs, scores in _scored(items, model, processor):
+            for q, p in zip(qs, scores.probs.argmax(-1).tolist()):
                 hits[q.kind] += p == q.label
                 counts[q.kind] += 1
         out = {"accuracy": sum(hits.values()) / n}
