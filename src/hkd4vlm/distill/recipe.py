@@ -102,15 +102,8 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
         out.mkdir(parents=True, exist_ok=True)
         save_config(recipe, out / "recipe.yaml")
     current = {i: str(p) for i, p in enumerate(recipe.pyramid)}
-    for i, st in enumerate(recipe.stages):
-        stage_out = out / f"stage-{i}-{st.kind}-level{st.level}"
+    for i, st, stage_out in _pending_stages(recipe, out, current):
         done = stage_out / "done.json"
-        if done.is_file():
-            record = json.loads(done.read_text(encoding="utf-8"))
-            current[st.level] = record["model"]
-            if "teacher" in record:
-                current[st.level - 1] = record["teacher"]
-            continue
         cfg = _train_config(recipe, st, current[st.level], stage_out)
         model, processor = load_model(cfg.model, lora=cfg.lora, freeze_vision=cfg.freeze_vision)
         extra = {}
@@ -164,14 +157,9 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
     return current
 
 
-def _check_resume(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
-    """Refuse to resume the interrupted stage (the first one not done) with settings that differ from the
-    ones it started with, naming them, unless ``resume_force`` (``engine.loop.train`` checks the same; this
-    runs first so that recipe.yaml is not replaced when refusing)."""
-    from ..engine.checkpoint import checkpoint_dirs
-    from ..engine.config import ConfigError, resume_changes
-
-    current = {i: str(p) for i, p in enumerate(recipe.pyramid)}
+def _pending_stages(recipe: RecipeConfig, out: Path, current: dict[int, str]):
+    """(index, stage, folder) of each stage not done yet, in order; a done stage's recorded models (its level's,
+    and a mutual-learning teacher's) are written into ``current`` (level -> model) as it is passed."""
     for i, st in enumerate(recipe.stages):
         stage_out = out / f"stage-{i}-{st.kind}-level{st.level}"
         done = stage_out / "done.json"
@@ -181,6 +169,18 @@ def _check_resume(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
             if "teacher" in record:
                 current[st.level - 1] = record["teacher"]
             continue
+        yield i, st, stage_out
+
+
+def _check_resume(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
+    """Refuse to resume the interrupted stage (the first one not done) with settings that differ from the
+    ones it started with, naming them, unless ``resume_force`` (``engine.loop.train`` checks the same; this
+    runs first so that recipe.yaml is not replaced when refusing)."""
+    from ..engine.checkpoint import checkpoint_dirs
+    from ..engine.config import ConfigError, resume_changes
+
+    current = {i: str(p) for i, p in enumerate(recipe.pyramid)}
+    for i, st, stage_out in _pending_stages(recipe, out, current):
         if checkpoint_dirs(stage_out / "checkpoints") and (stage_out / "config.yaml").is_file() and not resume_force:
             changes = resume_changes(stage_out / "config.yaml", _train_config(recipe, st, current[st.level], stage_out))
             if changes:
