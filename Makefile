@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint format typecheck bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (lint and format, configured in pyproject.toml); .ci/run runs it before the tests
+lint: $(STAMP)
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
+
+typecheck: $(STAMP)
+	$(BIN)/mypy src/hkd4vlm
 
 bench: $(STAMP)
 	$(BIN)/hkd4vlm bench --out bench.json

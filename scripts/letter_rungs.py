@@ -20,8 +20,8 @@ from PIL import Image
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hkd4vlm.data.records import Choice, Record
-from hkd4vlm.models.families import build_tiny
-from hkd4vlm.models.presets import PRESETS
+from hkd4vlm.models.registry import build_tiny
+from hkd4vlm.models.registry import get_preset
 from hkd4vlm.models.prompt import build_prompt
 from hkd4vlm.models.scoring import answer_distribution, letter_token_ids, set_readout
 
@@ -32,7 +32,7 @@ p.add_argument("--steps", type=int, default=2000)
 p.add_argument("--bs", type=int, default=64)
 p.add_argument("--lr", type=float, default=1e-3)
 a = p.parse_args()
-S = PRESETS["tiny-llava-s"]
+S = get_preset("tiny-llava-s")
 
 
 def question(rng):

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from hkd4vlm.data.synth import factuality, hallucination
-from hkd4vlm.data.synth.levels import LEVELS
-from hkd4vlm.data.synth.scene import render
+from hkd4vlm.synth import factuality, hallucination
+from hkd4vlm.synth.levels import LEVELS
+from hkd4vlm.synth.scene import render
 from hkd4vlm.models.loading import freeze_vision_tower, load_model
 from hkd4vlm.models.scoring import answer_distribution
 

@@ -1,5 +1,5 @@
 """Can a base learn to verify one phrase against the image? Each draw is the verification stage's item
-(data.synth.grounding.verify_item: a fresh scene and four statements of the task's kinds, each true or
+(synth.grounding.verify_item: a fresh scene and four statements of the task's kinds, each true or
 false with probability 1/2; README numbers marked "probe version" came from this script at commit 1d88e80,
 which drew its own statements, count ones with a text shortcut); the loss is a binary cross-entropy on every option's verdict logit (four
 signals per image instead of one four-way answer). Reports held-out per-phrase accuracy by kind, and the
@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from hkd4vlm.data.synth import hallucination
-from hkd4vlm.data.synth.grounding import VERIFY_QUESTION, GroundingQuestion, statement_kind, verify_item
-from hkd4vlm.data.synth.levels import LEVELS
-from hkd4vlm.data.synth.scene import render
+from hkd4vlm.synth import hallucination
+from hkd4vlm.synth.grounding import VERIFY_QUESTION, GroundingQuestion, statement_kind, verify_item
+from hkd4vlm.synth.levels import LEVELS
+from hkd4vlm.synth.scene import render
 from hkd4vlm.models.loading import freeze_vision_tower, load_model
 from hkd4vlm.models.scoring import answer_distribution
 

@@ -1,6 +1,6 @@
 import pytest
 
-from hkd4vlm.data.synth.generate import generate
+from hkd4vlm.synth.generate import generate
 
 
 @pytest.fixture(scope="session")

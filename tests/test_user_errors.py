@@ -17,7 +17,7 @@ from hkd4vlm.cli import main
 from hkd4vlm.data.layout import split_file
 from hkd4vlm.errors import ModelError
 from hkd4vlm.models.loading import load_model
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 
 
 @pytest.fixture(scope="module")

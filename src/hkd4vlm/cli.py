@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 
 from .data.images import DEFAULT_MAX_PIXELS
+from .data.tasks import TASKS
+from .models.registry import preset_names
 
 
 class ModelPathType(click.ParamType):
@@ -79,26 +81,26 @@ def _report_skipped(problems: list, what: str) -> None:
 @click.option("--val", "n_val", type=click.IntRange(min=0), default=500, show_default=True)
 @click.option("--test", "n_test", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--task", "tasks", type=click.Choice(["hallucination", "factuality"]), multiple=True,
+@click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True,
               help="Generate only this task (repeatable); default both.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: CPU count, at most 4).")
 @click.option("--no-baselines", is_flag=True, help="Skip the text-only baselines in stats.json.")
 def synth(out: Path, level: str, n_train: int, n_val: int, n_test: int, seed: int, tasks: tuple, workers: int | None,
           no_baselines: bool) -> None:
     """Generate the synthetic benchmark (both tasks, challenge layout) and its stats.json."""
-    from .data.synth.generate import generate
-    from .data.synth.report import print_stats
+    from .synth.generate import generate
+    from .synth.report import print_stats
 
     stats = generate(
         out, level=level, sizes={"train": n_train, "val": n_val, "test": n_test}, seed=seed,
-        tasks=tuple(tasks) or ("hallucination", "factuality"), workers=workers, baselines=not no_baselines,
+        tasks=tuple(tasks) or TASKS, workers=workers, baselines=not no_baselines,
     )
     print_stats(stats, out)
 
 
 @main.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--task", "tasks", type=click.Choice(["hallucination", "factuality"]), multiple=True)
+@click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True)
 @click.option("--split", "splits", multiple=True, help="Check only this split (repeatable); default all found.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels (decompression bombs).")
@@ -121,8 +123,7 @@ def validate(root: Path, tasks: tuple, splits: tuple, max_pixels: int, as_json: 
 
 
 @main.command("init-model")
-@click.option("--preset", type=click.Choice(["tiny-llava-s", "tiny-llava-m", "tiny-llava-l", "tiny-idefics3-s"]),
-              required=True)
+@click.option("--preset", type=click.Choice(preset_names()), required=True)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Dataset root whose text trains the tokenizer.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -130,9 +131,11 @@ def validate(root: Path, tasks: tuple, splits: tuple, max_pixels: int, as_json: 
 def init_model_cmd(preset: str, data: Path, out: Path, seed: int) -> None:
     """Build a tiny preset (LLaVA: CLIP + Qwen2; Idefics3: SigLIP + Llama) from config and save it as a checkpoint."""
     from .models.loading import count_parameters, load_model
-    from .models.presets import init_model
+    from .models.registry import init_model
+    from .synth.grounding import vocabulary_texts
 
-    init_model(preset, data, out, seed=seed)
+    # the tokenizer also covers the pretraining curriculum's words, so that the model can be pretrained
+    init_model(preset, data, out, seed=seed, extra_texts=vocabulary_texts())
     model, _ = load_model(out)
     click.echo(f"{preset}: {count_parameters(model):,} parameters, saved to {out}")
 
@@ -270,7 +273,7 @@ def pretrain(preset: str | None, like: str | None, data: Path, out: Path, steps:
              pool_size: int, seed: int) -> None:
     """Pretrain a from-scratch preset (dense vision stage, the grounding curriculum, then phrase
     verification); cached, resumable."""
-    from .engine.pretrain import pretrain as run
+    from .synth.pretrain import pretrain as run
 
     if like is not None:
         from .models import zoo as model_zoo
@@ -312,7 +315,7 @@ def zoo_list() -> None:
 @click.option("--name", default=None, help="Zoo name (default: the preset's).")
 def zoo_publish(run: Path, name: str | None) -> None:
     """Publish a finished `hkd4vlm pretrain` run folder into the zoo (replacing a base of the same name)."""
-    from .engine.pretrain import publish_base
+    from .synth.pretrain import publish_base
 
     click.echo(f"published {publish_base(run, name)}")
 
@@ -320,7 +323,7 @@ def zoo_publish(run: Path, name: str | None) -> None:
 @main.command()
 @click.option("--model", "model_dir", type=MODEL_PATH, required=True)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--task", type=click.Choice(["hallucination", "factuality"]), required=True)
+@click.option("--task", type=click.Choice(TASKS), required=True)
 @click.option("--split", default="test", show_default=True)
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)

@@ -26,9 +26,7 @@ from PIL import Image
 from .data.images import DEFAULT_MAX_PIXELS, open_image
 from .data.records import LETTERS, Choice, Record
 from .data.text_checks import DEFAULT_CONTROL_TOKENS, TextPolicy
-from .data.synth.factuality import QUESTIONS as FACT_QUESTIONS
-from .data.synth.factuality import VERDICTS
-from .data.synth.hallucination import SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS
+from .data.tasks import FACT_QUESTIONS, SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS, VERDICTS
 from .infer.msei import AGGREGATES, MappingSpec, score_shifts
 
 #: what a request may carry: at least two options, at most one per letter

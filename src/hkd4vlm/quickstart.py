@@ -79,9 +79,9 @@ def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shif
 
 
 def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> dict:
-    from .data.synth.generate import generate
+    from .synth.generate import generate
     from .distill.recipe import RecipeConfig, run_recipe
-    from .engine.pretrain import pretrain
+    from .synth.pretrain import pretrain
     from .models.loading import count_parameters, load_model
 
     out = Path(out)

@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from hkd4vlm.data import augment as A
 from hkd4vlm.data.layout import read_split
 from hkd4vlm.data.records import check_record
-from hkd4vlm.data.synth import factuality
-from hkd4vlm.data.synth.phrases import hallucinated_options
-from hkd4vlm.data.synth.scene import COLOURS, Scene
+from hkd4vlm.synth import factuality
+from hkd4vlm.synth.phrases import hallucinated_options
+from hkd4vlm.synth.scene import COLOURS, Scene
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

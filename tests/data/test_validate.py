@@ -690,7 +690,7 @@ def test_cli_validate_task_and_split_filters(tmp_path):
 
 
 def test_synthetic_dataset_validates(tmp_path):
-    from hkd4vlm.data.synth.generate import generate
+    from hkd4vlm.synth.generate import generate
 
     root = tmp_path / "d"
     generate(root, sizes={"train": 16, "val": 4, "test": 8}, workers=1, baselines=False)

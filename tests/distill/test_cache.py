@@ -10,7 +10,7 @@ from hkd4vlm.distill.cache import CachedTeacher, StaleCacheError, build_cache
 from hkd4vlm.distill.stages import Teacher
 from hkd4vlm.engine.sources import RecordSource
 from hkd4vlm.models.loading import load_model
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 
 AUG = {"permute_options": 1.0, "hflip": 0.5}
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from hkd4vlm.distill.recipe import RecipeConfig, run_recipe
 from hkd4vlm.engine.config import ConfigError, load_config
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 
 
 @pytest.fixture(scope="module")

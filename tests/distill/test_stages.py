@@ -7,7 +7,7 @@ from hkd4vlm.data.layout import read_split
 from hkd4vlm.distill.losses import FeatureProjector, forward_kl, rectify_teacher
 from hkd4vlm.distill.stages import PPODStage, TCRDStage, Teacher, coupling_weight, linear_schedule, pyramid_weights
 from hkd4vlm.models.loading import load_model
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 from hkd4vlm.models.scoring import answer_distribution
 
 

@@ -17,7 +17,7 @@ from hkd4vlm.engine.loop import sft_stage, train
 from hkd4vlm.engine.sft import run_sft
 from hkd4vlm.engine.sources import RecordSource
 from hkd4vlm.errors import NonFiniteError
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 
 
 @pytest.fixture(scope="module")

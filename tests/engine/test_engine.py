@@ -15,7 +15,7 @@ from hkd4vlm.engine.config import ConfigError, TrainConfig, load_config, parse_o
 from hkd4vlm.engine.loop import Position, next_global_batch, warmup_cosine
 from hkd4vlm.engine.sft import run_sft
 from hkd4vlm.engine.sources import RecordSource
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from hkd4vlm import Detection, Detector
 from hkd4vlm.data.layout import read_split
 from hkd4vlm.detector import DEFAULT_VERDICTS, InputError
 from hkd4vlm.infer.msei import MappingSpec, score_shifts
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from PIL import Image
 from hkd4vlm.cli import main
 from hkd4vlm.data.layout import read_split
 from hkd4vlm.eval.report import evaluate_predictions, read_predictions
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 
 
 @pytest.fixture(scope="module")

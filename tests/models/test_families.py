@@ -4,9 +4,9 @@ processor needs torchvision for its video slot: what needs the real processor is
 import pytest
 import torch
 
-from hkd4vlm.models.families import IDEFICS3_PRESETS, build_tiny, preset_names
 from hkd4vlm.models.loading import count_parameters, freeze_vision_tower, load_model, vision_tower
-from hkd4vlm.models.presets import build_tokenizer, corpus, init_model
+from hkd4vlm.models.families import build_tokenizer
+from hkd4vlm.models.registry import build_tiny, corpus, get_preset, init_model, preset_names
 from hkd4vlm.models.prompt import ANSWER_CUE, build_prompt, choices_text, shared_text
 from hkd4vlm.models.scoring import answer_distribution, letter_token_ids
 
@@ -37,7 +37,7 @@ def test_idefics3_round_trips_through_auto_classes(idefics3, batch):
 
 def test_idefics3_preset_is_tiny(idefics3):
     _, model, _ = idefics3
-    p = IDEFICS3_PRESETS["tiny-idefics3-s"]
+    p = get_preset("tiny-idefics3-s")
     assert 100_000 < count_parameters(model) < 1_000_000
     assert model.config.vision_config.image_size == p.image_size
     assert model.config.text_config.hidden_size == p.text_hidden

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from hkd4vlm.models.loading import count_parameters, load_model
-from hkd4vlm.models.presets import PRESETS, build_tokenizer, init_model
+from hkd4vlm.models.families import build_tokenizer
+from hkd4vlm.models.registry import get_preset, init_model
 from hkd4vlm.models.prompt import build_prompt
 from hkd4vlm.models.scoring import LetterTokenError, answer_distribution, letter_token_ids
 
@@ -29,10 +30,10 @@ def test_preset_round_trips_through_auto_classes(tiny, batch):
 
 
 def test_preset_sizes_span_the_pyramid(synth_root, tmp_path):
-    from hkd4vlm.models.presets import build_tiny_llava, corpus
+    from hkd4vlm.models.registry import build_tiny, corpus, preset_names
 
     texts = corpus(synth_root)
-    sizes = {name: count_parameters(build_tiny_llava(name, texts)[0]) for name in PRESETS}
+    sizes = {name: count_parameters(build_tiny(name, texts)[0]) for name in preset_names("llava")}
     assert sizes["tiny-llava-s"] < sizes["tiny-llava-m"] < sizes["tiny-llava-l"]
     assert sizes["tiny-llava-l"] >= 8 * sizes["tiny-llava-s"]
 
@@ -102,4 +103,4 @@ def test_init_model_cli(synth_root, tmp_path):
     assert result.exit_code == 0, result.output
     assert "parameters, saved to" in result.output
     model, _ = load_model(tmp_path / "m")
-    assert model.config.vision_config.hidden_size == PRESETS["tiny-llava-s"].vision_hidden
+    assert model.config.vision_config.hidden_size == get_preset("tiny-llava-s").vision_hidden

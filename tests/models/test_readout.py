@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from hkd4vlm.data.records import Choice, Record
-from hkd4vlm.models.families import build_tiny
+from hkd4vlm.models.registry import build_tiny
 from hkd4vlm.models.loading import load_model
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 from hkd4vlm.models.prompt import build_prompt
 from hkd4vlm.models.scoring import (ReadoutError, answer_distribution, get_readout, letter_token_ids, set_readout,
                                     verdict_token_id)

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from hkd4vlm.engine.pretrain import pretrain, pretrain_recipe, recipe_digest
+from hkd4vlm.synth.pretrain import pretrain, pretrain_recipe, recipe_digest
 from hkd4vlm.models import zoo
 from hkd4vlm.models.loading import load_model
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 from hkd4vlm.models.scoring import answer_distribution, get_readout
 
 SHIPPED = zoo.available()
@@ -59,7 +59,7 @@ def test_publish_then_load_by_name(own_zoo, synth_root, tmp_path, batch, sharpen
     model, processor = load_model(src)
     sharpen(model, 4)
     model.save_pretrained(src)
-    folder = zoo.publish(src, "mine", manifest={"recipe": {"preset": "tiny-llava-s"}, "code_commit": "c" * 40})
+    folder = zoo.publish(*load_model(src, dtype="float32"), "mine", manifest={"recipe": {"preset": "tiny-llava-s"}, "code_commit": "c" * 40})
     m = json.loads((folder / "manifest.json").read_text())
     assert m["dtype"] == "float16" and m["readout"] == "option" and "model.safetensors" in m["files"]
     assert zoo.available() == ["mine"] and zoo.verify("mine") == []
@@ -75,7 +75,7 @@ def test_publish_then_load_by_name(own_zoo, synth_root, tmp_path, batch, sharpen
 
 def test_a_changed_or_missing_zoo_file_is_refused(own_zoo, synth_root, tmp_path):
     src = init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=5)
-    folder = zoo.publish(src, "mine", manifest={"recipe": {}})
+    folder = zoo.publish(*load_model(src, dtype="float32"), "mine", manifest={"recipe": {}})
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
@@ -96,7 +96,7 @@ def test_cli_accepts_zoo_names_and_rejects_unknown_ones(own_zoo, synth_root, tmp
     res = CliRunner().invoke(main, ["predict", "--model", "zoo:nothing-here", "--data", str(synth_root), "--task",
                                     "factuality", "--out", str(tmp_path / "p.jsonl")])
     assert res.exit_code == 2 and "no zoo model 'zoo:nothing-here'" in res.output
-    zoo.publish(init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=6), "mine", manifest={"recipe": {}})
+    zoo.publish(*load_model(init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=6), dtype="float32"), "mine", manifest={"recipe": {}})
     res = CliRunner().invoke(main, ["predict", "--model", "zoo:mine", "--data", str(synth_root), "--task",
                                     "factuality", "--out", str(tmp_path / "p.jsonl"), "--limit", "2"])
     assert res.exit_code == 0, res.output

@@ -5,7 +5,7 @@ import pytest
 
 from hkd4vlm import Detector
 from hkd4vlm.data.layout import read_split
-from hkd4vlm.models.presets import init_model
+from hkd4vlm.models.registry import init_model
 
 
 @pytest.fixture(scope="package")

@@ -53,7 +53,7 @@ def prepare_data(dest: Path, source: Path | None, s: BenchSettings) -> Path:
     both tasks, copied from the first records of ``source`` or generated (synthetic, medium level)."""
     n_test, n_train = math.ceil(s.records / 2), math.ceil(s.train_records / 2)
     if source is None:
-        from ..data.synth.generate import generate
+        from ..synth.generate import generate
 
         generate(dest, level="medium", sizes={"train": n_train, "test": n_test}, seed=0, workers=1, baselines=False)
         return dest
@@ -88,6 +88,8 @@ def bench_records(root: Path, n: int) -> tuple[list, list]:
 
 
 def build_presets(data: str, out: str, presets: dict[str, str]) -> dict:
-    from ..models.presets import init_model
+    from ..models.registry import init_model
+    from ..synth.grounding import vocabulary_texts
 
-    return {label: str(init_model(preset, data, Path(out) / preset)) for label, preset in presets.items()}
+    words = vocabulary_texts()
+    return {label: str(init_model(preset, data, Path(out) / preset, extra_texts=words)) for label, preset in presets.items()}

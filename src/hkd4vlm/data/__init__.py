@@ -1,1 +1,1 @@
-"""Records, the challenge layout, validation, the synthetic benchmark and augmentation."""
+"""Records, the two tasks and their wording, the challenge layout, validation, images and augmentation."""

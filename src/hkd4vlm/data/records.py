@@ -13,10 +13,9 @@ from typing import Any, Literal
 
 from ..errors import UserError
 
+from .tasks import TASKS, Task
 from .text_checks import text_problem
 
-Task = Literal["hallucination", "factuality"]
-TASKS: tuple[Task, ...] = ("hallucination", "factuality")
 #: folder name of each task under a dataset root, as the challenge ships it
 TASK_DIRS: dict[str, str] = {"hallucination": "HallucinationDetection", "factuality": "FactChecking"}
 LETTERS = string.ascii_uppercase

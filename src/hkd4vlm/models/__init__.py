@@ -1,1 +1,1 @@
-"""Loading VLMs (Auto classes, LoRA), tiny presets, prompts and answer scoring."""
+"""Loading VLMs (Auto classes, LoRA), the registry of tiny presets and their families, the zoo, prompts and answer scoring."""

@@ -1,20 +1,95 @@
-"""Tiny presets of families other than LLaVA, and the dispatch from a preset name to its builder.
+"""Model families at tiny sizes, built from config: LLaVA (CLIP vision + Qwen2 text) and Idefics3 (the
+SmolVLM architecture: SigLIP-style vision, pixel-shuffle connector, Llama text), each with a word-level
+tokenizer trained on the dataset's text and a real processor, saved with ``save_pretrained`` so that
+they load through the same path as a real checkpoint. Which sizes exist, by name, is the registry's
+business (``models.registry``); a builder here takes the sizes.
 
-Idefics3 (the SmolVLM architecture: SigLIP-style vision, pixel-shuffle connector, Llama text) is the
-second family: its processor runs on PIL alone, so it can be built, saved and scored without
-torchvision, and it has a chat template, so it exercises the chat-template path of ``build_prompt``.
-Teacher and student may come from different families: answer scoring reads letter tokens only.
+Idefics3's processor runs on PIL alone, so it can be built, saved and scored without torchvision, and it
+has a chat template, so it exercises the chat-template path of ``build_prompt``. Teacher and student may
+come from different families.
 """
 
 from __future__ import annotations
 
-from .presets import PRESETS, TinyPreset, build_tiny_llava, build_tokenizer, config_sizes
+import string
+from dataclasses import dataclass
 
-#: Idefics3 presets; scale_factor 2 merges each 2x2 patch block into one text-side token
-IDEFICS3_PRESETS: dict[str, TinyPreset] = {
-    "tiny-idefics3-s": TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=2,
-                                     patch_size=8),  # 8x8 patches, pixel-shuffled to 16 tokens
-}
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<image>", "<bos>", "<eos>"]
+#: always in the vocabulary: option letters, digits, punctuation and the prompt's own words
+BASE_WORDS = list(string.ascii_uppercase) + list(string.digits) + list(".,:;?!'\"()-") + [
+    "Caption", "Context", "Claim", "Answer", "with", "the", "option's", "letter", "Yes",
+]
+
+
+@dataclass(frozen=True)
+class TinyPreset:
+    """The sizes of a tiny preset (every family reads the same fields; the registry names them)."""
+
+    vision_hidden: int
+    vision_layers: int
+    text_hidden: int
+    text_layers: int
+    heads: int
+    image_size: int = 64
+    patch_size: int = 16  # the LLaVA presets use 8 px (64 image tokens): shape is not learnt at 16 px (README, "Pretraining")
+
+
+def config_sizes(p: TinyPreset) -> tuple[dict, dict]:
+    """Keyword arguments of the vision and the text config for a preset's sizes (every family's)."""
+    vision = {"hidden_size": p.vision_hidden, "intermediate_size": 2 * p.vision_hidden,
+              "num_hidden_layers": p.vision_layers, "num_attention_heads": p.heads, "image_size": p.image_size,
+              "patch_size": p.patch_size}
+    text = {"hidden_size": p.text_hidden, "intermediate_size": 2 * p.text_hidden, "num_hidden_layers": p.text_layers,
+            "num_attention_heads": p.heads, "num_key_value_heads": p.heads, "max_position_embeddings": 1024}
+    return vision, text
+
+
+def build_tokenizer(texts: list[str]):
+    """A word-level fast tokenizer over the corpus: every letter A-Z is a single token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    # base words go in as ordinary text: as special tokens they would match inside words ("A" in "Answer")
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
+    tok.train_from_iterator(texts + BASE_WORDS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        padding_side="left", extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def build_llava(p: TinyPreset, texts: list[str], *, seed: int = 0):
+    """(model, processor) of a tiny LLaVA (CLIP vision, Qwen2 text) of sizes ``p``, randomly initialised with ``seed``."""
+    import torch
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    tokenizer = build_tokenizer(texts)
+    # resize to a square without cropping: a crop could cut objects out, a non-uniform scale keeps relations
+    image_processor = CLIPImageProcessorPil(
+        size={"height": p.image_size, "width": p.image_size}, do_center_crop=False,
+        crop_size={"height": p.image_size, "width": p.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=p.patch_size,
+        vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
+    )
+    n_patches = (p.image_size // p.patch_size) ** 2
+    vision, text = config_sizes(p)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=Qwen2Config(**text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=n_patches,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    return model, processor
+
+
+#: Idefics3 merges each 2x2 block of patches into one text-side token
 IDEFICS3_SCALE_FACTOR = 2
 #: special tokens the Idefics3 processor writes around each image; the row/column tags
 #: (``<row_1_col_1>``, ...) are left out because image splitting is off
@@ -32,22 +107,9 @@ IDEFICS3_CHAT_TEMPLATE = (
 )
 
 
-def preset_names() -> list[str]:
-    """Every tiny preset, across families."""
-    return list(PRESETS) + list(IDEFICS3_PRESETS)
-
-
-def build_tiny(preset: str, texts: list[str], *, seed: int = 0):
-    """(model, processor) of the tiny preset named ``preset``, whatever its family."""
-    if preset in PRESETS:
-        return build_tiny_llava(preset, texts, seed=seed)
-    if preset in IDEFICS3_PRESETS:
-        return build_tiny_idefics3(preset, texts, seed=seed)
-    raise ValueError(f"unknown preset {preset!r}; choose one of {preset_names()}")
-
-
-def build_tiny_idefics3(preset: str, texts: list[str], *, seed: int = 0):
-    """(model, processor) of a tiny Idefics3, randomly initialised with ``seed``.
+def build_idefics3(p: TinyPreset, texts: list[str], *, seed: int = 0):
+    """(model, processor) of a tiny Idefics3 (SigLIP-style vision, Llama text) of sizes ``p``, randomly
+    initialised with ``seed``.
 
     Each image is resized to ``image_size`` x ``image_size`` (no splitting) and becomes
     ``(image_size / patch_size)**2 / scale_factor**2`` image tokens.
@@ -56,9 +118,6 @@ def build_tiny_idefics3(preset: str, texts: list[str], *, seed: int = 0):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
     from transformers.models.idefics3 import Idefics3ImageProcessorPil, Idefics3VisionConfig
 
-    if preset not in IDEFICS3_PRESETS:
-        raise ValueError(f"unknown Idefics3 preset {preset!r}; choose one of {sorted(IDEFICS3_PRESETS)}")
-    p = IDEFICS3_PRESETS[preset]
     tokenizer = build_tokenizer(texts + IDEFICS3_TEMPLATE_WORDS)
     # special, so that the punctuation pre-tokenizer does not cut "<global-img>" into pieces
     tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_SPECIAL_TOKENS + ["<image>"]})

@@ -18,7 +18,7 @@ def shared_text(record: Record) -> str:
     """The part of the prompt that does not depend on the option order."""
     if record.task == "hallucination":
         return f"Caption: {record.system1_answer}\n{record.system2_question}"
-    if record.task == "grounding":  # pretraining questions (data.synth.grounding)
+    if record.task == "grounding":  # pretraining questions (synth.grounding)
         return (f"Context: {record.context}\n" if record.context else "") + f"Question: {record.question}"
     return f"Context: {record.context}\nClaim: {record.claim}\n{record.question}"
 
@@ -66,7 +66,7 @@ def prompt_with_option_ends(processor, record: Record, options: list[str] | None
 
 def _render(processor, record: Record, options: list[str] | None) -> str:
     shared = shared_text(record)
-    # open pretraining questions (data.synth.grounding) show no options: the answer is a word
+    # open pretraining questions (synth.grounding) show no options: the answer is a word
     tail = "" if getattr(record, "open", False) else choices_text(record, options)
     template = getattr(processor, "chat_template", None)
     if template:

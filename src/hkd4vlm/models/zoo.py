@@ -87,13 +87,12 @@ def code_commit() -> str:
         return "unknown"
 
 
-def publish(model_dir: str | Path, name: str, *, manifest: dict, half: bool = True) -> Path:
-    """Copy a trained base into the zoo as ``name`` (replacing an older one), with ``manifest`` completed by
-    the file hashes and the code commit. ``half``: store the weights in float16 (they load as float32)."""
-    from .loading import load_model
+def publish(model, processor, name: str, *, manifest: dict, half: bool = True) -> Path:
+    """Save a trained base (a float32 ``model`` and its ``processor``, e.g. from ``load_model``) into the zoo
+    as ``name`` (replacing an older one), with ``manifest`` completed by the file hashes and the code
+    commit. ``half``: store the weights in float16 (they load as float32)."""
     from .scoring import get_readout
 
-    model, processor = load_model(model_dir, dtype="float32")
     folder = ZOO_DIR / name
     tmp = folder.with_name(name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

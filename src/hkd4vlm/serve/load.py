@@ -228,7 +228,7 @@ def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 
     if requests < 1 or concurrency < 1:
         raise ValueError(f"requests and concurrency must be at least 1, got {requests} and {concurrency}")
     if images is None:
-        from ..data.synth.generate import generate
+        from ..synth.generate import generate
 
         with tempfile.TemporaryDirectory(prefix="hkd4vlm-bench-") as tmp:
             generate(Path(tmp) / "data", level="medium", sizes={"train": 0, "val": 0, "test": 32}, seed=seed,

@@ -24,7 +24,7 @@ DENSE_TARGETS = ("colour", "shape", "size")
 
 
 def _classes():
-    from ..data.synth.scene import COLOURS, SHAPES, SIZES
+    from .scene import COLOURS, SHAPES, SIZES
 
     return {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}
 
@@ -50,8 +50,8 @@ def patch_targets(scene, grid: int) -> np.ndarray:
 
 def render_batch(rng: random.Random, n: int, image_size: int, grid: int, level_name: str = "medium"):
     """``n`` fresh scenes resized to ``image_size``: PIL images and per-patch targets, each (n, grid * grid)."""
-    from ..data.synth.levels import LEVELS
-    from ..data.synth.scene import render, sample_scene
+    from .levels import LEVELS
+    from .scene import render, sample_scene
 
     level = LEVELS[level_name]
     images, targets = [], []

@@ -1,4 +1,4 @@
-"""Pretraining a from-scratch preset on the grounding curriculum (data.synth.grounding), with the same
+"""Pretraining a from-scratch preset on the grounding curriculum (synth.grounding), with the same
 engine and loss as SFT. The result is a base checkpoint that is cached: a second call with the same
 preset, data, recipe and seed returns the existing one."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig, OptimConfig, TrainConfig
-from .distributed import is_main_process
-from .loop import train
+from ..engine.config import DataConfig, OptimConfig, TrainConfig
+from ..engine.distributed import is_main_process
+from ..engine.loop import train
 from .sources import GroundingSource, VerifySource
 
 #: per preset: dense vision steps, then curriculum steps and learning rate (README, "Pretraining", for what
@@ -37,13 +37,10 @@ def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None =
     verification stage's keys appear only when it runs, so recipes without it keep their digests."""
     from dataclasses import asdict
 
-    from ..models.families import IDEFICS3_PRESETS
-    from ..models.presets import PRESETS, TINY_READOUT
     from ..models.prompt import PROMPT_VERSION
+    from ..models.registry import TINY_READOUT, get_preset
 
-    specs = {**PRESETS, **IDEFICS3_PRESETS}
-    if preset not in specs:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(specs)}")
+    sizes = get_preset(preset)  # unknown names are an error naming the registered ones
     recipe = {**DEFAULT_RECIPE, **PRETRAIN_RECIPES.get(preset, {})}
     for name, value in (("steps", steps), ("lr", lr), ("dense_steps", dense_steps), ("verify_steps", verify_steps),
                         ("verify_owner_share", verify_owner_share)):
@@ -56,7 +53,7 @@ def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None =
     else:
         for name in ("verify_steps", "verify_lr", "verify_owner_share"):
             recipe.pop(name, None)
-    return {"preset": preset, "architecture": asdict(specs[preset]), "readout": TINY_READOUT,
+    return {"preset": preset, "architecture": asdict(sizes), "readout": TINY_READOUT,
             "prompt_version": PROMPT_VERSION, "batch_size": batch_size, "seed": seed, "pool_size": pool_size, **recipe}
 
 
@@ -155,10 +152,10 @@ def verify_eval(n: int = 256, image_size: int = 64, seed: int = 20_000, owner_sh
     """An evaluate callback: held-out accuracy of the verification stage's statements (an option counts as
     judged true when its score is above 0), overall and per kind of statement (exist, count, relation,
     owner)."""
-    from ..data.synth.grounding import statement_kind as kind
-    from ..data.synth.grounding import verify_item
-    from ..data.synth.levels import LEVELS
-    from ..data.synth.scene import render
+    from .grounding import statement_kind as kind
+    from .grounding import verify_item
+    from .levels import LEVELS
+    from .scene import render
 
     level = LEVELS["medium"]
     items = []
@@ -182,9 +179,9 @@ def verify_eval(n: int = 256, image_size: int = 64, seed: int = 20_000, owner_sh
 
 def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
     """An evaluate callback: accuracy on held-out six-object questions, overall and per kind."""
-    from ..data.synth.grounding import sample_item
-    from ..data.synth.levels import LEVELS
-    from ..data.synth.scene import render
+    from .grounding import sample_item
+    from .levels import LEVELS
+    from .scene import render
 
     items = []
     for i in range(n):
@@ -210,7 +207,7 @@ def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int 
              pool_size: int = 12_000, cache_dir: str | Path | None = None, progress: bool = True,
              resume: bool = True) -> Path:
     """Build ``preset`` (tokenizer from ``data_root``) and pretrain it: ``dense_steps`` of dense vision
-    pretraining (engine.dense; 0 skips it), then ``steps`` of the grounding curriculum, then
+    pretraining (synth.dense; 0 skips it), then ``steps`` of the grounding curriculum, then
     ``verify_steps`` of phrase verification (0 or None skips it); returns the last stage's model folder
     (``out/model``, or ``out/verify/model`` after a verification stage)."""
     recipe = pretrain_recipe(preset, steps=steps, lr=lr, dense_steps=dense_steps, verify_steps=verify_steps,
@@ -274,8 +271,9 @@ def _verification(recipe: dict, data_root, out: Path, start: Path, *, progress: 
 
 def _curriculum(recipe: dict, data_root, out: Path, *, cache_dir, progress: bool, resume: bool) -> Path:
     """The dense vision stage and the grounding curriculum of ``recipe`` in ``out``; returns ``out/model``."""
-    from ..models.presets import init_model
+    from ..models.registry import init_model
     from ..models.scoring import set_readout
+    from .grounding import vocabulary_texts
 
     preset, batch_size, seed, pool_size = recipe["preset"], recipe["batch_size"], recipe["seed"], recipe["pool_size"]
     key = {**recipe, "data": str(Path(data_root).resolve())}
@@ -286,7 +284,8 @@ def _curriculum(recipe: dict, data_root, out: Path, *, cache_dir, progress: bool
     pending.write_text(json.dumps({**key, "digest": digest, "recipe_digest": recipe_digest(recipe)}, indent=2))
     init_dir = out / "init"
     if not (init_dir / "config.json").is_file():
-        init_model(preset, data_root, init_dir, seed=seed)
+        # the tokenizer also covers the curriculum's words
+        init_model(preset, data_root, init_dir, seed=seed, extra_texts=vocabulary_texts())
     image_size = recipe["architecture"]["image_size"]
     cfg = TrainConfig(
         model=str(init_dir), out=out, data=DataConfig(root=Path(data_root), eval_split=None),
@@ -301,7 +300,7 @@ def _curriculum(recipe: dict, data_root, out: Path, *, cache_dir, progress: bool
         start_dir = out / "dense" / "model"
         if not (start_dir / "config.json").is_file():
             from .dense import dense_pretrain
-            from .loop import save_model
+            from ..engine.loop import save_model
 
             model, processor = load_model(init_dir)
             dense_pretrain(model, processor, out / "dense", steps=recipe["dense_steps"], batch_size=batch_size,
@@ -335,6 +334,7 @@ def publish_base(run: str | Path, name: str | None = None) -> Path:
     size, and the verification stage's statements). With a finished verification stage, its model is the
     base."""
     from ..models import zoo
+    from ..models.loading import load_model
 
     run = Path(run)
     marker = run / "pretrain.json"
@@ -368,4 +368,4 @@ def publish_base(run: str | Path, name: str | None = None) -> Path:
         "tokenizer_data": "the text of the dataset given to `hkd4vlm pretrain --data` (the medium benchmark, "
                           "`hkd4vlm synth --seed 0`, 4,000 / 500 / 1,000 records) and the curriculum's words",
     }
-    return zoo.publish(model_dir, name or recipe["preset"], manifest=manifest)
+    return zoo.publish(*load_model(model_dir, dtype="float32"), name or recipe["preset"], manifest=manifest)

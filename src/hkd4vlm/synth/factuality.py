@@ -16,16 +16,11 @@ from __future__ import annotations
 import random
 import re
 
-from ..records import LETTERS, Choice, Record
+from ..data.records import LETTERS, Choice, Record
+from ..data.tasks import FACT_QUESTIONS, VERDICTS
 from .levels import Level
 from .scene import COLOURS, SHAPES, SIZES, Scene, sample_scene
 
-VERDICTS = (
-    "True",
-    "False: contradicted by the image",
-    "False: contradicted by the context",
-    "Not enough information",
-)
 VERDICT_KEYS = ("true", "image", "context", "nei")
 NAMES = ("Maria", "Tom", "Aiko", "Omar", "Lena", "Ravi", "Sofia", "Jonas", "Nadia", "Pablo", "Grace", "Ivan")
 #: (present tense for "X drew ...", participle for "... was drawn by X")
@@ -36,11 +31,7 @@ EXTRAS = (
     "The background was prepared before any shape was added.",
     "The drawing was scanned in {year}.",
 )
-QUESTIONS = (
-    "Is the claim factual?",
-    "Which verdict fits the claim, given the image and the context?",
-    "Is the claim supported by the image and the context?",
-)
+QUESTIONS = FACT_QUESTIONS
 
 _C, _S, _N = "|".join(COLOURS), "|".join(SHAPES), "|".join(NAMES)
 _PRESENT, _PART = "|".join(v[0] for v in VERBS), "|".join(v[1] for v in VERBS)

@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from ..records import Record
+from ..data.records import Record
 
 DIM = 2048
 _TOKEN = re.compile(r"[a-z0-9]+")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import random
 
-from ..records import LETTERS, Choice, Record
+from ..data.records import LETTERS, Choice, Record
+from ..data.tasks import SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS
 from .levels import Level
 from .phrases import Count, Exist, Phrase, Relation, phrase_truth
 from .scene import COLOURS, OPPOSITE, RELATIONS, SHAPES, SIZES, Scene, relation_holds, sample_scene
@@ -24,12 +25,6 @@ KIND_OF_TYPE = {"absent_object": "exist", "wrong_attribute": "exist", "wrong_rel
 #: the kinds of the four options of every record: one of them lies, as often as its share here
 PHRASE_KINDS = ("exist", "exist", "relation", "count")
 
-SYSTEM1_QUESTIONS = ("Describe the image.", "What do you see in this picture?", "Write a short caption for this image.")
-SYSTEM2_QUESTIONS = (
-    "Which option is hallucinated?",
-    "Which of the following is not supported by the image?",
-    "Which option describes something that is not in the image?",
-)
 FRAMES = ("I can see", "The image shows", "We can see", "The picture shows")
 FILLERS = ("It is a simple drawing of flat shapes.", "The picture contains only geometric shapes.")
 

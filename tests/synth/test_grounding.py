@@ -4,12 +4,12 @@ import random
 
 import pytest
 
-from hkd4vlm.data.synth.grounding import (
+from hkd4vlm.synth.grounding import (
     OPEN_KINDS, QUESTION_KINDS, cell_of, curriculum_level, curriculum_objects, make_question, sample_item,
 )
-from hkd4vlm.data.synth.levels import LEVELS
-from hkd4vlm.data.synth.phrases import NUMBER_WORDS
-from hkd4vlm.data.synth.scene import relation_holds
+from hkd4vlm.synth.levels import LEVELS
+from hkd4vlm.synth.phrases import NUMBER_WORDS
+from hkd4vlm.synth.scene import relation_holds
 
 
 def _check(scene, q) -> None:
@@ -91,8 +91,8 @@ def test_questions_are_deterministic_per_seed():
 
 
 def test_verification_statements_are_read_off_the_scene_independently():
-    from hkd4vlm.data.synth.grounding import verify_item
-    from hkd4vlm.data.synth.phrases import parse_phrase
+    from hkd4vlm.synth.grounding import verify_item
+    from hkd4vlm.synth.phrases import parse_phrase
 
     truths_seen, kinds_seen = [], set()
     for i in range(200):
@@ -132,7 +132,7 @@ def test_verification_statements_are_read_off_the_scene_independently():
 def test_owner_statements_hold_exactly_when_the_context_credits_the_shapes_colour_to_the_name():
     import re
 
-    from hkd4vlm.data.synth.grounding import statement_kind, verify_item
+    from hkd4vlm.synth.grounding import statement_kind, verify_item
 
     seen = []
     for i in range(200):

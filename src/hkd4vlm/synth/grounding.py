@@ -20,7 +20,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from ..records import LETTERS
+from ..data.records import LETTERS
 from .levels import LEVELS, Level
 from .phrases import NUMBER_WORDS, PLURAL, Count, Exist, Phrase, Relation, phrase_truth
 from .scene import COLOURS, OPPOSITE, RELATIONS, SHAPES, SIZES, Obj, Scene, relation_holds, sample_scene

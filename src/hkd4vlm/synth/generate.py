@@ -10,8 +10,8 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ..layout import images_dir, write_split
-from ..records import TASKS, Record, Task, parse_record
+from ..data.layout import images_dir, write_split
+from ..data.records import TASKS, Record, Task, parse_record
 from . import factuality, hallucination
 from .baselines import run_baselines
 from .levels import LEVELS

@@ -6,12 +6,12 @@ import pytest
 
 from hkd4vlm.data.layout import read_split, validate_dataset
 from hkd4vlm.data.records import Choice, Record
-from hkd4vlm.data.synth import factuality, hallucination
-from hkd4vlm.data.synth.baselines import run_baselines
-from hkd4vlm.data.synth.generate import generate
-from hkd4vlm.data.synth.levels import LEVELS
-from hkd4vlm.data.synth.phrases import hallucinated_options, parse_phrase
-from hkd4vlm.data.synth.scene import COLOURS, SHAPES, Scene, relation_holds, sample_scene
+from hkd4vlm.synth import factuality, hallucination
+from hkd4vlm.synth.baselines import run_baselines
+from hkd4vlm.synth.generate import generate
+from hkd4vlm.synth.levels import LEVELS
+from hkd4vlm.synth.phrases import hallucinated_options, parse_phrase
+from hkd4vlm.synth.scene import COLOURS, SHAPES, Scene, relation_holds, sample_scene
 
 
 def _digest(root):
