@@ -11,6 +11,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: default pixel limit (width × height); larger images are refused as possible decompression bombs
 DEFAULT_MAX_PIXELS = 40_000_000
+#: the HTTP service's own limit on an uploaded image (``serve --max-image-pixels``), lower than
+#: DEFAULT_MAX_PIXELS (the guard for one's own files, in the data layer and the Detector): there anyone who
+#: can reach the server picks the image, and each decoding thread may hold one at full size (3 bytes a pixel)
+#: outside the service's in-flight memory budget; 16 M pixels is still more than a judge reads (the service
+#: scales every image down to ``max_image_side``)
+DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
 
 
 class ImageProblem(ValueError):
