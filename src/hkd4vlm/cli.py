@@ -506,8 +506,8 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", default="auto", show_default=True)
 def serve(model_dir: Path, host: str, port: int, shifts: int | str, max_batch_size: int, max_wait_ms: float,
-          max_body_mb: float, max_image_pixels: int, device: str | None, dtype: str, max_queue: int, max_text_chars: int,
-          max_text_tokens: int, max_request_tokens: int, max_image_side: int, max_inflight_mb: float,
+          max_body_mb: float, max_image_pixels: int, device: str | None, dtype: str, max_queue: int,
+          max_text_chars: int, max_text_tokens: int, max_request_tokens: int, max_image_side: int, max_inflight_mb: float,
           api_key: str | None,
           allowed_hosts: tuple, cors_origins: tuple, docs: bool) -> None:
     """Serve a judge over HTTP: POST /v1/hallucination and /v1/factuality (JSON with a base64 image, or

@@ -73,8 +73,8 @@ def test_check_fact_defaults_to_the_four_verdicts_and_predict_batches(detector, 
     (lambda d, img: d.check_fact(b"not an image", "claim", "context"), "image.*not an image", "image", None, None),
     (lambda d, img: d.check_fact("/nonexistent/x.png", "claim", "context"), "image.*not found", "image", None,
      "/nonexistent/x.png"),
-    (lambda d, img: d.predict([{"task": "factuality", "image": img, "context": "c"}], progress=False), r"#0.*claim.*missing",
-     "claim", 0, None),
+    (lambda d, img: d.predict([{"task": "factuality", "image": img, "context": "c"}], progress=False),
+     r"#0.*claim.*missing", "claim", 0, None),
     (lambda d, img: d.predict([{"task": "poetry", "image": img}], progress=False), "task", "task", 0, None),
 ])
 def test_bad_input_is_an_error_naming_the_field(detector, call, match, field, record, file):

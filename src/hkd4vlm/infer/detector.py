@@ -9,10 +9,9 @@
     det.check_fact(image_bytes, claim="Tom drew the circle.", context="...")
 
 Every call scores the record under ``shifts`` cyclic option→letter mappings (a number, or "all": one per
-option; infer.msei.parse_shifts) with the shared prefix
-encoded once (infer.msei) and returns the aggregated prediction with the shifts' agreement, which a caller
-can threshold to abstain. Images may be a path, a PIL image or bytes.
-"""
+option, as infer.msei.parse_shifts reads it) with the shared prefix encoded once (infer.msei) and returns
+the aggregated prediction with the shifts' agreement, which a caller can threshold to abstain. Images may
+be a path, a PIL image or bytes. Bad input raises errors.InputError naming the field (``.field``)."""
 
 from __future__ import annotations
 
@@ -99,12 +98,11 @@ def load_image_input(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image)):
         raise InputError(f"field '{name}': must be a path, bytes or a PIL image, got {type(image).__name__}",
                          field=name)
-    source = Path(image) if isinstance(image, (str, os.PathLike)) else image
     try:
+        source = Path(image) if isinstance(image, (str, os.PathLike)) else image
         return open_image(source, max_pixels=max_pixels, max_side=max_side)
-    except ValueError as e:  # data.images.ImageProblem
-        raise InputError(f"field '{name}': {e}", field=name,
-                         file=str(source) if isinstance(source, Path) else None) from None
+    except ValueError as e:  # data.images.ImageProblem names the file
+        raise InputError(f"field '{name}': {e}", field=name, file=getattr(e, "file", None)) from None
 
 
 def hallucination_record(caption: str, options: Sequence[str], question: str | None = None, *,
