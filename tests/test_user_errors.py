@@ -77,7 +77,7 @@ def test_a_bad_model_folder_is_one_message(tiny_model, synth_root, tmp_path, cas
 
 
 def test_nan_weights_are_refused_where_the_service_loads_them(tiny_model, tmp_path):
-    from hkd4vlm.detector import Detector
+    from hkd4vlm.infer.detector import Detector
 
     model = broken_copy(tiny_model, tmp_path, "model", _nan_weight)
     with pytest.raises(ModelError, match="NaN or infinite"):

@@ -6,7 +6,7 @@ __all__ = ["Detector", "Detection"]
 
 def __getattr__(name: str):  # imported on first use: the command line stays quick to start
     if name in __all__:
-        from . import detector
+        from .infer import detector
 
         return getattr(detector, name)
     raise AttributeError(f"module 'hkd4vlm' has no attribute {name!r}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .data.images import DEFAULT_MAX_PIXELS
+from .data.images import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS
 from .data.tasks import TASKS
 from .models.registry import preset_names
 
@@ -33,6 +33,24 @@ class ModelPathType(click.ParamType):
 
 
 MODEL_PATH = ModelPathType()
+
+
+class ShiftsType(click.ParamType):
+    """``--shifts`` of ``predict`` and ``serve``: a number of option→letter mappings, or 'all' (one per option),
+    read by ``infer.msei.parse_shifts``."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        from .infer.msei import parse_shifts
+
+        try:
+            return parse_shifts(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SHIFTS = ShiftsType()
 
 #: errors about what the user gave (data, config, model folder, checkpoint, paths): one message, exit 1; so is
 #: any other OSError about a named file (a full disk, a read-only folder)
@@ -330,23 +348,24 @@ def zoo_publish(run: Path, name: str | None) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", default="auto", show_default=True)
-@click.option("--shifts", default="1", show_default=True,
+@click.option("--shifts", type=SHIFTS, default="1", show_default=True,
               help="Mapping-shift inference: score N cyclic option→letter shifts per record and aggregate "
                    "('all' = one per option; 1 = a single plain pass).")
 @click.option("--aggregate", type=click.Choice(["logmean", "mean", "vote"]), default="logmean", show_default=True)
 @click.option("--random-mappings", is_flag=True, help="Use N seeded random permutations instead of cyclic shifts.")
 @click.option("--skip-invalid", is_flag=True, help="Leave invalid records out (listed and counted) instead of stopping.")
 def predict(model_dir: Path, data: Path, task: str, split: str, out: Path, batch_size: int, limit: int | None,
-            device: str | None, dtype: str, shifts: str, aggregate: str, random_mappings: bool,
+            device: str | None, dtype: str, shifts: int | str, aggregate: str, random_mappings: bool,
             skip_invalid: bool) -> None:
     """Write one JSONL line per record: image, question, answer, choice, pred_ans, pred_letter, status
     ("success", or "error" with the reason in "error"), correct, probs (and the shifts' agreement with
     mapping-shift inference)."""
     from .data.layout import read_split
+    from .infer.msei import MappingSpec
     from .infer.predict import accuracy, predict_split, write_jsonl
     from .models.loading import load_model
 
-    spec = _mapping_spec(shifts, random_mappings)
+    spec = MappingSpec(shifts, mode="random" if random_mappings else "cyclic")
     records = read_split(data, task, split, skip_invalid=skip_invalid)
     _report_skipped(records.skipped, "the predictions")
     model, processor = load_model(model_dir, dtype=dtype, device=device)
@@ -359,23 +378,6 @@ def predict(model_dir: Path, data: Path, task: str, split: str, out: Path, batch
     tail += f"; {errors} could not be scored (status \"error\")" if errors else ""
     tail += f"; {len({(p.file, p.record) for p in records.skipped})} invalid record(s) skipped" if skip_invalid else ""
     click.echo(f"{len(preds)} predictions written to {out}{tail}")
-
-
-def _mapping_spec(shifts: str, random_mappings: bool = False):
-    """``--shifts`` → a MappingSpec, or None for one plain pass."""
-    from .infer.msei import MappingSpec
-
-    if shifts.strip().lower() == "all":
-        return MappingSpec(None, mode="random" if random_mappings else "cyclic")
-    try:
-        k = int(shifts)
-    except ValueError:
-        raise click.BadParameter(f"expected a number of shifts or 'all', got {shifts!r}", param_hint="--shifts") from None
-    if k < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--shifts")
-    if k == 1 and not random_mappings:
-        return None
-    return MappingSpec(k, mode="random" if random_mappings else "cyclic")
 
 
 @main.command()
@@ -468,16 +470,17 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
 @click.option("--model", "model_dir", type=MODEL_PATH, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: all interfaces).")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
-@click.option("--shifts", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Cyclic option→letter mappings scored per request (mapping-shift inference).")
+@click.option("--shifts", type=SHIFTS, default="4", show_default=True,
+              help="Cyclic option→letter mappings scored per request (mapping-shift inference; 'all' = one per "
+                   "option; 1 = a single plain pass).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests scored together in one model call.")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long the first request of a batch waits for others to join it.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Larger request bodies are refused (413).")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=16_000_000, show_default=True,
-              help="Larger images are refused (422; decompression bombs).")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
+              help="Larger uploaded images are refused (422; decompression bombs).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Requests waiting for the model beyond this many are refused (503, Retry-After).")
 @click.option("--max-text-chars", type=click.IntRange(min=1), default=8_000, show_default=True,
@@ -504,9 +507,9 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
 @click.option("--docs", is_flag=True, help="Serve the interactive API docs at /docs and /openapi.json.")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", default="auto", show_default=True)
-def serve(model_dir: Path, host: str, port: int, shifts: int, max_batch_size: int, max_wait_ms: float,
-          max_body_mb: float, max_pixels: int, device: str | None, dtype: str, max_queue: int, max_text_chars: int,
-          max_text_tokens: int, max_request_tokens: int, max_image_side: int, max_inflight_mb: float,
+def serve(model_dir: Path, host: str, port: int, shifts: int | str, max_batch_size: int, max_wait_ms: float,
+          max_body_mb: float, max_image_pixels: int, device: str | None, dtype: str, max_queue: int,
+          max_text_chars: int, max_text_tokens: int, max_request_tokens: int, max_image_side: int, max_inflight_mb: float,
           api_key: str | None,
           allowed_hosts: tuple, cors_origins: tuple, docs: bool) -> None:
     """Serve a judge over HTTP: POST /v1/hallucination and /v1/factuality (JSON with a base64 image, or
@@ -522,7 +525,7 @@ def serve(model_dir: Path, host: str, port: int, shifts: int, max_batch_size: in
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--api-key' / HKD4VLM_API_KEY") from None
     run(model_dir, host=host, port=port, shifts=shifts, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_body_mb=max_body_mb, max_pixels=max_pixels, device=device, dtype=dtype, max_queue=max_queue,
+        max_body_mb=max_body_mb, max_image_pixels=max_image_pixels, device=device, dtype=dtype, max_queue=max_queue,
         max_text_chars=max_text_chars, max_text_tokens=max_text_tokens, max_request_tokens=max_request_tokens,
         max_image_side=max_image_side, max_inflight_mb=max_inflight_mb, api_key=api_key, allowed_hosts=allowed_hosts or None,
         cors_origins=cors_origins, docs=docs)

@@ -17,3 +17,22 @@ class ModelError(UserError, ValueError):
 
 class NonFiniteError(UserError, RuntimeError):
     """A loss, gradient or weight that is NaN or infinite."""
+
+
+class InputError(UserError, ValueError):
+    """An input to score that cannot be scored (a request field, a record's text, an image).
+
+    Besides the message (which names the field), where they are known: ``field`` (the field's name as the
+    caller wrote it: ``"options[1]"``, ``"choices[0].choice"``, ``"image"``), ``record`` (the record's index
+    in a batch; the message then starts ``record #i: ``) and ``file`` (the image file). ``message`` is the
+    message without the record prefix.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, record: int | None = None,
+                 file: str | None = None):
+        self.message, self.field, self.record, self.file = message, field, record, file
+        super().__init__(message if record is None else f"record #{record}: {message}")
+
+    def in_record(self, index: int) -> "InputError":
+        """The same error, as the problem of the record at ``index`` of a batch."""
+        return InputError(self.message, field=self.field, record=index, file=self.file)

@@ -16,7 +16,7 @@ from hkd4vlm.cli import main
 from hkd4vlm.data.layout import images_dir, read_split, split_file, validate_dataset
 from hkd4vlm.data.records import DatasetError
 from hkd4vlm.data.text_checks import DEFAULT_CONTROL_TOKENS, TextPolicy, find_control_token
-from hkd4vlm.detector import Detector, InputError
+from hkd4vlm.infer.detector import Detector, InputError
 from hkd4vlm.models.loading import load_model, special_tokens
 from hkd4vlm.models.registry import init_model
 

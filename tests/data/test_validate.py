@@ -400,10 +400,12 @@ def test_bad_image_raises_image_problem_from_open_image(tmp_path):
     _image_truncated(folder, "cut.png")
     _image_text(folder, "x.jpg")
     for name in ("cut.png", "x.jpg", "missing.png"):
-        with pytest.raises(ImageProblem):
+        with pytest.raises(ImageProblem) as raised:
             open_image(folder / name)
-    with pytest.raises(ImageProblem):
+        assert raised.value.file == str(folder / name)  # the file, as an attribute
+    with pytest.raises(ImageProblem) as raised:
         open_image(b"")
+    assert raised.value.file is None  # bytes: no file
 
 
 def test_image_over_pixel_limit(tmp_path):
@@ -415,8 +417,9 @@ def test_image_over_pixel_limit(tmp_path):
     # at or under the limit it is fine
     assert problems_of(tmp_path, max_pixels=10_000) == []
     assert problems_of(tmp_path) == []
-    with pytest.raises(ImageProblem, match="over the limit"):
+    with pytest.raises(ImageProblem, match="over the limit") as raised:
         open_image(images_dir(tmp_path, "hallucination") / "big.png", max_pixels=9_999)
+    assert raised.value.file == str(images_dir(tmp_path, "hallucination") / "big.png")
     assert open_image(images_dir(tmp_path, "hallucination") / "big.png", max_pixels=10_000).size == (100, 100)
 
 

@@ -9,8 +9,9 @@ from PIL import Image
 
 from hkd4vlm import Detection, Detector
 from hkd4vlm.data.layout import read_split
-from hkd4vlm.detector import DEFAULT_VERDICTS, InputError
-from hkd4vlm.infer.msei import MappingSpec, score_shifts
+from hkd4vlm.errors import UserError
+from hkd4vlm.infer.detector import DEFAULT_VERDICTS, InputError
+from hkd4vlm.infer.msei import MappingSpec, parse_shifts, score_shifts
 from hkd4vlm.models.registry import init_model
 
 
@@ -62,18 +63,40 @@ def test_check_fact_defaults_to_the_four_verdicts_and_predict_batches(detector, 
     assert len(batch[3].probabilities) == 3 and batch[3].shifts == 3  # shifts are capped at the option count
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda d, img: d.detect_hallucination(img, "a caption", ["only one"]), "options.*2 to 26"),
-    (lambda d, img: d.detect_hallucination(img, "a caption", "red circle"), "options.*list"),
-    (lambda d, img: d.detect_hallucination(img, "", ["a", "b"]), "caption.*empty"),
-    (lambda d, img: d.detect_hallucination(img, "c", ["a", "a"]), "distinct"),
-    (lambda d, img: d.check_fact(img, 3, "context"), "claim.*string"),
-    (lambda d, img: d.check_fact(b"not an image", "claim", "context"), "image.*not an image"),
-    (lambda d, img: d.check_fact("/nonexistent/x.png", "claim", "context"), "image.*not found"),
-    (lambda d, img: d.predict([{"task": "factuality", "image": img, "context": "c"}], progress=False), r"#0.*claim.*missing"),
-    (lambda d, img: d.predict([{"task": "poetry", "image": img}], progress=False), "task"),
+@pytest.mark.parametrize("call, match, field, record, file", [
+    (lambda d, img: d.detect_hallucination(img, "a caption", ["only one"]), "options.*2 to 26", "options", None, None),
+    (lambda d, img: d.detect_hallucination(img, "a caption", "red circle"), "options.*list", "options", None, None),
+    (lambda d, img: d.detect_hallucination(img, "", ["a", "b"]), "caption.*empty", "caption", None, None),
+    (lambda d, img: d.detect_hallucination(img, "c", ["a", "a"]), "distinct", "options", None, None),
+    (lambda d, img: d.detect_hallucination(img, "c", ["a", 7]), "options", "options[1]", None, None),
+    (lambda d, img: d.check_fact(img, 3, "context"), "claim.*string", "claim", None, None),
+    (lambda d, img: d.check_fact(b"not an image", "claim", "context"), "image.*not an image", "image", None, None),
+    (lambda d, img: d.check_fact("/nonexistent/x.png", "claim", "context"), "image.*not found", "image", None,
+     "/nonexistent/x.png"),
+    (lambda d, img: d.predict([{"task": "factuality", "image": img, "context": "c"}], progress=False),
+     r"#0.*claim.*missing", "claim", 0, None),
+    (lambda d, img: d.predict([{"task": "poetry", "image": img}], progress=False), "task", "task", 0, None),
 ])
-def test_bad_input_is_an_error_naming_the_field(detector, call, match):
+def test_bad_input_is_an_error_naming_the_field(detector, call, match, field, record, file):
     img = Image.new("RGB", (16, 16), "white")
-    with pytest.raises(InputError, match=match):
+    with pytest.raises(InputError, match=match) as raised:
         call(detector, img)
+    e = raised.value
+    assert (e.field, e.record, e.file) == (field, record, file)
+    assert str(e) == (e.message if record is None else f"record #{record}: {e.message}")
+    assert e.message.startswith(f"field '{field}': ")
+    assert isinstance(e, UserError)  # the command line prints it as one message
+
+
+@pytest.mark.parametrize("shifts, want", [(1, 1), ("2", 2), (" 3 ", 3), ("all", 4), ("ALL", 4), (None, 4), (9, 4)])
+def test_the_detector_reads_shifts_like_the_command_line(detector, shifts, want):
+    det = Detector(detector.model, detector.processor, shifts=shifts)
+    got = det.detect_hallucination(Image.new("RGB", (16, 16), "white"), "a caption", ["a", "b", "c", "d"])
+    assert got.shifts == want and len(got.per_shift) == want
+    assert det.shifts == parse_shifts(shifts) == det.info()["shifts"]
+
+
+@pytest.mark.parametrize("shifts", [0, -1, "0", "zero", "", 2.5, True])
+def test_the_detector_refuses_a_shifts_value_that_is_neither_a_number_nor_all(detector, shifts):
+    with pytest.raises(ValueError, match="shifts"):
+        Detector(detector.model, detector.processor, shifts=shifts)

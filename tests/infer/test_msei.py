@@ -9,8 +9,8 @@ import torch
 
 from hkd4vlm.data.layout import read_split
 from hkd4vlm.data.records import Choice
-from hkd4vlm.infer.msei import (MappingSpec, _supports_prefix_reuse, aggregate, cyclic_shifts, random_mappings,
-                                score_shifts)
+from hkd4vlm.infer.msei import (MappingSpec, _supports_prefix_reuse, aggregate, cyclic_shifts, parse_shifts,
+                                random_mappings, score_shifts)
 from hkd4vlm.models.loading import load_model
 from hkd4vlm.models.registry import init_model
 from hkd4vlm.models.scoring import answer_distribution
@@ -111,6 +111,30 @@ def test_mapping_sets():
         cyclic_shifts(4, 0)
     with pytest.raises(ValueError):
         MappingSpec([0, 1], mode="random")
+
+
+@pytest.mark.parametrize("value, want", [(1, 1), (4, 4), ("1", 1), (" 12 ", 12), ("all", "all"), ("All", "all"),
+                                         (" ALL ", "all"), (None, "all")])
+def test_parse_shifts_reads_a_number_or_all(value, want):
+    assert parse_shifts(value) == want
+    assert MappingSpec(value).shifts == want
+
+
+@pytest.mark.parametrize("value", [0, -3, "0", "-1", "", "none", "two", "2.0", "1e3", "٣", 2.0, True, [2]])
+def test_parse_shifts_refuses_anything_else(value):
+    with pytest.raises(ValueError, match="shifts"):
+        parse_shifts(value)
+
+
+def test_every_shifts_value_means_the_same_mappings():
+    """1 = the options as given (one plain pass), N = the first N cyclic shifts (capped), "all" = one per option."""
+    assert MappingSpec(1).for_options(4) == [(0, 1, 2, 3)] and MappingSpec(1).is_plain
+    assert MappingSpec(1, mode="random").for_options(4) == [(0, 1, 2, 3)] and MappingSpec(1, mode="random").is_plain
+    assert MappingSpec(2).for_options(4) == cyclic_shifts(4, 2) and not MappingSpec(2).is_plain
+    assert MappingSpec(9).for_options(3) == MappingSpec("all").for_options(3) == cyclic_shifts(3)
+    assert MappingSpec().shifts == "all" and not MappingSpec().is_plain
+    assert len(MappingSpec("all", mode="random").for_options(4)) == 4
+    assert MappingSpec([0]).is_plain and not MappingSpec([0, 2]).is_plain
 
 
 def test_aggregation_rules():

@@ -214,3 +214,31 @@ def test_evaluate_names_a_file_that_is_not_text_or_nested_too_deeply(tmp_path):
     # a line separator inside a text field is part of the line, not the end of it
     preds.write_text(json.dumps({**GOOD, "question": "a\u2028b"}, ensure_ascii=False) + "\n")
     assert read_predictions(preds)[0]["question"] == "a\u2028b"
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_predict_and_serve_read_shifts_alike(command):
+    import click
+
+    from hkd4vlm.infer.msei import parse_shifts
+
+    option = next(p for p in main.commands[command].params if p.name == "shifts")
+    for text, want in [("1", 1), ("3", 3), (" 12", 12), ("all", "all"), ("ALL", "all")]:
+        assert option.type.convert(text, option, None) == want == parse_shifts(text)
+    for bad in ("0", "-2", "zero", "", "2.5"):
+        with pytest.raises(click.BadParameter, match="shifts"):
+            option.type.convert(bad, option, None)
+
+
+def test_predict_with_one_shift_is_one_plain_pass(tmp_path, tiny_model, synth_root, monkeypatch):
+    import hkd4vlm.infer.predict as predict_module
+
+    def no_shifts(*a, **kw):
+        raise AssertionError("one shift must not go through mapping-shift scoring")
+
+    monkeypatch.setattr(predict_module, "score_shifts", no_shifts)
+    out = tmp_path / "preds.jsonl"
+    res = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task",
+                                    "factuality", "--out", str(out), "--limit", "2", "--shifts", "1"])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(l)["agreement"] for l in out.read_text().splitlines()] == [None, None]

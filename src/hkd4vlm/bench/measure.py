@@ -72,7 +72,7 @@ def measure_inference(model_dir: str, data: str, variant: str, s: BenchSettings)
         if variant == "plain":
             answer_distribution(model, processor, recs, ims).probs.argmax(-1).tolist()
         elif variant in ("msei_prefix", "msei_naive"):
-            res = score_shifts(model, processor, recs, ims, spec=MappingSpec(None),
+            res = score_shifts(model, processor, recs, ims, spec=MappingSpec("all"),
                                prefix_reuse=variant == "msei_prefix")
             facts["prefix_reused"].append(res.prefix_reused)
             facts["shifts"] += [len(m) for m in res.mappings]

@@ -169,13 +169,13 @@ def format_table(result: dict) -> str:
 def run_serve_bench(s: BenchSettings, *, requests: int, concurrency: int, run: Path | None = None,
                     models: list[Path] | tuple = (), student: Path | None = None, data: Path | None = None,
                     large_image_share: float = 0.0, log: Callable[[str], None] = print) -> dict:
-    """The HTTP service's load test (``serve.bench_serve``) on the student model, replaying the
+    """The HTTP service's load test (``bench.load.bench_serve``) on the student model, replaying the
     benchmark's records (a share ``large_image_share`` with a 4000 x 4000 image): ``{"serve": {...}}``,
     with the server's resident memory before, at the peak of and after the round."""
     import torch
 
-    from ..serve import bench_serve
-    from ..detector import Detector
+    from .load import bench_serve
+    from ..infer.detector import Detector
 
     if s.threads:
         torch.set_num_threads(s.threads)

@@ -11,10 +11,21 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: default pixel limit (width × height); larger images are refused as possible decompression bombs
 DEFAULT_MAX_PIXELS = 40_000_000
+#: the HTTP service's own limit on an uploaded image (``serve --max-image-pixels``), lower than
+#: DEFAULT_MAX_PIXELS (the guard for one's own files, in the data layer and the Detector): there anyone who
+#: can reach the server picks the image, and each decoding thread may hold one at full size (3 bytes a pixel)
+#: outside the service's in-flight memory budget; 16 M pixels is still more than a judge reads (the service
+#: scales every image down to ``max_image_side``)
+DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
 
 
 class ImageProblem(ValueError):
-    """An image that cannot be used; the message says why."""
+    """An image that cannot be used; the message says why, ``file`` which file (None for bytes, a PIL image or a
+    name not yet resolved to a file)."""
+
+    def __init__(self, message: str, *, file: str | None = None):
+        super().__init__(message)
+        self.file = file
 
 
 def resolve_image_path(images_dir: str | os.PathLike, image_id: str) -> Path:
@@ -33,7 +44,8 @@ def resolve_image_path(images_dir: str | os.PathLike, image_id: str) -> Path:
     base = Path(images_dir).resolve()
     path = (base / image_id).resolve()
     if base != path and base not in path.parents:
-        raise ImageProblem(f"{image_id!r} resolves to {path}, outside the images folder {base} (symlink?)")
+        raise ImageProblem(f"{image_id!r} resolves to {path}, outside the images folder {base} (symlink?)",
+                           file=str(path))
     return path
 
 
@@ -69,6 +81,7 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: i
     """
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be at least 1 (or None), got {max_side}")
+    file = None if isinstance(source, (Image.Image, bytes, bytearray)) else str(source)
     if isinstance(source, Image.Image):
         img = source
         _check_pixels(img, max_pixels)
@@ -80,33 +93,33 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: i
         else:
             path = Path(source)
             if not path.exists():
-                raise ImageProblem(f"file not found: {path}")
+                raise ImageProblem(f"file not found: {path}", file=file)
             if not path.is_file():
-                raise ImageProblem(f"not a regular file: {path}")
+                raise ImageProblem(f"not a regular file: {path}", file=file)
             if path.stat().st_size == 0:
-                raise ImageProblem(f"empty file: {path}")
+                raise ImageProblem(f"empty file: {path}", file=file)
             fp = io.BytesIO(path.read_bytes())
         with warnings.catch_warnings():
             # PIL's own bomb check warns or raises at its global limit; ours is explicit and configurable
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
                 img = Image.open(fp)
-                _check_pixels(img, max_pixels)
+                _check_pixels(img, max_pixels, file)
                 if max_side is not None:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least max_side
                     img.draft("RGB", (max_side, max_side))
                 img.load()
             except ImageProblem:
                 raise
             except UnidentifiedImageError:
-                raise ImageProblem("not an image file (unrecognised format)") from None
+                raise ImageProblem("not an image file (unrecognised format)", file=file) from None
             except Image.DecompressionBombError as e:
-                raise ImageProblem(f"image too large: {e}") from None
+                raise ImageProblem(f"image too large: {e}", file=file) from None
             except (OSError, SyntaxError, ValueError) as e:
-                raise ImageProblem(f"corrupt or truncated image: {e}") from None
+                raise ImageProblem(f"corrupt or truncated image: {e}", file=file) from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as e:  # a broken EXIF block should name itself, not crash a training run
-        raise ImageProblem(f"corrupt EXIF data: {e}") from None
+        raise ImageProblem(f"corrupt EXIF data: {e}", file=file) from None
     img = to_rgb(img)
     if max_side is not None and max(img.size) > max_side:
         scale = max_side / max(img.size)
@@ -115,12 +128,12 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: i
     return img
 
 
-def _check_pixels(img: Image.Image, max_pixels: int) -> None:
+def _check_pixels(img: Image.Image, max_pixels: int, file: str | None = None) -> None:
     w, h = img.size
     if w <= 0 or h <= 0:
-        raise ImageProblem(f"image has no pixels ({w}x{h})")
+        raise ImageProblem(f"image has no pixels ({w}x{h})", file=file)
     if w * h > max_pixels:
         raise ImageProblem(
             f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
-            "(possible decompression bomb; raise --max-pixels if it is genuine)"
+            "(possible decompression bomb; raise --max-pixels if it is genuine)", file=file
         )

@@ -31,15 +31,39 @@ from ..models.scoring import (answer_distribution, get_readout, kept_positions, 
 
 Aggregate = Literal["logmean", "mean", "vote"]
 AGGREGATES = ("logmean", "mean", "vote")
+#: how many option→letter mappings to score per record: a number (capped at the record's option count; 1 =
+#: the options as given, one plain pass) or "all" (one per option)
+Shifts = int | Literal["all"]
 #: model types whose position ids are not a plain running index (prefix reuse would need their own rope deltas)
 _NO_PREFIX_REUSE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"}
 
 
-def cyclic_shifts(n: int, shifts: int | Sequence[int] | None = None) -> list[tuple[int, ...]]:
-    """Cyclic mappings of ``n`` options: all n (``None``), the first ``k`` (an int), or the listed shifts."""
+def parse_shifts(value: int | str | None) -> Shifts:
+    """The one reading of a shifts setting (``--shifts`` of ``predict`` and ``serve``, ``Detector(shifts=)``,
+    ``MappingSpec``): a number of mappings at least 1, given as an int or its digits (``4``, ``"4"``), or
+    ``"all"`` (any case) for one mapping per option; ``None`` (YAML ``null``) also means ``"all"``.
+    ValueError otherwise."""
+    if value is None:
+        return "all"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "all":
+            return "all"
+        if text.isascii() and text.isdigit():
+            value = int(text)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"shifts must be at least 1 (1: one plain pass; 'all': one per option), got {value}")
+        return value
+    raise ValueError(f"shifts: expected a number of shifts (at least 1) or 'all', got {value!r}")
+
+
+def cyclic_shifts(n: int, shifts: Shifts | Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """Cyclic mappings of ``n`` options: all n (``"all"`` or ``None``), the first ``k`` (an int), or the
+    listed shifts."""
     if n < 1:
         raise ValueError("a record needs at least one option")
-    if shifts is None:
+    if shifts is None or shifts == "all":
         ks = list(range(n))
     elif isinstance(shifts, int):
         if shifts < 1:
@@ -73,23 +97,34 @@ def random_mappings(n: int, count: int, seed: int = 0) -> list[tuple[int, ...]]:
 
 @dataclass
 class MappingSpec:
-    """Which mappings to score: ``mode`` "cyclic" (``shifts``: None = all n, an int = the first k, or a
-    list of shifts) or "random" (``shifts`` permutations, all n by default, drawn with ``seed``)."""
+    """Which mappings to score: ``mode`` "cyclic" (``shifts``: "all" = all n, an int = the first k, or a
+    list of shifts) or "random" (``shifts`` permutations, all n by default, drawn with ``seed``).
+    ``shifts`` is read by :func:`parse_shifts` (so ``None`` and ``"all"`` are the same); 1 is one plain pass."""
 
-    shifts: int | Sequence[int] | None = None
+    shifts: Shifts | Sequence[int] | None = "all"
     mode: Literal["cyclic", "random"] = "cyclic"
     seed: int = 0
 
     def __post_init__(self):
         if self.mode not in ("cyclic", "random"):
             raise ValueError(f"mapping mode must be 'cyclic' or 'random', got {self.mode!r}")
-        if self.mode == "random" and not (self.shifts is None or isinstance(self.shifts, int)):
-            raise ValueError("random mappings take a count of permutations, not a list of shifts")
+        if isinstance(self.shifts, (list, tuple)):
+            if self.mode == "random":
+                raise ValueError("random mappings take a count of permutations, not a list of shifts")
+        else:
+            self.shifts = parse_shifts(self.shifts)
+
+    @property
+    def is_plain(self) -> bool:
+        """Whether every record is scored once, under its options as given (the identity mapping only)."""
+        if isinstance(self.shifts, (list, tuple)):
+            return {int(k) for k in self.shifts} == {0}
+        return self.shifts == 1  # random mappings start with the identity too
 
     def for_options(self, n: int) -> list[tuple[int, ...]]:
         if self.mode == "cyclic":
             return cyclic_shifts(n, self.shifts)
-        return random_mappings(n, n if self.shifts is None else int(self.shifts), self.seed)
+        return random_mappings(n, n if self.shifts == "all" else int(self.shifts), self.seed)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from ..data.layout import Split
 from ..data.records import Record
 from ..models.scoring import answer_distribution
+from .msei import MappingSpec, score_shifts
 
 
 @dataclass
@@ -61,13 +62,15 @@ def to_prediction(record: Record, probs: list[float], *, winner: int | None = No
 
 
 def predict_split(model, processor, split: Split, *, batch_size: int = 32, limit: int | None = None,
-                  progress: bool = False, spec=None, aggregate: str = "logmean") -> list[Prediction]:
+                  progress: bool = False, spec: MappingSpec | None = None,
+                  aggregate: str = "logmean") -> list[Prediction]:
     """Predictions for every record of ``split`` (in order), scored ``batch_size`` records at a time.
 
-    ``spec`` (an :class:`~hkd4vlm.infer.msei.MappingSpec`): score each record under several option→letter
-    mappings and aggregate them (mapping-shift inference, with prefix reuse); default one plain pass.
+    ``spec``: the option→letter mappings to score each record under, aggregated (mapping-shift inference,
+    with prefix reuse; the predictions then carry the mappings' agreement). A spec of one mapping
+    (``MappingSpec(1)``, the default; ``None`` is taken as that default) is one plain pass.
     """
-    from .msei import score_shifts
+    spec = spec or MappingSpec(1)
 
     records = split.records[:limit] if limit else split.records
     out: list[Prediction] = []
@@ -82,7 +85,7 @@ def predict_split(model, processor, split: Split, *, batch_size: int = 32, limit
         for start in range(0, len(records), batch_size):
             chunk = records[start: start + batch_size]
             images = [split.load_image(r) for r in chunk]
-            if spec is None:
+            if spec.is_plain:
                 probs = answer_distribution(model, processor, chunk, images).probs
                 for r, p in zip(chunk, probs.cpu().tolist()):
                     out.append(to_prediction(r, p[: len(r.choices)]))

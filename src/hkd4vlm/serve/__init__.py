@@ -14,7 +14,7 @@ A request is validated and its image decoded (and scaled down) in its handler; t
 joins a queue, and one batcher task scores up to ``max_batch_size`` of them at a time in a single-thread
 executor (the model is not thread-safe), waiting at most ``max_wait_ms`` after the first for others to join.
 Limits bound each request's work and the memory of those in flight (serve.limits); access control is an
-optional API key, a Host allow-list and opt-in CORS (serve.access).
+optional API key, a Host allow-list and opt-in CORS (serve.access). Its load benchmark is bench.load.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
 from .access import ApiKeyAuth, HostAllowList
 from .app import ServerThread, create_app, run
 from .batching import MicroBatcher
-from .load import bench_serve
 from .middleware import BodySizeLimit, RequestCounter, RequestCounts
 from .requests import RequestError
 
 __all__ = ["ApiKeyAuth", "BodySizeLimit", "HostAllowList", "MicroBatcher", "RequestCounter", "RequestCounts",
-           "RequestError", "ServerThread", "bench_serve", "create_app", "run"]
+           "RequestError", "ServerThread", "create_app", "run"]

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from fastapi.responses import JSONResponse
 
-from .requests import _error_body
+from .requests import error_body
 
 #: paths open without a key and to any Host
 OPEN_PATHS = frozenset({"/healthz"})
@@ -52,7 +52,7 @@ class ApiKeyAuth:
         if self.on_refused is not None:
             self.on_refused()
         why = "missing" if not header else "not a valid API key"
-        body = _error_body(f"authorization: {why}; send the header 'Authorization: Bearer <key>'", "authorization")
+        body = error_body(f"authorization: {why}; send the header 'Authorization: Bearer <key>'", "authorization")
         return await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
@@ -84,7 +84,7 @@ class HostAllowList:
             return await self.app(scope, receive, send)
         if self.on_refused is not None:
             self.on_refused()
-        body = _error_body(f"host: {header[:100]!r} is not a host name this server answers to (allowed: "
+        body = error_body(f"host: {header[:100]!r} is not a host name this server answers to (allowed: "
                            f"{', '.join(self.allowed)}; serve --allowed-host adds one)", "host")
         return await JSONResponse(body, status_code=400)(scope, receive, send)
 

@@ -17,17 +17,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.middleware.cors import CORSMiddleware
 
-from ..detector import Detector, InputError, load_image_input
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
+from ..errors import InputError
+from ..infer.detector import Detector, load_image_input
+from ..infer.msei import Shifts
 from .access import (LOOPBACK_HOSTS, ApiKeyAuth, HostAllowList, check_api_key, default_allowed_hosts,
                      exposure_warning)
 from .batching import MicroBatcher
 from .limits import IdleTrim, MemoryBudget, image_bytes, request_reservation, rss_bytes
 from .middleware import BodySizeLimit, RequestCounter, RequestCounts
-from .requests import RequestError, _error_body, _from_input_error, _request_fields, _request_record, _response
+from .requests import RequestError, checked_record, error_body, input_refusal, read_request_fields, response_body
 
 
 def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
-               max_body_bytes: int = 10 * 2**20, max_pixels: int = 16_000_000, max_queue: int = 1024,
+               max_body_bytes: int = 10 * 2**20, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               max_queue: int = 1024,
                max_text_chars: int | None = 8_000, max_text_tokens: int | None = 1_024,
                max_request_tokens: int | None = 2_048, max_image_side: int = 1_024,
                max_inflight_bytes: int = 512 * 2**20, decode_workers: int = 2, api_key: str | None = None,
@@ -41,8 +45,10 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
     default); the interactive docs (``/docs``, ``/openapi.json``) exist only with ``docs``.
 
     Limits that bound the work: a text field longer than ``max_text_chars`` characters or ``max_text_tokens``
-    tokens, or a request whose text fields pass ``max_request_tokens`` together, is refused (422); an image over ``max_pixels`` is refused (422), and every image is scaled down to
-    ``max_image_side`` pixels on its longer side as it is decoded, on ``decode_workers`` threads; the requests
+    tokens, or a request whose text fields pass ``max_request_tokens`` together, is refused (422); an image over
+    ``max_image_pixels`` is refused (422; the service decodes uploads itself, under this limit and not the
+    detector's ``max_pixels``: data.images.DEFAULT_MAX_IMAGE_PIXELS says why), and every image is scaled down
+    to ``max_image_side`` pixels on its longer side as it is decoded, on ``decode_workers`` threads; the requests
     in flight hold at most ``max_inflight_bytes`` (serve.limits), and beyond ``max_queue`` requests waiting for
     the model new ones are refused (503 with Retry-After)."""
     if api_key is not None:
@@ -59,7 +65,7 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
     policy = detector.text_policy_with(max_text_chars, max_text_tokens, max_request_tokens)
     budget = MemoryBudget(max_inflight_bytes)
     idle_trim = IdleTrim(lambda: budget.used == 0)
-    limits = {"max_body_bytes": max_body_bytes, "max_pixels": max_pixels, "max_image_side": max_image_side,
+    limits = {"max_body_bytes": max_body_bytes, "max_image_pixels": max_image_pixels, "max_image_side": max_image_side,
               "max_text_chars": max_text_chars, "max_text_tokens": max_text_tokens,
               "max_request_tokens": max_request_tokens,
               "max_inflight_bytes": max_inflight_bytes, "max_queue": max_queue}
@@ -83,23 +89,23 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
     @app.exception_handler(RequestError)
     async def refuse(request: Request, e: RequestError) -> JSONResponse:
         headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
-        return JSONResponse(_error_body(e.message, e.field), status_code=e.status, headers=headers)
+        return JSONResponse(error_body(e.message, e.field), status_code=e.status, headers=headers)
 
     async def score(request: Request, task: str) -> dict[str, Any]:
         held = budget.reserve(request_reservation(request.headers, max_body_bytes, max_image_side))  # before reading
         try:
-            fields = await _request_fields(request)
-            record = _request_record(task, fields, policy)
+            fields = await read_request_fields(request)
+            record = checked_record(task, fields, policy)
             raw = fields.pop("image")
             del fields
             try:  # decoding is CPU work: off the event loop, so other requests keep arriving
                 image = await asyncio.get_running_loop().run_in_executor(
-                    decoder, partial(load_image_input, raw, max_pixels=max_pixels, max_side=max_image_side))
+                    decoder, partial(load_image_input, raw, max_pixels=max_image_pixels, max_side=max_image_side))
             except InputError as e:
-                raise _from_input_error(e) from None
+                raise input_refusal(e) from None
             del raw
             held.shrink(image_bytes(image))  # all the request holds while it waits for the model
-            return _response(await batcher.submit(record, image), info["name"])
+            return response_body(await batcher.submit(record, image), info["name"])
         finally:
             held.release()
             if budget.used == 0:  # idle: give the decoders' freed image buffers back to the system soon
@@ -216,18 +222,20 @@ class ServerThread:
         self._server = self._thread = None
 
 
-def run(model_dir, host: str = "127.0.0.1", port: int = 8000, shifts: int | None = 4, max_batch_size: int = 16,
-        max_wait_ms: float = 5.0, max_body_mb: float = 10.0, max_pixels: int = 16_000_000, device: str | None = None,
+def run(model_dir, host: str = "127.0.0.1", port: int = 8000, shifts: Shifts | str = 4, max_batch_size: int = 16,
+        max_wait_ms: float = 5.0, max_body_mb: float = 10.0, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        device: str | None = None,
         dtype: str = "auto", max_queue: int = 1024, max_text_chars: int | None = 8_000,
         max_text_tokens: int | None = 1_024, max_request_tokens: int | None = 2_048, max_image_side: int = 1_024,
         max_inflight_mb: float = 512.0, api_key: str | None = None, allowed_hosts: Sequence[str] | None = None, cors_origins: Sequence[str] = (),
         docs: bool = False) -> None:
-    """Load the model in ``model_dir`` and serve it until interrupted (``hkd4vlm serve``). ``allowed_hosts``
+    """Load the model in ``model_dir`` and serve it until interrupted (``hkd4vlm serve``). ``shifts``: as
+    infer.msei.parse_shifts reads it (a number or "all"). ``allowed_hosts``
     None: the names a server bound to ``host`` is known by (serve.access.default_allowed_hosts)."""
     allowed_hosts = tuple(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
     detector = Detector.from_pretrained(model_dir, shifts=shifts, device=device, dtype=dtype)
     app = create_app(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                     max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels, max_queue=max_queue,
+                     max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=max_image_pixels, max_queue=max_queue,
                      max_text_chars=max_text_chars, max_text_tokens=max_text_tokens,
                      max_request_tokens=max_request_tokens, max_image_side=max_image_side,
                      max_inflight_bytes=int(max_inflight_mb * 2**20), api_key=api_key, allowed_hosts=allowed_hosts,

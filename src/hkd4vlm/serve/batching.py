@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..data.records import Record
-from ..detector import Detection, Detector, InputError
-from .requests import RequestError, _from_input_error
+from ..errors import InputError
+from ..infer.detector import Detection, Detector
+from .requests import RequestError, input_refusal
 
 
 @dataclass
@@ -149,5 +150,5 @@ class MicroBatcher:
             return await self._outcomes(batch[:mid]) + await self._outcomes(batch[mid:])
         self.failed_records += 1
         if isinstance(error, InputError):  # the record's own fault (e.g. a control token of the model's tokenizer)
-            return [_from_input_error(InputError(str(error).removeprefix("record #0: ")))]
+            return [input_refusal(error)]
         return [RequestError(500, f"model error: {type(error).__name__}: {error}")]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from .requests import SCORING_PATHS, _error_body
+from .requests import SCORING_PATHS, error_body
 
 
 class _BodyTooLarge(Exception):
@@ -27,7 +27,7 @@ class BodySizeLimit:
         message = f"body: larger than the limit of {self.max_body_bytes:,} bytes"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await JSONResponse(_error_body(message, "body"), status_code=413)(scope, receive, send)
+            return await JSONResponse(error_body(message, "body"), status_code=413)(scope, receive, send)
         received = 0
         started = False
 
@@ -50,7 +50,7 @@ class BodySizeLimit:
         except _BodyTooLarge:
             if started:
                 raise
-            await JSONResponse(_error_body(message, "body"), status_code=413)(scope, receive, send)
+            await JSONResponse(error_body(message, "body"), status_code=413)(scope, receive, send)
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from typing import Any
 
 from fastapi import Request
@@ -15,7 +14,8 @@ from starlette.exceptions import HTTPException
 
 from ..data.records import Record
 from ..data.text_checks import TextPolicy
-from ..detector import Detection, InputError, record_from_fields
+from ..errors import InputError
+from ..infer.detector import Detection, record_from_fields
 
 LIST_FIELDS = ("options", "choices")
 SCORING_PATHS = {"/v1/hallucination": "hallucination", "/v1/factuality": "factuality"}
@@ -30,12 +30,14 @@ class RequestError(Exception):
         self.status, self.message, self.field, self.retry_after = status, message, field, retry_after
 
 
-def _from_input_error(e: InputError) -> RequestError:
-    m = re.search(r"field '([^']+)'", str(e))
-    return RequestError(422, str(e), m.group(1) if m else None)
+def input_refusal(e: InputError) -> RequestError:
+    """The 422 refusal of a request whose input the detector refused, naming the same field (``e.field``);
+    the message leaves out the record's index in a batch, which means nothing to the client."""
+    return RequestError(422, e.message, e.field)
 
 
-def _error_body(message: str, field: str | None) -> dict[str, Any]:
+def error_body(message: str, field: str | None) -> dict[str, Any]:
+    """The JSON body of every refusal: ``{"detail": message, "field": field}``."""
     return {"detail": message, "field": field}
 
 
@@ -107,7 +109,9 @@ async def _form_fields(request: Request) -> dict[str, Any]:
         raise RequestError(400, f"body: {e.detail}", "body") from None
 
 
-async def _request_fields(request: Request) -> dict[str, Any]:
+async def read_request_fields(request: Request) -> dict[str, Any]:
+    """A scoring request's fields, from a JSON body (the image base64-decoded to bytes) or multipart form data
+    (the image file's bytes); RequestError for a body or content type that is neither."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
         return await _json_fields(request)
@@ -117,14 +121,17 @@ async def _request_fields(request: Request) -> dict[str, Any]:
                        "content-type")
 
 
-def _request_record(task: str, fields: dict[str, Any], policy: TextPolicy) -> Record:
+def checked_record(task: str, fields: dict[str, Any], policy: TextPolicy) -> Record:
+    """The Record of a request's fields (infer.detector.record_from_fields); a 422 RequestError naming the
+    field the detector refused."""
     try:
         return record_from_fields(task, fields, policy=policy)
     except InputError as e:
-        raise _from_input_error(e) from None
+        raise input_refusal(e) from None
 
 
-def _response(d: Detection, model: str) -> dict[str, Any]:
+def response_body(d: Detection, model: str) -> dict[str, Any]:
+    """The JSON answer to a scoring request."""
     return {"task": d.task, "prediction": {"index": d.index, "letter": d.letter, "option": d.option},
             "probabilities": d.probabilities, "agreement": d.agreement, "votes": d.votes, "shifts": d.shifts,
             "model": model}

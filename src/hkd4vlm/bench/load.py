@@ -1,6 +1,6 @@
 """Load benchmark of the HTTP service: a real server on a free loopback port and many client threads.
 
-    from hkd4vlm.serve import bench_serve
+    from hkd4vlm.bench.load import bench_serve
     report = bench_serve(detector, requests=2000, concurrency=64, images="data/synth")
 
 The clients replay the records of a dataset in the challenge layout (both tasks, mostly base64 JSON, some
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.records import LETTERS
-from ..detector import Detector
-from .limits import rss_bytes
+from ..data.records import LETTERS, TASKS
+from ..infer.detector import Detector
+from ..serve.limits import rss_bytes
 
 #: at most this many failure messages are kept in the report
 MAX_FAILURE_EXAMPLES = 5
@@ -89,7 +89,7 @@ def load_workload(root: str | os.PathLike, split: str = "test") -> list[tuple[_R
     from ..data.layout import available_splits, read_split
 
     out = []
-    for task in ("hallucination", "factuality"):
+    for task in TASKS:
         if split not in available_splits(root, task):
             continue
         data = read_split(root, task, split)
@@ -223,7 +223,7 @@ def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 
     process (the server, and the client threads beside it) after the warm-up, at its peak during the round
     (sampled every 10 ms) and ``settle_s`` after the last answer. ``app_options`` go to ``create_app``.
     """
-    from .app import ServerThread, create_app
+    from ..serve.app import ServerThread, create_app
 
     if requests < 1 or concurrency < 1:
         raise ValueError(f"requests and concurrency must be at least 1, got {requests} and {concurrency}")

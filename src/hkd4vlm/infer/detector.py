@@ -8,10 +8,10 @@
     r.option, r.letter, r.probabilities, r.agreement
     det.check_fact(image_bytes, claim="Tom drew the circle.", context="...")
 
-Every call scores the record under ``shifts`` cyclic option→letter mappings with the shared prefix
-encoded once (infer.msei) and returns the aggregated prediction with the shifts' agreement, which a caller
-can threshold to abstain. Images may be a path, a PIL image or bytes.
-"""
+Every call scores the record under ``shifts`` cyclic option→letter mappings (a number, or "all": one per
+option, as infer.msei.parse_shifts reads it) with the shared prefix encoded once (infer.msei) and returns
+the aggregated prediction with the shifts' agreement, which a caller can threshold to abstain. Images may
+be a path, a PIL image or bytes. Bad input raises errors.InputError naming the field (``.field``)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from PIL import Image
 
-from .data.images import DEFAULT_MAX_PIXELS, open_image
-from .data.records import LETTERS, Choice, Record
-from .data.text_checks import DEFAULT_CONTROL_TOKENS, TextPolicy
-from .data.tasks import FACT_QUESTIONS, SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS, VERDICTS
-from .infer.msei import AGGREGATES, MappingSpec, score_shifts
+from ..data.images import DEFAULT_MAX_PIXELS, open_image
+from ..data.records import LETTERS, Choice, Record
+from ..data.tasks import FACT_QUESTIONS, SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS, TASKS, VERDICTS
+from ..data.text_checks import DEFAULT_CONTROL_TOKENS, TextPolicy
+from ..errors import InputError
+from .msei import AGGREGATES, MappingSpec, Shifts, parse_shifts, score_shifts
 
 #: what a request may carry: at least two options, at most one per letter
 MIN_OPTIONS, MAX_OPTIONS = 2, len(LETTERS)
@@ -39,10 +40,6 @@ DEFAULT_VERDICTS: tuple[str, ...] = tuple(VERDICTS)
 ImageInput = str | os.PathLike | bytes | bytearray | Image.Image
 #: the module functions' text check when no model is at hand: no control tokens, no length limit
 DEFAULT_TEXT_POLICY = TextPolicy()
-
-
-class InputError(ValueError):
-    """A request that cannot be scored; the message names the field."""
 
 
 @dataclass
@@ -65,43 +62,45 @@ class Detection:
 
 def _check_text(value: Any, name: str, *, allow_empty: bool = False, policy: TextPolicy = DEFAULT_TEXT_POLICY) -> str:
     if not isinstance(value, str):
-        raise InputError(f"field '{name}': must be a string, got {type(value).__name__}")
+        raise InputError(f"field '{name}': must be a string, got {type(value).__name__}", field=name)
     if not allow_empty and not value.strip():
-        raise InputError(f"field '{name}': empty")
+        raise InputError(f"field '{name}': empty", field=name)
     problem = policy.problem(value)  # control tokens and length limits (data.text_checks says why)
     if problem is not None:
-        raise InputError(f"field '{name}': {problem}")
+        raise InputError(f"field '{name}': {problem}", field=name)
     return value
 
 
 def _check_total(policy: TextPolicy, fields: list[tuple[str, str]]) -> None:
     problem = policy.total_problem(fields)
     if problem is not None:
-        raise InputError(f"field '{problem[0]}': {problem[1]}")
+        raise InputError(f"field '{problem[0]}': {problem[1]}", field=problem[0])
 
 
 def _check_options(options: Any, name: str, policy: TextPolicy = DEFAULT_TEXT_POLICY) -> list[str]:
     if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
-        raise InputError(f"field '{name}': must be a list of strings")
+        raise InputError(f"field '{name}': must be a list of strings", field=name)
     if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
-        raise InputError(f"field '{name}': needs {MIN_OPTIONS} to {MAX_OPTIONS} options, got {len(options)}")
+        raise InputError(f"field '{name}': needs {MIN_OPTIONS} to {MAX_OPTIONS} options, got {len(options)}",
+                         field=name)
     out = [_check_text(o, f"{name}[{i}]", policy=policy) for i, o in enumerate(options)]
     if len(set(o.strip() for o in out)) != len(out):
-        raise InputError(f"field '{name}': options must be distinct")
+        raise InputError(f"field '{name}': options must be distinct", field=name)
     return out
 
 
 def load_image_input(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None,
                      name: str = "image") -> Image.Image:
     """An RGB image from a path, bytes or a PIL image, scaled down to ``max_side`` when longer (None: as it is);
-    InputError naming the field when it is not one."""
+    InputError naming the field (and the file, for a path) when it is not one."""
     if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image)):
-        raise InputError(f"field '{name}': must be a path, bytes or a PIL image, got {type(image).__name__}")
+        raise InputError(f"field '{name}': must be a path, bytes or a PIL image, got {type(image).__name__}",
+                         field=name)
     try:
         source = Path(image) if isinstance(image, (str, os.PathLike)) else image
         return open_image(source, max_pixels=max_pixels, max_side=max_side)
-    except ValueError as e:
-        raise InputError(f"field '{name}': {e}") from None
+    except ValueError as e:  # data.images.ImageProblem names the file
+        raise InputError(f"field '{name}': {e}", field=name, file=getattr(e, "file", None)) from None
 
 
 def hallucination_record(caption: str, options: Sequence[str], question: str | None = None, *,
@@ -138,10 +137,10 @@ def record_from_fields(task: str, fields: Mapping[str, Any], *, policy: TextPoli
     unknown = [k for k in fields if k not in REQUEST_FIELDS[task]]
     if unknown:
         raise InputError(f"field '{unknown[0]}': unknown for {task} (unknown: {', '.join(map(repr, unknown))}; "
-                         f"expected {', '.join(REQUEST_FIELDS[task])})")
+                         f"expected {', '.join(REQUEST_FIELDS[task])})", field=unknown[0])
     for name in REQUIRED_FIELDS[task]:
         if name not in fields:
-            raise InputError(f"field '{name}': missing")
+            raise InputError(f"field '{name}': missing", field=name)
     if task == "hallucination":
         return hallucination_record(fields["caption"], fields["options"], fields.get("question"), policy=policy)
     return fact_record(fields["claim"], fields["context"], fields.get("choices"), fields.get("question"), policy=policy)
@@ -152,7 +151,7 @@ def request_record(item: Mapping[str, Any], *, policy: TextPolicy = DEFAULT_TEXT
     "factuality" (image, claim, context, choices?, question?)."""
     task = item.get("task")
     if task not in REQUEST_FIELDS:
-        raise InputError(f"field 'task': must be 'hallucination' or 'factuality', got {task!r}")
+        raise InputError(f"field 'task': must be {' or '.join(map(repr, TASKS))}, got {task!r}", field="task")
     return record_from_fields(task, {k: v for k, v in item.items() if k != "task"}, policy=policy)
 
 
@@ -168,7 +167,7 @@ def check_record_text(record: Record, policy: TextPolicy) -> None:
     for name, text in record_text_fields(record):
         problem = policy.problem(text) if isinstance(text, str) else None
         if problem is not None:
-            raise InputError(f"field '{name}': {problem}")
+            raise InputError(f"field '{name}': {problem}", field=name)
     _check_total(policy, record_text_fields(record))
 
 
@@ -180,13 +179,13 @@ class Detector:
     ``max_text_tokens`` bound each text field, ``max_request_tokens`` all of a record's text fields together
     (None: no bound)."""
 
-    def __init__(self, model, processor, *, shifts: int | None = 4, aggregate: str = "logmean", name: str = "model",
+    def __init__(self, model, processor, *, shifts: Shifts | str | None = 4, aggregate: str = "logmean",
+                 name: str = "model",
                  max_pixels: int = DEFAULT_MAX_PIXELS, prefix_reuse: bool = True, max_text_chars: int | None = None,
                  max_text_tokens: int | None = None, max_request_tokens: int | None = None):
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-        if shifts is not None and shifts < 1:
-            raise ValueError(f"shifts must be at least 1 (or None for one per option), got {shifts}")
+        shifts = parse_shifts(shifts)
         self.model, self.processor = model, processor
         self.model.eval()
         self.spec = MappingSpec(shifts)
@@ -196,10 +195,10 @@ class Detector:
         self.text_policy = self.text_policy_with(max_text_chars, max_text_tokens, max_request_tokens)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, shifts: int | None = 4, *, device: str | None = None,
+    def from_pretrained(cls, path: str | os.PathLike, shifts: Shifts | str | None = 4, *, device: str | None = None,
                         dtype: str | torch.dtype = "auto", aggregate: str = "logmean", **kwargs) -> "Detector":
         """A detector from a local model folder (any family ``models.loading.load_model`` reads)."""
-        from .models.loading import load_model
+        from ..models.loading import load_model
 
         model, processor = load_model(path, dtype=dtype, device=device)
         path = Path(path).resolve()
@@ -208,7 +207,7 @@ class Detector:
 
     @property
     def num_parameters(self) -> int:
-        from .models.loading import count_parameters
+        from ..models.loading import count_parameters
 
         return count_parameters(self.model)
 
@@ -220,7 +219,7 @@ class Detector:
     def text_policy_with(self, max_chars: int | None, max_tokens: int | None,
                          max_total_tokens: int | None = None) -> TextPolicy:
         """What a text field may hold for this model: none of its tokenizer's control tokens, and the limits."""
-        from .models.loading import special_tokens
+        from ..models.loading import special_tokens
 
         return TextPolicy(control_tokens=DEFAULT_CONTROL_TOKENS | special_tokens(self.processor), max_chars=max_chars,
                           max_tokens=max_tokens, count_tokens=self.count_tokens, max_total_tokens=max_total_tokens)
@@ -277,7 +276,7 @@ class Detector:
                     record, image = request_record(item, policy=self.text_policy), item["image"]
                 prepared.append((record, self._image(image)))
             except InputError as e:
-                raise InputError(f"record #{i}: {e}") from None
+                raise e.in_record(i) from None
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -300,7 +299,7 @@ class Detector:
             try:
                 check_record_text(record, self.text_policy)
             except InputError as e:
-                raise InputError(f"record #{i}: {e}") from None
+                raise e.in_record(i) from None
         return self._score(records, images)
 
     # -- internals -----------------------------------------------------------------------------------
