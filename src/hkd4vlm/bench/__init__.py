@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from .settings import (
     BenchError, BenchSettings, FIGURES, INFERENCE_VARIANTS, ModelSet, PRESET_MODELS, QUICK, QUICKSTART_MODELS,
-    TARGETS, TASKS, TRAINING_VARIANTS
+    TARGETS, TRAINING_VARIANTS
 )
 from .workload import bench_records, build_presets, prepare_data, quickstart_models, resolve_models
 from .measure import build_teacher_cache, generate_then_parse, measure_inference, measure_training, parse_letter
@@ -45,7 +45,7 @@ from .process import PRELOAD, environment, in_fresh_process
 from .run import default_run, format_table, inference_ratios, run_bench, run_serve_bench, summarize, targets
 
 __all__ = ["BenchError", "BenchSettings", "FIGURES", "INFERENCE_VARIANTS", "ModelSet", "PRELOAD", "PRESET_MODELS",
-           "QUICK", "QUICKSTART_MODELS", "TARGETS", "TASKS", "TRAINING_VARIANTS", "bench_records", "build_presets",
+           "QUICK", "QUICKSTART_MODELS", "TARGETS", "TRAINING_VARIANTS", "bench_records", "build_presets",
            "build_teacher_cache", "default_run", "environment", "format_table", "generate_then_parse",
            "in_fresh_process", "inference_ratios", "measure_inference", "measure_training", "parse_letter",
            "prepare_data", "quickstart_models", "resolve_models", "run_bench", "run_serve_bench", "summarize",

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.records import LETTERS, TASKS
+from ..data.records import LETTERS
+from ..data.tasks import TASKS
 from ..infer.detector import Detector
 from ..serve.limits import rss_bytes
 

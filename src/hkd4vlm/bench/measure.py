@@ -8,7 +8,8 @@ import statistics
 import time
 from pathlib import Path
 
-from .settings import BenchSettings, INFERENCE_VARIANTS, TASKS, TRAINING_VARIANTS
+from ..data.tasks import TASKS
+from .settings import BenchSettings, INFERENCE_VARIANTS, TRAINING_VARIANTS
 from .workload import bench_records
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..data.records import TASKS
 
 INFERENCE_VARIANTS = ("plain", "msei_prefix", "msei_naive", "generate")
 TRAINING_VARIANTS = ("sft", "online_kd", "offline_kd")

@@ -6,7 +6,8 @@ import math
 import shutil
 from pathlib import Path
 
-from .settings import BenchError, BenchSettings, ModelSet, QUICKSTART_MODELS, TASKS
+from ..data.tasks import TASKS
+from .settings import BenchError, BenchSettings, ModelSet, QUICKSTART_MODELS
 
 
 def quickstart_models(run: Path) -> dict[str, Path]:

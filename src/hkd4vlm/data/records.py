@@ -1,4 +1,4 @@
-"""Typed records for both tasks, with the challenge's own field names (DESIGN.md §1).
+"""Typed records for both tasks, with the challenge's own field names (README, "Data layout").
 
 A record is parsed from the JSON the challenge ships; every problem found is reported as a
 :class:`Problem` naming the file, the record and the field, so that nothing is dropped or changed
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import UserError
 
-from .tasks import TASKS, Task
+from .tasks import Task
 from .text_checks import text_problem
 
 #: folder name of each task under a dataset root, as the challenge ships it

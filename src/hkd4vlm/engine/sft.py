@@ -1,4 +1,4 @@
-"""The SFT recipe: records of a dataset split, the cross-entropy stage, accuracy on the eval split."""
+"""Supervised fine-tuning (SFT), the pieces a run needs: records of a dataset split, the cross-entropy stage, accuracy on the eval split."""
 
 from __future__ import annotations
 

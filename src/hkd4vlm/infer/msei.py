@@ -1,4 +1,4 @@
-"""Mapping-shift-enhanced inference (DESIGN.md §3): score a record under several option→letter mappings,
+"""Mapping-shift-enhanced inference (docs/method.md): score a record under several option→letter mappings,
 map each mapping's letter probabilities back to the options, and aggregate.
 
 A *mapping* is a permutation ``perm`` of the record's options: letter ``j`` shows option ``perm[j]``. The

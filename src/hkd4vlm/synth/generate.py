@@ -11,7 +11,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..data.layout import images_dir, write_split
-from ..data.records import TASKS, Record, Task, parse_record
+from ..data.records import Record, parse_record
+from ..data.tasks import TASKS, Task
 from . import factuality, hallucination
 from .baselines import run_baselines
 from .levels import LEVELS

@@ -123,11 +123,11 @@ def _ask(rng: random.Random, scene: Scene, kind: str) -> GroundingQuestion | Non
     if kind == "size_of":
         if len(objs) < 4:
             return None
-        answer = rng.choice([p for p in objs if p.size == "large"] or [None])
+        large = rng.choice([p for p in objs if p.size == "large"] or [None])
         others = [p for p in objs if p.size == "small"]
-        if answer is None or len(others) < 3:
+        if large is None or len(others) < 3:
             return None
-        name = f"{answer.colour} {answer.shape}"
+        name = f"{large.colour} {large.shape}"
         options = [f"{p.colour} {p.shape}" for p in rng.sample(others, 3)] + [name]
         rng.shuffle(options)
         return GroundingQuestion("Which of these is large?", options, options.index(name), kind)
@@ -163,7 +163,9 @@ def make_question(rng: random.Random, scene: Scene, kinds: tuple[str, ...] = QUE
         q = _ask(rng, scene, rng.choice(kinds))
         if q is not None:
             return q
-    return _ask(rng, scene, "count_shape")
+    q = _ask(rng, scene, "count_shape")
+    assert q is not None  # a count by shape can be asked of any scene
+    return q
 
 
 def curriculum_objects(progress: float) -> tuple[int, int]:
@@ -333,9 +335,9 @@ def verify_item(seed: str, level: Level = LEVELS["medium"], kinds: tuple[str, ..
         for _ in range(20):
             made = owner_statements(rng, scene)
             if made is not None:
-                context, options, truths = made
-                label = truths.index(True) if True in truths else 0
-                return scene, GroundingQuestion(VERIFY_QUESTION, options, label, "verify", context, truths=truths)
+                context, options, owner_truths = made
+                label = owner_truths.index(True) if True in owner_truths else 0
+                return scene, GroundingQuestion(VERIFY_QUESTION, options, label, "verify", context, truths=owner_truths)
             scene = sample_scene(rng, level, rng.randint(*level.n_objects))
     phrases: list[Phrase] = []
     truths: list[bool] = []
