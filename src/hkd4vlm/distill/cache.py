@@ -129,7 +129,8 @@ def build_cache(model_dir: str | Path, root: str | Path, tasks: list[str], split
 
 
 class CachedTeacher:
-    """A teacher read from a cache; ``scores(items, images, keys=...)`` looks up (index, epoch) pairs."""
+    """A teacher read from a cache (a ``distill.stages.AnswerTeacher``); ``scores(items, images, keys=...)``
+    looks up (index, epoch) pairs."""
 
     def __init__(self, cache_dir: str | Path, *, model_dir: str | Path, root: str | Path, tasks: list[str], split: str,
                  augment: dict | None, seed: int, name: str = "cached", skip_invalid: bool = False):
@@ -157,6 +158,11 @@ class CachedTeacher:
         if len(self.table) != manifest["records"] * self.variants:
             raise StaleCacheError(f"teacher cache {self.dir} is incomplete: {len(self.table)} entries, "
                                   f"expected {manifest['records'] * self.variants}")
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the cached answer-position features."""
+        return next(iter(self.table.values()))[1].shape[-1]
 
     def scores(self, items, images=None, *, keys=None) -> AnswerScores:
         if keys is None:
