@@ -34,7 +34,7 @@ def test_quickstart_writes_results_and_report(tmp_path):
     assert sorted(p.name for p in plain.glob("stage-*")) == [
         "stage-0-ppod-level1", "stage-1-ppod-level2", "stage-2-tcrd-level2"]
     # SFT stages train without augmentation by default (sft_augment); the full method's stages augment
-    assert yaml.safe_load((out / "seed0" / "teacher_sft" / "recipe.yaml").read_text())["stages"][0]["augment"] == {}
-    assert yaml.safe_load((out / "seed0" / "student_sft" / "recipe.yaml").read_text())["stages"][0]["augment"] == {}
+    assert yaml.safe_load((out / "seed0" / "teacher_sft" / "recipe.yaml").read_text())["stages"][0]["train"]["augment"] == {}
+    assert yaml.safe_load((out / "seed0" / "student_sft" / "recipe.yaml").read_text())["stages"][0]["train"]["augment"] == {}
     hkd = yaml.safe_load((out / "seed0" / "ppod_hkd" / "recipe.yaml").read_text())["stages"]
-    assert all(st["augment"].get("permute_options", 0) > 0 for st in hkd)
+    assert all(st["train"]["augment"].get("permute_options", 0) > 0 for st in hkd)

@@ -89,13 +89,13 @@ def test_recipe_stage_reads_a_cached_teacher(teacher_dir, synth_root, tmp_path):
     cfg = RecipeConfig.model_validate({
         "pyramid": [str(teacher_dir), str(student)], "out": str(tmp_path / "run"), "progress": False, "seed": 7,
         "data": {"root": str(synth_root), "tasks": ["hallucination"], "eval_split": None},
-        "stages": [{"kind": "ppod", "level": 1, "steps": 2, "batch_size": 4, "augment": {"permute_options": 1.0},
+        "stages": [{"kind": "ppod", "level": 1, "train": {"steps": 2, "batch_size": 4, "augment": {"permute_options": 1.0}},
                     "cache": {0: str(tmp_path / "cache")}}],
     })
     final = run_recipe(cfg)
     assert (tmp_path / "run" / "stage-0-ppod-level1" / "model" / "config.json").is_file() and final[1].endswith("model")
     bad = cfg.model_copy(deep=True)
     bad.out = tmp_path / "run2"
-    bad.stages[0].augment = {"permute_options": 0.5}
+    bad.stages[0].train.augment = {"permute_options": 0.5}
     with pytest.raises(StaleCacheError, match="augment"):
         run_recipe(bad)

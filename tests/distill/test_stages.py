@@ -78,7 +78,7 @@ def test_tcrd_terms_and_projector_gradient(pyramid):
     t, a = teacher.scores(records, images), assistant.scores(records, images)
     c = coupling_weight(t.probs, a.probs, labels)
     r = rectify_teacher(torch.softmax(t.logits / 2.0, -1), labels)
-    resp = forward_kl(scores.logits, 2.0 * r.log(), temperature=2.0, reduction="none")
+    resp = forward_kl(scores.logits, 2.0 * r.log(), tau=2.0, reduction="none")  # the old logits round trip
     ce = torch.nn.functional.cross_entropy(scores.logits, labels, reduction="none")
     feat = 1 - torch.nn.functional.cosine_similarity(projector(scores.hidden), a.hidden, dim=-1).mean()
     expected = ((1 - c) * ce).mean() + (c * 4.0 * resp).mean() + 0.5 * feat

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.augment import augment_spec
 from ..errors import UserError
 from ..files import write_text_atomic
 from ..models.prompt import PROMPT_VERSION
@@ -59,7 +60,7 @@ def data_hash(root: str | Path, tasks: list[str], split: str) -> str:
 def _expected(model_dir, root, tasks, split, augment, seed, variants, skip_invalid) -> dict:
     return {
         "model_hash": model_hash(model_dir), "data_hash": data_hash(root, tasks, split), "prompt_version": PROMPT_VERSION,
-        "tasks": list(tasks), "split": split, "augment": dict(sorted((augment or {}).items())), "seed": seed,
+        "tasks": list(tasks), "split": split, "augment": dict(sorted(augment_spec(augment).items())), "seed": seed,
         "variants": variants, "skip_invalid": skip_invalid,
     }
 
