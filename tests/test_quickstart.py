@@ -6,7 +6,17 @@ import yaml
 from click.testing import CliRunner
 
 from hkd4vlm.cli import main
-from hkd4vlm.quickstart import ROWS
+from hkd4vlm.quickstart import ROWS, QuickstartConfig, default_config_path
+
+
+def test_quickstart_defaults_live_in_the_embedded_yaml_only():
+    embedded = yaml.safe_load(default_config_path().read_text())
+    assert QuickstartConfig().model_dump() == QuickstartConfig.model_validate(embedded).model_dump()
+    assert set(embedded) == set(QuickstartConfig.model_fields)  # every setting has its default there
+    assert all(f.is_required() for f in QuickstartConfig.model_fields.values())  # and none in Python
+    # a key given replaces the default as a whole; the others keep the file's values
+    cfg = QuickstartConfig(augment="hflip=0.5", sft_steps=3)
+    assert cfg.augment == {"hflip": 0.5} and cfg.sft_steps == 3 and cfg.ppod_steps == embedded["ppod_steps"]
 
 
 def test_quickstart_writes_results_and_report(tmp_path):

@@ -4,8 +4,9 @@ weighted sum, and the coupling weights' mean where there are any. Every term is 
 
 Teachers are :class:`Teacher` (online) or ``distill.cache.CachedTeacher`` (offline); both are
 :class:`AnswerTeacher` objects (``scores(items, images, keys=...)``, ``hidden_size``). Online teachers
-score the same (augmented) batch as the student, in eval mode, under ``torch.inference_mode`` (no graph, no gradient), each through its own processor, so that teacher and
-student may be different families: the answer distribution is over option letters either way.
+score the same (augmented) batch as the student, in eval mode, under ``torch.inference_mode`` (no graph,
+no gradient), each through its own processor, so that teacher and student may be different families:
+the answer distribution is over option letters either way.
 """
 
 from __future__ import annotations
