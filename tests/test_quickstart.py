@@ -6,7 +6,17 @@ import yaml
 from click.testing import CliRunner
 
 from hkd4vlm.cli import main
-from hkd4vlm.quickstart import ROWS
+from hkd4vlm.quickstart import ROWS, QuickstartConfig, default_config_path
+
+
+def test_quickstart_defaults_live_in_the_embedded_yaml_only():
+    embedded = yaml.safe_load(default_config_path().read_text())
+    assert QuickstartConfig().model_dump() == QuickstartConfig.model_validate(embedded).model_dump()
+    assert set(embedded) == set(QuickstartConfig.model_fields)  # every setting has its default there
+    assert all(f.is_required() for f in QuickstartConfig.model_fields.values())  # and none in Python
+    # a key given replaces the default as a whole; the others keep the file's values
+    cfg = QuickstartConfig(augment="hflip=0.5", sft_steps=3)
+    assert cfg.augment == {"hflip": 0.5} and cfg.sft_steps == 3 and cfg.ppod_steps == embedded["ppod_steps"]
 
 
 def test_quickstart_writes_results_and_report(tmp_path):
@@ -34,7 +44,7 @@ def test_quickstart_writes_results_and_report(tmp_path):
     assert sorted(p.name for p in plain.glob("stage-*")) == [
         "stage-0-ppod-level1", "stage-1-ppod-level2", "stage-2-tcrd-level2"]
     # SFT stages train without augmentation by default (sft_augment); the full method's stages augment
-    assert yaml.safe_load((out / "seed0" / "teacher_sft" / "recipe.yaml").read_text())["stages"][0]["augment"] == {}
-    assert yaml.safe_load((out / "seed0" / "student_sft" / "recipe.yaml").read_text())["stages"][0]["augment"] == {}
+    assert yaml.safe_load((out / "seed0" / "teacher_sft" / "recipe.yaml").read_text())["stages"][0]["train"]["augment"] == {}
+    assert yaml.safe_load((out / "seed0" / "student_sft" / "recipe.yaml").read_text())["stages"][0]["train"]["augment"] == {}
     hkd = yaml.safe_load((out / "seed0" / "ppod_hkd" / "recipe.yaml").read_text())["stages"]
-    assert all(st["augment"].get("permute_options", 0) > 0 for st in hkd)
+    assert all(st["train"]["augment"].get("permute_options", 0) > 0 for st in hkd)

@@ -163,7 +163,7 @@ def test_train_and_distill_skip_invalid(tiny_model, dirty_root, tmp_path):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"pyramid": [str(tiny_model)], "out": str(tmp_path / "distill"), "progress": False,
-                                      "data": data, "stages": [{"kind": "sft", "level": 0, "steps": 1, "batch_size": 4}]}))
+                                      "data": data, "stages": [{"kind": "sft", "level": 0, "train": {"steps": 1, "batch_size": 4}}]}))
     _is_user_error(CliRunner().invoke(main, ["distill", str(recipe)]), "no-choices.png")
     res = CliRunner().invoke(main, ["distill", str(recipe), "--skip-invalid"])
     assert res.exit_code == 0, res.output

@@ -219,7 +219,7 @@ def train(config: Path, overrides: tuple, resume: bool, resume_force: bool, skip
 def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bool) -> None:
     """Run a distillation recipe (ordered sft / ppod / tcrd stages over a pyramid); resumable.
 
-    `key.sub=value` arguments override the recipe, e.g. `stages.1.tcrd_tau=3.0`.
+    `key.sub=value` arguments override the recipe, e.g. `stages.3.tau=3.0 stages.1.train.steps=200`.
     """
     from .distill.recipe import RecipeConfig, run_recipe
     from .engine.config import ConfigError, load_config
@@ -240,7 +240,7 @@ def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bo
 @click.option("--task", "tasks", type=click.Choice(["hallucination", "factuality"]), multiple=True)
 @click.option("--split", default="train", show_default=True)
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--augment", "augment", default="", help="name=prob,... as in the stage that reads the cache.")
+@click.option("--augment", "augment", default="", help="name=prob,... as in train.augment of the stages that read the cache.")
 @click.option("--variants", type=click.IntRange(min=1), default=1, show_default=True,
               help="Augmentation draws per record (training repeats them every this many epochs).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The recipe's seed.")
@@ -250,15 +250,13 @@ def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bo
 def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Path, augment: str, variants: int,
                   seed: int, batch_size: int, skip_invalid: bool) -> None:
     """Precompute a teacher's answer distributions and hidden states per (record, augmentation)."""
+    from .data.augment import augment_spec
     from .distill.cache import build_cache
 
-    probs = {}
-    for part in filter(None, augment.split(",")):
-        name, _, value = part.partition("=")
-        try:
-            probs[name.strip()] = float(value)
-        except ValueError:
-            raise click.BadParameter(f"{part!r} is not name=probability", param_hint="--augment") from None
+    try:
+        probs = augment_spec(augment)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--augment") from None
     manifest = build_cache(model_dir, data, list(tasks) or ["hallucination", "factuality"], split, out, augment=probs,
                            seed=seed, variants=variants, batch_size=batch_size, skip_invalid=skip_invalid,
                            log=lambda problems: _report_skipped(problems, "the cache"))

@@ -10,53 +10,68 @@ of both tasks, the full method also with mapping-shift inference; write ``result
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from .engine.config import _Strict
+from .engine.config import AugmentSpec, _Strict
 
 ROWS = ("teacher_sft", "student_sft", "student_ppod", "student_ppod_tcrd", "student_hkd", "student_hkd_msei")
 
 
-class QuickstartConfig(_Strict):
-    level: str = "medium"
-    sizes: dict[str, int] = Field(default_factory=lambda: {"train": 4000, "val": 500, "test": 1000})
-    teacher: str = "tiny-llava-l"
-    assistant: str = "tiny-llava-m"
-    student: str = "tiny-llava-s"
-    bases: dict[str, str] = Field(
-        default_factory=lambda: {"teacher": "zoo:tiny-llava-l", "assistant": "zoo:tiny-llava-m",
-                                 "student": "zoo:tiny-llava-s"},
-        description="role -> base checkpoint (a zoo name or a folder); used unless pretrain is true")
-    pretrain: bool = Field(default=False, description="pretrain the presets here instead of using the bases")
-    pretrain_steps: dict[str, int] = Field(default_factory=lambda: {"teacher": 250, "assistant": 250, "student": 250})
-    pretrain_dense_steps: dict[str, int] | None = Field(default=None, description="role -> dense vision steps "
-                                                                              "(default: the preset's recipe)")
-    pretrain_pool: int = Field(default=12_000, ge=16, description="rendered curriculum questions")
-    sft_steps: int = Field(default=150, ge=1)
-    ppod_steps: int = Field(default=100, ge=1)
-    tcrd_steps: int = Field(default=50, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    freeze_vision: bool = Field(default=True, description="keep the bases' pretrained vision towers fixed in every stage")
-    augment: dict[str, float] = Field(default_factory=lambda: {
-        "permute_options": 0.5, "hflip": 0.5, "photometric": 0.3, "crop_rescale": 0.3, "shuffle_sentences": 0.3,
-        "paraphrase": 0.3})
-    sft_augment: bool = Field(default=False, description="augment in the SFT stages too (measured: every augmentation, "
-                                                         "even option permutation alone, keeps a tiny base on its "
-                                                         "initial plateau; README, Quickstart)")
-    eval_limit: int | None = Field(default=None, ge=1, description="score at most this many test records per task "
-                                                                   "(default: the whole test split)")
-    msei_shifts: int | None = None
-    progress: bool = True
-
-
 def default_config_path() -> Path:
     return Path(str(resources.files("hkd4vlm") / "configs" / "quickstart.yaml"))
+
+
+@lru_cache(maxsize=1)
+def _defaults() -> dict:
+    import yaml
+
+    return yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
+
+
+class QuickstartConfig(_Strict):
+    """The quickstart's settings. Their defaults live in one place, the embedded ``configs/quickstart.yaml``
+    (``default_config_path``): a key that a config leaves out takes that file's value."""
+
+    level: str
+    sizes: dict[str, int]
+    teacher: str
+    assistant: str
+    student: str
+    bases: dict[str, str] = Field(
+        description="role -> base checkpoint (a zoo name or a folder); used unless pretrain is true")
+    pretrain: bool = Field(description="pretrain the presets here instead of using the bases")
+    pretrain_steps: dict[str, int]
+    pretrain_dense_steps: dict[str, int] | None = Field(description="role -> dense vision steps (null: the preset's "
+                                                                    "recipe)")
+    pretrain_pool: int = Field(ge=16, description="rendered curriculum questions")
+    sft_steps: int = Field(ge=1)
+    ppod_steps: int = Field(ge=1)
+    tcrd_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    freeze_vision: bool = Field(description="keep the bases' pretrained vision towers fixed in every stage")
+    augment: AugmentSpec
+    sft_augment: bool = Field(description="augment in the SFT stages too (measured: every augmentation, even option "
+                                          "permutation alone, keeps a tiny base on its initial plateau; README, "
+                                          "Quickstart)")
+    eval_limit: int | None = Field(ge=1, description="score at most this many test records per task (null: the "
+                                                     "whole test split)")
+    msei_shifts: int | None
+    progress: bool
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_defaults(cls, data: Any) -> Any:
+        # a key given replaces the default as a whole (augment: {hflip: 0.5} is only hflip), as a field default would
+        return {**copy.deepcopy(_defaults()), **data} if isinstance(data, dict) else data
 
 
 def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shifts: int | None) -> dict[str, dict]:
@@ -118,10 +133,10 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
         })
         return timed(name, lambda: run_recipe(rc))
 
-    def stage(kind: str, level: int, steps: int, augment: bool, **extra) -> dict:
-        return {"kind": kind, "level": level, "steps": steps, "batch_size": cfg.batch_size,
-                "optim": {"lr": cfg.lr, "warmup_steps": min(100, steps // 10)},
-                "augment": cfg.augment if augment else {}, "freeze_vision": cfg.freeze_vision, **extra}
+    def stage(kind: str, level: int, steps: int, augment: bool, **settings) -> dict:
+        train = {"steps": steps, "batch_size": cfg.batch_size, "optim": {"lr": cfg.lr, "warmup_steps": min(100, steps // 10)},
+                 "augment": cfg.augment if augment else {}, "freeze_vision": cfg.freeze_vision}
+        return {"kind": kind, "level": level, **settings, "train": train}
 
     from .models.zoo import code_commit
 

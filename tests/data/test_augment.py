@@ -125,3 +125,21 @@ def test_switched_off_augmentations_change_nothing(samples):
     record, image = samples["hallucination"][3]
     out, img = A.augment(record, image, random.Random(0), A.AugmentConfig({}))
     assert out.to_dict() == record.to_dict() and img is image
+
+
+def test_augment_spec_reads_every_user_form_into_one_mapping():
+    want = {"permute_options": 0.5, "hflip": 1.0}
+    assert A.augment_spec({"permute_options": 0.5, "hflip": 1}) == want
+    assert A.augment_spec("permute_options=0.5, hflip=1") == want  # the CLI's form
+    assert A.augment_spec("") == A.augment_spec(None) == A.augment_spec({}) == {}
+    assert all(type(p) is float for p in A.augment_spec("hflip=1").values())
+    with pytest.raises(ValueError, match=r"unknown augmentation\(s\) \['hue'\]; known: .*hflip"):
+        A.augment_spec("hue=0.5")
+    with pytest.raises(ValueError, match=r"\[0, 1\].*hflip"):
+        A.augment_spec({"hflip": 1.5})
+    with pytest.raises(ValueError, match="not name=probability"):
+        A.augment_spec("hflip")
+    with pytest.raises(ValueError, match="hflip: probability 'lots' is not a number"):
+        A.augment_spec("hflip=lots")
+    with pytest.raises(ValueError, match="mapping"):
+        A.augment_spec(["hflip"])

@@ -47,6 +47,11 @@ def test_cache_matches_the_online_teacher(cache, teacher_dir, synth_root):
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.hidden, b.hidden.float(), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(a.logits[0], a.logits[1])  # the two variants differ (options permuted)
+    # one interface for both kinds of teacher: the feature width that a TCRD projector maps to
+    from hkd4vlm.distill.stages import AnswerTeacher
+
+    assert isinstance(cached, AnswerTeacher) and isinstance(online, AnswerTeacher)
+    assert cached.hidden_size == online.hidden_size == b.hidden.shape[-1]
 
 
 def test_stale_cache_is_refused(cache, teacher_dir, synth_root, tmp_path):
@@ -86,16 +91,20 @@ def test_recipe_stage_reads_a_cached_teacher(teacher_dir, synth_root, tmp_path):
                                     "hallucination", "--out", str(tmp_path / "cache"), "--augment", "permute_options=1.0",
                                     "--variants", "2", "--seed", "7"])
     assert res.exit_code == 0, res.output
+    bad_spec = CliRunner().invoke(main, ["cache-teacher", "--model", str(teacher_dir), "--data", str(synth_root),
+                                         "--out", str(tmp_path / "c2"), "--augment", "permute_options=1.0,hue=0.5"])
+    assert bad_spec.exit_code == 2 and "unknown augmentation(s) ['hue']" in bad_spec.output
+    assert not (tmp_path / "c2").exists()
     cfg = RecipeConfig.model_validate({
         "pyramid": [str(teacher_dir), str(student)], "out": str(tmp_path / "run"), "progress": False, "seed": 7,
         "data": {"root": str(synth_root), "tasks": ["hallucination"], "eval_split": None},
-        "stages": [{"kind": "ppod", "level": 1, "steps": 2, "batch_size": 4, "augment": {"permute_options": 1.0},
+        "stages": [{"kind": "ppod", "level": 1, "train": {"steps": 2, "batch_size": 4, "augment": {"permute_options": 1.0}},
                     "cache": {0: str(tmp_path / "cache")}}],
     })
     final = run_recipe(cfg)
     assert (tmp_path / "run" / "stage-0-ppod-level1" / "model" / "config.json").is_file() and final[1].endswith("model")
     bad = cfg.model_copy(deep=True)
     bad.out = tmp_path / "run2"
-    bad.stages[0].augment = {"permute_options": 0.5}
+    bad.stages[0].train.augment = {"permute_options": 0.5}
     with pytest.raises(StaleCacheError, match="augment"):
         run_recipe(bad)

@@ -44,12 +44,12 @@ def test_jsd_endpoints_and_identity():
         assert fn(s, t).item() > 0
 
 
-def test_temperature_divides_the_logits():
+def test_tau_divides_the_logits():
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
-    torch.testing.assert_close(forward_kl(s, t, temperature=2.0), forward_kl(s / 2, t / 2))
-    with pytest.raises(ValueError, match="temperature"):
-        forward_kl(s, t, temperature=0.0)
+    torch.testing.assert_close(forward_kl(s, t, tau=2.0), forward_kl(s / 2, t / 2))
+    with pytest.raises(ValueError, match="tau"):
+        forward_kl(s, t, tau=0.0)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
@@ -101,3 +101,45 @@ def test_rectify_teacher_swaps_only_where_wrong():
     torch.testing.assert_close(out[1], torch.tensor([0.1, 0.15, 0.7, 0.05]))
     torch.testing.assert_close(out.sum(-1), torch.ones(2))
     assert out.argmax(-1).tolist() == labels.tolist()
+
+
+REGISTERED = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "generalized_jsd": generalized_jsd,
+              "total_variation": total_variation, "skew_kl": skew_kl}
+
+
+def test_registry_holds_the_divergences_and_rejects_unknown_names():
+    from hkd4vlm.distill.losses import LOSSES, get_loss, loss_settings, register_loss
+
+    for name, fn in REGISTERED.items():
+        assert get_loss(name) is fn
+    assert set(REGISTERED) <= set(LOSSES)
+    assert loss_settings("generalized_jsd") == {"beta": 0.5} and loss_settings("skew_kl") == {"alpha": 0.1}
+    assert loss_settings("forward_kl") == {}
+    with pytest.raises(ValueError, match=r"unknown loss 'kl'; known: .*forward_kl.*reverse_kl"):
+        get_loss("kl")
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss("forward_kl")(lambda student_logits, teacher_logits=None, *, teacher_probs=None, tau=1.0: 0)
+    with pytest.raises(TypeError, match="teacher_probs"):
+        register_loss("no_probs")(lambda student_logits, teacher_logits, *, tau=1.0: 0)
+    assert "no_probs" not in LOSSES
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+def test_teacher_probs_match_teacher_logits_and_the_old_logits_round_trip(name):
+    """A target distribution handed over directly gives the values of the logits path, and of the stages'
+    former round trip through logits τ·log(q) (``_as_logits``), for a mixture with a zero entry too."""
+    fn = REGISTERED[name]
+    g = torch.Generator().manual_seed(5)
+    s, t, t2 = (torch.randn(6, 4, generator=g) for _ in range(3))
+    for tau in (0.5, 1.0, 3.0):
+        q = torch.softmax(t / tau, -1)
+        torch.testing.assert_close(fn(s, teacher_probs=q, tau=tau, reduction="none"),
+                                   fn(s, t, tau=tau, reduction="none"), atol=1e-6, rtol=1e-5)
+        mix = 0.3 * q + 0.7 * torch.softmax(t2 / tau, -1)
+        mix[0] = torch.tensor([0.0, 0.5, 0.5, 0.0])  # e.g. a rectified one-hot-ish target
+        old = fn(s, tau * torch.log(mix.clamp_min(1e-12)), tau=tau, reduction="none")
+        torch.testing.assert_close(fn(s, teacher_probs=mix, tau=tau, reduction="none"), old, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="exactly one"):
+        fn(s, t, teacher_probs=q)
+    with pytest.raises(ValueError, match="exactly one"):
+        fn(s)

@@ -27,8 +27,8 @@ def _recipe(pyramid, synth_root, out, **stage_extra) -> dict:
         "pyramid": pyramid, "out": str(out), "progress": False, "save_every": 1,
         "data": {"root": str(synth_root), "tasks": ["hallucination"], "eval_split": None},
         "stages": [
-            {"kind": "ppod", "level": 2, "steps": 2, "batch_size": 4, "gamma": 0.5, **stage_extra},
-            {"kind": "tcrd", "level": 2, "steps": 3, "batch_size": 4, "teacher": 0, "assistant": 1},
+            {"kind": "ppod", "level": 2, "train": {"steps": 2, "batch_size": 4}, "gamma": 0.5, **stage_extra},
+            {"kind": "tcrd", "level": 2, "train": {"steps": 3, "batch_size": 4}, "teacher": 0, "assistant": 1},
         ],
     }
 
@@ -42,10 +42,112 @@ def test_recipe_validation_names_the_stage(pyramid, synth_root, tmp_path):
     import yaml
 
     path.write_text(yaml.safe_dump(_recipe(pyramid, synth_root, tmp_path / "r")))
-    cfg = load_config(path, ["stages.1.tcrd_tau=3.0"], schema=RecipeConfig)
-    assert cfg.stages[1].tcrd_tau == 3.0 and cfg.stages[0].tcrd_tau == 2.0
+    cfg = load_config(path, ["stages.1.tau=3.0"], schema=RecipeConfig)
+    assert cfg.stages[1].tau == 3.0 and cfg.stages[0].tau == (4.0, 1.0)
     with pytest.raises(ConfigError, match="stages.0.kind"):
         load_config(path, ["stages.0.kind=magic"], schema=RecipeConfig)
+
+
+def _plain(**stage_over) -> dict:
+    """A recipe over three (unread) model folders, for config checks only."""
+    stages = [{"kind": "sft", "level": 0, "train": {"steps": 3}},
+              {"kind": "ppod", "level": 1},
+              {"kind": "tcrd", "level": 2, "teacher": 0, "assistant": 1}]
+    for i, over in stage_over.items():
+        stages[int(i[1:])].update(over)
+    return {"pyramid": ["l", "m", "s"], "out": "o", "data": {"root": "d"}, "stages": stages}
+
+
+def _load(tmp_path, overrides, **stage_over):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_plain(**stage_over)))
+    return load_config(path, overrides, schema=RecipeConfig)
+
+
+def test_each_stage_kind_takes_only_its_own_keys(tmp_path):
+    from hkd4vlm.distill.recipe import PPODStageConfig, SFTStageConfig, TCRDStageConfig
+
+    cfg = _load(tmp_path, ["stages.1.train.steps=7", "stages.1.tau=[3, 1]", "stages.2.tau=1.5"])
+    assert [type(st) for st in cfg.stages] == [SFTStageConfig, PPODStageConfig, TCRDStageConfig]
+    assert cfg.stages[1].train.steps == 7 and cfg.stages[1].tau == (3.0, 1.0) and cfg.stages[2].tau == 1.5
+    # a key of another kind, on a stage that would ignore it
+    with pytest.raises(ConfigError, match=r"stages\.1: 'lambda_feat' is not a setting of kind ppod \(it is a setting "
+                                          r"of tcrd stages\); kind ppod has: kind, level, train, gamma, tau"):
+        _load(tmp_path, ["stages.1.lambda_feat=3.0"])
+    with pytest.raises(ConfigError, match=r"stages\.0: 'gamma' is not a setting of kind sft"):
+        _load(tmp_path, ["stages.0.gamma=0.1"])
+    with pytest.raises(ConfigError, match=r"stages\.2: 'mutual' is not a setting of kind tcrd \(it is a setting of ppod"):
+        _load(tmp_path, ["stages.2.mutual=true"])
+    # the old flat layout is told where the key went
+    with pytest.raises(ConfigError, match=r"stages\.2: 'steps' is not a setting of kind tcrd \(it belongs in the train "
+                                          r"block: train\.steps\)"):
+        _load(tmp_path, ["stages.2.steps=5"])
+    with pytest.raises(ConfigError, match=r"stages\.2: 'tcrd_tau' is not a setting of kind tcrd"):
+        _load(tmp_path, ["stages.2.tcrd_tau=3.0"])
+    with pytest.raises(ConfigError, match=r"stages\.1\.train\.stepz: unknown key"):
+        _load(tmp_path, ["stages.1.train.stepz=5"])
+    with pytest.raises(ConfigError, match=r"stages\.0\.train: batch_size 6 is not a multiple of grad_accum 4"):
+        _load(tmp_path, ["stages.0.train.batch_size=6", "stages.0.train.grad_accum=4"])
+    with pytest.raises(ConfigError, match=r"stages\.1\.train\.augment: unknown augmentation\(s\) \['hue'\]"):
+        _load(tmp_path, ["stages.1.train.augment=hue=0.5"])
+    assert _load(tmp_path, ["stages.1.train.augment=hflip=0.5"]).stages[1].train.augment == {"hflip": 0.5}
+
+
+def test_stage_loss_is_chosen_by_name_with_its_settings(tmp_path):
+    from functools import partial
+
+    from hkd4vlm.distill.losses import forward_kl, generalized_jsd, reverse_kl
+
+    cfg = _load(tmp_path, [])
+    assert cfg.stages[1].loss.build() is forward_kl and cfg.stages[2].loss.build() is forward_kl  # the default
+    cfg = _load(tmp_path, ["stages.1.loss=reverse_kl", "stages.2.loss={name: generalized_jsd, kwargs: {beta: 0.2}}"])
+    assert cfg.stages[1].loss.build() is reverse_kl
+    fn = cfg.stages[2].loss.build()
+    assert isinstance(fn, partial) and fn.func is generalized_jsd and fn.keywords == {"beta": 0.2}
+    with pytest.raises(ConfigError, match=r"stages\.1\.loss: unknown loss 'kl'; known: forward_kl, generalized_jsd, "
+                                          r"reverse_kl, skew_kl, total_variation"):
+        _load(tmp_path, ["stages.1.loss=kl"])
+    with pytest.raises(ConfigError, match=r"stages\.2\.loss: loss skew_kl has no setting\(s\) \['beta'\]; its settings: "
+                                          r"\['alpha'\]"):
+        _load(tmp_path, ["stages.2.loss={name: skew_kl, kwargs: {beta: 0.5}}"])
+    with pytest.raises(ConfigError, match=r"stages\.2\.loss: beta must lie in \[0, 1\], got 2"):
+        _load(tmp_path, ["stages.2.loss={name: generalized_jsd, kwargs: {beta: 2}}"])
+    with pytest.raises(ConfigError, match=r"stages\.0: 'loss' is not a setting of kind sft"):
+        _load(tmp_path, ["stages.0.loss=reverse_kl"])
+
+
+def test_run_recipe_hands_the_named_loss_to_the_stage(pyramid, synth_root, tmp_path, monkeypatch):
+    """The divergence a recipe names is the one the PPOD and TCRD stages are built with."""
+    from hkd4vlm.distill import stages
+    from hkd4vlm.distill.losses import skew_kl, total_variation
+
+    class Built(Exception):
+        pass
+
+    seen = {}
+
+    def recorder(kind):
+        def build(*args, **kwargs):
+            seen[kind] = kwargs
+            raise Built
+
+        return build
+
+    monkeypatch.setattr(stages, "PPODStage", recorder("ppod"))
+    monkeypatch.setattr(stages, "TCRDStage", recorder("tcrd"))
+    raw = _recipe(pyramid, synth_root, tmp_path / "a", loss={"name": "skew_kl", "kwargs": {"alpha": 0.3}}, tau=[2.0, 1.5])
+    with pytest.raises(Built):
+        run_recipe(RecipeConfig.model_validate(raw))
+    assert seen["ppod"]["loss"].func is skew_kl and seen["ppod"]["loss"].keywords == {"alpha": 0.3}
+    assert seen["ppod"]["tau"] == (2.0, 1.5)
+    raw = _recipe(pyramid, synth_root, tmp_path / "b")
+    raw["stages"] = raw["stages"][1:]
+    raw["stages"][0].update(loss="total_variation", tau=1.25)
+    with pytest.raises(Built):
+        run_recipe(RecipeConfig.model_validate(raw))
+    assert seen["tcrd"]["loss"] is total_variation and seen["tcrd"]["tau"] == 1.25
 
 
 def test_two_stage_recipe_chains_and_resumes(pyramid, synth_root, tmp_path):
@@ -162,7 +264,7 @@ def test_resuming_a_stage_with_a_changed_recipe_is_refused_and_keeps_recipe_yaml
         run_recipe(RecipeConfig.model_validate(raw), on_step=kill)
     saved = (tmp_path / "run" / "recipe.yaml").read_text()
     raw["seed"] = 5
-    raw["stages"][0]["optim"] = {"lr": 0.5}
+    raw["stages"][0]["train"]["optim"] = {"lr": 0.5}
     with pytest.raises(ConfigError, match=r"stages\.0 was interrupted.*optim\.lr: 0\.001 -> 0\.5; seed: 0 -> 5.*--resume-force"):
         run_recipe(RecipeConfig.model_validate(raw))
     assert (tmp_path / "run" / "recipe.yaml").read_text() == saved

@@ -78,7 +78,7 @@ def test_tcrd_terms_and_projector_gradient(pyramid):
     t, a = teacher.scores(records, images), assistant.scores(records, images)
     c = coupling_weight(t.probs, a.probs, labels)
     r = rectify_teacher(torch.softmax(t.logits / 2.0, -1), labels)
-    resp = forward_kl(scores.logits, 2.0 * r.log(), temperature=2.0, reduction="none")
+    resp = forward_kl(scores.logits, 2.0 * r.log(), tau=2.0, reduction="none")  # the old logits round trip
     ce = torch.nn.functional.cross_entropy(scores.logits, labels, reduction="none")
     feat = 1 - torch.nn.functional.cosine_similarity(projector(scores.hidden), a.hidden, dim=-1).mean()
     expected = ((1 - c) * ce).mean() + (c * 4.0 * resp).mean() + 0.5 * feat
@@ -87,6 +87,33 @@ def test_tcrd_terms_and_projector_gradient(pyramid):
     terms["total"].backward()
     assert projector.proj.weight.grad is not None and projector.proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.model.parameters())
+
+
+def test_stages_use_the_divergence_they_are_given(pyramid):
+    """``loss=`` replaces forward KL in the distillation term (the mixture / rectified target handed over as
+    ``teacher_probs``); every other term is unchanged."""
+    from functools import partial
+
+    from hkd4vlm.distill.losses import generalized_jsd, reverse_kl
+
+    models, records, images = pyramid
+    student_model, student_proc = models["tiny-llava-s"]
+    teachers = [Teacher(*models["tiny-idefics3-s"]), Teacher(*models["tiny-llava-m"])]
+    scores = answer_distribution(student_model, student_proc, records, images)
+    tau = 3.0
+    q = sum(w * torch.softmax(t.scores(records, images).logits / tau, -1) for w, t in zip(pyramid_weights(2, 0.5), teachers))
+    terms = PPODStage(teachers, tau=(4.0, 2.0), total_steps=10, loss=reverse_kl)(scores, records, images=images, step=5)
+    torch.testing.assert_close(terms["kd"], reverse_kl(scores.logits, teacher_probs=q, tau=tau))
+    default = PPODStage(teachers, tau=(4.0, 2.0), total_steps=10)(scores, records, images=images, step=5)
+    assert not torch.allclose(terms["kd"], default["kd"]) and torch.equal(terms["ce"], default["ce"])
+
+    teacher, assistant = teachers[1], teachers[0]
+    projector = FeatureProjector(student_model.config.text_config.hidden_size, assistant.hidden_size)
+    jsd = partial(generalized_jsd, beta=0.3)
+    terms = TCRDStage(teacher, assistant, projector, tau=2.0, loss=jsd)(scores, records, images=images)
+    labels = torch.tensor([r.label for r in records])
+    r = rectify_teacher(torch.softmax(teacher.scores(records, images).logits / 2.0, -1), labels)
+    torch.testing.assert_close(terms["resp"], generalized_jsd(scores.logits, teacher_probs=r, beta=0.3, tau=2.0))
 
 
 def test_ppod_mutual_updates_the_nearest_teacher_only(synth_root, tmp_path):

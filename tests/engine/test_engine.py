@@ -92,6 +92,29 @@ def test_an_empty_mapping_override_replaces(tmp_path, synth_root):
     assert load_config(path).augment == {"hflip": 0.5, "paraphrase": 0.3}
 
 
+def test_augment_takes_the_cli_string_form_too(tmp_path, synth_root):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "out": "o", "data": {"root": str(synth_root)}}))
+    assert load_config(path, ["augment=hflip=0.5,paraphrase=0.3"]).augment == {"hflip": 0.5, "paraphrase": 0.3}
+    with pytest.raises(ConfigError, match=r"augment: unknown augmentation\(s\) \['hue'\]"):
+        load_config(path, ["augment=hue=0.5"])
+
+
+def test_retired_temperature_loads_at_its_old_default_only(tmp_path, synth_root):
+    """A run's config.yaml saved while TrainConfig had ``temperature`` (always 1.0 in practice: it changed
+    nothing) still loads and resumes; another value is refused rather than silently ignored."""
+    from hkd4vlm.engine.config import resume_changes
+
+    saved = tmp_path / "config.yaml"
+    raw = {"model": "m", "out": "o", "data": {"root": str(synth_root)}, "temperature": 1.0}
+    saved.write_text(yaml.safe_dump(raw))
+    cfg = load_config(saved)
+    assert "temperature" not in cfg.model_dump()
+    assert resume_changes(saved, cfg) == {}
+    with pytest.raises(ConfigError, match="temperature = 2.0: this setting was removed"):
+        load_config(saved, ["temperature=2.0"])
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, warmup=4, total=10) == pytest.approx(0.25)
     assert warmup_cosine(3, warmup=4, total=10) == pytest.approx(1.0)

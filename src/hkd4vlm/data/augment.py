@@ -198,6 +198,40 @@ AUGMENTATIONS: dict[str, Augmentation] = {
 }
 
 
+def augment_spec(value) -> dict[str, float]:
+    """The one reader of an augmentation setting, in any form a user writes it: a mapping
+    ``{name: probability}`` (YAML), a string ``"name=prob,name=prob"`` (the CLI), or None / ``""`` (none).
+    Returns the canonical ``{name: probability}`` (floats, in the order given); an unknown name or a
+    probability outside [0, 1] is a ``ValueError`` that names it."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        pairs = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            name, eq, prob = part.partition("=")
+            if not eq:
+                raise ValueError(f"{part!r} is not name=probability (e.g. permute_options=0.5,hflip=0.5)")
+            pairs.append((name.strip(), prob.strip()))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        raise ValueError(f"an augmentation setting is a mapping name -> probability or a string "
+                         f"name=prob,...; got {type(value).__name__}")
+    unknown = [name for name, _ in pairs if name not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {sorted(map(str, unknown))}; known: {sorted(AUGMENTATIONS)}")
+    spec: dict[str, float] = {}
+    for name, prob in pairs:
+        try:
+            spec[name] = float(prob)
+        except (TypeError, ValueError):
+            raise ValueError(f"augmentation {name}: probability {prob!r} is not a number") from None
+    bad = {k: p for k, p in spec.items() if not 0.0 <= p <= 1.0}
+    if bad:
+        raise ValueError(f"augmentation probabilities must lie in [0, 1]: {bad}")
+    return spec
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Probability of each augmentation (0 switches it off); applied in the order of AUGMENTATIONS."""
@@ -208,12 +242,7 @@ class AugmentConfig:
     })
 
     def __post_init__(self) -> None:
-        unknown = set(self.probs) - set(AUGMENTATIONS)
-        if unknown:
-            raise ValueError(f"unknown augmentation(s) {sorted(unknown)}; known: {sorted(AUGMENTATIONS)}")
-        bad = {k: p for k, p in self.probs.items() if not 0.0 <= p <= 1.0}
-        if bad:
-            raise ValueError(f"augmentation probabilities must lie in [0, 1]: {bad}")
+        augment_spec(self.probs)
 
 
 def augment(record: Record, image: Image.Image, rng: random.Random, cfg: AugmentConfig = AugmentConfig()) -> tuple[Record, Image.Image]:

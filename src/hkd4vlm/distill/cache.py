@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.augment import augment_spec
 from ..errors import UserError
 from ..files import write_text_atomic
 from ..models.prompt import PROMPT_VERSION
@@ -59,7 +60,7 @@ def data_hash(root: str | Path, tasks: list[str], split: str) -> str:
 def _expected(model_dir, root, tasks, split, augment, seed, variants, skip_invalid) -> dict:
     return {
         "model_hash": model_hash(model_dir), "data_hash": data_hash(root, tasks, split), "prompt_version": PROMPT_VERSION,
-        "tasks": list(tasks), "split": split, "augment": dict(sorted((augment or {}).items())), "seed": seed,
+        "tasks": list(tasks), "split": split, "augment": dict(sorted(augment_spec(augment).items())), "seed": seed,
         "variants": variants, "skip_invalid": skip_invalid,
     }
 
@@ -129,7 +130,8 @@ def build_cache(model_dir: str | Path, root: str | Path, tasks: list[str], split
 
 
 class CachedTeacher:
-    """A teacher read from a cache; ``scores(items, images, keys=...)`` looks up (index, epoch) pairs."""
+    """A teacher read from a cache (a ``distill.stages.AnswerTeacher``); ``scores(items, images, keys=...)``
+    looks up (index, epoch) pairs."""
 
     def __init__(self, cache_dir: str | Path, *, model_dir: str | Path, root: str | Path, tasks: list[str], split: str,
                  augment: dict | None, seed: int, name: str = "cached", skip_invalid: bool = False):
@@ -157,6 +159,11 @@ class CachedTeacher:
         if len(self.table) != manifest["records"] * self.variants:
             raise StaleCacheError(f"teacher cache {self.dir} is incomplete: {len(self.table)} entries, "
                                   f"expected {manifest['records'] * self.variants}")
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the cached answer-position features."""
+        return next(iter(self.table.values()))[1].shape[-1]
 
     def scores(self, items, images=None, *, keys=None) -> AnswerScores:
         if keys is None:

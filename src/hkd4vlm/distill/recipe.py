@@ -2,43 +2,140 @@
 one level of the pyramid and starting from that level's latest weights. A stage that finished is
 skipped when the recipe runs again; one that was interrupted resumes from its last checkpoint.
 
-    hkd4vlm distill RECIPE.yaml [stages.1.tau=3.0 ...]
+    hkd4vlm distill RECIPE.yaml [stages.3.tau=3.0 stages.1.train.steps=200 ...]
+
+A stage's config holds only its kind's settings (a union keyed on ``kind``), plus the ``train`` block
+that every kind shares (steps, batch, optimizer, augmentation, ...): a key that a kind does not use is
+an error naming the stage and the key.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, model_validator
 
-from ..engine.config import DataConfig, OptimConfig, TrainConfig, _Strict, save_config
+from ..engine.config import AugmentSpec, DataConfig, OptimConfig, TrainConfig, _Strict, save_config
 from ..engine.distributed import barrier, is_main_process
 from ..files import write_text_atomic
 
 
-class StageConfig(_Strict):
-    kind: Literal["sft", "ppod", "tcrd"]
-    level: int = Field(ge=0, description="index into the pyramid of the model this stage trains")
+class StageTrainConfig(_Strict):
+    """How a stage trains its model, whatever its kind (the stage's ``train`` block)."""
+
     steps: int = Field(default=500, ge=1)
     batch_size: int = Field(default=32, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     optim: OptimConfig = OptimConfig()
-    augment: dict[str, float] = Field(default_factory=dict)
+    augment: AugmentSpec = Field(default_factory=dict)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     lora: dict | None = Field(default=None, description="peft.LoraConfig arguments for the trained model")
     freeze_vision: bool = False
-    # ppod: teachers are every level above this one
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "StageTrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+        return self
+
+
+class LossConfig(_Strict):
+    """A divergence of ``distill.losses`` chosen by its registered name, with its own settings
+    (``{name: generalized_jsd, kwargs: {beta: 0.5}}``; a plain name is read as ``{name: NAME}``)."""
+
+    name: str = "forward_kl"
+    kwargs: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _known(self) -> "LossConfig":
+        import torch
+
+        from .losses import get_loss, loss_settings
+
+        fn = get_loss(self.name)  # ValueError listing the known names
+        unknown = sorted(set(self.kwargs) - set(loss_settings(self.name)))
+        if unknown:
+            raise ValueError(f"loss {self.name} has no setting(s) {unknown}; its settings: "
+                             f"{sorted(loss_settings(self.name)) or 'none'}")
+        fn(torch.zeros(1, 2), teacher_probs=torch.full((1, 2), 0.5), tau=1.0, **self.kwargs)  # range checks
+        return self
+
+    def build(self):
+        """The divergence with its settings bound: ``fn(student_logits, teacher_logits=None, *, teacher_probs, tau, ...)``."""
+        from functools import partial
+
+        from .losses import get_loss
+
+        return partial(get_loss(self.name), **self.kwargs) if self.kwargs else get_loss(self.name)
+
+
+class _Stage(_Strict):
+    level: int = Field(ge=0, description="index into the pyramid of the model this stage trains")
+    train: StageTrainConfig = StageTrainConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_keys(cls, data: Any) -> Any:
+        """A key of another kind, or one that belongs in ``train``, is named as such."""
+        if not isinstance(data, dict):
+            return data
+        kind = cls.model_fields["kind"].default
+        for key in data:
+            if key in cls.model_fields:
+                continue
+            hint = ""
+            if key in StageTrainConfig.model_fields:
+                hint = f" (it belongs in the train block: train.{key})"
+            else:
+                owners = [k for k, c in STAGE_KINDS.items() if key in c.model_fields]
+                if owners:
+                    hint = f" (it is a setting of {' and '.join(owners)} stages)"
+            known = ["kind"] + [k for k in cls.model_fields if k != "kind"]
+            raise ValueError(f"{key!r} is not a setting of kind {kind}{hint}; kind {kind} has: {', '.join(known)}")
+        return data
+
+
+class SFTStageConfig(_Stage):
+    """``L_ce`` on the answer distribution."""
+
+    kind: Literal["sft"] = "sft"
+
+
+class PPODStageConfig(_Stage):
+    """PPOD at ``level``: every level above it teaches (``distill.stages.PPODStage``)."""
+
+    kind: Literal["ppod"] = "ppod"
     gamma: float = Field(default=0.5, ge=0)
-    tau: tuple[float, float] = (4.0, 1.0)
+    tau: tuple[float, float] = Field(default=(4.0, 1.0), description="temperature, start -> end of the stage")
     alpha: tuple[float, float] = (0.2, 0.5)
+    loss: LossConfig = LossConfig()
     mutual: bool = False
     mutual_lr: float = Field(default=1e-5, gt=0, description="the nearest teacher's learning rate when mutual")
-    # tcrd
+    #: pyramid level -> teacher cache folder (hkd4vlm cache-teacher): that level is read, not run
+    cache: dict[int, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _positive_tau(self) -> "PPODStageConfig":
+        if min(self.tau) <= 0:
+            raise ValueError(f"tau must be positive, got {list(self.tau)}")
+        return self
+
+
+class TCRDStageConfig(_Stage):
+    """TCRD at ``level`` with ``teacher`` and ``assistant`` levels (``distill.stages.TCRDStage``)."""
+
+    kind: Literal["tcrd"] = "tcrd"
     teacher: int = 0
     assistant: int = 1
-    tcrd_tau: float = Field(default=2.0, gt=0)
+    tau: float = Field(default=2.0, gt=0)
+    loss: LossConfig = LossConfig()
     lambda_gt: float = Field(default=1.0, ge=0)
     lambda_resp: float = Field(default=1.0, ge=0)
     lambda_feat: float = Field(default=0.5, ge=0)
@@ -46,6 +143,10 @@ class StageConfig(_Strict):
     coupled: bool = True
     #: pyramid level -> teacher cache folder (hkd4vlm cache-teacher): that level is read, not run
     cache: dict[int, str] = Field(default_factory=dict)
+
+
+STAGE_KINDS: dict[str, type[_Stage]] = {"sft": SFTStageConfig, "ppod": PPODStageConfig, "tcrd": TCRDStageConfig}
+StageConfig = Annotated[Union[SFTStageConfig, PPODStageConfig, TCRDStageConfig], Field(discriminator="kind")]
 
 
 class RecipeConfig(_Strict):
@@ -75,11 +176,11 @@ class RecipeConfig(_Strict):
 
 
 def _train_config(recipe: RecipeConfig, stage: StageConfig, model: str, out: Path) -> TrainConfig:
+    t = stage.train
     return TrainConfig(
-        model=model, out=out, data=recipe.data, optim=stage.optim, steps=stage.steps, batch_size=stage.batch_size,
-        grad_accum=stage.grad_accum, seed=recipe.seed, augment=stage.augment, save_every=recipe.save_every,
-        progress=recipe.progress, mixed_precision=stage.mixed_precision, lora=stage.lora,
-        freeze_vision=stage.freeze_vision,
+        model=model, out=out, data=recipe.data, optim=t.optim, steps=t.steps, batch_size=t.batch_size,
+        grad_accum=t.grad_accum, seed=recipe.seed, augment=t.augment, save_every=recipe.save_every,
+        progress=recipe.progress, mixed_precision=t.mixed_precision, lora=t.lora, freeze_vision=t.freeze_vision,
     )
 
 
@@ -90,7 +191,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
     resume (see ``engine.loop.train``)."""
     from ..distill.cache import CachedTeacher
     from ..distill.losses import FeatureProjector
-    from ..distill.stages import PPODStage, TCRDStage, Teacher
+    from ..distill.stages import PPODStage, TCRDStage, Teacher, model_hidden_size
     from ..engine.loop import sft_stage, train
     from ..engine.sft import split_eval
     from ..engine.sources import RecordSource
@@ -111,27 +212,27 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
         def teacher_at(j: int):
             if j in st.cache:
                 return CachedTeacher(st.cache[j], model_dir=current[j], root=recipe.data.root, tasks=recipe.data.tasks,
-                                     split=recipe.data.split, augment=st.augment, seed=recipe.seed, name=f"level{j}",
-                                     skip_invalid=recipe.data.skip_invalid)
+                                     split=recipe.data.split, augment=st.train.augment, seed=recipe.seed,
+                                     name=f"level{j}", skip_invalid=recipe.data.skip_invalid)
             return Teacher(*load_model(current[j]), name=f"level{j}")
 
         if st.kind == "sft":
             stage = sft_stage
         elif st.kind == "ppod":
             teachers = [teacher_at(j) for j in range(st.level)]
-            stage = PPODStage(teachers, gamma=st.gamma, tau=st.tau, alpha=st.alpha, total_steps=st.steps,
-                              mutual_lr=st.mutual_lr if st.mutual else None)
+            stage = PPODStage(teachers, gamma=st.gamma, tau=st.tau, alpha=st.alpha, total_steps=st.train.steps,
+                              mutual_lr=st.mutual_lr if st.mutual else None, loss=st.loss.build())
         else:
             teacher, assistant = teacher_at(st.teacher), teacher_at(st.assistant)
-            projector = FeatureProjector(_hidden_size(model), _hidden_size(assistant))
+            projector = FeatureProjector(model_hidden_size(model), assistant.hidden_size)
             extra = {"projector": projector}
-            stage = TCRDStage(teacher, assistant, projector, tau=st.tcrd_tau, lambda_gt=st.lambda_gt,
+            stage = TCRDStage(teacher, assistant, projector, tau=st.tau, lambda_gt=st.lambda_gt,
                               lambda_resp=st.lambda_resp, lambda_feat=st.lambda_feat, rectify=st.rectify,
-                              coupled=st.coupled)
+                              coupled=st.coupled, loss=st.loss.build())
         variants = {t.variants for t in _teachers(stage) if isinstance(t, CachedTeacher)}
         if len(variants) > 1:
             raise ValueError(f"stages.{i}: teacher caches with different numbers of variants {sorted(variants)}")
-        source = RecordSource(recipe.data.root, recipe.data.tasks, recipe.data.split, augment=st.augment,
+        source = RecordSource(recipe.data.root, recipe.data.tasks, recipe.data.split, augment=st.train.augment,
                               seed=recipe.seed, augment_epochs=variants.pop() if variants else None,
                               skip_invalid=recipe.data.skip_invalid)
         evaluate = None
@@ -193,14 +294,4 @@ def _check_resume(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
 def _teachers(stage) -> list:
     return list(getattr(stage, "teachers", [])) + [t for t in (getattr(stage, "teacher", None),
                                                              getattr(stage, "assistant", None)) if t is not None]
-
-
-def _hidden_size(model_or_teacher) -> int:
-    """Hidden size at the answer position: of a model (peft-wrapped or not), an online or a cached teacher."""
-    from .stages import Teacher
-
-    if hasattr(model_or_teacher, "table"):  # CachedTeacher
-        return next(iter(model_or_teacher.table.values()))[1].shape[-1]
-    model = model_or_teacher.model if isinstance(model_or_teacher, Teacher) else model_or_teacher
-    return model.config.get_text_config().hidden_size
 

@@ -2,15 +2,17 @@
 with the student's answer scores; it returns a dict of named loss terms with ``"total"`` their
 weighted sum, and the coupling weights' mean where there are any. Every term is logged.
 
-Teachers are :class:`Teacher` (online) or ``distill.cache.CachedTeacher`` (offline); both answer
-``scores(items, images, keys=...)``. Online teachers score the same (augmented) batch as the student, in eval mode, under
-``torch.inference_mode`` (no graph, no gradient), each through its own processor, so that teacher and
-student may be different families: the answer distribution is over option letters either way.
+Teachers are :class:`Teacher` (online) or ``distill.cache.CachedTeacher`` (offline); both are
+:class:`AnswerTeacher` objects (``scores(items, images, keys=...)``, ``hidden_size``). Online teachers
+score the same (augmented) batch as the student, in eval mode, under ``torch.inference_mode`` (no graph,
+no gradient), each through its own processor, so that teacher and student may be different families:
+the answer distribution is over option letters either way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -19,9 +21,30 @@ from ..models.scoring import AnswerScores, answer_distribution
 from .losses import FeatureProjector, feature_cosine, forward_kl, rectify_teacher
 
 
+@runtime_checkable
+class AnswerTeacher(Protocol):
+    """What a stage needs from a teacher, online (:class:`Teacher`) or cached (``distill.cache.CachedTeacher``)."""
+
+    name: str
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the answer-position feature (``AnswerScores.hidden``'s last dim)."""
+        ...
+
+    def scores(self, items, images, *, keys=None) -> AnswerScores:
+        """The answer distribution of a batch; ``keys``: its (record index, epoch) pairs."""
+        ...
+
+
+def model_hidden_size(model) -> int:
+    """Hidden size at the answer position of a model (peft-wrapped or not)."""
+    return model.config.get_text_config().hidden_size
+
+
 @dataclass
 class Teacher:
-    """A frozen model of the pyramid and its processor."""
+    """A frozen model of the pyramid and its processor (an :class:`AnswerTeacher`)."""
 
     model: object
     processor: object
@@ -31,6 +54,10 @@ class Teacher:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return model_hidden_size(self.model)
 
     def scores(self, items, images, *, keys=None) -> AnswerScores:
         with torch.inference_mode():
@@ -55,30 +82,28 @@ def pyramid_weights(n_teachers: int, gamma: float) -> list[float]:
     return [w / total for w in raw]
 
 
-def _as_logits(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits z with softmax(z / τ) = probs (so a mixture can be fed to the divergences)."""
-    return temperature * torch.log(probs.clamp_min(1e-12))
-
-
 class PPODStage:
     """Pyramid-like Progressive Online Distillation, one level of the pyramid:
 
-        q = Σ_j w_j · p_j^τ,   L = α · L_ce + (1 − α) · τ² · KL(q ‖ p_S^τ)
+        q = Σ_j w_j · p_j^τ,   L = α · L_ce + (1 − α) · τ² · D(q ‖ p_S^τ)
 
-    with τ and α moving linearly from their start to their end value over ``total_steps``.
+    with τ and α moving linearly from their start to their end value over ``total_steps``. ``loss`` is
+    the divergence D (a function of ``distill.losses``, e.g. ``get_loss(name)`` with its settings bound;
+    default forward KL); the mixture q is handed to it as ``teacher_probs``.
 
     ``mutual_lr``: the nearest teacher keeps learning too (deep mutual learning): after scoring the
-    batch for q, it takes its own AdamW step on L_ce + τ² · KL(p_S^τ ‖ p_T^τ) (student detached), its
-    gradients averaged over processes. Its weights and optimizer are checkpointed through
+    batch for q, it takes its own AdamW step on L_ce + τ² · D(p_S^τ ‖ p_T^τ) (the same divergence with the
+    roles swapped, student detached), its gradients averaged over processes. Its weights and optimizer are checkpointed through
     ``state_dict`` (pass the stage to the loop's ``stateful``).
     """
 
-    def __init__(self, teachers: list, *, gamma: float = 0.5, tau: tuple[float, float] = (4.0, 1.0),
-                 alpha: tuple[float, float] = (0.2, 0.5), total_steps: int = 1, mutual_lr: float | None = None):
+    def __init__(self, teachers: list[AnswerTeacher], *, gamma: float = 0.5, tau: tuple[float, float] = (4.0, 1.0),
+                 alpha: tuple[float, float] = (0.2, 0.5), total_steps: int = 1, mutual_lr: float | None = None,
+                 loss: Callable = forward_kl):
         if not teachers:
             raise ValueError("PPOD needs at least one teacher")
         self.teachers, self.weights = teachers, pyramid_weights(len(teachers), gamma)
-        self.tau, self.alpha, self.total_steps = tau, alpha, total_steps
+        self.tau, self.alpha, self.total_steps, self.loss = tau, alpha, total_steps, loss
         self.mutual = None
         if mutual_lr is not None:
             nearest = teachers[-1]
@@ -95,8 +120,8 @@ class PPODStage:
         nearest = self.teachers[-1]
         scores = answer_distribution(nearest.model, nearest.processor, items, images)
         labels = _labels(items, scores.logits.device)
-        loss = torch.nn.functional.cross_entropy(scores.logits, labels) + tau**2 * forward_kl(
-            scores.logits, student_logits.detach().to(scores.logits.device), temperature=tau)
+        loss = torch.nn.functional.cross_entropy(scores.logits, labels) + tau**2 * self.loss(
+            scores.logits, student_logits.detach().to(scores.logits.device), tau=tau)
         self.mutual.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(p for group in self.mutual.param_groups for p in group["params"])
@@ -128,7 +153,7 @@ class PPODStage:
                 t_logits = teacher.scores(items, images, keys=keys).logits.to(device)
             q = q + w * torch.softmax(t_logits / tau, dim=-1)  # (B, n)
         ce = torch.nn.functional.cross_entropy(scores.logits, _labels(items, device))
-        kd = forward_kl(scores.logits, _as_logits(q, tau), temperature=tau)
+        kd = self.loss(scores.logits, teacher_probs=q, tau=tau)
         total = alpha * ce + (1 - alpha) * tau**2 * kd
         return {"total": total, "ce": ce, "kd": kd, "tau": torch.tensor(tau), "alpha": torch.tensor(alpha), **terms}
 
@@ -149,17 +174,17 @@ def coupling_weight(p_teacher: torch.Tensor, p_assistant: torch.Tensor, labels: 
 class TCRDStage:
     """Ternary-Coupled Refinement Distillation:
 
-        L = λ_gt · (1 − c) · L_ce + λ_resp · c · τ² · KL(r_T ‖ p_S^τ) + λ_feat · (1 − cos(P·h_S, h_A))
+        L = λ_gt · (1 − c) · L_ce + λ_resp · c · τ² · D(r_T ‖ p_S^τ) + λ_feat · (1 − cos(P·h_S, h_A))
 
-    ``teacher`` gives the rectified response r_T, ``assistant`` the feature target h_A (and, with the
-    teacher, the coupling c). ``projector`` maps the student's hidden size to the assistant's; it is
+    ``teacher`` gives the rectified response r_T (handed to the divergence ``loss`` as ``teacher_probs``;
+    default forward KL), ``assistant`` the feature target h_A (and, with the teacher, the coupling c). ``projector`` maps the student's hidden size to the assistant's; it is
     trained with the student (pass it to the loop's ``extra_modules``).
     """
 
-    def __init__(self, teacher: Teacher, assistant: Teacher, projector: FeatureProjector, *, tau: float = 2.0,
-                 lambda_gt: float = 1.0, lambda_resp: float = 1.0, lambda_feat: float = 0.5, rectify: bool = True,
-                 coupled: bool = True):
-        self.teacher, self.assistant, self.projector = teacher, assistant, projector
+    def __init__(self, teacher: AnswerTeacher, assistant: AnswerTeacher, projector: FeatureProjector, *,
+                 tau: float = 2.0, lambda_gt: float = 1.0, lambda_resp: float = 1.0, lambda_feat: float = 0.5,
+                 rectify: bool = True, coupled: bool = True, loss: Callable = forward_kl):
+        self.teacher, self.assistant, self.projector, self.loss = teacher, assistant, projector, loss
         self.tau, self.lambda_gt, self.lambda_resp, self.lambda_feat = tau, lambda_gt, lambda_resp, lambda_feat
         self.rectify, self.coupled = rectify, coupled
 
@@ -172,7 +197,7 @@ class TCRDStage:
         c = coupling_weight(t.probs.to(device), a.probs.to(device), labels) if self.coupled else torch.full_like(
             labels, 0.5, dtype=torch.float32)
         ce = torch.nn.functional.cross_entropy(scores.logits, labels, reduction="none")  # (B,)
-        resp = forward_kl(scores.logits, _as_logits(r_t, self.tau), temperature=self.tau, reduction="none")  # (B,)
+        resp = self.loss(scores.logits, teacher_probs=r_t, tau=self.tau, reduction="none")  # (B,)
         feat = feature_cosine(scores.hidden, a.hidden.to(device).float(), self.projector)
         total = (self.lambda_gt * (1 - c) * ce).mean() + (self.lambda_resp * c * self.tau**2 * resp).mean() \
             + self.lambda_feat * feat

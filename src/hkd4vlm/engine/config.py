@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from ..data.augment import AUGMENTATIONS
+from ..data.augment import augment_spec
 from ..errors import UserError
 
 
@@ -23,6 +23,10 @@ class ConfigError(UserError, ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+#: augmentation -> probability; YAML mapping or ``name=prob,...`` string, read by ``data.augment.augment_spec``
+AugmentSpec = Annotated[dict[str, float], BeforeValidator(augment_spec)]
 
 
 class DataConfig(_Strict):
@@ -56,10 +60,9 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(default=1, ge=1)
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    temperature: float = Field(default=1.0, gt=0)
     readout: Literal["letter", "option"] | None = Field(
         default=None, description="answer readout to train and save with the model (None: the model's own)")
-    augment: dict[str, float] = Field(default_factory=dict, description="augmentation -> probability")
+    augment: AugmentSpec = Field(default_factory=dict, description="augmentation -> probability")
     lora: dict[str, Any] | None = None
     freeze_vision: bool = False
     save_every: int = Field(default=500, ge=1)
@@ -72,16 +75,17 @@ class TrainConfig(_Strict):
         "optimizer steps with a NaN or infinite loss or gradient that are skipped (no update) before training "
         "stops with an error; 0: stop at the first"))
 
-    @field_validator("augment")
+    @model_validator(mode="before")
     @classmethod
-    def _known_augmentations(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = set(v) - set(AUGMENTATIONS)
-        if unknown:
-            raise ValueError(f"unknown augmentation(s) {sorted(unknown)}; known: {sorted(AUGMENTATIONS)}")
-        bad = {k: p for k, p in v.items() if not 0 <= p <= 1}
-        if bad:
-            raise ValueError(f"probabilities must lie in [0, 1]: {bad}")
-        return v
+    def _drop_retired(cls, data: Any) -> Any:
+        # ``temperature`` (removed) never changed training: a run's config.yaml saved with its default still
+        # loads (``hkd4vlm train RUN/config.yaml --resume``); any other value is refused rather than ignored
+        if isinstance(data, dict) and "temperature" in data:
+            if data["temperature"] != 1.0:
+                raise ValueError(f"temperature = {data['temperature']!r}: this setting was removed (it never changed "
+                                 "training; the distillation stages have their own tau); delete it")
+            data = {k: v for k, v in data.items() if k != "temperature"}
+        return data
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -134,11 +138,29 @@ def merge(base: Any, update: Any) -> Any:
     return update
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _where(loc: tuple, raw: Any) -> str:
+    """Dotted path of an error's location in the input; the tag that a discriminated union adds to the
+    path (``stages.1.ppod.gamma``: the member for ``kind: ppod``) is left out, as it is not in the input."""
+    parts, node = [], raw
+    for p in loc:
+        if isinstance(node, dict) and p not in node and node.get("kind") == p:
+            continue
+        parts.append(str(p))
+        node = node[p] if isinstance(node, dict) and p in node else (
+            node[p] if isinstance(node, list) and isinstance(p, int) and p < len(node) else None)
+    return ".".join(parts)
+
+
+def _format_errors(err: ValidationError, source: str, raw: Any = None) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
+        where = _where(e["loc"], raw)
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):  # name the key: stages.0.kind
+            where = f"{where}.{str(e.get('ctx', {}).get('discriminator', 'kind')).strip(chr(39))}".lstrip(".")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a setting here)"
+        lines.append(f"  {where or '(top level)'}: {msg}")
     return "\n".join(lines)
 
 
@@ -162,7 +184,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         return schema.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(_format_errors(e, source, raw)) from None
 
 
 #: settings that can change between a run and its resume without changing what is trained

@@ -58,7 +58,7 @@ def next_global_batch(source, pos: Position, size: int, orders: dict) -> tuple[l
     return out, Position(epoch, index)
 
 
-def sft_stage(scores, items, *, temperature: float = 1.0, **_) -> dict[str, torch.Tensor]:
+def sft_stage(scores, items, **_) -> dict[str, torch.Tensor]:
     """Stage 0: L_ce = -log p(i* | x) on the answer distribution."""
     labels = torch.tensor([it.label for it in items], device=scores.logits.device)
     ce = torch.nn.functional.cross_entropy(scores.logits, labels)
@@ -79,7 +79,7 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
           stateful: dict | None = None) -> Path:
     """Run ``cfg.steps`` optimizer steps on ``source``; returns the folder of the saved final model.
 
-    ``stage(scores, items, images=..., step=..., temperature=...)`` returns the loss terms (default: SFT);
+    ``stage(scores, items, images=..., keys=..., step=...)`` returns the loss terms (default: SFT);
     ``step`` counts optimizer steps done before this one (for schedules), ``images`` are the augmented
     images the student saw (online teachers score the same batch), ``keys`` their (item index, epoch)
     pairs (cached teachers look their outputs up by them). ``evaluate(model,
@@ -180,9 +180,8 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
             sync = a == accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
             with ctx, accelerator.autocast():
-                scores = answer_distribution(model, processor, list(items), list(images), temperature=cfg.temperature)
-                terms = stage(scores, list(items), images=list(images), keys=list(pairs), step=step,
-                              temperature=cfg.temperature)
+                scores = answer_distribution(model, processor, list(items), list(images))
+                terms = stage(scores, list(items), images=list(images), keys=list(pairs), step=step)
                 accelerator.backward(terms["total"] / accum)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
