@@ -20,9 +20,8 @@ from PIL import Image
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hkd4vlm.data.records import Choice, Record
-from hkd4vlm.models.registry import build_tiny
-from hkd4vlm.models.registry import get_preset
 from hkd4vlm.models.prompt import build_prompt
+from hkd4vlm.models.registry import build_tiny, get_preset
 from hkd4vlm.models.scoring import answer_distribution, letter_token_ids, set_readout
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
@@ -38,7 +37,7 @@ S = get_preset("tiny-llava-s")
 def question(rng):
     opts = rng.sample(COLOURS, 4)
     y = rng.randrange(4)
-    return Record(task="factuality", image_id="x.png", choices=[Choice(l, o) for l, o in zip("ABCD", opts)],
+    return Record(task="factuality", image_id="x.png", choices=[Choice(letter, o) for letter, o in zip("ABCD", opts)],
                   correct_answer=opts[y], correct_choice="ABCD"[y], context="", claim="",
                   question=f"Which option is {opts[y]}?")
 

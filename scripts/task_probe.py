@@ -13,11 +13,11 @@ import time
 
 import torch
 
+from hkd4vlm.models.loading import freeze_vision_tower, load_model
+from hkd4vlm.models.scoring import answer_distribution
 from hkd4vlm.synth import factuality, hallucination
 from hkd4vlm.synth.levels import LEVELS
 from hkd4vlm.synth.scene import render
-from hkd4vlm.models.loading import freeze_vision_tower, load_model
-from hkd4vlm.models.scoring import answer_distribution
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="zoo:tiny-llava-s")

@@ -13,12 +13,12 @@ import time
 
 import torch
 
+from hkd4vlm.models.loading import freeze_vision_tower, load_model
+from hkd4vlm.models.scoring import answer_distribution
 from hkd4vlm.synth import hallucination
 from hkd4vlm.synth.grounding import VERIFY_QUESTION, GroundingQuestion, statement_kind, verify_item
 from hkd4vlm.synth.levels import LEVELS
 from hkd4vlm.synth.scene import render
-from hkd4vlm.models.loading import freeze_vision_tower, load_model
-from hkd4vlm.models.scoring import answer_distribution
 
 QUESTION = VERIFY_QUESTION
 p = argparse.ArgumentParser()

@@ -9,8 +9,17 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from hkd4vlm.bench import (INFERENCE_VARIANTS, TARGETS, TRAINING_VARIANTS, BenchError, build_presets, in_fresh_process,
-                           parse_letter, quickstart_models, resolve_models)
+from hkd4vlm.bench import (
+    INFERENCE_VARIANTS,
+    TARGETS,
+    TRAINING_VARIANTS,
+    BenchError,
+    build_presets,
+    in_fresh_process,
+    parse_letter,
+    quickstart_models,
+    resolve_models,
+)
 from hkd4vlm.cli import main
 
 TOP = ("msei_cost_ratio", "msei_naive_cost_ratio", "letter_vs_generate_speedup", "student_teacher_throughput_ratio",

@@ -143,8 +143,8 @@ def test_predict_skip_invalid(tiny_model, dirty_root, tmp_path):
     assert not out.exists()
     res = CliRunner().invoke(main, args + ["--skip-invalid"])
     assert res.exit_code == 0, res.output
-    lines = [json.loads(l) for l in out.read_text().splitlines()]
-    assert len(lines) == 16 and {"no-choices.png", "no-such-image.png"}.isdisjoint(l["image"] for l in lines)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 16 and {"no-choices.png", "no-such-image.png"}.isdisjoint(line["image"] for line in lines)
     assert "record no-choices.png: field 'choices'" in res.output and "record no-such-image.png: field 'image_id'" in res.output
     assert "16 predictions written" in res.output and "2 invalid record(s) skipped" in res.output
 

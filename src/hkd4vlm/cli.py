@@ -237,7 +237,7 @@ def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bo
 @main.command("cache-teacher")
 @click.option("--model", "model_dir", type=MODEL_PATH, required=True)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--task", "tasks", type=click.Choice(["hallucination", "factuality"]), multiple=True)
+@click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True)
 @click.option("--split", default="train", show_default=True)
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--augment", "augment", default="", help="name=prob,... as in train.augment of the stages that read the cache.")
@@ -257,7 +257,7 @@ def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Pa
         probs = augment_spec(augment)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--augment") from None
-    manifest = build_cache(model_dir, data, list(tasks) or ["hallucination", "factuality"], split, out, augment=probs,
+    manifest = build_cache(model_dir, data, list(tasks or TASKS), split, out, augment=probs,
                            seed=seed, variants=variants, batch_size=batch_size, skip_invalid=skip_invalid,
                            log=lambda problems: _report_skipped(problems, "the cache"))
     skipped = json.loads((manifest / "manifest.json").read_text()).get("skipped_records", 0)

@@ -33,6 +33,6 @@ class InputError(UserError, ValueError):
         self.message, self.field, self.record, self.file = message, field, record, file
         super().__init__(message if record is None else f"record #{record}: {message}")
 
-    def in_record(self, index: int) -> "InputError":
+    def in_record(self, index: int) -> InputError:
         """The same error, as the problem of the record at ``index`` of a batch."""
         return InputError(self.message, field=self.field, record=index, file=self.file)

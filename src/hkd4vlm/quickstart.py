@@ -20,7 +20,8 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from .engine.config import AugmentSpec, _Strict
+from .data.tasks import TASKS
+from .engine.config import AugmentSpec, StrictModel
 
 ROWS = ("teacher_sft", "student_sft", "student_ppod", "student_ppod_tcrd", "student_hkd", "student_hkd_msei")
 
@@ -36,7 +37,7 @@ def _defaults() -> dict:
     return yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
 
 
-class QuickstartConfig(_Strict):
+class QuickstartConfig(StrictModel):
     """The quickstart's settings. Their defaults live in one place, the embedded ``configs/quickstart.yaml``
     (``default_config_path``): a key that a config leaves out takes that file's value."""
 
@@ -83,7 +84,7 @@ def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shif
 
     model, processor = load_model(model_dir)
     out = {}
-    for task in ("hallucination", "factuality"):
+    for task in TASKS:
         preds = predict_split(model, processor, read_split(data, task, "test"), limit=limit,
                               spec=MappingSpec(shifts) if msei else None)
         # a record that could not be scored (status "error", no letter) counts as wrong
@@ -94,10 +95,10 @@ def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shif
 
 
 def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> dict:
-    from .synth.generate import generate
     from .distill.recipe import RecipeConfig, run_recipe
-    from .synth.pretrain import pretrain
     from .models.loading import count_parameters, load_model
+    from .synth.generate import generate
+    from .synth.pretrain import pretrain
 
     out = Path(out)
     t_start = time.perf_counter()
@@ -121,7 +122,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
         if not cfg.pretrain:
             bases[role] = cfg.bases[role]
             continue
-        bases[role] = str(timed(f"pretrain_{role}", lambda: pretrain(
+        bases[role] = str(timed(f"pretrain_{role}", lambda preset=preset, role=role: pretrain(
             preset, data, out / "pretrain" / preset, steps=cfg.pretrain_steps[role], batch_size=cfg.batch_size,
             dense_steps=(cfg.pretrain_dense_steps or {}).get(role), pool_size=cfg.pretrain_pool, progress=cfg.progress)))
     params = {role: count_parameters(load_model(path)[0]) for role, path in bases.items()}
@@ -140,7 +141,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
 
     from .models.zoo import code_commit
 
-    results: dict = {"commit": code_commit(), "seeds": seeds, "tasks": {t: {"rows": {}} for t in ("hallucination", "factuality")}}
+    results: dict = {"commit": code_commit(), "seeds": seeds, "tasks": {t: {"rows": {}} for t in TASKS}}
     rows: dict[str, list[dict]] = {r: [] for r in ROWS}
     for seed in seeds:
         teacher = recipe("teacher_sft", seed, [bases["teacher"]], [stage("sft", 0, cfg.sft_steps, cfg.sft_augment)])[0]
@@ -157,9 +158,9 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
             models["student_ppod_tcrd" if not augment else "student_hkd"] = final
         for row in ROWS:
             model_dir = models["student_hkd"] if row == "student_hkd_msei" else models[row]
-            rows[row].append(timed(f"eval_{row}", lambda: _evaluate(
+            rows[row].append(timed(f"eval_{row}", lambda model_dir=model_dir, row=row: _evaluate(
                 model_dir, data, limit=cfg.eval_limit, msei=row == "student_hkd_msei", shifts=cfg.msei_shifts)))
-    for task in ("hallucination", "factuality"):
+    for task in TASKS:
         for row in ROWS:
             role = "teacher" if row == "teacher_sft" else "student"
             results["tasks"][task]["rows"][row] = {

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from hkd4vlm.distill.losses import (
-    FeatureProjector, feature_cosine, feature_mse, forward_kl, generalized_jsd, rectify_teacher, reverse_kl, skew_kl,
+    FeatureProjector,
+    feature_cosine,
+    feature_mse,
+    forward_kl,
+    generalized_jsd,
+    rectify_teacher,
+    reverse_kl,
+    skew_kl,
     total_variation,
 )
 

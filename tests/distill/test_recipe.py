@@ -196,7 +196,7 @@ def test_mutual_ppod_hands_its_teacher_to_later_stages(pyramid, synth_root, tmp_
     raw = _recipe(pyramid, synth_root, tmp_path / "run", mutual=True, mutual_lr=1e-2)
     raw["stages"][1]["assistant"] = 1
     final = run_recipe(RecipeConfig.model_validate(raw))
-    s0, s1 = tmp_path / "run" / "stage-0-ppod-level2", tmp_path / "run" / "stage-1-tcrd-level2"
+    s0 = tmp_path / "run" / "stage-0-ppod-level2"
     teacher = json.loads((s0 / "done.json").read_text())["teacher"]
     assert teacher == str(s0 / "mutual_teacher") and final[1] == teacher
     assert (s0 / "checkpoints").is_dir() and list((s0 / "checkpoints").glob("step-*/mutual.state.pt"))

@@ -9,8 +9,15 @@ import torch
 
 from hkd4vlm.data.layout import read_split
 from hkd4vlm.data.records import Choice
-from hkd4vlm.infer.msei import (MappingSpec, _supports_prefix_reuse, aggregate, cyclic_shifts, parse_shifts,
-                                random_mappings, score_shifts)
+from hkd4vlm.infer.msei import (
+    MappingSpec,
+    _supports_prefix_reuse,
+    aggregate,
+    cyclic_shifts,
+    parse_shifts,
+    random_mappings,
+    score_shifts,
+)
 from hkd4vlm.models.loading import load_model
 from hkd4vlm.models.registry import init_model
 from hkd4vlm.models.scoring import answer_distribution

@@ -24,7 +24,7 @@ def test_predict_writes_the_scorers_shape(tmp_path, tiny_model, synth_root, task
     res = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task", task,
                                     "--split", "test", "--out", str(out), "--batch-size", "5"])
     assert res.exit_code == 0, res.output
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     records = read_split(synth_root, task, "test").records
     assert [r["image"] for r in rows] == [r.image_id for r in records]
     for row, rec in zip(rows, records):
@@ -84,7 +84,7 @@ def test_predict_with_mapping_shifts_writes_agreement(tmp_path, tiny_model, synt
             "--out", str(out), "--limit", "4"]
     res = CliRunner().invoke(main, args + ["--shifts", "all", "--aggregate", "vote"])
     assert res.exit_code == 0, res.output
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4
     for row in rows:
         assert row["agreement"] in (0.25, 0.5, 0.75, 1.0)
@@ -115,13 +115,13 @@ def test_a_peer_scorer_reads_our_predictions_as_we_do(tmp_path, tiny_model, synt
     res = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task",
                                     "hallucination", "--split", "test", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
     ours = evaluate_predictions(read_predictions(out))
     theirs = peer_score(lines)
     assert ours["accuracy"] > 0  # a scorer that counted every line as failed would say 0
     assert theirs["accuracy"] == pytest.approx(ours["accuracy"])
     assert theirs["macro_f1"] == pytest.approx(ours["macro_f1"])
-    assert sum(l["correct"] for l in lines) / len(lines) == pytest.approx(ours["accuracy"])
+    assert sum(line["correct"] for line in lines) / len(lines) == pytest.approx(ours["accuracy"])
     assert f"accuracy {ours['accuracy']:.4f}" in res.output
 
 
@@ -136,7 +136,7 @@ def test_an_unscorable_record_is_an_error_line_without_nan(tmp_path, synth_root)
     def no_nan(token):
         raise AssertionError(f"{token} written to a predictions file")
 
-    lines = [json.loads(l, parse_constant=no_nan) for l in path.read_text().splitlines()]
+    lines = [json.loads(line, parse_constant=no_nan) for line in path.read_text().splitlines()]
     assert lines[0]["status"] == "error" and "non-finite" in lines[0]["error"]
     assert lines[0]["probs"] is None and lines[0]["correct"] is False and lines[0]["pred_ans"] == ""
     assert lines[1]["status"] == "success" and lines[1]["pred_letter"] == records[1].letters[0]
@@ -241,4 +241,4 @@ def test_predict_with_one_shift_is_one_plain_pass(tmp_path, tiny_model, synth_ro
     res = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task",
                                     "factuality", "--out", str(out), "--limit", "2", "--shifts", "1"])
     assert res.exit_code == 0, res.output
-    assert [json.loads(l)["agreement"] for l in out.read_text().splitlines()] == [None, None]
+    assert [json.loads(line)["agreement"] for line in out.read_text().splitlines()] == [None, None]

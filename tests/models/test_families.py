@@ -4,10 +4,10 @@ processor needs torchvision for its video slot: what needs the real processor is
 import pytest
 import torch
 
-from hkd4vlm.models.loading import count_parameters, freeze_vision_tower, load_model, vision_tower
 from hkd4vlm.models.families import build_tokenizer
-from hkd4vlm.models.registry import build_tiny, corpus, get_preset, init_model, preset_names
+from hkd4vlm.models.loading import count_parameters, freeze_vision_tower, load_model, vision_tower
 from hkd4vlm.models.prompt import ANSWER_CUE, build_prompt, choices_text, shared_text
+from hkd4vlm.models.registry import build_tiny, corpus, get_preset, init_model, preset_names
 from hkd4vlm.models.scoring import answer_distribution, letter_token_ids
 
 

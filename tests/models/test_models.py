@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from hkd4vlm.models.loading import count_parameters, load_model
 from hkd4vlm.models.families import build_tokenizer
-from hkd4vlm.models.registry import get_preset, init_model
+from hkd4vlm.models.loading import count_parameters, load_model
 from hkd4vlm.models.prompt import build_prompt
+from hkd4vlm.models.registry import get_preset, init_model
 from hkd4vlm.models.scoring import LetterTokenError, answer_distribution, letter_token_ids
 
 

@@ -11,12 +11,17 @@ import torch
 from PIL import Image
 
 from hkd4vlm.data.records import Choice, Record
-from hkd4vlm.models.registry import build_tiny
 from hkd4vlm.models.loading import load_model
-from hkd4vlm.models.registry import init_model
 from hkd4vlm.models.prompt import build_prompt
-from hkd4vlm.models.scoring import (ReadoutError, answer_distribution, get_readout, letter_token_ids, set_readout,
-                                    verdict_token_id)
+from hkd4vlm.models.registry import build_tiny, init_model
+from hkd4vlm.models.scoring import (
+    ReadoutError,
+    answer_distribution,
+    get_readout,
+    letter_token_ids,
+    set_readout,
+    verdict_token_id,
+)
 
 FAMILIES = ["tiny-llava-s", "tiny-idefics3-s"]
 
@@ -171,7 +176,7 @@ COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black
 def _colour_question(rng: random.Random) -> Record:
     opts = rng.sample(COLOURS, 4)
     y = rng.randrange(4)
-    return Record(task="factuality", image_id="x.png", choices=[Choice(l, o) for l, o in zip("ABCD", opts)],
+    return Record(task="factuality", image_id="x.png", choices=[Choice(letter, o) for letter, o in zip("ABCD", opts)],
                   correct_answer=opts[y], correct_choice="ABCD"[y], context="", claim="",
                   question=f"Which option is {opts[y]}?")
 

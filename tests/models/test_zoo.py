@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from hkd4vlm.synth.pretrain import pretrain, pretrain_recipe, recipe_digest
 from hkd4vlm.models import zoo
 from hkd4vlm.models.loading import load_model
 from hkd4vlm.models.registry import init_model
 from hkd4vlm.models.scoring import answer_distribution, get_readout
+from hkd4vlm.synth.pretrain import pretrain, pretrain_recipe, recipe_digest
 
 SHIPPED = zoo.available()
 #: the bases the quickstart starts from must be shipped

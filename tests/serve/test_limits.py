@@ -19,9 +19,9 @@ httpx = pytest.importorskip("httpx")
 from click.testing import CliRunner  # noqa: E402
 from serve_helpers import assert_same, b64, hall_json, png  # noqa: E402
 
+from hkd4vlm.bench.load import bench_serve  # noqa: E402
 from hkd4vlm.cli import main  # noqa: E402
 from hkd4vlm.data.images import open_image  # noqa: E402
-from hkd4vlm.bench.load import bench_serve  # noqa: E402
 from hkd4vlm.serve import ServerThread, create_app  # noqa: E402
 
 MAX_CHARS, MAX_TOKENS, MAX_REQUEST_TOKENS, MAX_SIDE = 2_000, 40, 100, 128

@@ -20,9 +20,9 @@ from click.testing import CliRunner  # noqa: E402
 from serve_helpers import assert_same, assert_still_serving, b64, hall_json, png  # noqa: E402
 
 from hkd4vlm import serve as serve_module  # noqa: E402
+from hkd4vlm.bench.load import bench_serve  # noqa: E402
 from hkd4vlm.cli import main  # noqa: E402
 from hkd4vlm.infer.detector import DEFAULT_VERDICTS  # noqa: E402
-from hkd4vlm.bench.load import bench_serve  # noqa: E402
 from hkd4vlm.serve import ServerThread, create_app  # noqa: E402
 
 MAX_BATCH = 8

@@ -5,7 +5,13 @@ import random
 import pytest
 
 from hkd4vlm.synth.grounding import (
-    OPEN_KINDS, QUESTION_KINDS, cell_of, curriculum_level, curriculum_objects, make_question, sample_item,
+    OPEN_KINDS,
+    QUESTION_KINDS,
+    cell_of,
+    curriculum_level,
+    curriculum_objects,
+    make_question,
+    sample_item,
 )
 from hkd4vlm.synth.levels import LEVELS
 from hkd4vlm.synth.phrases import NUMBER_WORDS

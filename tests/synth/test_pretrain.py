@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hkd4vlm.synth.grounding import sample_item
-from hkd4vlm.synth.pretrain import grounding_stage, pretrain, pretrain_recipe, recipe_digest, verify_stage
 from hkd4vlm.models.loading import load_model
 from hkd4vlm.models.scoring import answer_distribution
+from hkd4vlm.synth.grounding import sample_item
+from hkd4vlm.synth.pretrain import grounding_stage, pretrain, pretrain_recipe, recipe_digest, verify_stage
 
 
 def test_pretrain_runs_and_is_cached(tmp_path, synth_root):
@@ -59,8 +59,8 @@ def test_grounding_stage_uses_letters_or_words(tmp_path, synth_root):
 
 def test_dense_targets_sit_on_the_objects():
     """Each object's colour label is at the patch holding its centre, and that pixel has the object's colour."""
-    from hkd4vlm.synth.scene import COLOURS
     from hkd4vlm.synth.dense import render_batch
+    from hkd4vlm.synth.scene import COLOURS
 
     images, targets = render_batch(random.Random(0), 8, 64, 8)
     names = list(COLOURS)
@@ -78,9 +78,9 @@ def test_dense_targets_sit_on_the_objects():
 
 
 def test_dense_stage_resumes_exactly(tmp_path, synth_root):
-    from hkd4vlm.synth.dense import dense_pretrain
     from hkd4vlm.models.loading import vision_tower
     from hkd4vlm.models.registry import init_model
+    from hkd4vlm.synth.dense import dense_pretrain
 
     init = init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=0)
     straight, proc = load_model(init)
@@ -107,10 +107,10 @@ def test_dense_stage_resumes_exactly(tmp_path, synth_root):
 def test_dense_word_term_against_a_hand_computation(tmp_path, synth_root):
     """At each image token whose patch holds an object's centre, -1/3 (log p(colour) + log p(shape) +
     log p(size)) under the output head; patches without an object add nothing."""
+    from hkd4vlm.models.registry import init_model
+    from hkd4vlm.synth.dense import patch_targets
     from hkd4vlm.synth.levels import LEVELS
     from hkd4vlm.synth.scene import COLOURS, SHAPES, SIZES, render
-    from hkd4vlm.synth.dense import patch_targets
-    from hkd4vlm.models.registry import init_model
 
     model, processor = load_model(init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=3))
     grid = math.isqrt(model.config.image_seq_length)
@@ -144,10 +144,10 @@ def test_dense_word_term_against_a_hand_computation(tmp_path, synth_root):
 
 
 def test_verify_stage_is_a_binary_cross_entropy_per_option(tmp_path, synth_root):
+    from hkd4vlm.models.registry import init_model
     from hkd4vlm.synth.grounding import verify_item
     from hkd4vlm.synth.levels import LEVELS
     from hkd4vlm.synth.scene import render
-    from hkd4vlm.models.registry import init_model
 
     model, processor = load_model(init_model("tiny-llava-s", synth_root, tmp_path / "m"))
     items = [verify_item(f"t:{i}") for i in range(6)]

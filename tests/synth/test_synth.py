@@ -6,7 +6,7 @@ import pytest
 
 from hkd4vlm.data.layout import read_split, validate_dataset
 from hkd4vlm.data.records import Choice, Record
-from hkd4vlm.synth import factuality, hallucination
+from hkd4vlm.synth import factuality
 from hkd4vlm.synth.baselines import run_baselines
 from hkd4vlm.synth.generate import generate
 from hkd4vlm.synth.levels import LEVELS

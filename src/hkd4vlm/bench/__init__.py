@@ -35,14 +35,22 @@ in) a small dataset in a temp folder, so the same records serve every variant.
 
 from __future__ import annotations
 
-from .settings import (
-    BenchError, BenchSettings, FIGURES, INFERENCE_VARIANTS, ModelSet, PRESET_MODELS, QUICK, QUICKSTART_MODELS,
-    TARGETS, TRAINING_VARIANTS
-)
-from .workload import bench_records, build_presets, prepare_data, quickstart_models, resolve_models
 from .measure import build_teacher_cache, generate_then_parse, measure_inference, measure_training, parse_letter
 from .process import PRELOAD, environment, in_fresh_process
 from .run import default_run, format_table, inference_ratios, run_bench, run_serve_bench, summarize, targets
+from .settings import (
+    FIGURES,
+    INFERENCE_VARIANTS,
+    PRESET_MODELS,
+    QUICK,
+    QUICKSTART_MODELS,
+    TARGETS,
+    TRAINING_VARIANTS,
+    BenchError,
+    BenchSettings,
+    ModelSet,
+)
+from .workload import bench_records, build_presets, prepare_data, quickstart_models, resolve_models
 
 __all__ = ["BenchError", "BenchSettings", "FIGURES", "INFERENCE_VARIANTS", "ModelSet", "PRELOAD", "PRESET_MODELS",
            "QUICK", "QUICKSTART_MODELS", "TARGETS", "TRAINING_VARIANTS", "bench_records", "build_presets",

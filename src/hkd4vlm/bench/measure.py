@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 from ..data.tasks import TASKS
-from .settings import BenchSettings, INFERENCE_VARIANTS, TRAINING_VARIANTS
+from .settings import INFERENCE_VARIANTS, TRAINING_VARIANTS, BenchSettings
 from .workload import bench_records
-
 
 _LETTER = re.compile(r"\b([A-Z])\b")
 

@@ -8,10 +8,9 @@ import platform
 import resource
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from .settings import BenchError
-
 
 #: what the forkserver imports once, so that every measurement process starts fast from the same baseline
 #: (what ``load_model`` of a tiny LLaVA and the training loop import lazily, ~4 s per process otherwise)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable
 
-from .settings import BenchError, BenchSettings, FIGURES, INFERENCE_VARIANTS, PRESET_MODELS, TARGETS, TRAINING_VARIANTS
-from .workload import build_presets, prepare_data, quickstart_models, resolve_models
 from .measure import build_teacher_cache, measure_inference, measure_training
 from .process import environment, in_fresh_process
+from .settings import FIGURES, INFERENCE_VARIANTS, PRESET_MODELS, TARGETS, TRAINING_VARIANTS, BenchError, BenchSettings
+from .workload import build_presets, prepare_data, quickstart_models, resolve_models
 
 
 def _versions() -> dict:
@@ -174,8 +174,8 @@ def run_serve_bench(s: BenchSettings, *, requests: int, concurrency: int, run: P
     with the server's resident memory before, at the peak of and after the round."""
     import torch
 
-    from .load import bench_serve
     from ..infer.detector import Detector
+    from .load import bench_serve
 
     if s.threads:
         torch.set_num_threads(s.threads)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 INFERENCE_VARIANTS = ("plain", "msei_prefix", "msei_naive", "generate")
 TRAINING_VARIANTS = ("sft", "online_kd", "offline_kd")
 #: the top-level figures of bench.json, each a ratio of two raw figures in the same file

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from ..data.tasks import TASKS
-from .settings import BenchError, BenchSettings, ModelSet, QUICKSTART_MODELS
+from .settings import QUICKSTART_MODELS, BenchError, BenchSettings, ModelSet
 
 
 def quickstart_models(run: Path) -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""Label-consistent multimodal augmentation (DESIGN.md §3).
+"""Label-consistent multimodal augmentation (docs/method.md).
 
 Each augmentation is a pure function ``(record, image, rng) -> (record, image)`` that returns a new
 record whose correct answer is still correct: option order permutation (labels remapped), horizontal
@@ -15,8 +15,8 @@ import copy
 import io
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
-
 from .tasks import Task
 from .text_checks import text_problem
 

@@ -18,9 +18,9 @@ own tokenizer (models.loading.special_tokens).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterable
 
 #: special tokens of the families the project builds or loads (LLaVA / Qwen2 and Idefics3 tiny presets,
 #: Llama / Mistral, Gemma / PaliGemma), checked when no model is at hand

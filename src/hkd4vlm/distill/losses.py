@@ -1,4 +1,4 @@
-"""Distillation losses as functions over tensors (DESIGN.md §3), and the registry that recipes pick a
+"""Distillation losses as functions over tensors (docs/method.md), and the registry that recipes pick a
 divergence from by name (``loss: {name: generalized_jsd, kwargs: {beta: 0.5}}`` in a PPOD or TCRD stage).
 
 Conventions, shared by every divergence here:
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..engine.config import AugmentSpec, DataConfig, OptimConfig, TrainConfig, _Strict, save_config
+from ..engine.config import AugmentSpec, DataConfig, OptimConfig, StrictModel, TrainConfig, save_config
 from ..engine.distributed import barrier, is_main_process
 from ..files import write_text_atomic
 
 
-class StageTrainConfig(_Strict):
+class StageTrainConfig(StrictModel):
     """How a stage trains its model, whatever its kind (the stage's ``train`` block)."""
 
     steps: int = Field(default=500, ge=1)
@@ -35,13 +35,13 @@ class StageTrainConfig(_Strict):
     freeze_vision: bool = False
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "StageTrainConfig":
+    def _batch_divides(self) -> StageTrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         return self
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     """A divergence of ``distill.losses`` chosen by its registered name, with its own settings
     (``{name: generalized_jsd, kwargs: {beta: 0.5}}``; a plain name is read as ``{name: NAME}``)."""
 
@@ -54,7 +54,7 @@ class LossConfig(_Strict):
         return {"name": data} if isinstance(data, str) else data
 
     @model_validator(mode="after")
-    def _known(self) -> "LossConfig":
+    def _known(self) -> LossConfig:
         import torch
 
         from .losses import get_loss, loss_settings
@@ -76,7 +76,7 @@ class LossConfig(_Strict):
         return partial(get_loss(self.name), **self.kwargs) if self.kwargs else get_loss(self.name)
 
 
-class _Stage(_Strict):
+class _Stage(StrictModel):
     level: int = Field(ge=0, description="index into the pyramid of the model this stage trains")
     train: StageTrainConfig = StageTrainConfig()
 
@@ -122,7 +122,7 @@ class PPODStageConfig(_Stage):
     cache: dict[int, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _positive_tau(self) -> "PPODStageConfig":
+    def _positive_tau(self) -> PPODStageConfig:
         if min(self.tau) <= 0:
             raise ValueError(f"tau must be positive, got {list(self.tau)}")
         return self
@@ -146,10 +146,10 @@ class TCRDStageConfig(_Stage):
 
 
 STAGE_KINDS: dict[str, type[_Stage]] = {"sft": SFTStageConfig, "ppod": PPODStageConfig, "tcrd": TCRDStageConfig}
-StageConfig = Annotated[Union[SFTStageConfig, PPODStageConfig, TCRDStageConfig], Field(discriminator="kind")]
+StageConfig = Annotated[SFTStageConfig | PPODStageConfig | TCRDStageConfig, Field(discriminator="kind")]
 
 
-class RecipeConfig(_Strict):
+class RecipeConfig(StrictModel):
     pyramid: list[str] = Field(min_length=1, description="model directories, largest (teacher) first")
     data: DataConfig
     out: Path
@@ -159,7 +159,7 @@ class RecipeConfig(_Strict):
     stages: list[StageConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _levels_exist(self) -> "RecipeConfig":
+    def _levels_exist(self) -> RecipeConfig:
         n = len(self.pyramid)
         for i, st in enumerate(self.stages):
             refs = {"level": st.level}
@@ -209,7 +209,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
         model, processor = load_model(cfg.model, lora=cfg.lora, freeze_vision=cfg.freeze_vision)
         extra = {}
 
-        def teacher_at(j: int):
+        def teacher_at(j: int, st=st):  # called within this iteration; bound for clarity
             if j in st.cache:
                 return CachedTeacher(st.cache[j], model_dir=current[j], root=recipe.data.root, tasks=recipe.data.tasks,
                                      split=recipe.data.split, augment=st.train.augment, seed=recipe.seed,

@@ -1,4 +1,4 @@
-"""Distillation stages (DESIGN.md §3). A stage is a callable the training loop calls per micro-batch
+"""Distillation stages (docs/method.md). A stage is a callable the training loop calls per micro-batch
 with the student's answer scores; it returns a dict of named loss terms with ``"total"`` their
 weighted sum, and the coupling weights' mean where there are any. Every term is logged.
 
@@ -11,8 +11,9 @@ the answer distribution is over option letters either way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 

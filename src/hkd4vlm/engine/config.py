@@ -11,8 +11,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..data.augment import augment_spec
+from ..data.tasks import TASKS, Task
 from ..errors import UserError
-
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -21,7 +21,9 @@ class ConfigError(UserError, ValueError):
     pass
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A config schema: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -29,9 +31,9 @@ class _Strict(BaseModel):
 AugmentSpec = Annotated[dict[str, float], BeforeValidator(augment_spec)]
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     root: Path
-    tasks: list[Literal["hallucination", "factuality"]] = ["hallucination", "factuality"]
+    tasks: list[Task] = list(TASKS)
     split: str = "train"
     eval_split: str | None = "val"
     eval_limit: int | None = Field(default=None, ge=1, description="score at most this many eval records")
@@ -39,7 +41,7 @@ class DataConfig(_Strict):
         "leave invalid records out (listed and counted) instead of stopping; --skip-invalid"))
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(default=0.01, ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -48,7 +50,7 @@ class OptimConfig(_Strict):
     max_grad_norm: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """One training run (the SFT stage; distillation stages extend it)."""
 
     model: str = Field(description="model directory (anything load_model reads)")
@@ -88,7 +90,7 @@ class TrainConfig(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "TrainConfig":
+    def _batch_divides(self) -> TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         return self

@@ -4,7 +4,7 @@ recall and F1, macro-F1, micro-F1, accuracy; plus expected calibration error and
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bo
 
 def confusion_matrix(gold: Sequence[str], pred: Sequence[str], letters: Sequence[str]) -> list[list[int]]:
     """Rows: gold letter; columns: predicted letter."""
-    index = {l: i for i, l in enumerate(letters)}
+    index = {letter: i for i, letter in enumerate(letters)}
     m = [[0] * len(letters) for _ in letters]
     for g, p in zip(gold, pred):
         if g in index and p in index:
@@ -67,8 +67,8 @@ def classification_report(
         # single-label multi-class: micro-F1 equals accuracy when every prediction is a valid letter
         "micro_f1": _micro_f1(gold, pred, letters),
         "per_letter": table,
-        "prediction_share": {l: counts.get(l, 0) / n if n else 0.0 for l in letters},
-        "gold_share": {l: sum(g == l for g in gold) / n if n else 0.0 for l in letters},
+        "prediction_share": {letter: counts.get(letter, 0) / n if n else 0.0 for letter in letters},
+        "gold_share": {letter: sum(g == letter for g in gold) / n if n else 0.0 for letter in letters},
         "confusion_matrix": {"letters": letters, "matrix": confusion_matrix(gold, pred, letters)},
     }
     if confidence is not None:

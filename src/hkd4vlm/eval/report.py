@@ -102,7 +102,7 @@ def evaluate_predictions(rows: list[dict], source: str = "predictions") -> dict:
         raise PredictionsError(f"{source}: no record has a gold letter ('choice'); nothing to evaluate")
     gold = [r["choice"] for r in labelled]
     pred = [pred_letter(r) for r in labelled]
-    letters = sorted({l for r in labelled for l in (r.get("probs") or {})} | set(gold) | set(pred) - {""})
+    letters = sorted({letter for r in labelled for letter in (r.get("probs") or {})} | set(gold) | set(pred) - {""})
     confidence = None
     if all(r.get("probs") is not None or r.get("status") == "error" for r in labelled):
         # an unscored line has no confidence in any letter

@@ -16,9 +16,10 @@ be a path, a PIL image or bytes. Bad input raises errors.InputError naming the f
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -196,7 +197,7 @@ class Detector:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, shifts: Shifts | str | None = 4, *, device: str | None = None,
-                        dtype: str | torch.dtype = "auto", aggregate: str = "logmean", **kwargs) -> "Detector":
+                        dtype: str | torch.dtype = "auto", aggregate: str = "logmean", **kwargs) -> Detector:
         """A detector from a local model folder (any family ``models.loading.load_model`` reads)."""
         from ..models.loading import load_model
 

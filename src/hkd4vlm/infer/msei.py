@@ -19,15 +19,23 @@ import itertools
 import os
 import random
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
 from ..data.records import Record
 from ..models.prompt import option_line, prompt_with_option_ends
-from ..models.scoring import (answer_distribution, get_readout, kept_positions, masked_letter_logits, option_end_offsets,
-                              option_scores, verdict_token_id)
+from ..models.scoring import (
+    answer_distribution,
+    get_readout,
+    kept_positions,
+    masked_letter_logits,
+    option_end_offsets,
+    option_scores,
+    verdict_token_id,
+)
 
 Aggregate = Literal["logmean", "mean", "vote"]
 AGGREGATES = ("logmean", "mean", "vote")

@@ -57,7 +57,7 @@ def to_prediction(record: Record, probs: list[float], *, winner: int | None = No
     return Prediction(
         **common, pred_ans=f"{letter}: {record.options[best]}", pred_letter=letter, status="success",
         correct=letter == record.correct_choice if labelled else None,
-        probs={l: float(p) for l, p in zip(record.letters, probs)}, agreement=agreement,
+        probs={letter: float(p) for letter, p in zip(record.letters, probs)}, agreement=agreement,
     )
 
 

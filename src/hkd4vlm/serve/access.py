@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
 from fastapi.responses import JSONResponse
 

@@ -7,10 +7,11 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -21,8 +22,7 @@ from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import InputError
 from ..infer.detector import Detector, load_image_input
 from ..infer.msei import Shifts
-from .access import (LOOPBACK_HOSTS, ApiKeyAuth, HostAllowList, check_api_key, default_allowed_hosts,
-                     exposure_warning)
+from .access import LOOPBACK_HOSTS, ApiKeyAuth, HostAllowList, check_api_key, default_allowed_hosts, exposure_warning
 from .batching import MicroBatcher
 from .limits import IdleTrim, MemoryBudget, image_bytes, request_reservation, rss_bytes
 from .middleware import BodySizeLimit, RequestCounter, RequestCounts
@@ -178,7 +178,7 @@ class ServerThread:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:

@@ -15,7 +15,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from .requests import RequestError
 
@@ -32,7 +32,7 @@ class MemoryBudget:
         self.limit = limit
         self.used = self.peak = self.refused = 0
 
-    def reserve(self, n: int) -> "Reservation":
+    def reserve(self, n: int) -> Reservation:
         """A reservation of ``n`` bytes; RequestError 503 when it does not fit beside the others."""
         if self.used + n > self.limit:
             self.refused += 1

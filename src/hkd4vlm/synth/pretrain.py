@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import math
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,7 @@ def grounding_stage(tokenizer, *, head=None, image_token_id: int | None = None, 
         # (3, n_classes + 1) vocabulary id of each class word; the "none" column is never used as a target
         word_ids = [torch.tensor([first_token(w) for w in classes[k]] + [0]) for k in DENSE_TARGETS]
 
-    def stage(scores, items, *, temperature: float = 1.0, **_) -> dict[str, torch.Tensor]:
+    def stage(scores, items, **_) -> dict[str, torch.Tensor]:
         device = scores.logits.device
         is_open = torch.tensor([bool(getattr(q, "open", False)) for q in items], device=device)
         letters = torch.tensor([q.label for q in items], device=device)
@@ -299,8 +299,8 @@ def _curriculum(recipe: dict, data_root, out: Path, *, cache_dir, progress: bool
     if recipe["dense_steps"]:
         start_dir = out / "dense" / "model"
         if not (start_dir / "config.json").is_file():
-            from .dense import dense_pretrain
             from ..engine.loop import save_model
+            from .dense import dense_pretrain
 
             model, processor = load_model(init_dir)
             dense_pretrain(model, processor, out / "dense", steps=recipe["dense_steps"], batch_size=batch_size,

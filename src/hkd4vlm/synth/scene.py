@@ -62,7 +62,7 @@ class Scene:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scene":
+    def from_dict(cls, d: dict) -> Scene:
         return cls(
             width=d["width"], height=d["height"], objects=[Obj(**o) for o in d["objects"]],
             background=d["background"], bg_colour=tuple(d["bg_colour"]), seed=d["seed"],

@@ -85,10 +85,10 @@ class VerifySource:
 
 
 def _render_pool(n: int, image_size: int, level: str, seed: int, open_share: float, grid: int):
+    from .dense import patch_targets
     from .grounding import sample_item
     from .levels import LEVELS
     from .scene import render
-    from .dense import patch_targets
 
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     patches = np.empty((n, grid * grid, 3), dtype=np.int16)
