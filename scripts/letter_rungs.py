@@ -11,6 +11,7 @@ usage: python scripts/letter_rungs.py [--rungs 0,1,2,3,4] [--steps 2000]
   3  as 1, plus 64 constant "<image>" tokens (like 8 px patches, the presets' resolution)
   4  the project's model (LLaVA wrapper, tiny-llava-s) and answer_distribution, blank grey image
 """
+
 import argparse
 import random
 import time
@@ -37,16 +38,29 @@ S = get_preset("tiny-llava-s")
 def question(rng):
     opts = rng.sample(COLOURS, 4)
     y = rng.randrange(4)
-    return Record(task="factuality", image_id="x.png", choices=[Choice(letter, o) for letter, o in zip("ABCD", opts)],
-                  correct_answer=opts[y], correct_choice="ABCD"[y], context="", claim="",
-                  question=f"Which option is {opts[y]}?")
+    return Record(
+        task="factuality",
+        image_id="x.png",
+        choices=[Choice(letter, o) for letter, o in zip("ABCD", opts)],
+        correct_answer=opts[y],
+        correct_choice="ABCD"[y],
+        context="",
+        claim="",
+        question=f"Which option is {opts[y]}?",
+    )
 
 
 def qwen(vocab):
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=S.text_hidden, intermediate_size=2 * S.text_hidden,
-                      num_hidden_layers=S.text_layers, num_attention_heads=S.heads, num_key_value_heads=S.heads,
-                      max_position_embeddings=1024)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=S.text_hidden,
+        intermediate_size=2 * S.text_hidden,
+        num_hidden_layers=S.text_layers,
+        num_attention_heads=S.heads,
+        num_key_value_heads=S.heads,
+        max_position_embeddings=1024,
+    )
     return Qwen2ForCausalLM(cfg)
 
 
@@ -68,6 +82,7 @@ def rung_scorer(rung):
             for letter, o in zip(r.letters, r.options):
                 s += [V["\n"], V[letter], V[":"], V[o]]
             return s + [V["\n"], V["Answer"], V[":"]]
+
         letters = [V[x] for x in "ABCD"]
     else:
         m = qwen(len(tok))
@@ -77,11 +92,13 @@ def rung_scorer(rung):
             text = build_prompt(proc, r)
             text = text.replace("<image>", " ".join(["<image>"] * filler)) if filler else text.replace("\n<image>", "")
             return tok(text, add_special_tokens=False)["input_ids"]
+
         letters = letter_token_ids(tok, list("ABCD"))
 
     def score(recs):
         x = torch.tensor([ids(r) for r in recs])  # every question has the same length: no padding
         return m(input_ids=x, logits_to_keep=1).logits[:, -1, letters]
+
     return m, score
 
 

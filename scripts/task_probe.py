@@ -7,6 +7,7 @@ benchmark's own splits.
 
 usage: python scripts/task_probe.py --model zoo:tiny-llava-s --task hallucination [--steps 3000] [--lr 1e-3]
 """
+
 import argparse
 import random
 import time
@@ -30,13 +31,18 @@ p.add_argument("--warmup", type=int, default=100)
 p.add_argument("--eval-every", type=int, default=250)
 p.add_argument("--train-vision", action="store_true")
 p.add_argument("--pool", type=int, default=0, help="draw from a fixed pool of this many records (0: fresh every draw)")
-p.add_argument("--claim-after", action="store_true", help="factuality: repeat the claim after the image, before the options")
+p.add_argument(
+    "--claim-after", action="store_true", help="factuality: repeat the claim after the image, before the options"
+)
 p.add_argument("--bench", default="", help="train on this dataset root's train split instead (no augmentation)")
 a = p.parse_args()
 torch.manual_seed(0)
 level = LEVELS[a.level]
-maker, kinds = ((hallucination.make_record, hallucination.HALLUCINATION_TYPES) if a.task == "hallucination"
-                else (factuality.make_record, factuality.VERDICT_KEYS))
+maker, kinds = (
+    (hallucination.make_record, hallucination.HALLUCINATION_TYPES)
+    if a.task == "hallucination"
+    else (factuality.make_record, factuality.VERDICT_KEYS)
+)
 
 
 def item(key: str):
@@ -78,7 +84,7 @@ def evaluate() -> float:
     hits = 0
     with torch.no_grad():
         for k in range(0, 256, 64):
-            recs, ims = held[0][k:k + 64], held[1][k:k + 64]
+            recs, ims = held[0][k : k + 64], held[1][k : k + 64]
             probs = answer_distribution(model, processor, recs, ims).probs
             hits += sum(int(pr.argmax()) == r.label for pr, r in zip(probs, recs))
     model.train()
@@ -87,6 +93,7 @@ def evaluate() -> float:
 
 if a.bench:
     from hkd4vlm.engine.sources import RecordSource
+
     source = RecordSource(a.bench, [a.task], "train")
     order = source.order(0)
 t0 = time.time()
@@ -97,8 +104,10 @@ for step in range(1, a.steps + 1):
         idx = [order[(step * a.bs + j) % len(order)] for j in range(a.bs)]
         recs, ims = map(list, zip(*(source.get(i) for i in idx)))
     else:
-      keys = [f"probe-train:{a.task}:{(step * a.bs + j) % a.pool if a.pool else step * a.bs + j}" for j in range(a.bs)]
-      recs, ims = batch(keys)
+        keys = [
+            f"probe-train:{a.task}:{(step * a.bs + j) % a.pool if a.pool else step * a.bs + j}" for j in range(a.bs)
+        ]
+        recs, ims = batch(keys)
     probs = answer_distribution(model, processor, recs, ims).probs
     labels = torch.tensor([r.label for r in recs])
     loss = torch.nn.functional.nll_loss(torch.log(probs + 1e-9), labels)
@@ -109,6 +118,8 @@ for step in range(1, a.steps + 1):
     sched.step()
     losses.append(loss.item())
     if step % a.eval_every == 0:
-        print(f"step {step} loss {sum(losses) / len(losses):.3f} held-out {evaluate():.3f} ({time.time() - t0:.0f} s)",
-              flush=True)
+        print(
+            f"step {step} loss {sum(losses) / len(losses):.3f} held-out {evaluate():.3f} ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
         losses = []

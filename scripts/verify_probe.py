@@ -7,6 +7,7 @@ hallucination task solved by the verifier (the option it scores least true) on f
 
 usage: python scripts/verify_probe.py --model zoo:tiny-llava-s [--steps 3000] [--lr 1e-3]
 """
+
 import argparse
 import random
 import time
@@ -56,8 +57,12 @@ held = batch([f"verify-eval:{i}" for i in range(256)])
 task_held = []
 for i in range(256):
     rng = random.Random(f"verify-task:{i}")
-    rec, scene = hallucination.make_record(rng, level, "t.jpg", rng.choice(hallucination.HALLUCINATION_TYPES), rng.randrange(4))
-    task_held.append((GroundingQuestion(QUESTION, rec.options, rec.label, "task"), rec.label, render(scene, level).convert("RGB")))
+    rec, scene = hallucination.make_record(
+        rng, level, "t.jpg", rng.choice(hallucination.HALLUCINATION_TYPES), rng.randrange(4)
+    )
+    task_held.append(
+        (GroundingQuestion(QUESTION, rec.options, rec.label, "task"), rec.label, render(scene, level).convert("RGB"))
+    )
 
 
 def scores(qs, ims):
@@ -70,13 +75,13 @@ def evaluate() -> str:
     task_hits = 0
     with torch.no_grad():
         for k in range(0, 256, 64):
-            qs, truths, kinds, ims = (x[k:k + 64] for x in held)
+            qs, truths, kinds, ims = (x[k : k + 64] for x in held)
             s = scores(qs, ims)
             for b in range(len(qs)):
                 for j, (t, kd) in enumerate(zip(truths[b], kinds[b])):
                     hit[kd] = hit.get(kd, 0) + int((s[b, j].item() > 0) == t)
                     cnt[kd] = cnt.get(kd, 0) + 1
-            part = task_held[k:k + 64]
+            part = task_held[k : k + 64]
             s = scores([q for q, _, _ in part], [im for _, _, im in part])
             task_hits += sum(int(s[b].argmin()) == part[b][1] for b in range(len(part)))
     model.train()
@@ -93,9 +98,11 @@ for step in range(1, a.steps + 1):
     target = torch.zeros_like(s)
     mask = torch.zeros_like(s)
     for b, t in enumerate(truths):
-        target[b, :len(t)] = torch.tensor(t, dtype=s.dtype)
-        mask[b, :len(t)] = 1
-    loss = (torch.nn.functional.binary_cross_entropy_with_logits(s.clamp(-30, 30), target, reduction="none") * mask).sum() / mask.sum()
+        target[b, : len(t)] = torch.tensor(t, dtype=s.dtype)
+        mask[b, : len(t)] = 1
+    loss = (
+        torch.nn.functional.binary_cross_entropy_with_logits(s.clamp(-30, 30), target, reduction="none") * mask
+    ).sum() / mask.sum()
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -22,8 +22,16 @@ from hkd4vlm.bench import (
 )
 from hkd4vlm.cli import main
 
-TOP = ("msei_cost_ratio", "msei_naive_cost_ratio", "letter_vs_generate_speedup", "student_teacher_throughput_ratio",
-       "online_kd_vs_sft", "offline_kd_vs_sft", "msei_cost_ratio_batch1", "letter_vs_generate_speedup_batch1")
+TOP = (
+    "msei_cost_ratio",
+    "msei_naive_cost_ratio",
+    "letter_vs_generate_speedup",
+    "student_teacher_throughput_ratio",
+    "online_kd_vs_sft",
+    "offline_kd_vs_sft",
+    "msei_cost_ratio_batch1",
+    "letter_vs_generate_speedup_batch1",
+)
 
 
 def _invoke(args: list[str], cwd) -> tuple[dict, str]:
@@ -119,12 +127,43 @@ def test_every_measurement_has_a_peak_memory(quick):
 
 def test_models_option_takes_model_folders(synth_root, tmp_path):
     # two students of different seeds stand in for a pair: only the plumbing is under test here
-    dirs = in_fresh_process(build_presets, data=str(synth_root), out=str(tmp_path / "m"),
-                            presets={"a": "tiny-llava-s"}, threads=1, device="cpu")
-    other = in_fresh_process(build_presets, data=str(synth_root), out=str(tmp_path / "n"),
-                             presets={"b": "tiny-llava-s"}, threads=1, device="cpu")
-    small = ["--quick", "--records", "2", "--batch-size", "2", "--latency-records", "1", "--rounds", "1",
-             "--new-tokens", "4", "--train-steps", "1", "--train-batch-size", "2", "--threads", "1", "--device", "cpu"]
+    dirs = in_fresh_process(
+        build_presets,
+        data=str(synth_root),
+        out=str(tmp_path / "m"),
+        presets={"a": "tiny-llava-s"},
+        threads=1,
+        device="cpu",
+    )
+    other = in_fresh_process(
+        build_presets,
+        data=str(synth_root),
+        out=str(tmp_path / "n"),
+        presets={"b": "tiny-llava-s"},
+        threads=1,
+        device="cpu",
+    )
+    small = [
+        "--quick",
+        "--records",
+        "2",
+        "--batch-size",
+        "2",
+        "--latency-records",
+        "1",
+        "--rounds",
+        "1",
+        "--new-tokens",
+        "4",
+        "--train-steps",
+        "1",
+        "--train-batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
     result, _ = _invoke(["--models", dirs["a"], "--models", other["b"], "--data", str(synth_root), *small], tmp_path)
     assert result["settings"]["source"] == "models" and result["settings"]["data"] == str(synth_root)
     assert {k: v["dir"] for k, v in result["models"].items()} == {"student": dirs["a"], "teacher": other["b"]}

@@ -4,8 +4,20 @@ from click.testing import CliRunner
 
 from hkd4vlm.cli import main
 
-COMMANDS = {"synth", "validate", "init-model", "pretrain", "train", "distill", "cache-teacher", "predict", "evaluate",
-            "quickstart", "serve", "bench"}
+COMMANDS = {
+    "synth",
+    "validate",
+    "init-model",
+    "pretrain",
+    "train",
+    "distill",
+    "cache-teacher",
+    "predict",
+    "evaluate",
+    "quickstart",
+    "serve",
+    "bench",
+}
 
 
 def test_every_command_is_registered():

@@ -105,13 +105,19 @@ def test_the_cycle_finder_finds_a_circle():
 @pytest.mark.parametrize("layer", sorted(CORE_LAYERS))
 def test_core_layers_import_only_the_layers_below(layer):
     allowed = CORE_LAYERS[layer] | SHARED | {layer}
-    bad = sorted(f"{m} -> {t}" for m, targets in import_graph().items() if _top(m) == layer
-                 for t in targets if _top(t) not in allowed)
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, targets in import_graph().items()
+        if _top(m) == layer
+        for t in targets
+        if _top(t) not in allowed
+    )
     assert bad == []
 
 
 def test_no_core_module_imports_the_synthetic_benchmark():
     core = set(CORE_LAYERS) | SHARED
-    bad = sorted(f"{m} -> {t}" for m, targets in import_graph().items() if _top(m) in core
-                 for t in targets if _top(t) == "synth")
+    bad = sorted(
+        f"{m} -> {t}" for m, targets in import_graph().items() if _top(m) in core for t in targets if _top(t) == "synth"
+    )
     assert bad == []

@@ -21,11 +21,23 @@ def test_quickstart_defaults_live_in_the_embedded_yaml_only():
 
 def test_quickstart_writes_results_and_report(tmp_path):
     out = tmp_path / "qs"
-    args = ["quickstart", "--out", str(out), "--seeds", "0",
-            "sizes={train: 16, val: 4, test: 4}", "pretrain=true", "pretrain_steps={teacher: 2, assistant: 2, student: 2}",
-            "pretrain_dense_steps={teacher: 2, assistant: 2, student: 0}",
-            "pretrain_pool=32", "sft_steps=2", "ppod_steps=2", "tcrd_steps=2", "batch_size=4",
-            "progress=false"]
+    args = [
+        "quickstart",
+        "--out",
+        str(out),
+        "--seeds",
+        "0",
+        "sizes={train: 16, val: 4, test: 4}",
+        "pretrain=true",
+        "pretrain_steps={teacher: 2, assistant: 2, student: 2}",
+        "pretrain_dense_steps={teacher: 2, assistant: 2, student: 0}",
+        "pretrain_pool=32",
+        "sft_steps=2",
+        "ppod_steps=2",
+        "tcrd_steps=2",
+        "batch_size=4",
+        "progress=false",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     results = json.loads((out / "results.json").read_text())
@@ -42,9 +54,18 @@ def test_quickstart_writes_results_and_report(tmp_path):
     # the PPOD-only row is the plain recipe's student after its PPOD stages, then TCRD continues from it
     plain = out / "seed0" / "ppod_plain"
     assert sorted(p.name for p in plain.glob("stage-*")) == [
-        "stage-0-ppod-level1", "stage-1-ppod-level2", "stage-2-tcrd-level2"]
+        "stage-0-ppod-level1",
+        "stage-1-ppod-level2",
+        "stage-2-tcrd-level2",
+    ]
     # SFT stages train without augmentation by default (sft_augment); the full method's stages augment
-    assert yaml.safe_load((out / "seed0" / "teacher_sft" / "recipe.yaml").read_text())["stages"][0]["train"]["augment"] == {}
-    assert yaml.safe_load((out / "seed0" / "student_sft" / "recipe.yaml").read_text())["stages"][0]["train"]["augment"] == {}
+    assert (
+        yaml.safe_load((out / "seed0" / "teacher_sft" / "recipe.yaml").read_text())["stages"][0]["train"]["augment"]
+        == {}
+    )
+    assert (
+        yaml.safe_load((out / "seed0" / "student_sft" / "recipe.yaml").read_text())["stages"][0]["train"]["augment"]
+        == {}
+    )
     hkd = yaml.safe_load((out / "seed0" / "ppod_hkd" / "recipe.yaml").read_text())["stages"]
     assert all(st["train"]["augment"].get("permute_options", 0) > 0 for st in hkd)

@@ -43,8 +43,10 @@ def _nan_weight(d):
 MODEL_DAMAGE = {  # folder damage -> words the message must hold
     "missing folder": (lambda d: shutil.rmtree(d), ["does not exist"]),
     "corrupt safetensors": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 100), ["model.safetensors"]),
-    "truncated safetensors": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
-                              ["safetensors"]),
+    "truncated safetensors": (
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+        ["safetensors"],
+    ),
     "corrupt config": (lambda d: (d / "config.json").write_text('{"model_type": "llava",'), ["config.json", "JSON"]),
     "no config": (lambda d: (d / "config.json").unlink(), ["no config.json"]),
     "no tokenizer.json": (lambda d: (d / "tokenizer.json").unlink(), ["tokenizer.json"]),
@@ -71,8 +73,18 @@ def test_a_bad_model_folder_is_one_message(tiny_model, synth_root, tmp_path, cas
     assert "sentencepiece" not in str(err.value)
     # the train config names a model folder the CLI cannot check up front
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(model), "out": str(tmp_path / "run"), "steps": 1, "batch_size": 4,
-                                   "progress": False, "data": {"root": str(synth_root), "eval_split": None}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model),
+                "out": str(tmp_path / "run"),
+                "steps": 1,
+                "batch_size": 4,
+                "progress": False,
+                "data": {"root": str(synth_root), "eval_split": None},
+            }
+        )
+    )
     _is_user_error(CliRunner().invoke(main, ["train", str(cfg)]), *words)
 
 
@@ -86,22 +98,46 @@ def test_nan_weights_are_refused_where_the_service_loads_them(tiny_model, tmp_pa
 
 def test_data_and_path_errors_are_one_message(tiny_model, synth_root, tmp_path):
     base = ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task", "factuality"]
-    _is_user_error(CliRunner().invoke(main, base + ["--split", "nope", "--out", str(tmp_path / "p.jsonl")]),
-                   "nope.json", "file not found")
+    _is_user_error(
+        CliRunner().invoke(main, base + ["--split", "nope", "--out", str(tmp_path / "p.jsonl")]),
+        "nope.json",
+        "file not found",
+    )
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    _is_user_error(CliRunner().invoke(main, base + ["--split", "test", "--out", str(a_file / "p.jsonl"), "--limit", "1"]),
-                   str(a_file))
+    _is_user_error(
+        CliRunner().invoke(main, base + ["--split", "test", "--out", str(a_file / "p.jsonl"), "--limit", "1"]),
+        str(a_file),
+    )
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(tiny_model), "out": str(a_file), "steps": 1, "batch_size": 4,
-                                   "progress": False, "data": {"root": str(synth_root), "eval_split": None}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model),
+                "out": str(a_file),
+                "steps": 1,
+                "batch_size": 4,
+                "progress": False,
+                "data": {"root": str(synth_root), "eval_split": None},
+            }
+        )
+    )
     _is_user_error(CliRunner().invoke(main, ["train", str(cfg)]), "out:", "is a file")
 
 
 def test_debug_shows_the_traceback(tmp_path, synth_root):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(tmp_path / "none"), "out": str(tmp_path / "run"), "steps": 1,
-                                   "batch_size": 4, "data": {"root": str(synth_root), "eval_split": None}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tmp_path / "none"),
+                "out": str(tmp_path / "run"),
+                "steps": 1,
+                "batch_size": 4,
+                "data": {"root": str(synth_root), "eval_split": None},
+            }
+        )
+    )
     res = CliRunner().invoke(main, ["--debug", "train", str(cfg)])
     assert isinstance(res.exception, ModelError)
     res = CliRunner(env={"HKD4VLM_DEBUG": "1"}).invoke(main, ["train", str(cfg)])
@@ -137,23 +173,47 @@ def dirty_root(synth_root, tmp_path):
 
 def test_predict_skip_invalid(tiny_model, dirty_root, tmp_path):
     out = tmp_path / "p.jsonl"
-    args = ["predict", "--model", str(tiny_model), "--data", str(dirty_root), "--task", "hallucination", "--split",
-            "test", "--out", str(out)]
+    args = [
+        "predict",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(dirty_root),
+        "--task",
+        "hallucination",
+        "--split",
+        "test",
+        "--out",
+        str(out),
+    ]
     _is_user_error(CliRunner().invoke(main, args), "no-choices.png", "'choices'", "no-such-image.png", "'image_id'")
     assert not out.exists()
     res = CliRunner().invoke(main, args + ["--skip-invalid"])
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 16 and {"no-choices.png", "no-such-image.png"}.isdisjoint(line["image"] for line in lines)
-    assert "record no-choices.png: field 'choices'" in res.output and "record no-such-image.png: field 'image_id'" in res.output
+    assert (
+        "record no-choices.png: field 'choices'" in res.output
+        and "record no-such-image.png: field 'image_id'" in res.output
+    )
     assert "16 predictions written" in res.output and "2 invalid record(s) skipped" in res.output
 
 
 def test_train_and_distill_skip_invalid(tiny_model, dirty_root, tmp_path):
     data = {"root": str(dirty_root), "tasks": ["hallucination"], "eval_split": "val", "eval_limit": 2}
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(tiny_model), "out": str(tmp_path / "run"), "steps": 1, "batch_size": 4,
-                                   "progress": False, "data": data}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model),
+                "out": str(tmp_path / "run"),
+                "steps": 1,
+                "batch_size": 4,
+                "progress": False,
+                "data": data,
+            }
+        )
+    )
     _is_user_error(CliRunner().invoke(main, ["train", str(cfg)]), "no-choices.png")
     res = CliRunner().invoke(main, ["train", str(cfg), "--skip-invalid"])
     assert res.exit_code == 0, res.output
@@ -162,8 +222,17 @@ def test_train_and_distill_skip_invalid(tiny_model, dirty_root, tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["skip_invalid"] is True
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"pyramid": [str(tiny_model)], "out": str(tmp_path / "distill"), "progress": False,
-                                      "data": data, "stages": [{"kind": "sft", "level": 0, "train": {"steps": 1, "batch_size": 4}}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "pyramid": [str(tiny_model)],
+                "out": str(tmp_path / "distill"),
+                "progress": False,
+                "data": data,
+                "stages": [{"kind": "sft", "level": 0, "train": {"steps": 1, "batch_size": 4}}],
+            }
+        )
+    )
     _is_user_error(CliRunner().invoke(main, ["distill", str(recipe)]), "no-choices.png")
     res = CliRunner().invoke(main, ["distill", str(recipe), "--skip-invalid"])
     assert res.exit_code == 0, res.output
@@ -174,8 +243,19 @@ def test_cache_teacher_skip_invalid(tiny_model, dirty_root, tmp_path):
     from hkd4vlm.distill.cache import CachedTeacher, StaleCacheError
 
     out = tmp_path / "cache"
-    args = ["cache-teacher", "--model", str(tiny_model), "--data", str(dirty_root), "--task", "factuality",
-            "--out", str(out), "--batch-size", "16"]
+    args = [
+        "cache-teacher",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(dirty_root),
+        "--task",
+        "factuality",
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+    ]
     _is_user_error(CliRunner().invoke(main, args), "no-choices.png")
     res = CliRunner().invoke(main, args + ["--skip-invalid"])
     assert res.exit_code == 0, res.output

@@ -23,8 +23,12 @@ class ModelPathType(click.ParamType):
         from .models.zoo import PREFIX, available, is_zoo
 
         if is_zoo(value):
-            if str(value)[len(PREFIX):] not in available():
-                self.fail(f"no zoo model {value!r}; shipped: {', '.join(PREFIX + n for n in available()) or 'none'}", param, ctx)
+            if str(value)[len(PREFIX) :] not in available():
+                self.fail(
+                    f"no zoo model {value!r}; shipped: {', '.join(PREFIX + n for n in available()) or 'none'}",
+                    param,
+                    ctx,
+                )
             return str(value)
         path = Path(value)
         if not path.is_dir():
@@ -93,25 +97,46 @@ def _report_skipped(problems: list, what: str) -> None:
 
 
 @main.command()
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Dataset root to write.")
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Dataset root to write."
+)
 @click.option("--level", type=click.Choice(["easy", "medium", "hard"]), default="medium", show_default=True)
 @click.option("--train", "n_train", type=click.IntRange(min=0), default=4000, show_default=True)
 @click.option("--val", "n_val", type=click.IntRange(min=0), default=500, show_default=True)
 @click.option("--test", "n_test", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True,
-              help="Generate only this task (repeatable); default both.")
+@click.option(
+    "--task",
+    "tasks",
+    type=click.Choice(TASKS),
+    multiple=True,
+    help="Generate only this task (repeatable); default both.",
+)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: CPU count, at most 4).")
 @click.option("--no-baselines", is_flag=True, help="Skip the text-only baselines in stats.json.")
-def synth(out: Path, level: str, n_train: int, n_val: int, n_test: int, seed: int, tasks: tuple, workers: int | None,
-          no_baselines: bool) -> None:
+def synth(
+    out: Path,
+    level: str,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    seed: int,
+    tasks: tuple,
+    workers: int | None,
+    no_baselines: bool,
+) -> None:
     """Generate the synthetic benchmark (both tasks, challenge layout) and its stats.json."""
     from .synth.generate import generate
     from .synth.report import print_stats
 
     stats = generate(
-        out, level=level, sizes={"train": n_train, "val": n_val, "test": n_test}, seed=seed,
-        tasks=tuple(tasks) or TASKS, workers=workers, baselines=not no_baselines,
+        out,
+        level=level,
+        sizes={"train": n_train, "val": n_val, "test": n_test},
+        seed=seed,
+        tasks=tuple(tasks) or TASKS,
+        workers=workers,
+        baselines=not no_baselines,
     )
     print_stats(stats, out)
 
@@ -120,8 +145,13 @@ def synth(out: Path, level: str, n_train: int, n_val: int, n_test: int, seed: in
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True)
 @click.option("--split", "splits", multiple=True, help="Check only this split (repeatable); default all found.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Refuse images with more pixels (decompression bombs).")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Refuse images with more pixels (decompression bombs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON.")
 def validate(root: Path, tasks: tuple, splits: tuple, max_pixels: int, as_json: bool) -> None:
     """Check a dataset in the challenge layout; exits 1 and names every bad record and field."""
@@ -142,8 +172,13 @@ def validate(root: Path, tasks: tuple, splits: tuple, max_pixels: int, as_json: 
 
 @main.command("init-model")
 @click.option("--preset", type=click.Choice(preset_names()), required=True)
-@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Dataset root whose text trains the tokenizer.")
+@click.option(
+    "--data",
+    "data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Dataset root whose text trains the tokenizer.",
+)
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def init_model_cmd(preset: str, data: Path, out: Path, seed: int) -> None:
@@ -159,11 +194,17 @@ def init_model_cmd(preset: str, data: Path, out: Path, seed: int) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/quickstart"),
-              show_default=True)
+@click.option(
+    "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/quickstart"), show_default=True
+)
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2 for the full table.")
-@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="A quickstart YAML (default: the embedded configs/quickstart.yaml).")
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A quickstart YAML (default: the embedded configs/quickstart.yaml).",
+)
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> None:
     """The embedded default job: benchmark, pretrained tiny pyramid, teacher tuning, the method and its
@@ -189,10 +230,16 @@ def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> 
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last intact checkpoint.")
-@click.option("--resume-force", is_flag=True,
-              help="Resume even though settings that change what is trained (seed, batch size, lr, data ...) differ.")
-@click.option("--skip-invalid", is_flag=True,
-              help="Leave invalid records out (listed and counted) instead of stopping (data.skip_invalid).")
+@click.option(
+    "--resume-force",
+    is_flag=True,
+    help="Resume even though settings that change what is trained (seed, batch size, lr, data ...) differ.",
+)
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Leave invalid records out (listed and counted) instead of stopping (data.skip_invalid).",
+)
 def train(config: Path, overrides: tuple, resume: bool, resume_force: bool, skip_invalid: bool) -> None:
     """Fine-tune a model (SFT) from a YAML config; `key.sub=value` arguments override its values.
 
@@ -212,10 +259,16 @@ def train(config: Path, overrides: tuple, resume: bool, resume_force: bool, skip
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
-@click.option("--resume-force", is_flag=True,
-              help="Resume an interrupted stage even though settings that change what it trains differ.")
-@click.option("--skip-invalid", is_flag=True,
-              help="Leave invalid records out (listed and counted) instead of stopping (data.skip_invalid).")
+@click.option(
+    "--resume-force",
+    is_flag=True,
+    help="Resume an interrupted stage even though settings that change what it trains differ.",
+)
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Leave invalid records out (listed and counted) instead of stopping (data.skip_invalid).",
+)
 def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bool) -> None:
     """Run a distillation recipe (ordered sft / ppod / tcrd stages over a pyramid); resumable.
 
@@ -225,8 +278,9 @@ def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bo
     from .engine.config import ConfigError, load_config
 
     try:
-        cfg = load_config(recipe, (*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])),
-                          schema=RecipeConfig)
+        cfg = load_config(
+            recipe, (*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])), schema=RecipeConfig
+        )
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     final = run_recipe(cfg, resume_force=resume_force)
@@ -240,15 +294,35 @@ def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bo
 @click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True)
 @click.option("--split", default="train", show_default=True)
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--augment", "augment", default="", help="name=prob,... as in train.augment of the stages that read the cache.")
-@click.option("--variants", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Augmentation draws per record (training repeats them every this many epochs).")
+@click.option(
+    "--augment", "augment", default="", help="name=prob,... as in train.augment of the stages that read the cache."
+)
+@click.option(
+    "--variants",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Augmentation draws per record (training repeats them every this many epochs).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="The recipe's seed.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--skip-invalid", is_flag=True,
-              help="Leave invalid records out (listed and counted); the recipe that reads the cache must skip them too.")
-def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Path, augment: str, variants: int,
-                  seed: int, batch_size: int, skip_invalid: bool) -> None:
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Leave invalid records out (listed and counted); the recipe that reads the cache must skip them too.",
+)
+def cache_teacher(
+    model_dir: Path,
+    data: Path,
+    tasks: tuple,
+    split: str,
+    out: Path,
+    augment: str,
+    variants: int,
+    seed: int,
+    batch_size: int,
+    skip_invalid: bool,
+) -> None:
     """Precompute a teacher's answer distributions and hidden states per (record, augmentation)."""
     from .data.augment import augment_spec
     from .distill.cache import build_cache
@@ -257,9 +331,19 @@ def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Pa
         probs = augment_spec(augment)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--augment") from None
-    manifest = build_cache(model_dir, data, list(tasks or TASKS), split, out, augment=probs,
-                           seed=seed, variants=variants, batch_size=batch_size, skip_invalid=skip_invalid,
-                           log=lambda problems: _report_skipped(problems, "the cache"))
+    manifest = build_cache(
+        model_dir,
+        data,
+        list(tasks or TASKS),
+        split,
+        out,
+        augment=probs,
+        seed=seed,
+        variants=variants,
+        batch_size=batch_size,
+        skip_invalid=skip_invalid,
+        log=lambda problems: _report_skipped(problems, "the cache"),
+    )
     skipped = json.loads((manifest / "manifest.json").read_text()).get("skipped_records", 0)
     tail = f"; {skipped} invalid record(s) skipped" if skip_invalid else ""
     click.echo(f"teacher cache written to {out}{tail}")
@@ -267,26 +351,65 @@ def cache_teacher(model_dir: Path, data: Path, tasks: tuple, split: str, out: Pa
 
 @main.command()
 @click.option("--preset", default=None, help="Tiny preset to build and pretrain (e.g. tiny-llava-l).")
-@click.option("--like", default=None, metavar="zoo:NAME",
-              help="Reproduce a shipped base: its preset and recorded recipe (steps, lr, batch, pool, seed).")
-@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Dataset root whose text trains the tokenizer (its images are not used).")
+@click.option(
+    "--like",
+    default=None,
+    metavar="zoo:NAME",
+    help="Reproduce a shipped base: its preset and recorded recipe (steps, lr, batch, pool, seed).",
+)
+@click.option(
+    "--data",
+    "data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Dataset root whose text trains the tokenizer (its images are not used).",
+)
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: the preset's recipe).")
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: the preset's recipe)."
+)
 @click.option("--lr", type=float, default=None)
-@click.option("--dense-steps", type=click.IntRange(min=0), default=None,
-              help="Dense vision pretraining steps before the curriculum (default: the preset's recipe; 0 skips it).")
-@click.option("--verify-steps", type=click.IntRange(min=0), default=None,
-              help="Phrase-verification steps after the curriculum (default: the preset's recipe; 0 skips it).")
-@click.option("--verify-owner-share", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Share of verification items about who drew what, given a context (default: the recipe's; 0).")
+@click.option(
+    "--dense-steps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Dense vision pretraining steps before the curriculum (default: the preset's recipe; 0 skips it).",
+)
+@click.option(
+    "--verify-steps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Phrase-verification steps after the curriculum (default: the preset's recipe; 0 skips it).",
+)
+@click.option(
+    "--verify-owner-share",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Share of verification items about who drew what, given a context (default: the recipe's; 0).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--pool-size", type=click.IntRange(min=16), default=12_000, show_default=True,
-              help="Rendered curriculum questions (cached next to --out).")
+@click.option(
+    "--pool-size",
+    type=click.IntRange(min=16),
+    default=12_000,
+    show_default=True,
+    help="Rendered curriculum questions (cached next to --out).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-def pretrain(preset: str | None, like: str | None, data: Path, out: Path, steps: int | None, lr: float | None,
-             dense_steps: int | None, verify_steps: int | None, verify_owner_share: float | None, batch_size: int,
-             pool_size: int, seed: int) -> None:
+def pretrain(
+    preset: str | None,
+    like: str | None,
+    data: Path,
+    out: Path,
+    steps: int | None,
+    lr: float | None,
+    dense_steps: int | None,
+    verify_steps: int | None,
+    verify_owner_share: float | None,
+    batch_size: int,
+    pool_size: int,
+    seed: int,
+) -> None:
     """Pretrain a from-scratch preset (dense vision stage, the grounding curriculum, then phrase
     verification); cached, resumable."""
     from .synth.pretrain import pretrain as run
@@ -296,16 +419,31 @@ def pretrain(preset: str | None, like: str | None, data: Path, out: Path, steps:
 
         if not model_zoo.is_zoo(like):
             raise click.BadParameter(f"expected zoo:NAME, got {like!r}", param_hint="--like")
-        rec = model_zoo.read_manifest(like[len(model_zoo.PREFIX):])["recipe"]
+        rec = model_zoo.read_manifest(like[len(model_zoo.PREFIX) :])["recipe"]
         preset, batch_size, pool_size, seed = rec["preset"], rec["batch_size"], rec["pool_size"], rec["seed"]
-        steps, lr, dense_steps = steps or rec["steps"], lr or rec["lr"], rec["dense_steps"] if dense_steps is None else dense_steps
+        steps, lr, dense_steps = (
+            steps or rec["steps"],
+            lr or rec["lr"],
+            rec["dense_steps"] if dense_steps is None else dense_steps,
+        )
         verify_steps = rec.get("verify_steps", 0) if verify_steps is None else verify_steps
         if verify_owner_share is None:
             verify_owner_share = rec.get("verify_owner_share", 0.0)
     if preset is None:
         raise click.UsageError("give --preset or --like zoo:NAME")
-    final = run(preset, data, out, steps=steps, lr=lr, dense_steps=dense_steps, verify_steps=verify_steps,
-                verify_owner_share=verify_owner_share, batch_size=batch_size, pool_size=pool_size, seed=seed)
+    final = run(
+        preset,
+        data,
+        out,
+        steps=steps,
+        lr=lr,
+        dense_steps=dense_steps,
+        verify_steps=verify_steps,
+        verify_owner_share=verify_owner_share,
+        batch_size=batch_size,
+        pool_size=pool_size,
+        seed=seed,
+    )
     click.echo(f"base checkpoint: {final}")
 
 
@@ -322,8 +460,10 @@ def zoo_list() -> None:
     for name in model_zoo.available():
         m = model_zoo.read_manifest(name)
         acc = m.get("held_out", {}).get("accuracy")
-        click.echo(f"zoo:{name}  preset {m.get('preset')}  steps {m.get('steps')}  held-out accuracy "
-                   f"{'n/a' if acc is None else f'{acc:.3f}'}  recipe {m.get('recipe_digest')}")
+        click.echo(
+            f"zoo:{name}  preset {m.get('preset')}  steps {m.get('steps')}  held-out accuracy "
+            f"{'n/a' if acc is None else f'{acc:.3f}'}  recipe {m.get('recipe_digest')}"
+        )
 
 
 @zoo.command("publish")
@@ -346,15 +486,34 @@ def zoo_publish(run: Path, name: str | None) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", default="auto", show_default=True)
-@click.option("--shifts", type=SHIFTS, default="1", show_default=True,
-              help="Mapping-shift inference: score N cyclic option→letter shifts per record and aggregate "
-                   "('all' = one per option; 1 = a single plain pass).")
+@click.option(
+    "--shifts",
+    type=SHIFTS,
+    default="1",
+    show_default=True,
+    help="Mapping-shift inference: score N cyclic option→letter shifts per record and aggregate "
+    "('all' = one per option; 1 = a single plain pass).",
+)
 @click.option("--aggregate", type=click.Choice(["logmean", "mean", "vote"]), default="logmean", show_default=True)
 @click.option("--random-mappings", is_flag=True, help="Use N seeded random permutations instead of cyclic shifts.")
-@click.option("--skip-invalid", is_flag=True, help="Leave invalid records out (listed and counted) instead of stopping.")
-def predict(model_dir: Path, data: Path, task: str, split: str, out: Path, batch_size: int, limit: int | None,
-            device: str | None, dtype: str, shifts: int | str, aggregate: str, random_mappings: bool,
-            skip_invalid: bool) -> None:
+@click.option(
+    "--skip-invalid", is_flag=True, help="Leave invalid records out (listed and counted) instead of stopping."
+)
+def predict(
+    model_dir: Path,
+    data: Path,
+    task: str,
+    split: str,
+    out: Path,
+    batch_size: int,
+    limit: int | None,
+    device: str | None,
+    dtype: str,
+    shifts: int | str,
+    aggregate: str,
+    random_mappings: bool,
+    skip_invalid: bool,
+) -> None:
     """Write one JSONL line per record: image, question, answer, choice, pred_ans, pred_letter, status
     ("success", or "error" with the reason in "error"), correct, probs (and the shifts' agreement with
     mapping-shift inference)."""
@@ -367,22 +526,30 @@ def predict(model_dir: Path, data: Path, task: str, split: str, out: Path, batch
     records = read_split(data, task, split, skip_invalid=skip_invalid)
     _report_skipped(records.skipped, "the predictions")
     model, processor = load_model(model_dir, dtype=dtype, device=device)
-    preds = predict_split(model, processor, records, batch_size=batch_size, limit=limit,
-                          progress=True, spec=spec, aggregate=aggregate)
+    preds = predict_split(
+        model, processor, records, batch_size=batch_size, limit=limit, progress=True, spec=spec, aggregate=aggregate
+    )
     write_jsonl(preds, out)
     labelled = sum(p.correct is not None for p in preds)
     errors = sum(p.status == "error" for p in preds)
     tail = f"; accuracy {accuracy(preds):.4f} on {labelled} labelled" if labelled else ""
-    tail += f"; {errors} could not be scored (status \"error\")" if errors else ""
+    tail += f'; {errors} could not be scored (status "error")' if errors else ""
     tail += f"; {len({(p.file, p.record) for p in records.skipped})} invalid record(s) skipped" if skip_invalid else ""
     click.echo(f"{len(preds)} predictions written to {out}{tail}")
 
 
 @main.command()
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="metrics.json to write.")
-@click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Confusion-matrix PNG (default: next to --out).")
+@click.option(
+    "--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="metrics.json to write."
+)
+@click.option(
+    "--plot",
+    "plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Confusion-matrix PNG (default: next to --out).",
+)
 def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
     """Accuracy, macro/micro-F1, per-letter scores, ECE, position bias and a confusion-matrix plot."""
     from .eval.report import evaluate_predictions, plot_confusion, read_predictions
@@ -397,46 +564,107 @@ def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
     plot = plot or out.with_name(out.stem + "_confusion.png")
     plot_confusion(report, plot, title=f"{predictions.name}: accuracy {report['accuracy']:.3f}")
     share = " ".join(f"{k}={v:.2f}" for k, v in report["prediction_share"].items())
-    click.echo(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  micro-F1 {report['micro_f1']:.4f}"
-               f"  ECE {report.get('ece', float('nan')):.4f}  prediction share {share}")
+    click.echo(
+        f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  micro-F1 {report['micro_f1']:.4f}"
+        f"  ECE {report.get('ece', float('nan')):.4f}  prediction share {share}"
+    )
     click.echo(f"metrics: {out}; confusion matrix: {plot}")
 
 
 @main.command()
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench.json"),
-              show_default=True, help="The json to write.")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A quickstart run folder: its student, assistant and teacher [default: runs/quickstart when it "
-                   "holds a finished run, else untrained tiny presets].")
-@click.option("--models", "model_dirs", multiple=True, type=MODEL_PATH,
-              help="A model folder (repeat it: the first is the student, the last the teacher).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("bench.json"),
+    show_default=True,
+    help="The json to write.",
+)
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A quickstart run folder: its student, assistant and teacher [default: runs/quickstart when it "
+    "holds a finished run, else untrained tiny presets].",
+)
+@click.option(
+    "--models",
+    "model_dirs",
+    multiple=True,
+    type=MODEL_PATH,
+    help="A model folder (repeat it: the first is the student, the last the teacher).",
+)
 @click.option("--student", type=MODEL_PATH, default=None)
 @click.option("--teacher", type=MODEL_PATH, default=None)
-@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Dataset root to take the records from [default: the run's data, else a generated synthetic one].")
+@click.option(
+    "--data",
+    "data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Dataset root to take the records from [default: the run's data, else a generated synthetic one].",
+)
 @click.option("--quick", is_flag=True, help="A smaller, faster run (noisier figures).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Inference batch size [16; --quick 8].")
 @click.option("--records", type=click.IntRange(min=1), default=None, help="Inference records [64; --quick 16].")
-@click.option("--latency-records", type=click.IntRange(min=1), default=None,
-              help="Records timed one by one at batch 1 [24; --quick 4].")
-@click.option("--rounds", type=click.IntRange(min=1), default=None, help="Timed passes over the records [3; --quick 2].")
-@click.option("--new-tokens", type=click.IntRange(min=1), default=None,
-              help="Generate-then-parse: tokens generated per record, EOS suppressed until then [64].")
-@click.option("--train-batch-size", type=click.IntRange(min=1), default=None,
-              help="The student's training batch [32; --quick 8].")
+@click.option(
+    "--latency-records",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Records timed one by one at batch 1 [24; --quick 4].",
+)
+@click.option(
+    "--rounds", type=click.IntRange(min=1), default=None, help="Timed passes over the records [3; --quick 2]."
+)
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Generate-then-parse: tokens generated per record, EOS suppressed until then [64].",
+)
+@click.option(
+    "--train-batch-size", type=click.IntRange(min=1), default=None, help="The student's training batch [32; --quick 8]."
+)
 @click.option("--train-steps", type=click.IntRange(min=1), default=None, help="Timed optimizer steps [20; --quick 3].")
-@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Torch threads in every measurement (0: torch's default).")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Torch threads in every measurement (0: torch's default).",
+)
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available].")
-@click.option("--serve", "serve_load", is_flag=True,
-              help="Instead: load-test the HTTP service on the student; writes {\"serve\": ...}.")
+@click.option(
+    "--serve",
+    "serve_load",
+    is_flag=True,
+    help='Instead: load-test the HTTP service on the student; writes {"serve": ...}.',
+)
 @click.option("--requests", type=click.IntRange(min=1), default=2000, show_default=True, help="With --serve.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True, help="With --serve.")
-@click.option("--large-image-share", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
-              help="With --serve: the share of requests that carry a 4000 x 4000 PNG instead of the record's image.")
-def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | None, teacher: Path | None,
-          data: Path | None, quick: bool, threads: int, device: str | None, serve_load: bool, requests: int,
-          concurrency: int, large_image_share: float, **sizes) -> None:
+@click.option(
+    "--large-image-share",
+    type=click.FloatRange(min=0, max=1),
+    default=0.0,
+    show_default=True,
+    help="With --serve: the share of requests that carry a 4000 x 4000 PNG instead of the record's image.",
+)
+def bench(
+    out: Path,
+    run_dir: Path | None,
+    model_dirs: tuple,
+    student: Path | None,
+    teacher: Path | None,
+    data: Path | None,
+    quick: bool,
+    threads: int,
+    device: str | None,
+    serve_load: bool,
+    requests: int,
+    concurrency: int,
+    large_image_share: float,
+    **sizes,
+) -> None:
     """Speed and memory side by side: inference (one pass, mapping shifts with and without prefix reuse,
     generate-then-parse), training (SFT, online and offline distillation) and peak memory, each measured
     in a fresh process; prints a table and writes OUT."""
@@ -450,12 +678,28 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
         run_dir = default_run(log=click.echo)
     try:
         if serve_load:
-            result = run_serve_bench(settings, requests=requests, concurrency=concurrency, run=run_dir,
-                                     models=model_dirs, student=student, data=data,
-                                     large_image_share=large_image_share, log=click.echo)
+            result = run_serve_bench(
+                settings,
+                requests=requests,
+                concurrency=concurrency,
+                run=run_dir,
+                models=model_dirs,
+                student=student,
+                data=data,
+                large_image_share=large_image_share,
+                log=click.echo,
+            )
         else:
-            result = run_bench(settings, run=run_dir, models=model_dirs, student=student, teacher=teacher, data=data,
-                               quick=quick, log=click.echo)
+            result = run_bench(
+                settings,
+                run=run_dir,
+                models=model_dirs,
+                student=student,
+                teacher=teacher,
+                data=data,
+                quick=quick,
+                log=click.echo,
+            )
     except (BenchError, ImportError) as e:  # ImportError: --serve without the serve extra
         raise click.ClickException(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -468,48 +712,133 @@ def bench(out: Path, run_dir: Path | None, model_dirs: tuple, student: Path | No
 @click.option("--model", "model_dir", type=MODEL_PATH, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: all interfaces).")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
-@click.option("--shifts", type=SHIFTS, default="4", show_default=True,
-              help="Cyclic option→letter mappings scored per request (mapping-shift inference; 'all' = one per "
-                   "option; 1 = a single plain pass).")
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests scored together in one model call.")
-@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="How long the first request of a batch waits for others to join it.")
-@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Larger request bodies are refused (413).")
-@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
-              help="Larger uploaded images are refused (422; decompression bombs).")
-@click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Requests waiting for the model beyond this many are refused (503, Retry-After).")
-@click.option("--max-text-chars", type=click.IntRange(min=1), default=8_000, show_default=True,
-              help="Longer text fields (caption, option, claim, ...) are refused (422).")
-@click.option("--max-text-tokens", type=click.IntRange(min=1), default=1_024, show_default=True,
-              help="Text fields of more tokens (the model's tokenizer) are refused (422).")
-@click.option("--max-request-tokens", type=click.IntRange(min=1), default=2_048, show_default=True,
-              help="Requests whose text fields pass this many tokens together are refused (422).")
-@click.option("--max-image-side", type=click.IntRange(min=1), default=1_024, show_default=True,
-              help="Images are scaled down to this many pixels on the longer side as they are decoded.")
-@click.option("--max-inflight-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
-              help="Memory the requests in flight may hold (bodies being parsed, decoded images); beyond it new "
-                   "ones are refused (503, Retry-After).")
-@click.option("--api-key", envvar="HKD4VLM_API_KEY", show_envvar=True, default=None,
-              help="Require 'Authorization: Bearer <key>' on every request but GET /healthz (401 otherwise). "
-                   "Prefer the environment variable: a command line is visible to other users.")
-@click.option("--allowed-host", "allowed_hosts", multiple=True,
-              help="A Host name the server answers to (repeat it; '*.example.com' for subdomains, '*' for any); "
-                   "others get 400 [default: the loopback names, plus --host when it is one address; any host "
-                   "when bound to every interface].")
-@click.option("--cors-origin", "cors_origins", multiple=True,
-              help="Let browser pages from this origin call the service, e.g. https://app.example.com (repeat it); "
-                   "off by default.")
+@click.option(
+    "--shifts",
+    type=SHIFTS,
+    default="4",
+    show_default=True,
+    help="Cyclic option→letter mappings scored per request (mapping-shift inference; 'all' = one per "
+    "option; 1 = a single plain pass).",
+)
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Requests scored together in one model call.",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="How long the first request of a batch waits for others to join it.",
+)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Larger request bodies are refused (413).",
+)
+@click.option(
+    "--max-image-pixels",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_IMAGE_PIXELS,
+    show_default=True,
+    help="Larger uploaded images are refused (422; decompression bombs).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Requests waiting for the model beyond this many are refused (503, Retry-After).",
+)
+@click.option(
+    "--max-text-chars",
+    type=click.IntRange(min=1),
+    default=8_000,
+    show_default=True,
+    help="Longer text fields (caption, option, claim, ...) are refused (422).",
+)
+@click.option(
+    "--max-text-tokens",
+    type=click.IntRange(min=1),
+    default=1_024,
+    show_default=True,
+    help="Text fields of more tokens (the model's tokenizer) are refused (422).",
+)
+@click.option(
+    "--max-request-tokens",
+    type=click.IntRange(min=1),
+    default=2_048,
+    show_default=True,
+    help="Requests whose text fields pass this many tokens together are refused (422).",
+)
+@click.option(
+    "--max-image-side",
+    type=click.IntRange(min=1),
+    default=1_024,
+    show_default=True,
+    help="Images are scaled down to this many pixels on the longer side as they are decoded.",
+)
+@click.option(
+    "--max-inflight-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=512.0,
+    show_default=True,
+    help="Memory the requests in flight may hold (bodies being parsed, decoded images); beyond it new "
+    "ones are refused (503, Retry-After).",
+)
+@click.option(
+    "--api-key",
+    envvar="HKD4VLM_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="Require 'Authorization: Bearer <key>' on every request but GET /healthz (401 otherwise). "
+    "Prefer the environment variable: a command line is visible to other users.",
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="A Host name the server answers to (repeat it; '*.example.com' for subdomains, '*' for any); "
+    "others get 400 [default: the loopback names, plus --host when it is one address; any host "
+    "when bound to every interface].",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="Let browser pages from this origin call the service, e.g. https://app.example.com (repeat it); "
+    "off by default.",
+)
 @click.option("--docs", is_flag=True, help="Serve the interactive API docs at /docs and /openapi.json.")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", default="auto", show_default=True)
-def serve(model_dir: Path, host: str, port: int, shifts: int | str, max_batch_size: int, max_wait_ms: float,
-          max_body_mb: float, max_image_pixels: int, device: str | None, dtype: str, max_queue: int,
-          max_text_chars: int, max_text_tokens: int, max_request_tokens: int, max_image_side: int, max_inflight_mb: float,
-          api_key: str | None,
-          allowed_hosts: tuple, cors_origins: tuple, docs: bool) -> None:
+def serve(
+    model_dir: Path,
+    host: str,
+    port: int,
+    shifts: int | str,
+    max_batch_size: int,
+    max_wait_ms: float,
+    max_body_mb: float,
+    max_image_pixels: int,
+    device: str | None,
+    dtype: str,
+    max_queue: int,
+    max_text_chars: int,
+    max_text_tokens: int,
+    max_request_tokens: int,
+    max_image_side: int,
+    max_inflight_mb: float,
+    api_key: str | None,
+    allowed_hosts: tuple,
+    cors_origins: tuple,
+    docs: bool,
+) -> None:
     """Serve a judge over HTTP: POST /v1/hallucination and /v1/factuality (JSON with a base64 image, or
     multipart), micro-batched into single model calls; GET /healthz, /v1/model, /v1/stats."""
     try:
@@ -522,11 +851,29 @@ def serve(model_dir: Path, host: str, port: int, shifts: int | str, max_batch_si
             check_api_key(api_key)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--api-key' / HKD4VLM_API_KEY") from None
-    run(model_dir, host=host, port=port, shifts=shifts, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_body_mb=max_body_mb, max_image_pixels=max_image_pixels, device=device, dtype=dtype, max_queue=max_queue,
-        max_text_chars=max_text_chars, max_text_tokens=max_text_tokens, max_request_tokens=max_request_tokens,
-        max_image_side=max_image_side, max_inflight_mb=max_inflight_mb, api_key=api_key, allowed_hosts=allowed_hosts or None,
-        cors_origins=cors_origins, docs=docs)
+    run(
+        model_dir,
+        host=host,
+        port=port,
+        shifts=shifts,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_body_mb=max_body_mb,
+        max_image_pixels=max_image_pixels,
+        device=device,
+        dtype=dtype,
+        max_queue=max_queue,
+        max_text_chars=max_text_chars,
+        max_text_tokens=max_text_tokens,
+        max_request_tokens=max_request_tokens,
+        max_image_side=max_image_side,
+        max_inflight_mb=max_inflight_mb,
+        api_key=api_key,
+        allowed_hosts=allowed_hosts or None,
+        cors_origins=cors_origins,
+        docs=docs,
+    )
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -28,8 +28,7 @@ class InputError(UserError, ValueError):
     message without the record prefix.
     """
 
-    def __init__(self, message: str, *, field: str | None = None, record: int | None = None,
-                 file: str | None = None):
+    def __init__(self, message: str, *, field: str | None = None, record: int | None = None, file: str | None = None):
         self.message, self.field, self.record, self.file = message, field, record, file
         super().__init__(message if record is None else f"record #{record}: {message}")
 

@@ -47,11 +47,13 @@ class QuickstartConfig(StrictModel):
     assistant: str
     student: str
     bases: dict[str, str] = Field(
-        description="role -> base checkpoint (a zoo name or a folder); used unless pretrain is true")
+        description="role -> base checkpoint (a zoo name or a folder); used unless pretrain is true"
+    )
     pretrain: bool = Field(description="pretrain the presets here instead of using the bases")
     pretrain_steps: dict[str, int]
-    pretrain_dense_steps: dict[str, int] | None = Field(description="role -> dense vision steps (null: the preset's "
-                                                                    "recipe)")
+    pretrain_dense_steps: dict[str, int] | None = Field(
+        description="role -> dense vision steps (null: the preset's recipe)"
+    )
     pretrain_pool: int = Field(ge=16, description="rendered curriculum questions")
     sft_steps: int = Field(ge=1)
     ppod_steps: int = Field(ge=1)
@@ -60,11 +62,14 @@ class QuickstartConfig(StrictModel):
     lr: float = Field(gt=0)
     freeze_vision: bool = Field(description="keep the bases' pretrained vision towers fixed in every stage")
     augment: AugmentSpec
-    sft_augment: bool = Field(description="augment in the SFT stages too (measured: every augmentation, even option "
-                                          "permutation alone, keeps a tiny base on its initial plateau; README, "
-                                          "Quickstart)")
-    eval_limit: int | None = Field(ge=1, description="score at most this many test records per task (null: the "
-                                                     "whole test split)")
+    sft_augment: bool = Field(
+        description="augment in the SFT stages too (measured: every augmentation, even option "
+        "permutation alone, keeps a tiny base on its initial plateau; README, "
+        "Quickstart)"
+    )
+    eval_limit: int | None = Field(
+        ge=1, description="score at most this many test records per task (null: the whole test split)"
+    )
     msei_shifts: int | None
     progress: bool
 
@@ -85,8 +90,9 @@ def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shif
     model, processor = load_model(model_dir)
     out = {}
     for task in TASKS:
-        preds = predict_split(model, processor, read_split(data, task, "test"), limit=limit,
-                              spec=MappingSpec(shifts) if msei else None)
+        preds = predict_split(
+            model, processor, read_split(data, task, "test"), limit=limit, spec=MappingSpec(shifts) if msei else None
+        )
         # a record that could not be scored (status "error", no letter) counts as wrong
         letters = sorted({p.choice for p in preds} | {p.pred_letter for p in preds if p.pred_letter})
         rep = classification_report([p.choice for p in preds], [p.pred_letter or "" for p in preds], letters=letters)
@@ -122,21 +128,44 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
         if not cfg.pretrain:
             bases[role] = cfg.bases[role]
             continue
-        bases[role] = str(timed(f"pretrain_{role}", lambda preset=preset, role=role: pretrain(
-            preset, data, out / "pretrain" / preset, steps=cfg.pretrain_steps[role], batch_size=cfg.batch_size,
-            dense_steps=(cfg.pretrain_dense_steps or {}).get(role), pool_size=cfg.pretrain_pool, progress=cfg.progress)))
+        bases[role] = str(
+            timed(
+                f"pretrain_{role}",
+                lambda preset=preset, role=role: pretrain(
+                    preset,
+                    data,
+                    out / "pretrain" / preset,
+                    steps=cfg.pretrain_steps[role],
+                    batch_size=cfg.batch_size,
+                    dense_steps=(cfg.pretrain_dense_steps or {}).get(role),
+                    pool_size=cfg.pretrain_pool,
+                    progress=cfg.progress,
+                ),
+            )
+        )
     params = {role: count_parameters(load_model(path)[0]) for role, path in bases.items()}
 
     def recipe(name: str, seed: int, pyramid: list[str], stages: list[dict]) -> dict[int, str]:
-        rc = RecipeConfig.model_validate({
-            "pyramid": pyramid, "out": str(out / f"seed{seed}" / name), "seed": seed, "progress": cfg.progress,
-            "data": {"root": str(data), "eval_split": "val", "eval_limit": 200}, "stages": stages,
-        })
+        rc = RecipeConfig.model_validate(
+            {
+                "pyramid": pyramid,
+                "out": str(out / f"seed{seed}" / name),
+                "seed": seed,
+                "progress": cfg.progress,
+                "data": {"root": str(data), "eval_split": "val", "eval_limit": 200},
+                "stages": stages,
+            }
+        )
         return timed(name, lambda: run_recipe(rc))
 
     def stage(kind: str, level: int, steps: int, augment: bool, **settings) -> dict:
-        train = {"steps": steps, "batch_size": cfg.batch_size, "optim": {"lr": cfg.lr, "warmup_steps": min(100, steps // 10)},
-                 "augment": cfg.augment if augment else {}, "freeze_vision": cfg.freeze_vision}
+        train = {
+            "steps": steps,
+            "batch_size": cfg.batch_size,
+            "optim": {"lr": cfg.lr, "warmup_steps": min(100, steps // 10)},
+            "augment": cfg.augment if augment else {},
+            "freeze_vision": cfg.freeze_vision,
+        }
         return {"kind": kind, "level": level, **settings, "train": train}
 
     from .models.zoo import code_commit
@@ -145,12 +174,17 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
     rows: dict[str, list[dict]] = {r: [] for r in ROWS}
     for seed in seeds:
         teacher = recipe("teacher_sft", seed, [bases["teacher"]], [stage("sft", 0, cfg.sft_steps, cfg.sft_augment)])[0]
-        student_sft = recipe("student_sft", seed, [bases["student"]], [stage("sft", 0, cfg.sft_steps, cfg.sft_augment)])[0]
+        student_sft = recipe(
+            "student_sft", seed, [bases["student"]], [stage("sft", 0, cfg.sft_steps, cfg.sft_augment)]
+        )[0]
         models = {"teacher_sft": teacher, "student_sft": student_sft}
         for name, augment in (("plain", False), ("hkd", True)):
             pyramid = [teacher, bases["assistant"], bases["student"]]
-            stages = [stage("ppod", 1, cfg.ppod_steps, augment), stage("ppod", 2, cfg.ppod_steps, augment),
-                      stage("tcrd", 2, cfg.tcrd_steps, augment, teacher=0, assistant=1)]
+            stages = [
+                stage("ppod", 1, cfg.ppod_steps, augment),
+                stage("ppod", 2, cfg.ppod_steps, augment),
+                stage("tcrd", 2, cfg.tcrd_steps, augment, teacher=0, assistant=1),
+            ]
             if not augment:  # the PPOD-only row is the plain recipe's state after its second stage
                 only_ppod = recipe(f"ppod_{name}", seed, pyramid, stages[:2])[2]
                 models["student_ppod"] = only_ppod
@@ -158,8 +192,14 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
             models["student_ppod_tcrd" if not augment else "student_hkd"] = final
         for row in ROWS:
             model_dir = models["student_hkd"] if row == "student_hkd_msei" else models[row]
-            rows[row].append(timed(f"eval_{row}", lambda model_dir=model_dir, row=row: _evaluate(
-                model_dir, data, limit=cfg.eval_limit, msei=row == "student_hkd_msei", shifts=cfg.msei_shifts)))
+            rows[row].append(
+                timed(
+                    f"eval_{row}",
+                    lambda model_dir=model_dir, row=row: _evaluate(
+                        model_dir, data, limit=cfg.eval_limit, msei=row == "student_hkd_msei", shifts=cfg.msei_shifts
+                    ),
+                )
+            )
     for task in TASKS:
         for row in ROWS:
             role = "teacher" if row == "teacher_sft" else "student"
@@ -185,7 +225,9 @@ def write_report(out: Path, results: dict) -> Path:
         lines += [f"## {task}", "", "| row | params | accuracy | macro-F1 |", "|---|---|---|---|"]
         for row, r in block["rows"].items():
             acc, f1 = np.array(r["accuracy"]), np.array(r["macro_f1"])
-            lines.append(f"| {row} | {r['params']:,} | {acc.mean():.3f} ± {acc.std():.3f} | {f1.mean():.3f} ± {f1.std():.3f} |")
+            lines.append(
+                f"| {row} | {r['params']:,} | {acc.mean():.3f} ± {acc.std():.3f} | {f1.mean():.3f} ± {f1.std():.3f} |"
+            )
         lines.append("")
     lines += [f"Total time {results['timing_s']['total']:.0f} s.", ""]
     plot = _plot_curves(out)

@@ -50,7 +50,7 @@ def assert_colours_named(record, image):
     shaded = SHADES[:, None, None] * palette[None]  # (shade, colour, rgb)
     for o in record.extra["synth"]["scene"]["objects"]:
         x, y = int(round(o["x"])), int(round(o["y"]))
-        patch = arr[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).mean(axis=0)
+        patch = arr[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3).mean(axis=0)
         distance = ((shaded - patch) ** 2).sum(axis=-1).min(axis=0)  # best shade of each colour
         nearest = list(COLOURS)[int(np.argmin(distance))]
         assert nearest == o["colour"], (o, patch)

@@ -19,8 +19,12 @@ from hkd4vlm.data.layout import (
 )
 from hkd4vlm.data.records import Choice, DatasetError, Record, parse_record
 
-ABCD = [Choice("A", "No hallucination"), Choice("B", "Object hallucination"),
-        Choice("C", "Attribute hallucination"), Choice("D", "Relation hallucination")]
+ABCD = [
+    Choice("A", "No hallucination"),
+    Choice("B", "Object hallucination"),
+    Choice("C", "Attribute hallucination"),
+    Choice("D", "Relation hallucination"),
+]
 
 
 def hall_record(image_id="h0.jpg", *, labelled=True, **extra) -> Record:
@@ -88,8 +92,12 @@ def test_write_then_read_gives_equal_records(tmp_path, make, task):
     split = read_split(tmp_path, task, "train")
     assert split.records == records
     assert (split.root, split.task, split.name, split.skipped) == (tmp_path, task, "train", [])
-    assert split.records[0].extra == {"source": "crawl-7", "meta": {"annotator": 3, "tags": ["x", "y"]},
-                                      "score": 0.5, "flag": None}
+    assert split.records[0].extra == {
+        "source": "crawl-7",
+        "meta": {"annotator": 3, "tags": ["x", "y"]},
+        "score": 0.5,
+        "flag": None,
+    }
     assert split.records[1].extra == {}
     # and a second round trip writes byte-identical JSON
     text = path.read_text(encoding="utf-8")
@@ -99,14 +107,23 @@ def test_write_then_read_gives_equal_records(tmp_path, make, task):
 
 def test_unknown_fields_are_written_back_unchanged(tmp_path):
     raw = {
-        "image_id": "a.jpg", "context": "ctx", "claim": "c", "question": "q",
+        "image_id": "a.jpg",
+        "context": "ctx",
+        "claim": "c",
+        "question": "q",
         "choices": [{"id": "A", "choice": "yes"}, {"id": "B", "choice": "no"}],
-        "correct_answer": "no", "correct_choice": "B",
-        "source": {"url": "https://example.org/x", "id": 17}, "split_hint": "train", "system1_answer": "kept",
+        "correct_answer": "no",
+        "correct_choice": "B",
+        "source": {"url": "https://example.org/x", "id": 17},
+        "split_hint": "train",
+        "system1_answer": "kept",
     }
     rec = parse_record(raw, "factuality")
-    assert rec.extra == {"source": {"url": "https://example.org/x", "id": 17}, "split_hint": "train",
-                         "system1_answer": "kept"}
+    assert rec.extra == {
+        "source": {"url": "https://example.org/x", "id": 17},
+        "split_hint": "train",
+        "system1_answer": "kept",
+    }
     assert rec.system1_answer == ""  # not a fact-checking field: kept as extra, not interpreted
     write_split(tmp_path, "factuality", "train", [rec])
     (written,) = json.loads(split_file(tmp_path, "factuality", "train").read_text(encoding="utf-8"))
@@ -159,8 +176,12 @@ def test_read_missing_split_raises(tmp_path):
 
 def test_record_label_options_letters():
     r = hall_record()
-    assert r.options == ["No hallucination", "Object hallucination", "Attribute hallucination",
-                         "Relation hallucination"]
+    assert r.options == [
+        "No hallucination",
+        "Object hallucination",
+        "Attribute hallucination",
+        "Relation hallucination",
+    ]
     assert r.letters == ["A", "B", "C", "D"]
     assert r.label == 2
     r.correct_choice = "A"
@@ -180,8 +201,17 @@ def test_record_label_with_non_contiguous_letters():
 
 def test_to_dict_hallucination_fields_in_order():
     d = hall_record("x.jpg", zeta=1, alpha=2).to_dict()
-    assert list(d) == ["image_id", "system1_question", "system1_answer", "system2_question", "choices",
-                       "correct_answer", "correct_choice", "zeta", "alpha"]
+    assert list(d) == [
+        "image_id",
+        "system1_question",
+        "system1_answer",
+        "system2_question",
+        "choices",
+        "correct_answer",
+        "correct_choice",
+        "zeta",
+        "alpha",
+    ]
     assert d["image_id"] == "x.jpg"
     assert d["system1_answer"] == "The cup is green."
     assert d["choices"][2] == {"id": "C", "choice": "Attribute hallucination"}
@@ -193,14 +223,20 @@ def test_to_dict_factuality_fields_in_order():
     d = fact_record("y.jpg").to_dict()
     assert list(d) == ["image_id", "context", "claim", "question", "choices", "correct_answer", "correct_choice"]
     assert d["claim"] == "Two boats are moored."
-    assert d["choices"] == [{"id": "A", "choice": "Supported"}, {"id": "B", "choice": "Refuted"},
-                            {"id": "C", "choice": "Not enough information"}]
+    assert d["choices"] == [
+        {"id": "A", "choice": "Supported"},
+        {"id": "B", "choice": "Refuted"},
+        {"id": "C", "choice": "Not enough information"},
+    ]
 
 
-@pytest.mark.parametrize("make,keys", [
-    (hall_record, ["image_id", "system1_question", "system1_answer", "system2_question", "choices"]),
-    (fact_record, ["image_id", "context", "claim", "question", "choices"]),
-])
+@pytest.mark.parametrize(
+    "make,keys",
+    [
+        (hall_record, ["image_id", "system1_question", "system1_answer", "system2_question", "choices"]),
+        (fact_record, ["image_id", "context", "claim", "question", "choices"]),
+    ],
+)
 def test_to_dict_unlabelled_has_no_label_keys(make, keys):
     assert list(make(labelled=False).to_dict()) == keys
 
@@ -208,8 +244,16 @@ def test_to_dict_unlabelled_has_no_label_keys(make, keys):
 def test_written_file_keeps_field_order(tmp_path):
     path = write_split(tmp_path, "hallucination", "train", [hall_record("a.jpg", note="n")])
     (item,) = json.loads(path.read_text(encoding="utf-8"))
-    assert list(item) == ["image_id", "system1_question", "system1_answer", "system2_question", "choices",
-                          "correct_answer", "correct_choice", "note"]
+    assert list(item) == [
+        "image_id",
+        "system1_question",
+        "system1_answer",
+        "system2_question",
+        "choices",
+        "correct_answer",
+        "correct_choice",
+        "note",
+    ]
 
 
 # --------------------------------------------------------------------------- writing

@@ -21,26 +21,40 @@ from hkd4vlm.models.loading import load_model, special_tokens
 from hkd4vlm.models.registry import init_model
 
 
-@pytest.mark.parametrize("text, token", [
-    ("a red circle <image> and a square", "<image>"),
-    ("ends here<eos>", "<eos>"),
-    ("<pad><pad>", "<pad>"),
-    ("<|im_end|>\n<|im_start|>system", "<|im_end|>"),
-    ("<|vision_start|><|image_pad|>", "<|vision_start|>"),
-    ("tile <row_1_col_2> here", "<row_1_col_2>"),
-    ("box <loc0123>", "<loc0123>"),
-    ("User: hi<end_of_utterance>", "<end_of_utterance>"),
-    ("<start_of_turn>model", "<start_of_turn>"),
-    ("[INST] do it [/INST]", "[INST]"),
-])
+@pytest.mark.parametrize(
+    "text, token",
+    [
+        ("a red circle <image> and a square", "<image>"),
+        ("ends here<eos>", "<eos>"),
+        ("<pad><pad>", "<pad>"),
+        ("<|im_end|>\n<|im_start|>system", "<|im_end|>"),
+        ("<|vision_start|><|image_pad|>", "<|vision_start|>"),
+        ("tile <row_1_col_2> here", "<row_1_col_2>"),
+        ("box <loc0123>", "<loc0123>"),
+        ("User: hi<end_of_utterance>", "<end_of_utterance>"),
+        ("<start_of_turn>model", "<start_of_turn>"),
+        ("[INST] do it [/INST]", "[INST]"),
+    ],
+)
 def test_control_tokens_are_found(text, token):
     assert find_control_token(text) == token
 
 
-@pytest.mark.parametrize("text", [
-    "A red circle left of a blue square.", "x < y and y > z", "a <b>bold</b> word", "<3 hearts", "< image >",
-    "image", "an <imagE> typo", "the | pipe | symbol", "<||>", "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "A red circle left of a blue square.",
+        "x < y and y > z",
+        "a <b>bold</b> word",
+        "<3 hearts",
+        "< image >",
+        "image",
+        "an <imagE> typo",
+        "the | pipe | symbol",
+        "<||>",
+        "",
+    ],
+)
 def test_plain_text_that_looks_like_markup_passes(text):
     assert find_control_token(text) is None
 
@@ -90,8 +104,9 @@ CASES = [  # task, field (choices: a wrong option's text), value, the token the 
 
 
 @pytest.mark.parametrize("task, field, value, token", CASES)
-def test_validate_and_read_split_name_the_field_holding_a_control_token(synth_root, tmp_path, task, field, value,
-                                                                         token):
+def test_validate_and_read_split_name_the_field_holding_a_control_token(
+    synth_root, tmp_path, task, field, value, token
+):
     named = _copy_with(synth_root, tmp_path, task, field, value, choice=field == "choices")
     problems, counts = validate_dataset(tmp_path)
     assert counts == {f"{task}/test": 2}
@@ -109,14 +124,21 @@ def detector():
     return Detector.from_pretrained("zoo:tiny-llava-s", shifts=2)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda d, img: d.detect_hallucination(img, "a red circle <image>", ["a", "b"]), "'caption'.*<image>"),
-    (lambda d, img: d.detect_hallucination(img, "c", ["a", "b<eos>"]), r"'options\[1\]'.*<eos>"),
-    (lambda d, img: d.check_fact(img, "claim", "ctx <|endoftext|>"), "'context'.*endoftext"),
-    (lambda d, img: d.check_fact(img, "claim \udfff", "ctx"), "'claim'.*lone surrogate"),
-    (lambda d, img: d.predict([{"task": "factuality", "image": img, "claim": "<bos>x", "context": "c"}],
-                              progress=False), "record #0: field 'claim'.*<bos>"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda d, img: d.detect_hallucination(img, "a red circle <image>", ["a", "b"]), "'caption'.*<image>"),
+        (lambda d, img: d.detect_hallucination(img, "c", ["a", "b<eos>"]), r"'options\[1\]'.*<eos>"),
+        (lambda d, img: d.check_fact(img, "claim", "ctx <|endoftext|>"), "'context'.*endoftext"),
+        (lambda d, img: d.check_fact(img, "claim \udfff", "ctx"), "'claim'.*lone surrogate"),
+        (
+            lambda d, img: d.predict(
+                [{"task": "factuality", "image": img, "claim": "<bos>x", "context": "c"}], progress=False
+            ),
+            "record #0: field 'claim'.*<bos>",
+        ),
+    ],
+)
 def test_the_detector_refuses_control_tokens_naming_the_field(detector, call, match):
     with pytest.raises(InputError, match=match):
         call(detector, Image.new("RGB", (16, 16), "white"))
@@ -151,7 +173,9 @@ def test_text_policy_limits_characters_before_tokens():
     assert total.total_problem([("a", "x y"), ("b", "z")]) is None
     assert total.total_problem([("a", "x y"), ("b", "z w")]) is None  # 4: at the limit
     assert total.total_problem([("a", "x y"), ("b", "z w v"), ("c", "v")]) == (
-        "b", "the request's text reaches 5 tokens with this field, over the limit of 4 for all text fields together")
+        "b",
+        "the request's text reaches 5 tokens with this field, over the limit of 4 for all text fields together",
+    )
     with pytest.raises(ValueError, match="max_chars must be at least 1"):
         TextPolicy(max_chars=0)
 

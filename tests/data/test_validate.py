@@ -81,8 +81,15 @@ def write_json(root: Path, task: str, split: str, data) -> Path:
 def dataset(root: Path, task: str, split: str, records: list, *, images=None) -> Path:
     """A split file plus a small valid JPEG for each name in ``images`` (default: every usable image_id)."""
     if images is None:
-        images = [r["image_id"] for r in records if isinstance(r, dict) and isinstance(r.get("image_id"), str)
-                  and r["image_id"] and not os.path.isabs(r["image_id"]) and ".." not in r["image_id"]]
+        images = [
+            r["image_id"]
+            for r in records
+            if isinstance(r, dict)
+            and isinstance(r.get("image_id"), str)
+            and r["image_id"]
+            and not os.path.isabs(r["image_id"])
+            and ".." not in r["image_id"]
+        ]
     for name in images:
         save_image(images_dir(root, task) / name, fmt="JPEG")
     return write_json(root, task, split, records)
@@ -149,7 +156,9 @@ def test_record_not_an_object(tmp_path):
     path = dataset(tmp_path, "hallucination", "train", [hall("a.jpg"), "just a string", 7, ["a", "list"]])
     problems = problems_of(tmp_path)
     assert [(p.file, p.record, p.field) for p in problems] == [
-        (str(path), "#1", "-"), (str(path), "#2", "-"), (str(path), "#3", "-"),
+        (str(path), "#1", "-"),
+        (str(path), "#2", "-"),
+        (str(path), "#3", "-"),
     ]
     assert "str" in problems[0].message and "int" in problems[1].message and "list" in problems[2].message
 
@@ -160,12 +169,14 @@ def test_record_not_an_object(tmp_path):
 def _drop(name):
     def f(r):
         del r[name]
+
     return f
 
 
 def _set(name, value):
     def f(r):
         r[name] = value
+
     return f
 
 
@@ -237,15 +248,21 @@ def test_bad_choices(tmp_path, task, case):
 
 
 def test_fewer_than_two_options_message(tmp_path):
-    path = dataset(tmp_path, "hallucination", "train",
-                   [hall("x.jpg", choices=[{"id": "A", "choice": "yes"}], correct_choice="A", correct_answer="yes")])
+    path = dataset(
+        tmp_path,
+        "hallucination",
+        "train",
+        [hall("x.jpg", choices=[{"id": "A", "choice": "yes"}], correct_choice="A", correct_answer="yes")],
+    )
     p = only_problem(problems_of(tmp_path), path, "x.jpg", "choices")
     assert "at least 2" in p.message
 
 
 def test_non_contiguous_letters_are_allowed(tmp_path):
     choices = [{"id": "B", "choice": "yes"}, {"id": "D", "choice": "no"}, {"id": "Z", "choice": "maybe"}]
-    dataset(tmp_path, "factuality", "train", [fact("x.jpg", choices=choices, correct_choice="Z", correct_answer="maybe")])
+    dataset(
+        tmp_path, "factuality", "train", [fact("x.jpg", choices=choices, correct_choice="Z", correct_answer="maybe")]
+    )
     assert problems_of(tmp_path, "factuality") == []
 
 
@@ -312,13 +329,16 @@ def test_check_record_labelled_true_requires_labels():
 # --------------------------------------------------------------------------- image paths
 
 
-@pytest.mark.parametrize("image_id,words", [
-    ("/etc/passwd", "absolute path"),
-    ("../outside.jpg", "leaves the images folder"),
-    ("sub/../../outside.jpg", "leaves the images folder"),
-    ("..\\outside.jpg", "leaves the images folder"),
-    ("sub/../inside.jpg", "leaves the images folder"),  # any '..' component is refused
-])
+@pytest.mark.parametrize(
+    "image_id,words",
+    [
+        ("/etc/passwd", "absolute path"),
+        ("../outside.jpg", "leaves the images folder"),
+        ("sub/../../outside.jpg", "leaves the images folder"),
+        ("..\\outside.jpg", "leaves the images folder"),
+        ("sub/../inside.jpg", "leaves the images folder"),  # any '..' component is refused
+    ],
+)
 def test_image_id_leaving_the_images_folder(tmp_path, image_id, words):
     # the targets exist (valid images), so only the path rule can refuse them
     save_image(tmp_path / "HallucinationDetection" / "outside.jpg", fmt="JPEG")
@@ -381,13 +401,16 @@ def _image_directory(folder: Path, name: str) -> None:
     (folder / name).mkdir(parents=True)
 
 
-@pytest.mark.parametrize("make,name,words", [
-    (_image_missing, "gone.jpg", "not found"),
-    (_image_empty, "empty.jpg", "empty"),
-    (_image_truncated, "cut.png", "truncated"),
-    (_image_text, "x.jpg", "not an image"),
-    (_image_directory, "dir.jpg", "not a regular file"),
-])
+@pytest.mark.parametrize(
+    "make,name,words",
+    [
+        (_image_missing, "gone.jpg", "not found"),
+        (_image_empty, "empty.jpg", "empty"),
+        (_image_truncated, "cut.png", "truncated"),
+        (_image_text, "x.jpg", "not an image"),
+        (_image_directory, "dir.jpg", "not a regular file"),
+    ],
+)
 def test_bad_image_file(tmp_path, make, name, words):
     make(images_dir(tmp_path, "factuality"), name)
     path = dataset(tmp_path, "factuality", "train", [fact(name)], images=[])
@@ -464,8 +487,13 @@ def _mode_i16(path):
     img.save(path, format="PNG")
 
 
-MODE_CASES = {"L": _mode_l, "P+transparency": _mode_p_transparent, "RGBA": _mode_rgba, "CMYK": _mode_cmyk,
-              "I;16": _mode_i16}
+MODE_CASES = {
+    "L": _mode_l,
+    "P+transparency": _mode_p_transparent,
+    "RGBA": _mode_rgba,
+    "CMYK": _mode_cmyk,
+    "I;16": _mode_i16,
+}
 
 
 @pytest.mark.parametrize("mode", list(MODE_CASES))
@@ -552,7 +580,8 @@ def test_records_without_image_id_are_not_duplicates(tmp_path):
     path = dataset(tmp_path, "hallucination", "train", [a, b], images=[])
     problems = problems_of(tmp_path)
     assert [(p.file, p.record, p.field, p.message) for p in problems] == [
-        (str(path), "#0", "image_id", "missing"), (str(path), "#1", "image_id", "missing"),
+        (str(path), "#0", "image_id", "missing"),
+        (str(path), "#1", "image_id", "missing"),
     ]
 
 
@@ -562,10 +591,21 @@ def test_records_without_image_id_are_not_duplicates(tmp_path):
 def _mixed_split(root: Path) -> Path:
     bad_claim = fact("bad_claim.jpg", claim=1)
     bad_choice = fact("bad_choice.jpg", correct_choice="Q")
-    return dataset(root, "factuality", "train", [
-        fact("ok0.jpg"), bad_claim, fact("ok2.jpg"), fact("no_image.jpg"), "not a record", bad_choice,
-        fact("ok6.jpg"),
-    ], images=["ok0.jpg", "bad_claim.jpg", "ok2.jpg", "bad_choice.jpg", "ok6.jpg"])
+    return dataset(
+        root,
+        "factuality",
+        "train",
+        [
+            fact("ok0.jpg"),
+            bad_claim,
+            fact("ok2.jpg"),
+            fact("no_image.jpg"),
+            "not a record",
+            bad_choice,
+            fact("ok6.jpg"),
+        ],
+        images=["ok0.jpg", "bad_claim.jpg", "ok2.jpg", "bad_choice.jpg", "ok6.jpg"],
+    )
 
 
 BAD = {("bad_claim.jpg", "claim"), ("no_image.jpg", "image_id"), ("#4", "-"), ("bad_choice.jpg", "correct_choice")}
@@ -621,25 +661,41 @@ def test_dataset_error_message_is_capped():
 def _seed_bad_dataset(root: Path) -> list[tuple[str, str]]:
     no_s1 = hall("no_s1.jpg")
     del no_s1["system1_answer"]
-    dataset(root, "hallucination", "train", [
-        hall("good.jpg"),
-        no_s1,
-        hall("bad_letter.jpg", choices=[{"id": "A", "choice": "x"}, {"id": "1", "choice": "y"}],
-             correct_choice="A", correct_answer="x"),
-        hall("missing.jpg"),
-        hall("good.jpg"),
-        hall("/etc/passwd"),
-    ], images=["good.jpg", "no_s1.jpg", "bad_letter.jpg"])
+    dataset(
+        root,
+        "hallucination",
+        "train",
+        [
+            hall("good.jpg"),
+            no_s1,
+            hall(
+                "bad_letter.jpg",
+                choices=[{"id": "A", "choice": "x"}, {"id": "1", "choice": "y"}],
+                correct_choice="A",
+                correct_answer="x",
+            ),
+            hall("missing.jpg"),
+            hall("good.jpg"),
+            hall("/etc/passwd"),
+        ],
+        images=["good.jpg", "no_s1.jpg", "bad_letter.jpg"],
+    )
     _image_text(images_dir(root, "factuality"), "text.jpg")
     half_label = fact("half_label.jpg")
     del half_label["correct_choice"]
-    dataset(root, "factuality", "val", [
-        fact("num_claim.jpg", claim=3.5),
-        fact("wrong_answer.jpg", correct_answer="Supported"),
-        42,
-        fact("text.jpg"),
-        half_label,
-    ], images=["num_claim.jpg", "wrong_answer.jpg", "half_label.jpg"])
+    dataset(
+        root,
+        "factuality",
+        "val",
+        [
+            fact("num_claim.jpg", claim=3.5),
+            fact("wrong_answer.jpg", correct_answer="Supported"),
+            42,
+            fact("text.jpg"),
+            half_label,
+        ],
+        images=["num_claim.jpg", "wrong_answer.jpg", "half_label.jpg"],
+    )
     return [
         ("no_s1.jpg", "system1_answer"),
         ("bad_letter.jpg", "choices[1].id"),
@@ -699,8 +755,9 @@ def test_synthetic_dataset_validates(tmp_path):
     generate(root, sizes={"train": 16, "val": 4, "test": 8}, workers=1, baselines=False)
     problems, counts = validate_dataset(root)
     assert problems == [], "\n".join(map(str, problems[:10]))
-    assert counts == {f"{t}/{s}": n for t in ("hallucination", "factuality")
-                      for s, n in (("test", 8), ("train", 16), ("val", 4))}
+    assert counts == {
+        f"{t}/{s}": n for t in ("hallucination", "factuality") for s, n in (("test", 8), ("train", 16), ("val", 4))
+    }
     result = CliRunner().invoke(main, ["validate", str(root)])
     assert result.exit_code == 0, result.output
     assert "0 problem(s)" in result.output
@@ -722,8 +779,13 @@ def test_hostile_records_and_files_are_each_one_problem_line_among_the_others(tm
     """NUL byte in an image_id, JSON nested 200,000 deep, a split path that is a directory, an empty split and an
     images folder that is a symlink out of the root: each is one problem line, and the rest of the report stays."""
     root = tmp_path / "root"
-    train = dataset(root, "hallucination", "train", [hall("a.jpg"), hall("bad\x00.jpg"), hall("c.jpg", choices=[])],
-                    images=["a.jpg", "c.jpg"])
+    train = dataset(
+        root,
+        "hallucination",
+        "train",
+        [hall("a.jpg"), hall("bad\x00.jpg"), hall("c.jpg", choices=[])],
+        images=["a.jpg", "c.jpg"],
+    )
     deep = write_json(root, "hallucination", "val", "[" * 200_000 + "]" * 200_000)
     as_dir = split_file(root, "hallucination", "test")
     as_dir.mkdir(parents=True)

@@ -23,8 +23,19 @@ def teacher_dir(synth_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache(teacher_dir, synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("c") / "cache"
-    build_cache(teacher_dir, synth_root, ["hallucination"], "train", out, augment=AUG, seed=7, variants=2,
-                batch_size=16, shard_size=40, progress=False)
+    build_cache(
+        teacher_dir,
+        synth_root,
+        ["hallucination"],
+        "train",
+        out,
+        augment=AUG,
+        seed=7,
+        variants=2,
+        batch_size=16,
+        shard_size=40,
+        progress=False,
+    )
     return out
 
 
@@ -87,20 +98,60 @@ def test_recipe_stage_reads_a_cached_teacher(teacher_dir, synth_root, tmp_path):
     from hkd4vlm.distill.recipe import RecipeConfig, run_recipe
 
     student = init_model("tiny-llava-s", synth_root, tmp_path / "student", seed=9)
-    res = CliRunner().invoke(main, ["cache-teacher", "--model", str(teacher_dir), "--data", str(synth_root), "--task",
-                                    "hallucination", "--out", str(tmp_path / "cache"), "--augment", "permute_options=1.0",
-                                    "--variants", "2", "--seed", "7"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "cache-teacher",
+            "--model",
+            str(teacher_dir),
+            "--data",
+            str(synth_root),
+            "--task",
+            "hallucination",
+            "--out",
+            str(tmp_path / "cache"),
+            "--augment",
+            "permute_options=1.0",
+            "--variants",
+            "2",
+            "--seed",
+            "7",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    bad_spec = CliRunner().invoke(main, ["cache-teacher", "--model", str(teacher_dir), "--data", str(synth_root),
-                                         "--out", str(tmp_path / "c2"), "--augment", "permute_options=1.0,hue=0.5"])
+    bad_spec = CliRunner().invoke(
+        main,
+        [
+            "cache-teacher",
+            "--model",
+            str(teacher_dir),
+            "--data",
+            str(synth_root),
+            "--out",
+            str(tmp_path / "c2"),
+            "--augment",
+            "permute_options=1.0,hue=0.5",
+        ],
+    )
     assert bad_spec.exit_code == 2 and "unknown augmentation(s) ['hue']" in bad_spec.output
     assert not (tmp_path / "c2").exists()
-    cfg = RecipeConfig.model_validate({
-        "pyramid": [str(teacher_dir), str(student)], "out": str(tmp_path / "run"), "progress": False, "seed": 7,
-        "data": {"root": str(synth_root), "tasks": ["hallucination"], "eval_split": None},
-        "stages": [{"kind": "ppod", "level": 1, "train": {"steps": 2, "batch_size": 4, "augment": {"permute_options": 1.0}},
-                    "cache": {0: str(tmp_path / "cache")}}],
-    })
+    cfg = RecipeConfig.model_validate(
+        {
+            "pyramid": [str(teacher_dir), str(student)],
+            "out": str(tmp_path / "run"),
+            "progress": False,
+            "seed": 7,
+            "data": {"root": str(synth_root), "tasks": ["hallucination"], "eval_split": None},
+            "stages": [
+                {
+                    "kind": "ppod",
+                    "level": 1,
+                    "train": {"steps": 2, "batch_size": 4, "augment": {"permute_options": 1.0}},
+                    "cache": {0: str(tmp_path / "cache")},
+                }
+            ],
+        }
+    )
     final = run_recipe(cfg)
     assert (tmp_path / "run" / "stage-0-ppod-level1" / "model" / "config.json").is_file() and final[1].endswith("model")
     bad = cfg.model_copy(deep=True)

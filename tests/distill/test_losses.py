@@ -17,8 +17,13 @@ from hkd4vlm.distill.losses import (
     total_variation,
 )
 
-DIVERGENCES = [forward_kl, reverse_kl, total_variation,
-               lambda s, t, **k: generalized_jsd(s, t, 0.5, **k), lambda s, t, **k: skew_kl(s, t, 0.1, **k)]
+DIVERGENCES = [
+    forward_kl,
+    reverse_kl,
+    total_variation,
+    lambda s, t, **k: generalized_jsd(s, t, 0.5, **k),
+    lambda s, t, **k: skew_kl(s, t, 0.1, **k),
+]
 
 
 def _logits(*rows):
@@ -110,8 +115,13 @@ def test_rectify_teacher_swaps_only_where_wrong():
     assert out.argmax(-1).tolist() == labels.tolist()
 
 
-REGISTERED = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "generalized_jsd": generalized_jsd,
-              "total_variation": total_variation, "skew_kl": skew_kl}
+REGISTERED = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "generalized_jsd": generalized_jsd,
+    "total_variation": total_variation,
+    "skew_kl": skew_kl,
+}
 
 
 def test_registry_holds_the_divergences_and_rejects_unknown_names():
@@ -140,8 +150,9 @@ def test_teacher_probs_match_teacher_logits_and_the_old_logits_round_trip(name):
     s, t, t2 = (torch.randn(6, 4, generator=g) for _ in range(3))
     for tau in (0.5, 1.0, 3.0):
         q = torch.softmax(t / tau, -1)
-        torch.testing.assert_close(fn(s, teacher_probs=q, tau=tau, reduction="none"),
-                                   fn(s, t, tau=tau, reduction="none"), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            fn(s, teacher_probs=q, tau=tau, reduction="none"), fn(s, t, tau=tau, reduction="none"), atol=1e-6, rtol=1e-5
+        )
         mix = 0.3 * q + 0.7 * torch.softmax(t2 / tau, -1)
         mix[0] = torch.tensor([0.0, 0.5, 0.5, 0.0])  # e.g. a rectified one-hot-ish target
         old = fn(s, tau * torch.log(mix.clamp_min(1e-12)), tau=tau, reduction="none")

@@ -18,13 +18,18 @@ def pyramid(synth_root, tmp_path_factory):
     # gradient element near 0 (Adam moves those by ~lr whatever their sign); the option readout has some
     # at init (a key bias's gradient is round-off only). Its gradients are checked to be split-invariant
     # directly in tests/models/test_readout.py; the stages read either readout the same way.
-    return [str(init_model(p, synth_root, root / p, seed=s, readout="letter"))
-            for p, s in (("tiny-llava-m", 1), ("tiny-idefics3-s", 2), ("tiny-llava-s", 3))]
+    return [
+        str(init_model(p, synth_root, root / p, seed=s, readout="letter"))
+        for p, s in (("tiny-llava-m", 1), ("tiny-idefics3-s", 2), ("tiny-llava-s", 3))
+    ]
 
 
 def _recipe(pyramid, synth_root, out, **stage_extra) -> dict:
     return {
-        "pyramid": pyramid, "out": str(out), "progress": False, "save_every": 1,
+        "pyramid": pyramid,
+        "out": str(out),
+        "progress": False,
+        "save_every": 1,
         "data": {"root": str(synth_root), "tasks": ["hallucination"], "eval_split": None},
         "stages": [
             {"kind": "ppod", "level": 2, "train": {"steps": 2, "batch_size": 4}, "gamma": 0.5, **stage_extra},
@@ -50,9 +55,11 @@ def test_recipe_validation_names_the_stage(pyramid, synth_root, tmp_path):
 
 def _plain(**stage_over) -> dict:
     """A recipe over three (unread) model folders, for config checks only."""
-    stages = [{"kind": "sft", "level": 0, "train": {"steps": 3}},
-              {"kind": "ppod", "level": 1},
-              {"kind": "tcrd", "level": 2, "teacher": 0, "assistant": 1}]
+    stages = [
+        {"kind": "sft", "level": 0, "train": {"steps": 3}},
+        {"kind": "ppod", "level": 1},
+        {"kind": "tcrd", "level": 2, "teacher": 0, "assistant": 1},
+    ]
     for i, over in stage_over.items():
         stages[int(i[1:])].update(over)
     return {"pyramid": ["l", "m", "s"], "out": "o", "data": {"root": "d"}, "stages": stages}
@@ -73,16 +80,24 @@ def test_each_stage_kind_takes_only_its_own_keys(tmp_path):
     assert [type(st) for st in cfg.stages] == [SFTStageConfig, PPODStageConfig, TCRDStageConfig]
     assert cfg.stages[1].train.steps == 7 and cfg.stages[1].tau == (3.0, 1.0) and cfg.stages[2].tau == 1.5
     # a key of another kind, on a stage that would ignore it
-    with pytest.raises(ConfigError, match=r"stages\.1: 'lambda_feat' is not a setting of kind ppod \(it is a setting "
-                                          r"of tcrd stages\); kind ppod has: kind, level, train, gamma, tau"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages\.1: 'lambda_feat' is not a setting of kind ppod \(it is a setting "
+        r"of tcrd stages\); kind ppod has: kind, level, train, gamma, tau",
+    ):
         _load(tmp_path, ["stages.1.lambda_feat=3.0"])
     with pytest.raises(ConfigError, match=r"stages\.0: 'gamma' is not a setting of kind sft"):
         _load(tmp_path, ["stages.0.gamma=0.1"])
-    with pytest.raises(ConfigError, match=r"stages\.2: 'mutual' is not a setting of kind tcrd \(it is a setting of ppod"):
+    with pytest.raises(
+        ConfigError, match=r"stages\.2: 'mutual' is not a setting of kind tcrd \(it is a setting of ppod"
+    ):
         _load(tmp_path, ["stages.2.mutual=true"])
     # the old flat layout is told where the key went
-    with pytest.raises(ConfigError, match=r"stages\.2: 'steps' is not a setting of kind tcrd \(it belongs in the train "
-                                          r"block: train\.steps\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages\.2: 'steps' is not a setting of kind tcrd \(it belongs in the train "
+        r"block: train\.steps\)",
+    ):
         _load(tmp_path, ["stages.2.steps=5"])
     with pytest.raises(ConfigError, match=r"stages\.2: 'tcrd_tau' is not a setting of kind tcrd"):
         _load(tmp_path, ["stages.2.tcrd_tau=3.0"])
@@ -106,11 +121,17 @@ def test_stage_loss_is_chosen_by_name_with_its_settings(tmp_path):
     assert cfg.stages[1].loss.build() is reverse_kl
     fn = cfg.stages[2].loss.build()
     assert isinstance(fn, partial) and fn.func is generalized_jsd and fn.keywords == {"beta": 0.2}
-    with pytest.raises(ConfigError, match=r"stages\.1\.loss: unknown loss 'kl'; known: forward_kl, generalized_jsd, "
-                                          r"reverse_kl, skew_kl, total_variation"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages\.1\.loss: unknown loss 'kl'; known: forward_kl, generalized_jsd, "
+        r"reverse_kl, skew_kl, total_variation",
+    ):
         _load(tmp_path, ["stages.1.loss=kl"])
-    with pytest.raises(ConfigError, match=r"stages\.2\.loss: loss skew_kl has no setting\(s\) \['beta'\]; its settings: "
-                                          r"\['alpha'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages\.2\.loss: loss skew_kl has no setting\(s\) \['beta'\]; its settings: "
+        r"\['alpha'\]",
+    ):
         _load(tmp_path, ["stages.2.loss={name: skew_kl, kwargs: {beta: 0.5}}"])
     with pytest.raises(ConfigError, match=r"stages\.2\.loss: beta must lie in \[0, 1\], got 2"):
         _load(tmp_path, ["stages.2.loss={name: generalized_jsd, kwargs: {beta: 2}}"])
@@ -137,7 +158,9 @@ def test_run_recipe_hands_the_named_loss_to_the_stage(pyramid, synth_root, tmp_p
 
     monkeypatch.setattr(stages, "PPODStage", recorder("ppod"))
     monkeypatch.setattr(stages, "TCRDStage", recorder("tcrd"))
-    raw = _recipe(pyramid, synth_root, tmp_path / "a", loss={"name": "skew_kl", "kwargs": {"alpha": 0.3}}, tau=[2.0, 1.5])
+    raw = _recipe(
+        pyramid, synth_root, tmp_path / "a", loss={"name": "skew_kl", "kwargs": {"alpha": 0.3}}, tau=[2.0, 1.5]
+    )
     with pytest.raises(Built):
         run_recipe(RecipeConfig.model_validate(raw))
     assert seen["ppod"]["loss"].func is skew_kl and seen["ppod"]["loss"].keywords == {"alpha": 0.3}
@@ -165,7 +188,10 @@ def test_two_stage_recipe_chains_and_resumes(pyramid, synth_root, tmp_path):
     cfg = RecipeConfig.model_validate(_recipe(pyramid, synth_root, tmp_path / "run"))
     # stage 0 finishes (2 steps); stage 1 is killed after its step 2 and resumed
     with pytest.raises(Killed):
-        run_recipe(cfg, on_step=lambda s: kill(s) if (tmp_path / "run" / "stage-0-ppod-level2" / "done.json").is_file() else None)
+        run_recipe(
+            cfg,
+            on_step=lambda s: kill(s) if (tmp_path / "run" / "stage-0-ppod-level2" / "done.json").is_file() else None,
+        )
     stages = sorted(p.name for p in (tmp_path / "run").glob("stage-*"))
     assert stages == ["stage-0-ppod-level2", "stage-1-tcrd-level2"]
     assert not (tmp_path / "run" / "stage-1-tcrd-level2" / "done.json").exists()
@@ -226,12 +252,32 @@ def test_two_processes_match_one_with_mutual_teacher_and_projector(pyramid, synt
     one, two = recipe(tmp_path / "one"), recipe(tmp_path / "two")
     run_recipe(load_config(one, [], schema=RecipeConfig))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hkd4vlm.cli", "distill", str(two)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--multi_gpu",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "hkd4vlm.cli",
+        "distill",
+        str(two),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s0, s1 = "stage-0-ppod-level2", "stage-1-tcrd-level2"
-    for rel in (f"{s0}/model/model.safetensors", f"{s0}/mutual_teacher/model.safetensors", f"{s1}/model/model.safetensors"):
+    for rel in (
+        f"{s0}/model/model.safetensors",
+        f"{s0}/mutual_teacher/model.safetensors",
+        f"{s1}/model/model.safetensors",
+    ):
         a, b = load_file(tmp_path / "one" / rel), load_file(tmp_path / "two" / rel)
         assert a.keys() == b.keys()
         diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
@@ -246,8 +292,10 @@ def test_two_processes_match_one_with_mutual_teacher_and_projector(pyramid, synt
     pa, pb = (p.state_dict() if hasattr(p, "state_dict") else p for p in (pa, pb))
     assert max((pa[k] - pb[k]).abs().max().item() for k in pa) <= 2e-4
     # the mutual teacher and the projector did learn (so equality above is not trivial)
-    assert any(not torch.equal(load_file(f"{pyramid[1]}/model.safetensors")[k], v)
-               for k, v in load_file(tmp_path / "two" / s0 / "mutual_teacher" / "model.safetensors").items())
+    assert any(
+        not torch.equal(load_file(f"{pyramid[1]}/model.safetensors")[k], v)
+        for k, v in load_file(tmp_path / "two" / s0 / "mutual_teacher" / "model.safetensors").items()
+    )
 
 
 def test_resuming_a_stage_with_a_changed_recipe_is_refused_and_keeps_recipe_yaml(pyramid, synth_root, tmp_path):
@@ -265,7 +313,9 @@ def test_resuming_a_stage_with_a_changed_recipe_is_refused_and_keeps_recipe_yaml
     saved = (tmp_path / "run" / "recipe.yaml").read_text()
     raw["seed"] = 5
     raw["stages"][0]["train"]["optim"] = {"lr": 0.5}
-    with pytest.raises(ConfigError, match=r"stages\.0 was interrupted.*optim\.lr: 0\.001 -> 0\.5; seed: 0 -> 5.*--resume-force"):
+    with pytest.raises(
+        ConfigError, match=r"stages\.0 was interrupted.*optim\.lr: 0\.001 -> 0\.5; seed: 0 -> 5.*--resume-force"
+    ):
         run_recipe(RecipeConfig.model_validate(raw))
     assert (tmp_path / "run" / "recipe.yaml").read_text() == saved
     final = run_recipe(RecipeConfig.model_validate(raw), resume_force=True)

@@ -101,7 +101,9 @@ def test_stages_use_the_divergence_they_are_given(pyramid):
     teachers = [Teacher(*models["tiny-idefics3-s"]), Teacher(*models["tiny-llava-m"])]
     scores = answer_distribution(student_model, student_proc, records, images)
     tau = 3.0
-    q = sum(w * torch.softmax(t.scores(records, images).logits / tau, -1) for w, t in zip(pyramid_weights(2, 0.5), teachers))
+    q = sum(
+        w * torch.softmax(t.scores(records, images).logits / tau, -1) for w, t in zip(pyramid_weights(2, 0.5), teachers)
+    )
     terms = PPODStage(teachers, tau=(4.0, 2.0), total_steps=10, loss=reverse_kl)(scores, records, images=images, step=5)
     torch.testing.assert_close(terms["kd"], reverse_kl(scores.logits, teacher_probs=q, tau=tau))
     default = PPODStage(teachers, tau=(4.0, 2.0), total_steps=10)(scores, records, images=images, step=5)

@@ -27,9 +27,16 @@ def tiny_model(synth_root, tmp_path_factory):
 
 def _config(tmp_path, model, synth_root, **extra) -> Path:
     cfg = {
-        "model": str(model), "out": str(tmp_path / "run"), "data": {"root": str(synth_root), "eval_split": None},
-        "steps": 4, "batch_size": 8, "save_every": 2, "log_every": 1, "progress": False,
-        "optim": {"lr": 3e-3, "warmup_steps": 1}, "augment": {"permute_options": 0.5},
+        "model": str(model),
+        "out": str(tmp_path / "run"),
+        "data": {"root": str(synth_root), "eval_split": None},
+        "steps": 4,
+        "batch_size": 8,
+        "save_every": 2,
+        "log_every": 1,
+        "progress": False,
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "augment": {"permute_options": 0.5},
     }
     cfg.update(extra)
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -114,8 +121,14 @@ def test_old_pickled_rng_state_still_resumes_exactly(tmp_path, tiny_model, synth
     import base64
 
     torch_state = torch.frombuffer(bytearray(base64.b64decode(saved["torch"])), dtype=torch.uint8).clone()
-    _legacy_rng(ckpt, {"python": (version, tuple(internal), gauss),
-                       "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached), "torch": torch_state})
+    _legacy_rng(
+        ckpt,
+        {
+            "python": (version, tuple(internal), gauss),
+            "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+            "torch": torch_state,
+        },
+    )
     random.seed(123)  # the resumed run must not depend on the state this process happens to be in
     run_sft(cut, resume=True)
     a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
@@ -123,8 +136,9 @@ def test_old_pickled_rng_state_still_resumes_exactly(tmp_path, tiny_model, synth
 
 
 @pytest.mark.parametrize("damaged", ["model.pt", "optimizer.pt", "rng-0.json", "state.json"])
-def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, tiny_model, synth_root, damaged,
-                                                                       capsys):
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(
+    tmp_path, tiny_model, synth_root, damaged, capsys
+):
     full = load_config(_config(tmp_path / "a", tiny_model, synth_root))
     run_sft(full)
     cut = _cut_run(tmp_path / "b", tiny_model, synth_root, at=4)
@@ -162,8 +176,9 @@ def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, tiny_mo
     cfg_path = _config(tmp_path, tiny_model, synth_root)
     _cut_run(tmp_path, tiny_model, synth_root, at=2)
     saved = (tmp_path / "run" / "config.yaml").read_text()
-    changed = load_config(cfg_path, ["seed=7", "batch_size=4", "optim.lr=0.01", "data.tasks=[factuality]",
-                                     "log_every=2"])
+    changed = load_config(
+        cfg_path, ["seed=7", "batch_size=4", "optim.lr=0.01", "data.tasks=[factuality]", "log_every=2"]
+    )
     with pytest.raises(ConfigError) as err:
         run_sft(changed, resume=True)
     msg = str(err.value)
@@ -228,14 +243,23 @@ def test_a_nan_loss_stops_training_or_is_skipped_when_allowed(tmp_path, tiny_mod
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
-@pytest.mark.parametrize("state,words", [
-    ("{", "unreadable"),
-    ('{"step": 2}', "step, epoch and index"),
-    ('{"step": 2, "epoch": 0, "index": 8, "files": [1]}', "'files'"),
-    ('{"step": 2, "epoch": 0, "index": 8, "files": {"model.pt": 5}}', "files.model.pt"),
-    ('{"step": 2, "epoch": 0, "index": 8, "files": {"../../etc/passwd": {"bytes": 1, "sha256": "x"}}}', "not a file of"),
-    ('{"step": 2, "epoch": 0, "index": 8, "files": {"model.pt": {"bytes": 1, "sha256": "x"}}}', "model.pt: missing"),
-])
+@pytest.mark.parametrize(
+    "state,words",
+    [
+        ("{", "unreadable"),
+        ('{"step": 2}', "step, epoch and index"),
+        ('{"step": 2, "epoch": 0, "index": 8, "files": [1]}', "'files'"),
+        ('{"step": 2, "epoch": 0, "index": 8, "files": {"model.pt": 5}}', "files.model.pt"),
+        (
+            '{"step": 2, "epoch": 0, "index": 8, "files": {"../../etc/passwd": {"bytes": 1, "sha256": "x"}}}',
+            "not a file of",
+        ),
+        (
+            '{"step": 2, "epoch": 0, "index": 8, "files": {"model.pt": {"bytes": 1, "sha256": "x"}}}',
+            "model.pt: missing",
+        ),
+    ],
+)
 def test_a_tampered_state_file_is_a_checkpoint_error(tmp_path, state, words):
     from hkd4vlm.engine.checkpoint import verify_checkpoint
 

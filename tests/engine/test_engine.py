@@ -28,9 +28,16 @@ def tiny_model(synth_root, tmp_path_factory):
 
 def _config(tmp_path, model, synth_root, **extra) -> Path:
     cfg = {
-        "model": str(model), "out": str(tmp_path / "run"), "data": {"root": str(synth_root), "eval_split": None},
-        "steps": 4, "batch_size": 8, "save_every": 2, "log_every": 1, "progress": False,
-        "optim": {"lr": 3e-3, "warmup_steps": 1}, "augment": {"permute_options": 0.5, "hflip": 0.5},
+        "model": str(model),
+        "out": str(tmp_path / "run"),
+        "data": {"root": str(synth_root), "eval_split": None},
+        "steps": 4,
+        "batch_size": 8,
+        "save_every": 2,
+        "log_every": 1,
+        "progress": False,
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "augment": {"permute_options": 0.5, "hflip": 0.5},
     }
     for k, v in extra.items():
         cfg[k] = v
@@ -66,7 +73,10 @@ def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
 
 def test_overrides_are_nested_and_typed():
     assert parse_overrides(["optim.lr=3e-4", "data.tasks=[factuality]", "steps=7"]) == {
-        "optim": {"lr": 3e-4}, "data": {"tasks": ["factuality"]}, "steps": 7}
+        "optim": {"lr": 3e-4},
+        "data": {"tasks": ["factuality"]},
+        "steps": 7,
+    }
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["optim.lr"])
 
@@ -85,8 +95,11 @@ def test_config_errors_name_the_field(tmp_path, synth_root):
 
 def test_an_empty_mapping_override_replaces(tmp_path, synth_root):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"model": "m", "out": "o", "data": {"root": str(synth_root)},
-                                    "augment": {"hflip": 0.5, "paraphrase": 0.3}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"model": "m", "out": "o", "data": {"root": str(synth_root)}, "augment": {"hflip": 0.5, "paraphrase": 0.3}}
+        )
+    )
     assert load_config(path, ["augment={}"]).augment == {}
     assert load_config(path, ["augment.hflip=0"]).augment == {"hflip": 0.0, "paraphrase": 0.3}
     assert load_config(path).augment == {"hflip": 0.5, "paraphrase": 0.3}
@@ -190,12 +203,32 @@ def test_two_processes_match_one(tmp_path, tiny_model, synth_root):
     two = _config(tmp_path / "two", tiny_model, synth_root, steps=3)
     run_sft(load_config(one))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hkd4vlm.cli", "train", str(two)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--multi_gpu",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "hkd4vlm.cli",
+        "train",
+        str(two),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints" / "step-3").glob("rng-*")) == [
-        "rng-0.json", "rng-1.json"]
-    _assert_same_weights(_weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run"), atol=ADAM_TOL * 3e-3 * 3)
+        "rng-0.json",
+        "rng-1.json",
+    ]
+    _assert_same_weights(
+        _weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run"), atol=ADAM_TOL * 3e-3 * 3
+    )
     l1, l2 = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
     assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-5)

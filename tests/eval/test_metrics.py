@@ -34,7 +34,8 @@ def test_confusion_matrix_rows_are_gold():
 def test_ece_by_hand():
     # bin 0.9: two predictions at 0.95, one right -> |0.5-0.95| * 2/4; bin 0.6: two at 0.6, both right -> |1-0.6| * 2/4
     assert expected_calibration_error([0.95, 0.95, 0.6, 0.6], [True, False, True, True]) == pytest.approx(
-        0.5 * 0.45 + 0.5 * 0.4)
+        0.5 * 0.45 + 0.5 * 0.4
+    )
     assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0
 
 

@@ -27,10 +27,14 @@ def test_detect_hallucination_matches_shifted_scoring_of_the_record(detector, sy
     split = read_split(synth_root, "hallucination", "test")
     record = split.records[0]
     path = split.image_path(record)
-    got = detector.detect_hallucination(str(path), record.system1_answer, record.options, question=record.system2_question)
+    got = detector.detect_hallucination(
+        str(path), record.system1_answer, record.options, question=record.system2_question
+    )
     record.system1_question = "Describe the image."
     with torch.inference_mode():
-        want = score_shifts(detector.model, detector.processor, [record], [split.load_image(record)], spec=MappingSpec(4))
+        want = score_shifts(
+            detector.model, detector.processor, [record], [split.load_image(record)], spec=MappingSpec(4)
+        )
     assert isinstance(got, Detection) and got.task == "hallucination"
     assert got.probabilities == pytest.approx(want.probs[0].tolist(), abs=1e-5)
     assert got.index == int(want.winner[0]) and got.option == record.options[got.index]
@@ -40,7 +44,9 @@ def test_detect_hallucination_matches_shifted_scoring_of_the_record(detector, sy
     pil = Image.open(path)
     raw = path.read_bytes()
     for image in (pil, raw, path):
-        again = detector.detect_hallucination(image, record.system1_answer, record.options, question=record.system2_question)
+        again = detector.detect_hallucination(
+            image, record.system1_answer, record.options, question=record.system2_question
+        )
         assert again.probabilities == pytest.approx(got.probabilities, abs=1e-5)
 
 
@@ -50,33 +56,61 @@ def test_check_fact_defaults_to_the_four_verdicts_and_predict_batches(detector, 
     singles = [detector.check_fact(split.image_path(r), r.claim, r.context, question=r.question) for r in recs]
     assert all(len(s.probabilities) == len(DEFAULT_VERDICTS) for s in singles)
     assert all(abs(sum(s.probabilities) - 1) < 1e-4 for s in singles)
-    items = [{"task": "factuality", "image": str(split.image_path(r)), "claim": r.claim, "context": r.context,
-              "question": r.question} for r in recs]
+    items = [
+        {
+            "task": "factuality",
+            "image": str(split.image_path(r)),
+            "claim": r.claim,
+            "context": r.context,
+            "question": r.question,
+        }
+        for r in recs
+    ]
     hall = read_split(synth_root, "hallucination", "test").records[1]
     img = io.BytesIO()
     Image.open(read_split(synth_root, "hallucination", "test").image_path(hall)).save(img, format="PNG")
-    items.append({"task": "hallucination", "image": img.getvalue(), "caption": hall.system1_answer,
-                  "options": hall.options[:3]})
+    items.append(
+        {"task": "hallucination", "image": img.getvalue(), "caption": hall.system1_answer, "options": hall.options[:3]}
+    )
     batch = detector.predict(items, batch_size=2, progress=False)
     for a, b in zip(batch[:3], singles):
         assert a.probabilities == pytest.approx(b.probabilities, abs=1e-4)
     assert len(batch[3].probabilities) == 3 and batch[3].shifts == 3  # shifts are capped at the option count
 
 
-@pytest.mark.parametrize("call, match, field, record, file", [
-    (lambda d, img: d.detect_hallucination(img, "a caption", ["only one"]), "options.*2 to 26", "options", None, None),
-    (lambda d, img: d.detect_hallucination(img, "a caption", "red circle"), "options.*list", "options", None, None),
-    (lambda d, img: d.detect_hallucination(img, "", ["a", "b"]), "caption.*empty", "caption", None, None),
-    (lambda d, img: d.detect_hallucination(img, "c", ["a", "a"]), "distinct", "options", None, None),
-    (lambda d, img: d.detect_hallucination(img, "c", ["a", 7]), "options", "options[1]", None, None),
-    (lambda d, img: d.check_fact(img, 3, "context"), "claim.*string", "claim", None, None),
-    (lambda d, img: d.check_fact(b"not an image", "claim", "context"), "image.*not an image", "image", None, None),
-    (lambda d, img: d.check_fact("/nonexistent/x.png", "claim", "context"), "image.*not found", "image", None,
-     "/nonexistent/x.png"),
-    (lambda d, img: d.predict([{"task": "factuality", "image": img, "context": "c"}], progress=False),
-     r"#0.*claim.*missing", "claim", 0, None),
-    (lambda d, img: d.predict([{"task": "poetry", "image": img}], progress=False), "task", "task", 0, None),
-])
+@pytest.mark.parametrize(
+    "call, match, field, record, file",
+    [
+        (
+            lambda d, img: d.detect_hallucination(img, "a caption", ["only one"]),
+            "options.*2 to 26",
+            "options",
+            None,
+            None,
+        ),
+        (lambda d, img: d.detect_hallucination(img, "a caption", "red circle"), "options.*list", "options", None, None),
+        (lambda d, img: d.detect_hallucination(img, "", ["a", "b"]), "caption.*empty", "caption", None, None),
+        (lambda d, img: d.detect_hallucination(img, "c", ["a", "a"]), "distinct", "options", None, None),
+        (lambda d, img: d.detect_hallucination(img, "c", ["a", 7]), "options", "options[1]", None, None),
+        (lambda d, img: d.check_fact(img, 3, "context"), "claim.*string", "claim", None, None),
+        (lambda d, img: d.check_fact(b"not an image", "claim", "context"), "image.*not an image", "image", None, None),
+        (
+            lambda d, img: d.check_fact("/nonexistent/x.png", "claim", "context"),
+            "image.*not found",
+            "image",
+            None,
+            "/nonexistent/x.png",
+        ),
+        (
+            lambda d, img: d.predict([{"task": "factuality", "image": img, "context": "c"}], progress=False),
+            r"#0.*claim.*missing",
+            "claim",
+            0,
+            None,
+        ),
+        (lambda d, img: d.predict([{"task": "poetry", "image": img}], progress=False), "task", "task", 0, None),
+    ],
+)
 def test_bad_input_is_an_error_naming_the_field(detector, call, match, field, record, file):
     img = Image.new("RGB", (16, 16), "white")
     with pytest.raises(InputError, match=match) as raised:

@@ -23,9 +23,16 @@ from hkd4vlm.models.registry import init_model
 from hkd4vlm.models.scoring import answer_distribution
 
 
-@pytest.fixture(scope="module", params=[("tiny-llava-s", "option"), ("tiny-idefics3-s", "option"),
-                                        ("tiny-llava-s", "letter"), ("tiny-idefics3-s", "letter")],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("tiny-llava-s", "option"),
+        ("tiny-idefics3-s", "option"),
+        ("tiny-llava-s", "letter"),
+        ("tiny-idefics3-s", "letter"),
+    ],
+    ids=lambda p: "-".join(p),
+)
 def model_pair(request, synth_root, tmp_path_factory, sharpen):
     preset, readout = request.param
     path = init_model(preset, synth_root, tmp_path_factory.mktemp("msei") / preset, seed=2, readout=readout)
@@ -120,8 +127,10 @@ def test_mapping_sets():
         MappingSpec([0, 1], mode="random")
 
 
-@pytest.mark.parametrize("value, want", [(1, 1), (4, 4), ("1", 1), (" 12 ", 12), ("all", "all"), ("All", "all"),
-                                         (" ALL ", "all"), (None, "all")])
+@pytest.mark.parametrize(
+    "value, want",
+    [(1, 1), (4, 4), ("1", 1), (" 12 ", 12), ("all", "all"), ("All", "all"), (" ALL ", "all"), (None, "all")],
+)
 def test_parse_shifts_reads_a_number_or_all(value, want):
     assert parse_shifts(value) == want
     assert MappingSpec(value).shifts == want

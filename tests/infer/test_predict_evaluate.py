@@ -21,8 +21,24 @@ def tiny_model(synth_root, tmp_path_factory):
 @pytest.mark.parametrize("task", ["hallucination", "factuality"])
 def test_predict_writes_the_scorers_shape(tmp_path, tiny_model, synth_root, task):
     out = tmp_path / "preds.jsonl"
-    res = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task", task,
-                                    "--split", "test", "--out", str(out), "--batch-size", "5"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "--model",
+            str(tiny_model),
+            "--data",
+            str(synth_root),
+            "--task",
+            task,
+            "--split",
+            "test",
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     records = read_split(synth_root, task, "test").records
@@ -76,19 +92,32 @@ def test_evaluate_refuses_unlabelled_predictions():
         evaluate_predictions([{"image": "1.jpg", "choice": None, "pred_ans": "A: x"}])
 
 
-
-
 def test_predict_with_mapping_shifts_writes_agreement(tmp_path, tiny_model, synth_root):
     out = tmp_path / "preds.jsonl"
-    args = ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task", "factuality", "--split", "test",
-            "--out", str(out), "--limit", "4"]
+    args = [
+        "predict",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(synth_root),
+        "--task",
+        "factuality",
+        "--split",
+        "test",
+        "--out",
+        str(out),
+        "--limit",
+        "4",
+    ]
     res = CliRunner().invoke(main, args + ["--shifts", "all", "--aggregate", "vote"])
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4
     for row in rows:
         assert row["agreement"] in (0.25, 0.5, 0.75, 1.0)
-        assert row["pred_letter"] == max(row["probs"], key=row["probs"].get) or row["probs"][row["pred_letter"]] == max(row["probs"].values())
+        assert row["pred_letter"] == max(row["probs"], key=row["probs"].get) or row["probs"][row["pred_letter"]] == max(
+            row["probs"].values()
+        )
     res = CliRunner().invoke(main, args + ["--shifts", "zero"])
     assert res.exit_code != 0 and "--shifts" in res.output
 
@@ -112,8 +141,22 @@ def peer_score(lines: list[dict]) -> dict:
 
 def test_a_peer_scorer_reads_our_predictions_as_we_do(tmp_path, tiny_model, synth_root):
     out = tmp_path / "preds.jsonl"
-    res = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task",
-                                    "hallucination", "--split", "test", "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "--model",
+            str(tiny_model),
+            "--data",
+            str(synth_root),
+            "--task",
+            "hallucination",
+            "--split",
+            "test",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     ours = evaluate_predictions(read_predictions(out))
@@ -129,8 +172,10 @@ def test_an_unscorable_record_is_an_error_line_without_nan(tmp_path, synth_root)
     from hkd4vlm.infer.predict import to_prediction, write_jsonl
 
     records = read_split(synth_root, "factuality", "test").records[:2]
-    preds = [to_prediction(records[0], [float("nan")] * len(records[0].choices)),
-             to_prediction(records[1], [0.7] + [0.3 / (len(records[1].choices) - 1)] * (len(records[1].choices) - 1))]
+    preds = [
+        to_prediction(records[0], [float("nan")] * len(records[0].choices)),
+        to_prediction(records[1], [0.7] + [0.3 / (len(records[1].choices) - 1)] * (len(records[1].choices) - 1)),
+    ]
     path = write_jsonl(preds, tmp_path / "p.jsonl")
 
     def no_nan(token):
@@ -207,10 +252,18 @@ def test_evaluate_names_a_file_that_is_not_text_or_nested_too_deeply(tmp_path):
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "p.jsonl: not UTF-8" in res.output
     preds.write_text(json.dumps(GOOD) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
     res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json")])
-    assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "p.jsonl:2: JSON that cannot be read" in res.output
+    assert (
+        res.exit_code == 1
+        and isinstance(res.exception, SystemExit)
+        and "p.jsonl:2: JSON that cannot be read" in res.output
+    )
     preds.write_text(json.dumps(GOOD) + "\n" + '{"image": ' + "9" * 5000 + "}\n")
     res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json")])
-    assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "p.jsonl:2: JSON that cannot be read" in res.output
+    assert (
+        res.exit_code == 1
+        and isinstance(res.exception, SystemExit)
+        and "p.jsonl:2: JSON that cannot be read" in res.output
+    )
     # a line separator inside a text field is part of the line, not the end of it
     preds.write_text(json.dumps({**GOOD, "question": "a\u2028b"}, ensure_ascii=False) + "\n")
     assert read_predictions(preds)[0]["question"] == "a\u2028b"
@@ -238,7 +291,23 @@ def test_predict_with_one_shift_is_one_plain_pass(tmp_path, tiny_model, synth_ro
 
     monkeypatch.setattr(predict_module, "score_shifts", no_shifts)
     out = tmp_path / "preds.jsonl"
-    res = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task",
-                                    "factuality", "--out", str(out), "--limit", "2", "--shifts", "1"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "--model",
+            str(tiny_model),
+            "--data",
+            str(synth_root),
+            "--task",
+            "factuality",
+            "--out",
+            str(out),
+            "--limit",
+            "2",
+            "--shifts",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert [json.loads(line)["agreement"] for line in out.read_text().splitlines()] == [None, None]

@@ -20,6 +20,7 @@ def idefics3(synth_root, tmp_path_factory):
 
 # ---- Idefics3 (SmolVLM architecture) ----
 
+
 def test_idefics3_round_trips_through_auto_classes(idefics3, batch):
     out, model, processor = idefics3
     assert type(model).__name__ == "Idefics3ForConditionalGeneration"
@@ -99,8 +100,9 @@ def test_init_model_cli_builds_idefics3(synth_root, tmp_path):
 
     from hkd4vlm.cli import main
 
-    result = CliRunner().invoke(main, ["init-model", "--preset", "tiny-idefics3-s", "--data", str(synth_root),
-                                       "--out", str(tmp_path / "m")])
+    result = CliRunner().invoke(
+        main, ["init-model", "--preset", "tiny-idefics3-s", "--data", str(synth_root), "--out", str(tmp_path / "m")]
+    )
     assert result.exit_code == 0, result.output
     model, _ = load_model(tmp_path / "m")
     assert type(model).__name__ == "Idefics3ForConditionalGeneration"
@@ -114,8 +116,10 @@ def test_build_tiny_names_every_preset_when_the_name_is_unknown():
 
 # ---- freezing the vision tower, per family ----
 
-@pytest.mark.parametrize("preset, prefix", [("tiny-llava-s", "model.vision_tower."),
-                                            ("tiny-idefics3-s", "model.vision_model.")])
+
+@pytest.mark.parametrize(
+    "preset, prefix", [("tiny-llava-s", "model.vision_tower."), ("tiny-idefics3-s", "model.vision_model.")]
+)
 def test_freeze_vision_freezes_exactly_the_vision_tower(synth_root, tmp_path, preset, prefix):
     out = init_model(preset, synth_root, tmp_path / preset)
     model, _ = load_model(out, freeze_vision=True)
@@ -126,16 +130,30 @@ def test_freeze_vision_freezes_exactly_the_vision_tower(synth_root, tmp_path, pr
 def test_vision_tower_refuses_a_text_only_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=32))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=32,
+        )
+    )
     with pytest.raises(ValueError, match="LlamaForCausalLM has no image encoder"):
         vision_tower(model)
 
 
 # ---- Qwen2-VL ----
 
-QWEN2VL_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                          "<|video_pad|>"]
+QWEN2VL_SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 #: Qwen2-VL's chat format, written out for the tiny tokenizer: a default system turn, each image as
 #: <|vision_start|><|image_pad|><|vision_end|> in place, and "<|im_start|>assistant\n" to generate
 QWEN2VL_CHAT_TEMPLATE = (
@@ -164,17 +182,33 @@ def tiny_qwen2vl(tokenizer, *, seed=0):
     config = Qwen2VLConfig(
         # head_dim 32: the multimodal rope sections (temporal, height, width) split its 16 frequencies
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         ),
         # 8 px patches, 2x2 merged into one text-side token of the text width
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration(config)
@@ -255,8 +289,12 @@ def image_only_qwen2vl_processor(tokenizer):
             if attribute_name != "video_processor":
                 return super().check_argument_for_proper_class(attribute_name, arg)
 
-    return ImageOnlyQwen2VLProcessor(image_processor=qwen2vl_image_processor(), tokenizer=tokenizer,
-                                     video_processor=None, chat_template=QWEN2VL_CHAT_TEMPLATE)
+    return ImageOnlyQwen2VLProcessor(
+        image_processor=qwen2vl_image_processor(),
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
 
 
 def test_qwen2vl_batching_with_left_padding_equals_one_at_a_time(qwen2vl, batch):
@@ -278,7 +316,8 @@ def test_qwen2vl_checkpoint_with_processor_loads_and_scores(qwen2vl, batch, tmp_
 
     out, tokenizer, model = qwen2vl
     processor = Qwen2VLProcessor(
-        image_processor=qwen2vl_image_processor(), tokenizer=tokenizer,
+        image_processor=qwen2vl_image_processor(),
+        tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(patch_size=8, merge_size=2, temporal_patch_size=2),
         chat_template=QWEN2VL_CHAT_TEMPLATE,
     )

@@ -98,8 +98,9 @@ def test_init_model_cli(synth_root, tmp_path):
 
     from hkd4vlm.cli import main
 
-    result = CliRunner().invoke(main, ["init-model", "--preset", "tiny-llava-s", "--data", str(synth_root),
-                                       "--out", str(tmp_path / "m")])
+    result = CliRunner().invoke(
+        main, ["init-model", "--preset", "tiny-llava-s", "--data", str(synth_root), "--out", str(tmp_path / "m")]
+    )
     assert result.exit_code == 0, result.output
     assert "parameters, saved to" in result.output
     model, _ = load_model(tmp_path / "m")

@@ -62,16 +62,18 @@ def test_option_scores_are_the_verdict_logit_at_each_option_end(option_model, ba
             for k, option in enumerate(r.options):
                 # by hand: the last "L" ":" pair of the option's letter, then the option's own tokens
                 letter = letter_token_ids(tok, [r.letters[k]])[0]
-                letter_at = max(j for j in range(len(ids) - 1) if ids[j] == letter and tok.decode([ids[j + 1]]).strip() == ":")
+                letter_at = max(
+                    j for j in range(len(ids) - 1) if ids[j] == letter and tok.decode([ids[j + 1]]).strip() == ":"
+                )
                 option_ids = tok(f" {option}", add_special_tokens=False)["input_ids"]
                 end = letter_at + 1 + len(option_ids)
-                assert ids[letter_at + 2: end + 1] == option_ids
+                assert ids[letter_at + 2 : end + 1] == option_ids
                 want.append(out.logits[0, end, vid])
             want = torch.stack(want)
             got = scores.logits[b, : len(r.options)]
             assert torch.allclose(got, want, atol=1e-4), (b, got, want)
             if len(r.options) < scores.logits.shape[1]:
-                assert scores.probs[b, len(r.options):].eq(0).all()
+                assert scores.probs[b, len(r.options) :].eq(0).all()
     assert torch.allclose(scores.probs.sum(-1), torch.ones(len(records)), atol=1e-5)
     assert scores.hidden.shape == (len(records), model.config.get_text_config().hidden_size)
 
@@ -88,7 +90,10 @@ def test_option_readout_is_the_same_batched_and_alone(option_model, batch):
             assert torch.allclose(together.hidden[b], alone.hidden[0], atol=1e-4)
     # the readout must depend on the options: swapping two options swaps their probabilities
     r = copy.deepcopy(records[0])
-    r.choices = [Choice(r.choices[0].id, records[0].options[1]), Choice(r.choices[1].id, records[0].options[0])] + r.choices[2:]
+    r.choices = [
+        Choice(r.choices[0].id, records[0].options[1]),
+        Choice(r.choices[1].id, records[0].options[0]),
+    ] + r.choices[2:]
     with torch.inference_mode():
         swapped = answer_distribution(model, processor, [r], images[:1]).probs[0]
     assert not torch.allclose(swapped, together.probs[0, :4], atol=1e-4)
@@ -176,9 +181,16 @@ COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black
 def _colour_question(rng: random.Random) -> Record:
     opts = rng.sample(COLOURS, 4)
     y = rng.randrange(4)
-    return Record(task="factuality", image_id="x.png", choices=[Choice(letter, o) for letter, o in zip("ABCD", opts)],
-                  correct_answer=opts[y], correct_choice="ABCD"[y], context="", claim="",
-                  question=f"Which option is {opts[y]}?")
+    return Record(
+        task="factuality",
+        image_id="x.png",
+        choices=[Choice(letter, o) for letter, o in zip("ABCD", opts)],
+        correct_answer=opts[y],
+        correct_choice="ABCD"[y],
+        context="",
+        claim="",
+        question=f"Which option is {opts[y]}?",
+    )
 
 
 @pytest.mark.slow
@@ -187,7 +199,9 @@ def test_option_readout_learns_the_text_only_probe_quickly():
     tiny model and prompt in a few dozen steps (the letter readout needs thousands; README, "Readouts").
     A change that breaks learning (scoring, prompt, positions) fails here."""
     torch.manual_seed(0)
-    model, processor = build_tiny("tiny-llava-s", [f"Which option is {c}?" for c in COLOURS] + COLOURS + ["Yes"], seed=0)
+    model, processor = build_tiny(
+        "tiny-llava-s", [f"Which option is {c}?" for c in COLOURS] + COLOURS + ["Yes"], seed=0
+    )
     set_readout(model, "option")
     image = Image.new("RGB", (64, 64), (128, 128, 128))
     rng, held = random.Random(0), random.Random(99)
@@ -198,7 +212,7 @@ def test_option_readout_learns_the_text_only_probe_quickly():
     def accuracy() -> float:
         model.eval()
         with torch.inference_mode():
-            acc = (answer_distribution(model, processor, test, [image] * len(test)).probs.argmax(-1) == labels)
+            acc = answer_distribution(model, processor, test, [image] * len(test)).probs.argmax(-1) == labels
         model.train()
         return acc.float().mean().item()
 

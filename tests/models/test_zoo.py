@@ -31,7 +31,8 @@ def test_shipped_base_matches_its_manifest_and_the_code(name):
     rec = m["recipe"]
     code = pretrain_recipe(rec["preset"], batch_size=rec["batch_size"], seed=rec["seed"], pool_size=rec["pool_size"])
     assert m["recipe_digest"] == recipe_digest(code) == recipe_digest(rec), (
-        "the code's pretraining recipe changed since this base was trained: rebuild it (README, 'Model zoo')")
+        "the code's pretraining recipe changed since this base was trained: rebuild it (README, 'Model zoo')"
+    )
     assert m["readout"] == code["readout"] and len(m["code_commit"]) == 40
     assert m["held_out"]["accuracy"] > 0.25 and all(k.startswith("accuracy") for k in m["held_out"])
     assert sum(f.stat().st_size for f in (zoo.ZOO_DIR / name).rglob("*")) < 20 * 2**20  # the zoo stays small
@@ -41,11 +42,24 @@ def test_shipped_base_matches_its_manifest_and_the_code(name):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipe_runs(name, synth_root, tmp_path):
     rec = zoo.read_manifest(name)["recipe"]
-    final = pretrain(rec["preset"], synth_root, tmp_path / "pt", steps=2, dense_steps=2, batch_size=4, pool_size=32,
-                     seed=rec["seed"], progress=False, cache_dir=tmp_path / "cache")
+    final = pretrain(
+        rec["preset"],
+        synth_root,
+        tmp_path / "pt",
+        steps=2,
+        dense_steps=2,
+        batch_size=4,
+        pool_size=32,
+        seed=rec["seed"],
+        progress=False,
+        cache_dir=tmp_path / "cache",
+    )
     written = json.loads((final / "pretrain_recipe.json").read_text())
-    assert {k: v for k, v in written.items() if k not in ("steps", "dense_steps", "batch_size", "pool_size", "recipe_digest")} == {
-        k: v for k, v in rec.items() if k not in ("steps", "dense_steps", "batch_size", "pool_size")}
+    assert {
+        k: v
+        for k, v in written.items()
+        if k not in ("steps", "dense_steps", "batch_size", "pool_size", "recipe_digest")
+    } == {k: v for k, v in rec.items() if k not in ("steps", "dense_steps", "batch_size", "pool_size")}
 
 
 @pytest.fixture
@@ -59,7 +73,11 @@ def test_publish_then_load_by_name(own_zoo, synth_root, tmp_path, batch, sharpen
     model, processor = load_model(src)
     sharpen(model, 4)
     model.save_pretrained(src)
-    folder = zoo.publish(*load_model(src, dtype="float32"), "mine", manifest={"recipe": {"preset": "tiny-llava-s"}, "code_commit": "c" * 40})
+    folder = zoo.publish(
+        *load_model(src, dtype="float32"),
+        "mine",
+        manifest={"recipe": {"preset": "tiny-llava-s"}, "code_commit": "c" * 40},
+    )
     m = json.loads((folder / "manifest.json").read_text())
     assert m["dtype"] == "float16" and m["readout"] == "option" and "model.safetensors" in m["files"]
     assert zoo.available() == ["mine"] and zoo.verify("mine") == []
@@ -93,11 +111,41 @@ def test_cli_accepts_zoo_names_and_rejects_unknown_ones(own_zoo, synth_root, tmp
 
     from hkd4vlm.cli import main
 
-    res = CliRunner().invoke(main, ["predict", "--model", "zoo:nothing-here", "--data", str(synth_root), "--task",
-                                    "factuality", "--out", str(tmp_path / "p.jsonl")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "--model",
+            "zoo:nothing-here",
+            "--data",
+            str(synth_root),
+            "--task",
+            "factuality",
+            "--out",
+            str(tmp_path / "p.jsonl"),
+        ],
+    )
     assert res.exit_code == 2 and "no zoo model 'zoo:nothing-here'" in res.output
-    zoo.publish(*load_model(init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=6), dtype="float32"), "mine", manifest={"recipe": {}})
-    res = CliRunner().invoke(main, ["predict", "--model", "zoo:mine", "--data", str(synth_root), "--task",
-                                    "factuality", "--out", str(tmp_path / "p.jsonl"), "--limit", "2"])
+    zoo.publish(
+        *load_model(init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=6), dtype="float32"),
+        "mine",
+        manifest={"recipe": {}},
+    )
+    res = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "--model",
+            "zoo:mine",
+            "--data",
+            str(synth_root),
+            "--task",
+            "factuality",
+            "--out",
+            str(tmp_path / "p.jsonl"),
+            "--limit",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2

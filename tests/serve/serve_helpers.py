@@ -13,8 +13,13 @@ def b64(path) -> str:
 
 def hall_json(split, i=0, **extra) -> dict:
     r = split.records[i]
-    return {"image": b64(split.image_path(r)), "caption": r.system1_answer, "options": r.options,
-            "question": r.system2_question, **extra}
+    return {
+        "image": b64(split.image_path(r)),
+        "caption": r.system1_answer,
+        "options": r.options,
+        "question": r.system2_question,
+        **extra,
+    }
 
 
 def png(size, color="white") -> bytes:

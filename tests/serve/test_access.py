@@ -32,17 +32,23 @@ def plain(detector):
         yield s
 
 
-@pytest.mark.parametrize("headers, why", [
-    ({}, "missing"),
-    ({"Authorization": "Bearer wrong-key"}, "not a valid API key"),
-    ({"Authorization": f"Bearer {KEY}x"}, "not a valid API key"),
-    ({"Authorization": f"Bearer {KEY[:-1]}"}, "not a valid API key"),
-    ({"Authorization": f"Basic {KEY}"}, "not a valid API key"),
-    ({"Authorization": KEY}, "not a valid API key"),
-])
+@pytest.mark.parametrize(
+    "headers, why",
+    [
+        ({}, "missing"),
+        ({"Authorization": "Bearer wrong-key"}, "not a valid API key"),
+        ({"Authorization": f"Bearer {KEY}x"}, "not a valid API key"),
+        ({"Authorization": f"Bearer {KEY[:-1]}"}, "not a valid API key"),
+        ({"Authorization": f"Basic {KEY}"}, "not a valid API key"),
+        ({"Authorization": KEY}, "not a valid API key"),
+    ],
+)
 def test_a_request_without_the_right_key_is_refused_with_401(keyed, hall, headers, why):
-    for method, path, kw in [("POST", "/v1/hallucination", {"json": hall_json(hall)}), ("GET", "/v1/stats", {}),
-                             ("GET", "/v1/model", {})]:
+    for method, path, kw in [
+        ("POST", "/v1/hallucination", {"json": hall_json(hall)}),
+        ("GET", "/v1/stats", {}),
+        ("GET", "/v1/model", {}),
+    ]:
         got = httpx.request(method, f"{keyed.url}{path}", headers=headers, timeout=60, **kw)
         assert got.status_code == 401, (path, got.text)
         assert got.headers["www-authenticate"] == "Bearer"
@@ -64,8 +70,9 @@ def test_the_right_key_is_answered_and_healthz_stays_open(keyed, hall, monkeypat
     assert httpx.get(f"{keyed.url}/healthz").json() == {"status": "ok"}
 
 
-@pytest.mark.parametrize("host", ["evil.example", "127.0.0.1.evil.example", "localhost.evil.example:80", "",
-                                  "attacker.test:8000"])
+@pytest.mark.parametrize(
+    "host", ["evil.example", "127.0.0.1.evil.example", "localhost.evil.example:80", "", "attacker.test:8000"]
+)
 def test_a_host_not_allowed_is_refused_but_healthz_answers(plain, hall, host):
     headers = {"Host": host}
     for method, path, kw in [("POST", "/v1/hallucination", {"json": hall_json(hall)}), ("GET", "/v1/model", {})]:
@@ -83,6 +90,7 @@ def test_the_loopback_names_are_allowed_by_default(plain, host):
 
 def test_an_allow_list_and_any_host(detector):
     with ServerThread(create_app(detector, allowed_hosts=("judge.example.com", "*.internal.example"))) as s:
+
         def status(host):
             return httpx.get(f"{s.url}/v1/model", headers={"Host": host}).status_code
 
@@ -98,29 +106,42 @@ def test_cors_is_off_by_default(plain):
     origin = {"Origin": "https://app.example"}
     got = httpx.get(f"{plain.url}/v1/model", headers=origin)
     assert got.status_code == 200 and "access-control-allow-origin" not in got.headers
-    preflight = httpx.options(f"{plain.url}/v1/hallucination",
-                              headers={**origin, "Access-Control-Request-Method": "POST"})
+    preflight = httpx.options(
+        f"{plain.url}/v1/hallucination", headers={**origin, "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in preflight.headers
 
 
 def test_cors_for_the_origins_given_with_the_key_still_required(detector, hall):
     app = create_app(detector, api_key=KEY, cors_origins=("https://app.example",))
     with ServerThread(app) as s:
-        preflight = httpx.options(f"{s.url}/v1/hallucination", headers={
-            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})
+        preflight = httpx.options(
+            f"{s.url}/v1/hallucination",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
         assert preflight.status_code == 200, preflight.text
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
         assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
-        other = httpx.options(f"{s.url}/v1/hallucination", headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        other = httpx.options(
+            f"{s.url}/v1/hallucination",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
         assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
-        unauth = httpx.post(f"{s.url}/v1/hallucination", json=hall_json(hall), headers={"Origin": "https://app.example"},
-                            timeout=60)
+        unauth = httpx.post(
+            f"{s.url}/v1/hallucination", json=hall_json(hall), headers={"Origin": "https://app.example"}, timeout=60
+        )
         assert unauth.status_code == 401  # CORS lets the page read the answer; it does not let it in
         assert unauth.headers["access-control-allow-origin"] == "https://app.example"
-        ok = httpx.post(f"{s.url}/v1/hallucination", json=hall_json(hall), timeout=60,
-                        headers={"Origin": "https://app.example", "Authorization": f"Bearer {KEY}"})
+        ok = httpx.post(
+            f"{s.url}/v1/hallucination",
+            json=hall_json(hall),
+            timeout=60,
+            headers={"Origin": "https://app.example", "Authorization": f"Bearer {KEY}"},
+        )
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
 
 
@@ -138,11 +159,20 @@ def test_a_key_that_cannot_travel_in_a_header_is_refused(detector):
             create_app(detector, api_key=bad)
 
 
-@pytest.mark.parametrize("host, key, warned", [
-    ("0.0.0.0", None, True), ("::", None, True), ("192.168.1.20", None, True), ("judge.example.com", None, True),
-    ("0.0.0.0", KEY, False), ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False),
-    ("127.0.0.2", None, False),
-])
+@pytest.mark.parametrize(
+    "host, key, warned",
+    [
+        ("0.0.0.0", None, True),
+        ("::", None, True),
+        ("192.168.1.20", None, True),
+        ("judge.example.com", None, True),
+        ("0.0.0.0", KEY, False),
+        ("127.0.0.1", None, False),
+        ("localhost", None, False),
+        ("::1", None, False),
+        ("127.0.0.2", None, False),
+    ],
+)
 def test_run_warns_when_serving_beyond_loopback_without_a_key(model_dir, monkeypatch, capsys, host, key, warned):
     served = []
     monkeypatch.setattr(app_module.uvicorn.Server, "run", lambda self, *a, **kw: served.append(self.config))
@@ -158,8 +188,11 @@ def test_run_answers_to_its_own_address_by_default(model_dir, monkeypatch):
     made = []
     monkeypatch.setattr(app_module.uvicorn.Server, "run", lambda self, *a, **kw: None)
     monkeypatch.setattr(app_module, "create_app", lambda detector, **kw: made.append(kw["allowed_hosts"]) or "app")
-    for host, want in [("127.0.0.1", ("127.0.0.1", "localhost", "::1")), ("0.0.0.0", ("*",)),
-                       ("10.0.0.7", ("127.0.0.1", "localhost", "::1", "10.0.0.7"))]:
+    for host, want in [
+        ("127.0.0.1", ("127.0.0.1", "localhost", "::1")),
+        ("0.0.0.0", ("*",)),
+        ("10.0.0.7", ("127.0.0.1", "localhost", "::1", "10.0.0.7")),
+    ]:
         app_module.run(model_dir, host=host, shifts=2)
         assert made[-1] == want
     app_module.run(model_dir, host="0.0.0.0", shifts=2, allowed_hosts=("judge.example.com",))
@@ -169,15 +202,26 @@ def test_run_answers_to_its_own_address_by_default(model_dir, monkeypatch):
 def test_cli_serve_takes_the_key_from_the_environment_and_the_access_options(model_dir, monkeypatch):
     calls = []
     monkeypatch.setattr(serve_module, "run", lambda *a, **kw: calls.append(kw))
-    args = ["serve", "--model", str(model_dir), "--allowed-host", "judge.example.com", "--allowed-host", "*.corp",
-            "--cors-origin", "https://app.example", "--docs"]
+    args = [
+        "serve",
+        "--model",
+        str(model_dir),
+        "--allowed-host",
+        "judge.example.com",
+        "--allowed-host",
+        "*.corp",
+        "--cors-origin",
+        "https://app.example",
+        "--docs",
+    ]
     result = CliRunner().invoke(main, args, env={"HKD4VLM_API_KEY": KEY})
     assert result.exit_code == 0, result.output
     kw = calls[-1]
     assert kw["api_key"] == KEY and kw["allowed_hosts"] == ("judge.example.com", "*.corp")
     assert kw["cors_origins"] == ("https://app.example",) and kw["docs"] is True
-    result = CliRunner().invoke(main, ["serve", "--model", str(model_dir), "--api-key", "other-key"],
-                                env={"HKD4VLM_API_KEY": KEY})
+    result = CliRunner().invoke(
+        main, ["serve", "--model", str(model_dir), "--api-key", "other-key"], env={"HKD4VLM_API_KEY": KEY}
+    )
     assert result.exit_code == 0 and calls[-1]["api_key"] == "other-key"  # the option wins over the environment
     assert calls[-1]["allowed_hosts"] is None and calls[-1]["docs"] is False
     result = CliRunner().invoke(main, ["serve", "--model", str(model_dir)], env={"HKD4VLM_API_KEY": "a b"})

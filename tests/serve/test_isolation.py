@@ -33,8 +33,9 @@ def send_together(url: str, bodies: list[dict]) -> list[httpx.Response]:
         with httpx.Client(base_url=url, timeout=120) as c:
             start.wait()
             # json.dumps escapes to ASCII, so that a lone surrogate travels as "\\ud800", as JSON allows
-            answers[i] = c.post("/v1/hallucination", content=json.dumps(bodies[i]),
-                                headers={"Content-Type": "application/json"})
+            answers[i] = c.post(
+                "/v1/hallucination", content=json.dumps(bodies[i]), headers={"Content-Type": "application/json"}
+            )
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
     for t in threads:
@@ -70,8 +71,9 @@ def test_control_tokens_are_refused_naming_the_field_and_the_batch_is_answered(s
     for i, answer in enumerate(answers):
         assert answer.status_code == 200, answer.text
         r = hall.records[i]
-        want = detector.detect_hallucination(hall.image_path(r), r.system1_answer, r.options,
-                                             question=r.system2_question)
+        want = detector.detect_hallucination(
+            hall.image_path(r), r.system1_answer, r.options, question=r.system2_question
+        )
         assert_same(answer.json(), want, detector.name)
     assert after["ok"] - before["ok"] == n_good and after["server_errors"] == before["server_errors"]
 

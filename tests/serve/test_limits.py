@@ -29,8 +29,15 @@ MAX_CHARS, MAX_TOKENS, MAX_REQUEST_TOKENS, MAX_SIDE = 2_000, 40, 100, 128
 
 @pytest.fixture(scope="module")
 def server(detector):
-    app = create_app(detector, max_batch_size=8, max_wait_ms=20, max_text_chars=MAX_CHARS,
-                     max_text_tokens=MAX_TOKENS, max_request_tokens=MAX_REQUEST_TOKENS, max_image_side=MAX_SIDE)
+    app = create_app(
+        detector,
+        max_batch_size=8,
+        max_wait_ms=20,
+        max_text_chars=MAX_CHARS,
+        max_text_tokens=MAX_TOKENS,
+        max_request_tokens=MAX_REQUEST_TOKENS,
+        max_image_side=MAX_SIDE,
+    )
     with ServerThread(app) as s:
         yield s
 
@@ -43,10 +50,18 @@ def _fact(split, **extra) -> dict:
 WORDS = "red circle left of a blue square " * 8  # 56 words: under the character limit, over the token limit
 TOO_LONG = [  # endpoint, body, the field the 422 must name, what the message must say
     ("hallucination", lambda h, f: hall_json(h, caption="x" * 228_000), "caption", "228,000 characters"),
-    ("hallucination", lambda h, f: hall_json(h, caption="a " * (MAX_CHARS // 2) + "b"), "caption",
-     f"over the limit of {MAX_CHARS:,}"),
-    ("hallucination", lambda h, f: hall_json(h, options=["red circle", "blue square", WORDS]), "options[2]",
-     f"tokens, over the limit of {MAX_TOKENS}"),
+    (
+        "hallucination",
+        lambda h, f: hall_json(h, caption="a " * (MAX_CHARS // 2) + "b"),
+        "caption",
+        f"over the limit of {MAX_CHARS:,}",
+    ),
+    (
+        "hallucination",
+        lambda h, f: hall_json(h, options=["red circle", "blue square", WORDS]),
+        "options[2]",
+        f"tokens, over the limit of {MAX_TOKENS}",
+    ),
     ("hallucination", lambda h, f: hall_json(h, question=WORDS), "question", "tokens"),
     ("factuality", lambda h, f: _fact(f, context=WORDS), "context", "tokens"),
     ("factuality", lambda h, f: _fact(f, claim="y" * (MAX_CHARS + 1)), "claim", "characters"),
@@ -107,8 +122,9 @@ def test_a_large_image_is_answered_as_its_scaled_down_copy(client, detector, hal
     image.save(buf, format="PNG")
     got = client.post("/v1/hallucination", json=hall_json(hall, 0, image=base64.b64encode(buf.getvalue()).decode()))
     assert got.status_code == 200, got.text
-    want = detector.detect_hallucination(open_image(buf.getvalue(), max_side=MAX_SIDE), r.system1_answer, r.options,
-                                         question=r.system2_question)
+    want = detector.detect_hallucination(
+        open_image(buf.getvalue(), max_side=MAX_SIDE), r.system1_answer, r.options, question=r.system2_question
+    )
     assert_same(got.json(), want, detector.name)
 
 
@@ -124,10 +140,17 @@ def test_the_requests_in_flight_hold_at_most_the_memory_budget(detector, hall):
         return real(records, images)
 
     budget = 2 * 2**20
-    app = create_app(detector, max_batch_size=1, max_wait_ms=0, max_body_bytes=256 * 1024, max_image_side=256,
-                     max_inflight_bytes=budget)
+    app = create_app(
+        detector,
+        max_batch_size=1,
+        max_wait_ms=0,
+        max_body_bytes=256 * 1024,
+        max_image_side=256,
+        max_inflight_bytes=budget,
+    )
     results: dict[int, httpx.Response] = {}
     with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+
         def send(i):
             with httpx.Client(base_url=srv.url, timeout=60) as cc:
                 results[i] = cc.post("/v1/hallucination", json=hall_json(hall, i % len(hall.records)))
@@ -194,6 +217,7 @@ def test_memory_stays_bounded_and_returns_after_large_images(detector, hall):
         sampler.start()
         codes = []
         for _ in range(2):
+
             def send():
                 codes.append(httpx.post(f"{srv.url}/v1/hallucination", json=body, timeout=120).status_code)
 
@@ -214,8 +238,9 @@ def test_memory_stays_bounded_and_returns_after_large_images(detector, hall):
 
 
 def test_bench_serve_reports_the_servers_memory_before_peak_and_after(detector, synth_root):
-    report = bench_serve(detector, requests=24, concurrency=6, max_batch_size=8, images=synth_root,
-                         large_image_share=0.25, seed=1)
+    report = bench_serve(
+        detector, requests=24, concurrency=6, max_batch_size=8, images=synth_root, large_image_share=0.25, seed=1
+    )
     assert report["failed"] == 0 and report["lost"] == 0, report["failure_examples"]
     rss = report["rss_mb"]
     assert set(rss) == {"before", "peak", "after"} and all(isinstance(v, float) and v > 0 for v in rss.values())
@@ -234,8 +259,21 @@ def test_cli_bench_serve_passes_the_large_image_share(monkeypatch, tmp_path):
 
     monkeypatch.setattr(bench_module, "run_serve_bench", fake)
     out = tmp_path / "b.json"
-    result = CliRunner().invoke(main, ["bench", "--serve", "--student", "zoo:tiny-llava-s", "--requests", "5",
-                                       "--large-image-share", "0.1", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--serve",
+            "--student",
+            "zoo:tiny-llava-s",
+            "--requests",
+            "5",
+            "--large-image-share",
+            "0.1",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert calls[0]["large_image_share"] == 0.1 and calls[0]["requests"] == 5
     assert json.loads(out.read_text())["serve"]["rss_mb"]["peak"] == 2.0

@@ -10,8 +10,11 @@ from hkd4vlm.serve.requests import RequestError, error_body, input_refusal  # no
 
 def test_an_input_error_becomes_a_422_naming_its_field():
     got = input_refusal(InputError("field 'options[2]': empty", field="options[2]"))
-    assert isinstance(got, RequestError) and (got.status, got.message, got.field) == (422, "field 'options[2]': empty",
-                                                                                      "options[2]")
+    assert isinstance(got, RequestError) and (got.status, got.message, got.field) == (
+        422,
+        "field 'options[2]': empty",
+        "options[2]",
+    )
 
 
 def test_the_field_comes_from_the_attribute_and_the_record_index_is_left_out():

@@ -34,10 +34,12 @@ def _hang_up(port: int, kind: str, i: int) -> None:
         head, body = "application/json", b"40\r\n" + b'{"caption": "a red circle", "options": ["red", "blue"], "ima'
     length = "Transfer-Encoding: chunked" if kind == "chunked" else "Content-Length: 100000"
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"POST /v1/{'hallucination' if i % 2 else 'factuality'} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     f"Content-Type: {head}\r\n{length}\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /v1/{'hallucination' if i % 2 else 'factuality'} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: {head}\r\n{length}\r\n\r\n".encode()
+        )
         for start in range(0, len(body), 64):  # a slow client
-            sock.sendall(body[start:start + 64])
+            sock.sendall(body[start : start + 64])
             time.sleep(0.002)
 
 
@@ -45,8 +47,10 @@ def test_clients_that_hang_up_are_not_server_errors_and_log_no_tracebacks(server
     n = 30
     before = client.get("/v1/stats").json()
     with caplog.at_level(logging.INFO):
-        threads = [threading.Thread(target=_hang_up, args=(server.port, ("json", "multipart", "chunked")[i % 3], i))
-                   for i in range(n)]
+        threads = [
+            threading.Thread(target=_hang_up, args=(server.port, ("json", "multipart", "chunked")[i % 3], i))
+            for i in range(n)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -68,13 +72,25 @@ DEEP = 100_000
 NESTED = {  # the request, the status, the field the answer must name
     "a body of nested lists": (lambda h: {"content": b"[" * DEEP + b"]" * DEEP}, 400, "body"),
     "a body of nested objects": (lambda h: {"content": b'{"a":' * DEEP + b"1" + b"}" * DEEP}, 400, "body"),
-    "nested lists in a field": (lambda h: {"content": b'{"caption": "c", "options": ' + b"[" * DEEP + b"]" * DEEP
-                                           + b"}"}, 400, "body"),
+    "nested lists in a field": (
+        lambda h: {"content": b'{"caption": "c", "options": ' + b"[" * DEEP + b"]" * DEEP + b"}"},
+        400,
+        "body",
+    ),
     "unclosed nesting": (lambda h: {"content": b"[" * DEEP}, 400, "body"),
-    "a nested option, within the parser's depth": (lambda h: {"json": hall_json(h, options=json.loads(
-        "[" * 500 + "]" * 500))}, 422, "options"),
-    "a multipart list field nested deeply": (lambda h: {"data": {"caption": "c", "options": "[" * DEEP + "]" * DEEP},
-                                                        "files": {"image": ("x.png", png((8, 8)))}}, 422, "options"),
+    "a nested option, within the parser's depth": (
+        lambda h: {"json": hall_json(h, options=json.loads("[" * 500 + "]" * 500))},
+        422,
+        "options",
+    ),
+    "a multipart list field nested deeply": (
+        lambda h: {
+            "data": {"caption": "c", "options": "[" * DEEP + "]" * DEEP},
+            "files": {"image": ("x.png", png((8, 8)))},
+        },
+        422,
+        "options",
+    ),
 }
 
 

@@ -33,8 +33,9 @@ MAX_PIXELS = 200_000  # the synthetic images are ~240 x 240
 @pytest.fixture(scope="module")
 def server(detector):
     # a long wait window, so that requests sent together are batched together on a busy machine too
-    app = create_app(detector, max_batch_size=MAX_BATCH, max_wait_ms=100, max_body_bytes=MAX_BODY,
-                     max_image_pixels=MAX_PIXELS)
+    app = create_app(
+        detector, max_batch_size=MAX_BATCH, max_wait_ms=100, max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS
+    )
     with ServerThread(app) as s:
         yield s
 
@@ -113,46 +114,87 @@ BAD_REQUESTS = {
     "options a string": ("hallucination", lambda h: {"json": hall_json(h, options="red circle")}, 422, "options"),
     "option not a string": ("hallucination", lambda h: {"json": hall_json(h, options=["a", 2])}, 422, "options[1]"),
     "one option": ("hallucination", lambda h: {"json": hall_json(h, options=["only"])}, 422, "options"),
-    "27 options": ("hallucination", lambda h: {"json": hall_json(h, options=[f"o{i}" for i in range(27)])}, 422,
-                   "options"),
+    "27 options": (
+        "hallucination",
+        lambda h: {"json": hall_json(h, options=[f"o{i}" for i in range(27)])},
+        422,
+        "options",
+    ),
     "duplicate options": ("hallucination", lambda h: {"json": hall_json(h, options=["a", "a"])}, 422, "options"),
     "unknown field": ("hallucination", lambda h: {"json": hall_json(h, colour="red")}, 422, "colour"),
     "image not base64": ("hallucination", lambda h: {"json": hall_json(h, image="@@not base64@@")}, 422, "image"),
     "image not a string": ("hallucination", lambda h: {"json": hall_json(h, image=[1, 2])}, 422, "image"),
-    "image not an image": ("hallucination",
-                           lambda h: {"json": hall_json(h, image=base64.b64encode(b"hello").decode())}, 422,
-                           "not an image"),
-    "image over the pixel limit": ("hallucination",
-                                   lambda h: {"json": hall_json(h, image=base64.b64encode(png((500, 500))).decode())},
-                                   422, "pixels"),
+    "image not an image": (
+        "hallucination",
+        lambda h: {"json": hall_json(h, image=base64.b64encode(b"hello").decode())},
+        422,
+        "not an image",
+    ),
+    "image over the pixel limit": (
+        "hallucination",
+        lambda h: {"json": hall_json(h, image=base64.b64encode(png((500, 500))).decode())},
+        422,
+        "pixels",
+    ),
     "body not an object": ("hallucination", lambda h: {"json": [1, 2]}, 422, "body"),
-    "malformed JSON": ("hallucination",
-                       lambda h: {"content": b'{"caption": ', "headers": {"Content-Type": "application/json"}}, 400,
-                       "JSON"),
-    "wrong content type": ("hallucination",
-                           lambda h: {"content": b"caption=x", "headers": {"Content-Type": "text/plain"}}, 415,
-                           "content-type"),
+    "malformed JSON": (
+        "hallucination",
+        lambda h: {"content": b'{"caption": ', "headers": {"Content-Type": "application/json"}},
+        400,
+        "JSON",
+    ),
+    "wrong content type": (
+        "hallucination",
+        lambda h: {"content": b"caption=x", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "content-type",
+    ),
     "no content type": ("factuality", lambda h: {"content": b"{}"}, 415, "content-type"),
-    "body over the limit": ("hallucination",
-                            lambda h: {"content": b" " * (MAX_BODY + 1),
-                                       "headers": {"Content-Type": "application/json"}}, 413, "body"),
-    "chunked body over the limit": ("hallucination",
-                                    lambda h: {"content": chunks(4 * MAX_BODY),
-                                               "headers": {"Content-Type": "application/json"}}, 413, "body"),
-    "claim missing": ("factuality", lambda h: {"json": {"image": b64(h.image_path(h.records[0])), "context": "c"}},
-                      422, "claim"),
-    "choices not a list": ("factuality",
-                           lambda h: {"json": {"image": b64(h.image_path(h.records[0])), "claim": "x", "context": "c",
-                                               "choices": 5}}, 422, "choices"),
-    "multipart image as text": ("hallucination",
-                                lambda h: {"data": {"caption": "c", "options": ["a", "b"]},
-                                           "files": {"image": (None, "abc")}}, 422, "image"),
-    "multipart unknown field": ("factuality",
-                                lambda h: {"data": {"claim": "x", "context": "c", "verdict": "true"},
-                                           "files": {"image": ("x.png", png((8, 8)))}}, 422, "verdict"),
-    "multipart options bad JSON": ("hallucination",
-                                   lambda h: {"data": {"caption": "c", "options": "[oops"},
-                                              "files": {"image": ("x.png", png((8, 8)))}}, 422, "options"),
+    "body over the limit": (
+        "hallucination",
+        lambda h: {"content": b" " * (MAX_BODY + 1), "headers": {"Content-Type": "application/json"}},
+        413,
+        "body",
+    ),
+    "chunked body over the limit": (
+        "hallucination",
+        lambda h: {"content": chunks(4 * MAX_BODY), "headers": {"Content-Type": "application/json"}},
+        413,
+        "body",
+    ),
+    "claim missing": (
+        "factuality",
+        lambda h: {"json": {"image": b64(h.image_path(h.records[0])), "context": "c"}},
+        422,
+        "claim",
+    ),
+    "choices not a list": (
+        "factuality",
+        lambda h: {"json": {"image": b64(h.image_path(h.records[0])), "claim": "x", "context": "c", "choices": 5}},
+        422,
+        "choices",
+    ),
+    "multipart image as text": (
+        "hallucination",
+        lambda h: {"data": {"caption": "c", "options": ["a", "b"]}, "files": {"image": (None, "abc")}},
+        422,
+        "image",
+    ),
+    "multipart unknown field": (
+        "factuality",
+        lambda h: {
+            "data": {"claim": "x", "context": "c", "verdict": "true"},
+            "files": {"image": ("x.png", png((8, 8)))},
+        },
+        422,
+        "verdict",
+    ),
+    "multipart options bad JSON": (
+        "hallucination",
+        lambda h: {"data": {"caption": "c", "options": "[oops"}, "files": {"image": ("x.png", png((8, 8)))}},
+        422,
+        "options",
+    ),
 }
 
 
@@ -230,14 +272,20 @@ def test_concurrent_requests_are_micro_batched_and_each_gets_its_own_answer(clie
     for i in range(n):
         if i % 2:
             r = hall.records[i % len(hall.records)]
-            want = detector.detect_hallucination(hall.image_path(r), r.system1_answer, r.options,
-                                                 question=r.system2_question)
+            want = detector.detect_hallucination(
+                hall.image_path(r), r.system1_answer, r.options, question=r.system2_question
+            )
             jobs.append(("/v1/hallucination", hall_json(hall, i % len(hall.records)), want))
         else:
             r = fact.records[i % len(fact.records)]
             want = detector.check_fact(fact.image_path(r), r.claim, r.context, r.options, question=r.question)
-            body = {"image": b64(fact.image_path(r)), "claim": r.claim, "context": r.context, "choices": r.options,
-                    "question": r.question}
+            body = {
+                "image": b64(fact.image_path(r)),
+                "claim": r.claim,
+                "context": r.context,
+                "choices": r.options,
+                "question": r.question,
+            }
             jobs.append(("/v1/factuality", body, want))
     before = client.get("/v1/stats").json()
     answers: list = [None] * n
@@ -266,8 +314,9 @@ def test_concurrent_requests_are_micro_batched_and_each_gets_its_own_answer(clie
 
 
 def test_bench_serve_counts_every_request(detector, synth_root):
-    report = bench_serve(detector, requests=60, concurrency=8, max_batch_size=8, max_wait_ms=5, images=synth_root,
-                         multipart_share=0.3)
+    report = bench_serve(
+        detector, requests=60, concurrency=8, max_batch_size=8, max_wait_ms=5, images=synth_root, multipart_share=0.3
+    )
     assert report["failed"] == 0 and report["lost"] == 0, report["failure_examples"]
     assert report["requests"] == report["ok"] == 60 and report["concurrency"] == 8
     assert report["batches"] * report["mean_batch_size"] == pytest.approx(60)
@@ -279,19 +328,66 @@ def test_bench_serve_counts_every_request(detector, synth_root):
 def test_cli_serve_passes_its_options_to_run(model_dir, monkeypatch):
     calls = []
     monkeypatch.setattr(serve_module, "run", lambda *a, **kw: calls.append((a, kw)))
-    result = CliRunner().invoke(main, ["serve", "--model", str(model_dir), "--port", "9001", "--shifts", "2",
-                                       "--max-batch-size", "4", "--max-wait-ms", "7.5", "--max-body-mb", "1",
-                                       "--max-image-pixels", "1000", "--max-queue", "9", "--max-text-chars", "300",
-                                       "--max-text-tokens", "50", "--max-request-tokens", "70", "--max-image-side", "640",
-                                       "--max-inflight-mb", "64"],
-                                env={"HKD4VLM_API_KEY": None})
+    result = CliRunner().invoke(
+        main,
+        [
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            "9001",
+            "--shifts",
+            "2",
+            "--max-batch-size",
+            "4",
+            "--max-wait-ms",
+            "7.5",
+            "--max-body-mb",
+            "1",
+            "--max-image-pixels",
+            "1000",
+            "--max-queue",
+            "9",
+            "--max-text-chars",
+            "300",
+            "--max-text-tokens",
+            "50",
+            "--max-request-tokens",
+            "70",
+            "--max-image-side",
+            "640",
+            "--max-inflight-mb",
+            "64",
+        ],
+        env={"HKD4VLM_API_KEY": None},
+    )
     assert result.exit_code == 0, result.output
-    assert calls == [((model_dir,), {"host": "127.0.0.1", "port": 9001, "shifts": 2, "max_batch_size": 4,
-                                     "max_wait_ms": 7.5, "max_body_mb": 1.0, "max_image_pixels": 1000, "device": None,
-                                     "dtype": "auto", "max_queue": 9, "max_text_chars": 300, "max_text_tokens": 50,
-                                     "max_request_tokens": 70,
-                                     "max_image_side": 640, "max_inflight_mb": 64.0, "api_key": None,
-                                     "allowed_hosts": None, "cors_origins": (), "docs": False})]
+    assert calls == [
+        (
+            (model_dir,),
+            {
+                "host": "127.0.0.1",
+                "port": 9001,
+                "shifts": 2,
+                "max_batch_size": 4,
+                "max_wait_ms": 7.5,
+                "max_body_mb": 1.0,
+                "max_image_pixels": 1000,
+                "device": None,
+                "dtype": "auto",
+                "max_queue": 9,
+                "max_text_chars": 300,
+                "max_text_tokens": 50,
+                "max_request_tokens": 70,
+                "max_image_side": 640,
+                "max_inflight_mb": 64.0,
+                "api_key": None,
+                "allowed_hosts": None,
+                "cors_origins": (),
+                "docs": False,
+            },
+        )
+    ]
 
 
 @pytest.mark.slow  # a fresh process imports torch and loads the model: ~10 s
@@ -299,8 +395,18 @@ def test_cli_serve_answers_over_http_and_stops_on_ctrl_c(model_dir, hall):
     with socket.socket() as s:  # a port that was free a moment ago
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "hkd4vlm.cli", "serve", "--model", str(model_dir), "--port", str(port),
-               "--shifts", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "hkd4vlm.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--shifts",
+        "2",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120

@@ -41,8 +41,11 @@ def _check(scene, q) -> None:
         assert ans not in here and set(q.options) - {ans} <= here
     elif q.kind in ("count_shape", "count_colour"):
         word = text.split()[2]
-        n = len(scene.find(colour=word)) if q.kind == "count_colour" else sum(
-            o.shape + ("es" if o.shape.endswith("s") else "s") == word for o in scene.objects)
+        n = (
+            len(scene.find(colour=word))
+            if q.kind == "count_colour"
+            else sum(o.shape + ("es" if o.shape.endswith("s") else "s") == word for o in scene.objects)
+        )
         assert ans == ({0: "zero"} | NUMBER_WORDS)[n]
     elif q.kind == "size_of":
         large = {f"{o.colour} {o.shape}" for o in scene.objects if o.size == "large"}

@@ -16,15 +16,33 @@ from hkd4vlm.synth.pretrain import grounding_stage, pretrain, pretrain_recipe, r
 
 def test_pretrain_runs_and_is_cached(tmp_path, synth_root):
     out = tmp_path / "pt"
-    final = pretrain("tiny-llava-s", synth_root, out, steps=3, dense_steps=2, batch_size=4, pool_size=32,
-                     progress=False, cache_dir=tmp_path / "cache")
+    final = pretrain(
+        "tiny-llava-s",
+        synth_root,
+        out,
+        steps=3,
+        dense_steps=2,
+        batch_size=4,
+        pool_size=32,
+        progress=False,
+        cache_dir=tmp_path / "cache",
+    )
     assert (final / "config.json").is_file() and list((tmp_path / "cache").glob("grounding-*.npz"))
     # the dense vision stage ran first and the curriculum started from its weights
     assert len((out / "dense" / "dense.jsonl").read_text().splitlines()) == 1
     assert json.loads((final / "pretrain_recipe.json").read_text())["dense_steps"] == 2
     stamp = (final / "model.safetensors").stat().st_mtime_ns
-    again = pretrain("tiny-llava-s", synth_root, out, steps=3, dense_steps=2, batch_size=4, pool_size=32,
-                     progress=False, cache_dir=tmp_path / "cache")
+    again = pretrain(
+        "tiny-llava-s",
+        synth_root,
+        out,
+        steps=3,
+        dense_steps=2,
+        batch_size=4,
+        pool_size=32,
+        progress=False,
+        cache_dir=tmp_path / "cache",
+    )
     assert again == final and (final / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
     model, processor = load_model(final)
     assert model.config.model_type == "llava"
@@ -71,7 +89,7 @@ def test_dense_targets_sit_on_the_objects():
             i, j = divmod(int(cell), 8)
             colour = np.array(COLOURS[names[int(targets["colour"][b, cell])]])
             # some pixel of the 8 x 8 patch is (nearly) the labelled colour
-            patch = px[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8].reshape(-1, 3)
+            patch = px[i * 8 : (i + 1) * 8, j * 8 : (j + 1) * 8].reshape(-1, 3)
             assert np.abs(patch - colour).sum(-1).min() < 60, (b, cell)
             found += 1
     assert found >= 8 * 2  # at least two objects per scene
@@ -84,8 +102,9 @@ def test_dense_stage_resumes_exactly(tmp_path, synth_root):
 
     init = init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=0)
     straight, proc = load_model(init)
-    dense_pretrain(straight, proc, tmp_path / "a", steps=4, batch_size=4, eval_every=2, save_every=2, n_eval=8,
-                   log=lambda *_: None)
+    dense_pretrain(
+        straight, proc, tmp_path / "a", steps=4, batch_size=4, eval_every=2, save_every=2, n_eval=8, log=lambda *_: None
+    )
     first, _ = load_model(init)
 
     def stop(step):
@@ -93,11 +112,22 @@ def test_dense_stage_resumes_exactly(tmp_path, synth_root):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        dense_pretrain(first, proc, tmp_path / "b", steps=4, batch_size=4, eval_every=2, save_every=2, n_eval=8,
-                       log=lambda *_: None, on_step=stop)
+        dense_pretrain(
+            first,
+            proc,
+            tmp_path / "b",
+            steps=4,
+            batch_size=4,
+            eval_every=2,
+            save_every=2,
+            n_eval=8,
+            log=lambda *_: None,
+            on_step=stop,
+        )
     resumed, _ = load_model(init)  # a fresh process: weights come from the checkpoint
-    dense_pretrain(resumed, proc, tmp_path / "b", steps=4, batch_size=4, eval_every=2, save_every=2, n_eval=8,
-                   log=lambda *_: None)
+    dense_pretrain(
+        resumed, proc, tmp_path / "b", steps=4, batch_size=4, eval_every=2, save_every=2, n_eval=8, log=lambda *_: None
+    )
     a, b = vision_tower(straight).state_dict(), vision_tower(resumed).state_dict()
     changed = vision_tower(load_model(init)[0]).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -155,8 +185,11 @@ def test_verify_stage_is_a_binary_cross_entropy_per_option(tmp_path, synth_root)
     qs[0].options, qs[0].truths = qs[0].options[:3], qs[0].truths[:3]  # a row with fewer options
     scores = answer_distribution(model, processor, qs, [render(s, LEVELS["medium"]) for s, _ in items])
     terms = verify_stage(scores, qs)
-    per = [torch.nn.functional.softplus(-s) if t else torch.nn.functional.softplus(s)
-           for q, row in zip(qs, scores.logits) for s, t in zip(row[:len(q.truths)], q.truths)]
+    per = [
+        torch.nn.functional.softplus(-s) if t else torch.nn.functional.softplus(s)
+        for q, row in zip(qs, scores.logits)
+        for s, t in zip(row[: len(q.truths)], q.truths)
+    ]
     assert len(per) == 23
     assert torch.allclose(terms["total"], torch.stack(per).mean(), atol=1e-5)
     terms["total"].backward()
@@ -165,8 +198,18 @@ def test_verify_stage_is_a_binary_cross_entropy_per_option(tmp_path, synth_root)
 
 def test_pretrain_with_a_verification_stage(tmp_path, synth_root):
     out = tmp_path / "pt"
-    final = pretrain("tiny-llava-s", synth_root, out, steps=2, dense_steps=0, verify_steps=2, batch_size=4,
-                     pool_size=32, progress=False, cache_dir=tmp_path / "cache")
+    final = pretrain(
+        "tiny-llava-s",
+        synth_root,
+        out,
+        steps=2,
+        dense_steps=0,
+        verify_steps=2,
+        batch_size=4,
+        pool_size=32,
+        progress=False,
+        cache_dir=tmp_path / "cache",
+    )
     assert final == out / "verify" / "model" and (final / "config.json").is_file()
     recipe = json.loads((final / "pretrain_recipe.json").read_text())
     assert recipe["verify_steps"] == 2 and recipe["verify_lr"] > 0
@@ -177,13 +220,25 @@ def test_pretrain_with_a_verification_stage(tmp_path, synth_root):
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     # adding the stage to a finished base reuses its curriculum; the stage itself is cached too
     stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
-    more = pretrain("tiny-llava-s", synth_root, out, steps=2, dense_steps=0, verify_steps=3, batch_size=4,
-                    pool_size=32, progress=False, cache_dir=tmp_path / "cache")
+    more = pretrain(
+        "tiny-llava-s",
+        synth_root,
+        out,
+        steps=2,
+        dense_steps=0,
+        verify_steps=3,
+        batch_size=4,
+        pool_size=32,
+        progress=False,
+        cache_dir=tmp_path / "cache",
+    )
     assert more == final and (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads((final / "pretrain_recipe.json").read_text())["verify_steps"] == 3
     # recipes without the stage keep their keys (and so the zoo's digests)
     plain = pretrain_recipe("tiny-llava-s")
-    assert "verify_steps" not in plain and recipe_digest(pretrain_recipe("tiny-llava-s", verify_steps=0)) == recipe_digest(plain)
+    assert "verify_steps" not in plain and recipe_digest(
+        pretrain_recipe("tiny-llava-s", verify_steps=0)
+    ) == recipe_digest(plain)
     assert "verify_owner_share" not in pretrain_recipe("tiny-llava-s", verify_steps=5, verify_owner_share=0.0)
     assert pretrain_recipe("tiny-llava-s", verify_steps=5, verify_owner_share=0.5)["verify_owner_share"] == 0.5
     # the held-out statements about who drew what are scored by kind

@@ -35,8 +35,9 @@ def test_generation_is_deterministic_for_a_seed(tmp_path):
 def test_generated_dataset_is_valid_and_in_the_layout(synth_root):
     problems, counts = validate_dataset(synth_root)
     assert problems == []
-    assert counts == {f"{t}/{s}": n for t in ("hallucination", "factuality")
-                      for s, n in (("test", 16), ("train", 48), ("val", 8))}
+    assert counts == {
+        f"{t}/{s}": n for t in ("hallucination", "factuality") for s, n in (("test", 16), ("train", 48), ("val", 8))
+    }
     assert (synth_root / "HallucinationDetection" / "images").is_dir()
     assert (synth_root / "FactChecking" / "json" / "train.json").is_file()
 
@@ -118,8 +119,18 @@ def _planted(n, rng):
     for i in range(n):
         label = rng.randrange(4)
         options = [("x" * rng.randint(3, 8)) if j != label else "y" * 20 for j in range(4)]
-        out.append(Record("hallucination", f"{i}.jpg", [Choice("ABCD"[j], o) for j, o in enumerate(options)],
-                          options[label], "ABCD"[label], "q", "caption", "which?"))
+        out.append(
+            Record(
+                "hallucination",
+                f"{i}.jpg",
+                [Choice("ABCD"[j], o) for j, o in enumerate(options)],
+                options[label],
+                "ABCD"[label],
+                "q",
+                "caption",
+                "which?",
+            )
+        )
     return out
 
 

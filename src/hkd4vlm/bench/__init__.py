@@ -32,7 +32,6 @@ at the preset sizes: speed does not depend on training. The records are copied i
 in) a small dataset in a temp folder, so the same records serve every variant.
 """
 
-
 from __future__ import annotations
 
 from .measure import build_teacher_cache, generate_then_parse, measure_inference, measure_training, parse_letter
@@ -52,9 +51,35 @@ from .settings import (
 )
 from .workload import bench_records, build_presets, prepare_data, quickstart_models, resolve_models
 
-__all__ = ["BenchError", "BenchSettings", "FIGURES", "INFERENCE_VARIANTS", "ModelSet", "PRELOAD", "PRESET_MODELS",
-           "QUICK", "QUICKSTART_MODELS", "TARGETS", "TRAINING_VARIANTS", "bench_records", "build_presets",
-           "build_teacher_cache", "default_run", "environment", "format_table", "generate_then_parse",
-           "in_fresh_process", "inference_ratios", "measure_inference", "measure_training", "parse_letter",
-           "prepare_data", "quickstart_models", "resolve_models", "run_bench", "run_serve_bench", "summarize",
-           "targets"]
+__all__ = [
+    "BenchError",
+    "BenchSettings",
+    "FIGURES",
+    "INFERENCE_VARIANTS",
+    "ModelSet",
+    "PRELOAD",
+    "PRESET_MODELS",
+    "QUICK",
+    "QUICKSTART_MODELS",
+    "TARGETS",
+    "TRAINING_VARIANTS",
+    "bench_records",
+    "build_presets",
+    "build_teacher_cache",
+    "default_run",
+    "environment",
+    "format_table",
+    "generate_then_parse",
+    "in_fresh_process",
+    "inference_ratios",
+    "measure_inference",
+    "measure_training",
+    "parse_letter",
+    "prepare_data",
+    "quickstart_models",
+    "resolve_models",
+    "run_bench",
+    "run_serve_bench",
+    "summarize",
+    "targets",
+]

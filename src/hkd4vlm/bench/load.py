@@ -53,21 +53,29 @@ class _ClientLog:
 
 
 def _multipart(fields: list[tuple[str, str]], image: bytes, boundary: str) -> bytes:
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-             for name, value in fields]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image.png"\r\n'
-                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + image + b"\r\n")
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image.png"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        + image
+        + b"\r\n"
+    )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts)
 
 
-def _requests_for(path: str, fields: dict[str, Any], image: bytes, list_field: str,
-                  k: int) -> tuple[_Request, _Request]:
+def _requests_for(
+    path: str, fields: dict[str, Any], image: bytes, list_field: str, k: int
+) -> tuple[_Request, _Request]:
     """The record as a base64 JSON request and as a multipart one (options as repeated fields or, for odd
     ``k``, as one JSON list)."""
     options = fields[list_field]
-    as_json = _Request(path, json.dumps({**fields, "image": base64.b64encode(image).decode()}).encode(),
-                       "application/json", options)
+    as_json = _Request(
+        path, json.dumps({**fields, "image": base64.b64encode(image).decode()}).encode(), "application/json", options
+    )
     form = [(n, v) for n, v in fields.items() if n != list_field]
     form += [(list_field, json.dumps(options))] if k % 2 else [(list_field, o) for o in options]
     boundary = f"hkd4vlm-bench-{k}"
@@ -148,8 +156,15 @@ def _taker(n: int):
     return take
 
 
-def _client(host: str, port: int, plan: list[_Request], take, log: _ClientLog, timeout_s: float,
-            go: threading.Event | None = None) -> None:
+def _client(
+    host: str,
+    port: int,
+    plan: list[_Request],
+    take,
+    log: _ClientLog,
+    timeout_s: float,
+    go: threading.Event | None = None,
+) -> None:
     """Send the requests ``take`` hands out over one keep-alive connection, logging each outcome."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
     if go is not None:
@@ -209,10 +224,22 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
     return round(float(np.percentile(sorted_values, q)), 3)
 
 
-def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 64, max_batch_size: int = 16,
-                max_wait_ms: float = 5.0, images: str | os.PathLike | None = None, seed: int = 0,
-                split: str = "test", multipart_share: float = 0.2, large_image_share: float = 0.0,
-                timeout_s: float = 120.0, settle_s: float = 1.0, **app_options) -> dict[str, Any]:
+def bench_serve(
+    detector: Detector,
+    *,
+    requests: int = 2000,
+    concurrency: int = 64,
+    max_batch_size: int = 16,
+    max_wait_ms: float = 5.0,
+    images: str | os.PathLike | None = None,
+    seed: int = 0,
+    split: str = "test",
+    multipart_share: float = 0.2,
+    large_image_share: float = 0.0,
+    timeout_s: float = 120.0,
+    settle_s: float = 1.0,
+    **app_options,
+) -> dict[str, Any]:
     """Serve ``detector`` on a free loopback port and send it ``requests`` requests from ``concurrency`` threads.
 
     ``images`` is a dataset root in the challenge layout whose ``split`` records (both tasks) are replayed;
@@ -232,8 +259,14 @@ def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 
         from ..synth.generate import generate
 
         with tempfile.TemporaryDirectory(prefix="hkd4vlm-bench-") as tmp:
-            generate(Path(tmp) / "data", level="medium", sizes={"train": 0, "val": 0, "test": 32}, seed=seed,
-                     workers=1, baselines=False)
+            generate(
+                Path(tmp) / "data",
+                level="medium",
+                sizes={"train": 0, "val": 0, "test": 32},
+                seed=seed,
+                workers=1,
+                baselines=False,
+            )
             workload = load_workload(Path(tmp) / "data", "test")
     else:
         workload = load_workload(images, split)
@@ -266,8 +299,10 @@ def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 
         go = threading.Event()
         logs = [_ClientLog() for _ in range(concurrency)]
         take = _taker(requests)
-        threads = [threading.Thread(target=_client, args=(host, port, plan, take, log, timeout_s, go), daemon=True)
-                   for log in logs]
+        threads = [
+            threading.Thread(target=_client, args=(host, port, plan, take, log, timeout_s, go), daemon=True)
+            for log in logs
+        ]
         for t in threads:
             t.start()
         t0 = time.perf_counter()
@@ -286,18 +321,28 @@ def bench_serve(detector: Detector, *, requests: int = 2000, concurrency: int = 
     batches = after["batches"] - before["batches"]
     batched = after["batched_requests"] - before["batched_requests"]
     return {
-        "requests": requests, "ok": ok, "failed": failed, "lost": lost, "concurrency": concurrency,
-        "p50_ms": _percentile(latencies, 50), "p95_ms": _percentile(latencies, 95),
+        "requests": requests,
+        "ok": ok,
+        "failed": failed,
+        "lost": lost,
+        "concurrency": concurrency,
+        "p50_ms": _percentile(latencies, 50),
+        "p95_ms": _percentile(latencies, 95),
         "p99_ms": _percentile(latencies, 99),
         "mean_ms": round(sum(latencies) / len(latencies), 3) if latencies else None,
-        "throughput_rps": round(len(latencies) / wall, 3), "wall_s": round(wall, 3),
-        "batches": batches, "mean_batch_size": batched / batches if batches else 0.0,
+        "throughput_rps": round(len(latencies) / wall, 3),
+        "wall_s": round(wall, 3),
+        "batches": batches,
+        "mean_batch_size": batched / batches if batches else 0.0,
         "largest_batch": after["largest_batch"],
         "model_seconds": round(after["model_seconds"] - before["model_seconds"], 3),
-        "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "multipart_share": multipart_share,
+        "max_batch_size": max_batch_size,
+        "max_wait_ms": max_wait_ms,
+        "multipart_share": multipart_share,
         "large_image_share": large_image_share,
         "rss_mb": {"before": _mib(rss_before), "peak": _mib(rss_peak), "after": _mib(rss_after)},
         "refused_for_memory": after.get("refused_for_memory", 0) - before.get("refused_for_memory", 0),
-        "model": detector.name, "warmup_failures": warm.failed + warm.lost,
+        "model": detector.name,
+        "warmup_failures": warm.failed + warm.lost,
         "failure_examples": [f for log in logs for f in log.failures][:MAX_FAILURE_EXAMPLES],
     }

@@ -41,9 +41,15 @@ def generate_then_parse(model, processor, records, images, new_tokens: int) -> t
 
     tok = processor.tokenizer
     batch = {k: v.to(model.device) for k, v in encode(processor, records, images).items()}
-    out = model.generate(**batch, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    new = out[:, batch["input_ids"].shape[1]:]  # (B, T) tokens after the prompt
+    out = model.generate(
+        **batch,
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    new = out[:, batch["input_ids"].shape[1] :]  # (B, T) tokens after the prompt
     texts = tok.batch_decode(new, skip_special_tokens=True)
     if tok.eos_token_id is None:
         lengths = [new.shape[1]] * len(records)
@@ -72,8 +78,9 @@ def measure_inference(model_dir: str, data: str, variant: str, s: BenchSettings)
         if variant == "plain":
             answer_distribution(model, processor, recs, ims).probs.argmax(-1).tolist()
         elif variant in ("msei_prefix", "msei_naive"):
-            res = score_shifts(model, processor, recs, ims, spec=MappingSpec("all"),
-                               prefix_reuse=variant == "msei_prefix")
+            res = score_shifts(
+                model, processor, recs, ims, spec=MappingSpec("all"), prefix_reuse=variant == "msei_prefix"
+            )
             facts["prefix_reused"].append(res.prefix_reused)
             facts["shifts"] += [len(m) for m in res.mappings]
         elif variant == "generate":
@@ -85,7 +92,7 @@ def measure_inference(model_dir: str, data: str, variant: str, s: BenchSettings)
         _sync(device)
 
     starts = range(0, len(records), s.batch_size)
-    batches = [(records[i: i + s.batch_size], images[i: i + s.batch_size]) for i in starts]
+    batches = [(records[i : i + s.batch_size], images[i : i + s.batch_size]) for i in starts]
     with torch.inference_mode():
         for k in range(s.warmup):
             call(*batches[k % len(batches)])
@@ -101,15 +108,22 @@ def measure_inference(model_dir: str, data: str, variant: str, s: BenchSettings)
         for k in range(s.warmup + s.latency_records):
             i = k % len(records)
             t = time.perf_counter()
-            call(records[i: i + 1], images[i: i + 1])
+            call(records[i : i + 1], images[i : i + 1])
             if k >= s.warmup:
                 latency.append(time.perf_counter() - t)
     # the median over batches: robust to other work that shares the machine for a moment
     s_per_record = statistics.median(t / n for t, n in batch_s)
     p50, p95 = (float(np.percentile(latency, q)) * 1e3 for q in (50, 95))
-    out = {"params": count_parameters(model), "device": device, "records": len(records), "batch_size": s.batch_size,
-           "records_per_s": 1.0 / s_per_record, "s_per_record": s_per_record, "batch_s": [t for t, _ in batch_s],
-           "latency_ms": {"p50": p50, "p95": p95, "n": len(latency)}}
+    out = {
+        "params": count_parameters(model),
+        "device": device,
+        "records": len(records),
+        "batch_size": s.batch_size,
+        "records_per_s": 1.0 / s_per_record,
+        "s_per_record": s_per_record,
+        "batch_s": [t for t, _ in batch_s],
+        "latency_ms": {"p50": p50, "p95": p95, "n": len(latency)},
+    }
     if variant.startswith("msei"):
         out["prefix_reused"] = all(facts["prefix_reused"])
         out["prefix_reused_calls"] = sum(facts["prefix_reused"])
@@ -126,20 +140,35 @@ def build_teacher_cache(teacher_dir: str, data: str, out: str, s: BenchSettings)
     from ..distill.cache import build_cache
 
     t = time.perf_counter()
-    build_cache(teacher_dir, data, list(TASKS), "train", out, augment={}, seed=0, variants=1,
-                batch_size=s.batch_size, progress=False)
+    build_cache(
+        teacher_dir,
+        data,
+        list(TASKS),
+        "train",
+        out,
+        augment={},
+        seed=0,
+        variants=1,
+        batch_size=s.batch_size,
+        progress=False,
+    )
     seconds = time.perf_counter() - t
     manifest = json.loads((Path(out) / "manifest.json").read_text())
-    return {"seconds": seconds, "records": manifest["records"], "records_per_s": manifest["records"] / seconds,
-            "device": "cpu"}
+    return {
+        "seconds": seconds,
+        "records": manifest["records"],
+        "records_per_s": manifest["records"] / seconds,
+        "device": "cpu",
+    }
 
 
 class _StopTraining(Exception):
     """Raised from ``on_step`` once the timed steps are done (nothing is saved after them)."""
 
 
-def measure_training(kind: str, student_dir: str, teacher_dir: str, data: str, cache: str, work: str,
-                     s: BenchSettings) -> dict:
+def measure_training(
+    kind: str, student_dir: str, teacher_dir: str, data: str, cache: str, work: str, s: BenchSettings
+) -> dict:
     """Samples/s of the student's training loop with the SFT, online-KD or offline-KD stage."""
     from ..distill.cache import CachedTeacher
     from ..distill.stages import PPODStage, Teacher
@@ -156,8 +185,21 @@ def measure_training(kind: str, student_dir: str, teacher_dir: str, data: str, c
     elif kind == "online_kd":
         stage = PPODStage([Teacher(*load_model(teacher_dir, device=device), name="teacher")], total_steps=total)
     elif kind == "offline_kd":
-        stage = PPODStage([CachedTeacher(cache, model_dir=teacher_dir, root=data, tasks=list(TASKS), split="train",
-                                         augment={}, seed=0, name="teacher")], total_steps=total)
+        stage = PPODStage(
+            [
+                CachedTeacher(
+                    cache,
+                    model_dir=teacher_dir,
+                    root=data,
+                    tasks=list(TASKS),
+                    split="train",
+                    augment={},
+                    seed=0,
+                    name="teacher",
+                )
+            ],
+            total_steps=total,
+        )
     else:
         raise ValueError(f"unknown training variant {kind!r}; choose one of {TRAINING_VARIANTS}")
     source = RecordSource(data, TASKS, "train", seed=0, augment_epochs=1 if kind == "offline_kd" else None)
@@ -169,13 +211,25 @@ def measure_training(kind: str, student_dir: str, teacher_dir: str, data: str, c
         if step == total:
             raise _StopTraining
 
-    cfg = TrainConfig(model=student_dir, out=Path(work) / kind, data=DataConfig(root=data, eval_split=None),
-                      steps=total + 1, batch_size=s.train_batch_size, save_every=10**9, log_every=10**9,
-                      progress=False)
+    cfg = TrainConfig(
+        model=student_dir,
+        out=Path(work) / kind,
+        data=DataConfig(root=data, eval_split=None),
+        steps=total + 1,
+        batch_size=s.train_batch_size,
+        save_every=10**9,
+        log_every=10**9,
+        progress=False,
+    )
     try:
         train(cfg, source, stage=stage, model=model, processor=processor, on_step=on_step)
     except _StopTraining:
         pass
-    step_s = [b - a for a, b in zip(stamps[s.train_warmup - 1:], stamps[s.train_warmup:])]
-    return {"samples_per_s": s.train_batch_size / statistics.median(step_s), "step_s": step_s,
-            "batch_size": s.train_batch_size, "steps": len(step_s), "device": device}
+    step_s = [b - a for a, b in zip(stamps[s.train_warmup - 1 :], stamps[s.train_warmup :])]
+    return {
+        "samples_per_s": s.train_batch_size / statistics.median(step_s),
+        "step_s": step_s,
+        "batch_size": s.train_batch_size,
+        "steps": len(step_s),
+        "device": device,
+    }

@@ -14,13 +14,27 @@ from .settings import BenchError
 
 #: what the forkserver imports once, so that every measurement process starts fast from the same baseline
 #: (what ``load_model`` of a tiny LLaVA and the training loop import lazily, ~4 s per process otherwise)
-PRELOAD = ["torch", "transformers", "transformers.modeling_utils", "transformers.generation.utils",
-           "transformers.models.auto.modeling_auto", "transformers.models.auto.processing_auto",
-           "transformers.models.llava.modeling_llava", "transformers.models.llava.processing_llava",
-           "transformers.models.qwen2.modeling_qwen2", "transformers.models.clip.modeling_clip",
-           "transformers.models.clip.image_processing_pil_clip", "accelerate", "torch.utils.tensorboard",
-           "hkd4vlm.models.loading", "hkd4vlm.models.scoring", "hkd4vlm.infer.msei", "hkd4vlm.engine.loop",
-           "hkd4vlm.distill.stages", "hkd4vlm.distill.cache"]
+PRELOAD = [
+    "torch",
+    "transformers",
+    "transformers.modeling_utils",
+    "transformers.generation.utils",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.processing_auto",
+    "transformers.models.llava.modeling_llava",
+    "transformers.models.llava.processing_llava",
+    "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.clip.modeling_clip",
+    "transformers.models.clip.image_processing_pil_clip",
+    "accelerate",
+    "torch.utils.tensorboard",
+    "hkd4vlm.models.loading",
+    "hkd4vlm.models.scoring",
+    "hkd4vlm.infer.msei",
+    "hkd4vlm.engine.loop",
+    "hkd4vlm.distill.stages",
+    "hkd4vlm.distill.cache",
+]
 
 
 def environment(requested_device: str | None, requested_threads: int | None) -> dict:
@@ -29,8 +43,12 @@ def environment(requested_device: str | None, requested_threads: int | None) -> 
 
     device = requested_device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_name()
-    return {"device": device, "device_name": name, "threads": requested_threads or torch.get_num_threads(),
-            "cuda": device.startswith("cuda")}
+    return {
+        "device": device,
+        "device_name": name,
+        "threads": requested_threads or torch.get_num_threads(),
+        "cuda": device.startswith("cuda"),
+    }
 
 
 def _cpu_name() -> str:

@@ -35,8 +35,10 @@ def inference_ratios(inference: dict) -> dict:
         "msei_naive_cost_ratio": inference["msei_naive"]["s_per_record"] / inference["plain"]["s_per_record"],
         "letter_vs_generate_speedup": inference["plain"]["records_per_s"] / inference["generate"]["records_per_s"],
         # the same comparisons one record at a time (p50 latency at batch 1)
-        "msei_cost_ratio_batch1": inference["msei_prefix"]["latency_ms"]["p50"] / inference["plain"]["latency_ms"]["p50"],
-        "letter_vs_generate_speedup_batch1": inference["generate"]["latency_ms"]["p50"] / inference["plain"]["latency_ms"]["p50"],
+        "msei_cost_ratio_batch1": inference["msei_prefix"]["latency_ms"]["p50"]
+        / inference["plain"]["latency_ms"]["p50"],
+        "letter_vs_generate_speedup_batch1": inference["generate"]["latency_ms"]["p50"]
+        / inference["plain"]["latency_ms"]["p50"],
     }
 
 
@@ -72,9 +74,17 @@ def default_run(log: Callable[[str], None] = print) -> Path | None:
     return run
 
 
-def run_bench(s: BenchSettings, *, run: Path | None = None, models: list[Path] | tuple = (),
-              student: Path | None = None, teacher: Path | None = None, data: Path | None = None,
-              quick: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_bench(
+    s: BenchSettings,
+    *,
+    run: Path | None = None,
+    models: list[Path] | tuple = (),
+    student: Path | None = None,
+    teacher: Path | None = None,
+    data: Path | None = None,
+    quick: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Every measurement, each in a fresh process; returns the result that ``bench.json`` holds."""
     from ..models.zoo import code_commit
 
@@ -100,75 +110,120 @@ def run_bench(s: BenchSettings, *, run: Path | None = None, models: list[Path] |
             if chosen.source == "presets":  # built in the temp folder, gone after the run
                 results[label]["preset"] = PRESET_MODELS[label]
             for variant in INFERENCE_VARIANTS:
-                r = in_fresh_process(measure_inference, model_dir=str(model_dir), data=str(root), variant=variant,
-                                     s=s, **common)
+                r = in_fresh_process(
+                    measure_inference, model_dir=str(model_dir), data=str(root), variant=variant, s=s, **common
+                )
                 results[label]["inference"][variant] = r
-                log(f"{label:<10} {variant:<12} {r['records_per_s']:9.1f} rec/s  p50 {r['latency_ms']['p50']:7.1f} ms  "
-                    f"peak {r['peak_memory_mb']:7.0f} MB")
+                log(
+                    f"{label:<10} {variant:<12} {r['records_per_s']:9.1f} rec/s  p50 {r['latency_ms']['p50']:7.1f} ms  "
+                    f"peak {r['peak_memory_mb']:7.0f} MB"
+                )
             results[label]["params"] = results[label]["inference"]["plain"]["params"]
             results[label]["ratios"] = inference_ratios(results[label]["inference"])
 
         cache = work / "teacher_cache"
-        training = {"cache_build": in_fresh_process(build_teacher_cache, teacher_dir=str(dirs[teacher_label]),
-                                                    data=str(root), out=str(cache), s=s, **common)}
+        training = {
+            "cache_build": in_fresh_process(
+                build_teacher_cache, teacher_dir=str(dirs[teacher_label]), data=str(root), out=str(cache), s=s, **common
+            )
+        }
         cb = training["cache_build"]
         log(f"teacher cache: {cb['records']} records in {cb['seconds']:.1f} s")
         for kind in TRAINING_VARIANTS:
-            r = in_fresh_process(measure_training, kind=kind, student_dir=str(dirs[student_label]),
-                                 teacher_dir=str(dirs[teacher_label]), data=str(root), cache=str(cache),
-                                 work=str(work / "train"), s=s, **common)
+            r = in_fresh_process(
+                measure_training,
+                kind=kind,
+                student_dir=str(dirs[student_label]),
+                teacher_dir=str(dirs[teacher_label]),
+                data=str(root),
+                cache=str(cache),
+                work=str(work / "train"),
+                s=s,
+                **common,
+            )
             training[kind] = r
             log(f"training   {kind:<12} {r['samples_per_s']:9.1f} samples/s  peak {r['peak_memory_mb']:7.0f} MB")
 
     ratios = summarize(results, training, student_label, teacher_label)
-    settings = {**asdict(s), "quick": quick, "device_name": env["device_name"],
-                "torch_threads": results[student_label]["inference"]["plain"]["torch_threads"],
-                "source": chosen.source, "student": student_label, "teacher": teacher_label,
-                "data": str(chosen.data) if chosen.data else "synthetic (generated)",
-                "memory": "torch.cuda.max_memory_allocated" if env["cuda"] else "ru_maxrss of a fresh process",
-                "cpu_count": os.cpu_count(), **_versions(), "commit": code_commit()}
+    settings = {
+        **asdict(s),
+        "quick": quick,
+        "device_name": env["device_name"],
+        "torch_threads": results[student_label]["inference"]["plain"]["torch_threads"],
+        "source": chosen.source,
+        "student": student_label,
+        "teacher": teacher_label,
+        "data": str(chosen.data) if chosen.data else "synthetic (generated)",
+        "memory": "torch.cuda.max_memory_allocated" if env["cuda"] else "ru_maxrss of a fresh process",
+        "cpu_count": os.cpu_count(),
+        **_versions(),
+        "commit": code_commit(),
+    }
     return {**ratios, "targets": targets(ratios), "settings": settings, "models": results, "training": training}
 
 
 def format_table(result: dict) -> str:
     """The figures of a result as a readable table."""
     st = result["settings"]
-    names = {"plain": "1 pass", "msei_prefix": "{k} shifts, prefix reuse", "msei_naive": "{k} shifts, naive",
-             "generate": "generate {t} tok + parse"}
-    lines = [f"hkd4vlm bench: {st['device']} ({st['device_name']}), {st['torch_threads']} torch threads, "
-             f"batch {st['batch_size']}, {st['records']} records, latency at batch 1 over {st['latency_records']}",
-             "", f"{'model':<11}{'params':>10}  {'variant':<26}{'rec/s':>9}{'ms/rec':>9}{'p50 ms':>9}{'p95 ms':>9}"
-             f"{'peak MB':>9}"]
+    names = {
+        "plain": "1 pass",
+        "msei_prefix": "{k} shifts, prefix reuse",
+        "msei_naive": "{k} shifts, naive",
+        "generate": "generate {t} tok + parse",
+    }
+    lines = [
+        f"hkd4vlm bench: {st['device']} ({st['device_name']}), {st['torch_threads']} torch threads, "
+        f"batch {st['batch_size']}, {st['records']} records, latency at batch 1 over {st['latency_records']}",
+        "",
+        f"{'model':<11}{'params':>10}  {'variant':<26}{'rec/s':>9}{'ms/rec':>9}{'p50 ms':>9}{'p95 ms':>9}"
+        f"{'peak MB':>9}",
+    ]
     for label, m in result["models"].items():
         first = True
         for variant, r in m["inference"].items():
             k = r.get("shifts", "")
             name = names[variant].format(k=k, t=r.get("new_tokens_forced", ""))
             head = f"{label:<11}{m['params']:>10,}" if first else " " * 21
-            lines.append(f"{head}  {name:<26}{r['records_per_s']:>9.1f}{r['s_per_record'] * 1e3:>9.2f}"
-                         f"{r['latency_ms']['p50']:>9.2f}{r['latency_ms']['p95']:>9.2f}{r['peak_memory_mb']:>9.0f}")
+            lines.append(
+                f"{head}  {name:<26}{r['records_per_s']:>9.1f}{r['s_per_record'] * 1e3:>9.2f}"
+                f"{r['latency_ms']['p50']:>9.2f}{r['latency_ms']['p95']:>9.2f}{r['peak_memory_mb']:>9.0f}"
+            )
             first = False
     tr = result["training"]
-    lines += ["", f"{'training the student, batch ' + str(st['train_batch_size']):<42}{'samples/s':>10}{'vs SFT':>9}"
-                  f"{'peak MB':>9}"]
+    lines += [
+        "",
+        f"{'training the student, batch ' + str(st['train_batch_size']):<42}{'samples/s':>10}{'vs SFT':>9}"
+        f"{'peak MB':>9}",
+    ]
     kinds = {"sft": "SFT", "online_kd": "online KD (teacher forward)", "offline_kd": "offline KD (cache)"}
     for kind, name in kinds.items():
         r, sft = tr[kind], tr["sft"]["samples_per_s"]
-        lines.append(f"  {name:<40}{r['samples_per_s']:>10.1f}{r['samples_per_s'] / sft:>9.2f}"
-                     f"{r['peak_memory_mb']:>9.0f}")
+        lines.append(
+            f"  {name:<40}{r['samples_per_s']:>10.1f}{r['samples_per_s'] / sft:>9.2f}{r['peak_memory_mb']:>9.0f}"
+        )
     cb = tr["cache_build"]
     lines.append(f"  (teacher cache built first: {cb['records']} records in {cb['seconds']:.1f} s, not counted)")
     lines += ["", f"{'figure':<36}{'value':>9}  {'target':<9}met"]
     for key in FIGURES:
         t = result["targets"].get(key)
-        lines.append(f"{key:<36}{result[key]:>9.2f}  {t['target'] if t else '-':<9}"
-                     f"{('yes' if t['met'] else 'no') if t else '-'}")
+        lines.append(
+            f"{key:<36}{result[key]:>9.2f}  {t['target'] if t else '-':<9}{('yes' if t['met'] else 'no') if t else '-'}"
+        )
     return "\n".join(lines)
 
 
-def run_serve_bench(s: BenchSettings, *, requests: int, concurrency: int, run: Path | None = None,
-                    models: list[Path] | tuple = (), student: Path | None = None, data: Path | None = None,
-                    large_image_share: float = 0.0, log: Callable[[str], None] = print) -> dict:
+def run_serve_bench(
+    s: BenchSettings,
+    *,
+    requests: int,
+    concurrency: int,
+    run: Path | None = None,
+    models: list[Path] | tuple = (),
+    student: Path | None = None,
+    data: Path | None = None,
+    large_image_share: float = 0.0,
+    log: Callable[[str], None] = print,
+) -> dict:
     """The HTTP service's load test (``bench.load.bench_serve``) on the student model, replaying the
     benchmark's records (a share ``large_image_share`` with a 4000 x 4000 image): ``{"serve": {...}}``,
     with the server's resident memory before, at the peak of and after the round."""
@@ -194,5 +249,8 @@ def run_serve_bench(s: BenchSettings, *, requests: int, concurrency: int, run: P
             student_dir = built["student"]
         detector = Detector.from_pretrained(student_dir)
         log(f"load test of the HTTP service on {student_dir}: {requests} requests, concurrency {concurrency} ...")
-        return {"serve": bench_serve(detector, requests=requests, concurrency=concurrency, images=root,
-                                     large_image_share=large_image_share)}
+        return {
+            "serve": bench_serve(
+                detector, requests=requests, concurrency=concurrency, images=root, large_image_share=large_image_share
+            )
+        }

@@ -8,8 +8,16 @@ from pathlib import Path
 INFERENCE_VARIANTS = ("plain", "msei_prefix", "msei_naive", "generate")
 TRAINING_VARIANTS = ("sft", "online_kd", "offline_kd")
 #: the top-level figures of bench.json, each a ratio of two raw figures in the same file
-FIGURES = ("msei_cost_ratio", "msei_naive_cost_ratio", "letter_vs_generate_speedup", "student_teacher_throughput_ratio",
-           "online_kd_vs_sft", "offline_kd_vs_sft", "msei_cost_ratio_batch1", "letter_vs_generate_speedup_batch1")
+FIGURES = (
+    "msei_cost_ratio",
+    "msei_naive_cost_ratio",
+    "letter_vs_generate_speedup",
+    "student_teacher_throughput_ratio",
+    "online_kd_vs_sft",
+    "offline_kd_vs_sft",
+    "msei_cost_ratio_batch1",
+    "letter_vs_generate_speedup_batch1",
+)
 #: top-level figure -> (comparison, target); reported, not enforced
 TARGETS = {
     "msei_cost_ratio": ("<=", 1.5),
@@ -56,8 +64,16 @@ class BenchSettings:
 
 
 #: ``--quick``: a smaller run (tests); without models it builds only the student and teacher presets
-QUICK = dict(records=16, batch_size=8, latency_records=4, rounds=2, train_records=16, train_batch_size=8,
-             train_steps=3, train_warmup=2)
+QUICK = dict(
+    records=16,
+    batch_size=8,
+    latency_records=4,
+    rounds=2,
+    train_records=16,
+    train_batch_size=8,
+    train_steps=3,
+    train_warmup=2,
+)
 
 
 @dataclass

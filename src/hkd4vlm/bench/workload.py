@@ -14,8 +14,9 @@ def quickstart_models(run: Path) -> dict[str, Path]:
     """Student, assistant and teacher folders of a finished quickstart run (its first seed)."""
     seeds = sorted(p for p in Path(run).glob("seed*") if p.is_dir())
     if not seeds:
-        raise BenchError(f"{run} holds no seed*/ folder: not a finished quickstart run "
-                         f"(hkd4vlm quickstart --out {run})")
+        raise BenchError(
+            f"{run} holds no seed*/ folder: not a finished quickstart run (hkd4vlm quickstart --out {run})"
+        )
     dirs = {label: seeds[0] / rel for label, rel in QUICKSTART_MODELS.items()}
     missing = [str(d) for d in dirs.values() if not (d / "config.json").is_file()]
     if missing:
@@ -23,8 +24,9 @@ def quickstart_models(run: Path) -> dict[str, Path]:
     return dirs
 
 
-def resolve_models(run: Path | None, models: list[Path], student: Path | None, teacher: Path | None,
-                   data: Path | None) -> ModelSet:
+def resolve_models(
+    run: Path | None, models: list[Path], student: Path | None, teacher: Path | None, data: Path | None
+) -> ModelSet:
     """The models to measure: ``--models`` (first = student, last = teacher unless ``--student`` /
     ``--teacher`` say otherwise), a quickstart run, or (with neither) tiny presets built later."""
     if run is not None and (models or student or teacher):
@@ -87,10 +89,11 @@ def bench_records(root: Path, n: int) -> tuple[list, list]:
     return [r for _, r in pairs], [s.load_image(r) for s, r in pairs]
 
 
-
 def build_presets(data: str, out: str, presets: dict[str, str]) -> dict:
     from ..models.registry import init_model
     from ..synth.grounding import vocabulary_texts
 
     words = vocabulary_texts()
-    return {label: str(init_model(preset, data, Path(out) / preset, extra_texts=words)) for label, preset in presets.items()}
+    return {
+        label: str(init_model(preset, data, Path(out) / preset, extra_texts=words)) for label, preset in presets.items()
+    }

@@ -85,7 +85,9 @@ class Photometric:
     jpeg_quality: tuple[int, int] = (60, 95)
 
 
-def photometric(record: Record, image: Image.Image, rng: random.Random, cfg: Photometric = Photometric()) -> tuple[Record, Image.Image]:
+def photometric(
+    record: Record, image: Image.Image, rng: random.Random, cfg: Photometric = Photometric()
+) -> tuple[Record, Image.Image]:
     """Brightness, contrast, noise, blur and JPEG re-encoding, each with a random strength."""
     img = ImageEnhance.Brightness(image).enhance(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness))
     img = ImageEnhance.Contrast(img).enhance(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
@@ -103,8 +105,13 @@ def photometric(record: Record, image: Image.Image, rng: random.Random, cfg: Pho
 
 
 def crop_rescale(
-    record: Record, image: Image.Image, rng: random.Random, *, max_crop: float = 0.25,
-    scale: tuple[float, float] = (0.8, 1.25), unknown_boxes_crop: float = 0.04,
+    record: Record,
+    image: Image.Image,
+    rng: random.Random,
+    *,
+    max_crop: float = 0.25,
+    scale: tuple[float, float] = (0.8, 1.25),
+    unknown_boxes_crop: float = 0.04,
 ) -> tuple[Record, Image.Image]:
     """Crop a border that holds no object, then rescale uniformly.
 
@@ -117,8 +124,10 @@ def crop_rescale(
         objs = scene["objects"]
         pad = 2.0
         room = (
-            min(o["x"] - o["r"] for o in objs) - pad, min(o["y"] - o["r"] for o in objs) - pad,
-            w - max(o["x"] + o["r"] for o in objs) - pad, h - max(o["y"] + o["r"] for o in objs) - pad,
+            min(o["x"] - o["r"] for o in objs) - pad,
+            min(o["y"] - o["r"] for o in objs) - pad,
+            w - max(o["x"] + o["r"] for o in objs) - pad,
+            h - max(o["y"] + o["r"] for o in objs) - pad,
         )
         limits = [max(0.0, min(r, max_crop * (w if k % 2 == 0 else h))) for k, r in enumerate(room)]
     else:
@@ -158,7 +167,9 @@ def shuffle_sentences(record: Record, image: Image.Image, rng: random.Random) ->
 #: interchangeable sentence frames; options never contain them, so option phrases stay as they are
 CAPTION_FRAMES = ("There is", "I can see", "The image shows", "We can see", "The picture shows")
 PLURAL_FRAMES = ("There are", "I can see", "The image shows", "We can see", "The picture shows")
-_CAPTION_FRAME = re.compile(r"(^|(?<=[.!?] ))(There is|There are|I can see|The image shows|We can see|The picture shows) ")
+_CAPTION_FRAME = re.compile(
+    r"(^|(?<=[.!?] ))(There is|There are|I can see|The image shows|We can see|The picture shows) "
+)
 #: authorship verbs (past, participle) with one meaning, in contexts and claims alike
 VERB_FORMS = (("drew", "drawn"), ("painted", "painted"), ("made", "made"))
 _PAST = re.compile(r"\b(drew|painted|made) the\b")
@@ -168,12 +179,14 @@ _PARTICIPLE = re.compile(r"\b(were|was) (drawn|painted|made) by\b")
 def paraphrase(record: Record, image: Image.Image, rng: random.Random) -> tuple[Record, Image.Image]:
     """Swap sentence frames (captions) or authorship verbs (contexts and claims) for synonyms."""
     if record.task == "hallucination":
+
         def frame(m: re.Match) -> str:
             plural = m.group(2) == "There are"
             return m.group(1) + rng.choice(PLURAL_FRAMES if plural else CAPTION_FRAMES) + " "
 
-        return replace(record, system1_answer=_CAPTION_FRAME.sub(frame, record.system1_answer),
-                       extra=copy.deepcopy(record.extra)), image
+        return replace(
+            record, system1_answer=_CAPTION_FRAME.sub(frame, record.system1_answer), extra=copy.deepcopy(record.extra)
+        ), image
 
     def past(m: re.Match) -> str:
         return rng.choice(VERB_FORMS)[0] + " the"
@@ -184,8 +197,9 @@ def paraphrase(record: Record, image: Image.Image, rng: random.Random) -> tuple[
     def swap(text: str) -> str:
         return _PARTICIPLE.sub(participle, _PAST.sub(past, text))
 
-    return replace(record, context=swap(record.context), claim=swap(record.claim),
-                   extra=copy.deepcopy(record.extra)), image
+    return replace(
+        record, context=swap(record.context), claim=swap(record.claim), extra=copy.deepcopy(record.extra)
+    ), image
 
 
 AUGMENTATIONS: dict[str, Augmentation] = {
@@ -215,8 +229,10 @@ def augment_spec(value) -> dict[str, float]:
     elif isinstance(value, dict):
         pairs = list(value.items())
     else:
-        raise ValueError(f"an augmentation setting is a mapping name -> probability or a string "
-                         f"name=prob,...; got {type(value).__name__}")
+        raise ValueError(
+            f"an augmentation setting is a mapping name -> probability or a string "
+            f"name=prob,...; got {type(value).__name__}"
+        )
     unknown = [name for name, _ in pairs if name not in AUGMENTATIONS]
     if unknown:
         raise ValueError(f"unknown augmentation(s) {sorted(map(str, unknown))}; known: {sorted(AUGMENTATIONS)}")
@@ -236,16 +252,24 @@ def augment_spec(value) -> dict[str, float]:
 class AugmentConfig:
     """Probability of each augmentation (0 switches it off); applied in the order of AUGMENTATIONS."""
 
-    probs: dict[str, float] = field(default_factory=lambda: {
-        "permute_options": 0.5, "hflip": 0.5, "photometric": 0.5, "crop_rescale": 0.5,
-        "shuffle_sentences": 0.5, "paraphrase": 0.5,
-    })
+    probs: dict[str, float] = field(
+        default_factory=lambda: {
+            "permute_options": 0.5,
+            "hflip": 0.5,
+            "photometric": 0.5,
+            "crop_rescale": 0.5,
+            "shuffle_sentences": 0.5,
+            "paraphrase": 0.5,
+        }
+    )
 
     def __post_init__(self) -> None:
         augment_spec(self.probs)
 
 
-def augment(record: Record, image: Image.Image, rng: random.Random, cfg: AugmentConfig = AugmentConfig()) -> tuple[Record, Image.Image]:
+def augment(
+    record: Record, image: Image.Image, rng: random.Random, cfg: AugmentConfig = AugmentConfig()
+) -> tuple[Record, Image.Image]:
     """Apply each enabled augmentation with its probability; the inputs are not modified."""
     for name, fn in AUGMENTATIONS.items():
         if rng.random() < cfg.probs.get(name, 0.0):

@@ -44,8 +44,9 @@ def resolve_image_path(images_dir: str | os.PathLike, image_id: str) -> Path:
     base = Path(images_dir).resolve()
     path = (base / image_id).resolve()
     if base != path and base not in path.parents:
-        raise ImageProblem(f"{image_id!r} resolves to {path}, outside the images folder {base} (symlink?)",
-                           file=str(path))
+        raise ImageProblem(
+            f"{image_id!r} resolves to {path}, outside the images folder {base} (symlink?)", file=str(path)
+        )
     return path
 
 
@@ -70,8 +71,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_side: int | None = None) -> Image.Image:
+def open_image(
+    source: str | os.PathLike | bytes | Image.Image,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+) -> Image.Image:
     """Load an image fully as RGB with EXIF orientation applied.
 
     ``source`` is a path, raw bytes or a PIL image. Raises :class:`ImageProblem` for a missing,
@@ -135,5 +140,6 @@ def _check_pixels(img: Image.Image, max_pixels: int, file: str | None = None) ->
     if w * h > max_pixels:
         raise ImageProblem(
             f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
-            "(possible decompression bomb; raise --max-pixels if it is genuine)", file=file
+            "(possible decompression bomb; raise --max-pixels if it is genuine)",
+            file=file,
         )

@@ -108,8 +108,15 @@ def check_images_dir(root: str | os.PathLike, task: Task) -> list[Problem]:
     folder = images_dir(root, task)
     base, target = Path(root).resolve(), folder.resolve()
     if folder.is_symlink() and base not in target.parents:
-        return [Problem(str(folder), "-", "-", f"is a symlink to {target}, outside the dataset root {base}; "
-                                              "copy the images in, or point the root at where they are")]
+        return [
+            Problem(
+                str(folder),
+                "-",
+                "-",
+                f"is a symlink to {target}, outside the dataset root {base}; "
+                "copy the images in, or point the root at where they are",
+            )
+        ]
     return []
 
 

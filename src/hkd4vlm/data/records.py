@@ -141,14 +141,14 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
     if choices is None:
         problems.append(problem("choices", "missing"))
     elif not isinstance(choices, list) or not choices:
-        problems.append(problem("choices", "must be a non-empty list of {\"id\": letter, \"choice\": text}"))
+        problems.append(problem("choices", 'must be a non-empty list of {"id": letter, "choice": text}'))
     else:
         if len(choices) < 2:
             problems.append(problem("choices", f"needs at least 2 options, got {len(choices)}"))
         for j, c in enumerate(choices):
             where = f"choices[{j}]"
             if not isinstance(c, dict) or not {"id", "choice"} <= set(c):
-                problems.append(problem(where, "must be an object {\"id\": letter, \"choice\": text}"))
+                problems.append(problem(where, 'must be an object {"id": letter, "choice": text}'))
                 continue
             cid, text = c["id"], c["choice"]
             if not isinstance(cid, str) or len(cid) != 1 or cid not in LETTERS:
@@ -176,9 +176,7 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
         if isinstance(cc, str) and ids and cc not in ids:
             problems.append(problem("correct_choice", f"{cc!r} is not among the choice ids {ids}"))
         elif isinstance(cc, str) and isinstance(ca, str) and cc in texts and _norm(ca) != _norm(texts[cc]):
-            problems.append(
-                problem("correct_answer", f"{ca!r} disagrees with the text of choice {cc}: {texts[cc]!r}")
-            )
+            problems.append(problem("correct_answer", f"{ca!r} disagrees with the text of choice {cc}: {texts[cc]!r}"))
     return problems
 
 

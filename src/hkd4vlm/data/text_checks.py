@@ -24,12 +24,34 @@ from functools import lru_cache
 
 #: special tokens of the families the project builds or loads (LLaVA / Qwen2 and Idefics3 tiny presets,
 #: Llama / Mistral, Gemma / PaliGemma), checked when no model is at hand
-DEFAULT_CONTROL_TOKENS: frozenset[str] = frozenset({
-    "<image>", "<video>", "<pad>", "<unk>", "<bos>", "<eos>", "<s>", "</s>", "<mask>", "<sep>", "<cls>",
-    "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",  # Idefics3 / SmolVLM
-    "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",  # Gemma
-    "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]",  # Mistral / Pixtral
-})
+DEFAULT_CONTROL_TOKENS: frozenset[str] = frozenset(
+    {
+        "<image>",
+        "<video>",
+        "<pad>",
+        "<unk>",
+        "<bos>",
+        "<eos>",
+        "<s>",
+        "</s>",
+        "<mask>",
+        "<sep>",
+        "<cls>",
+        "<fake_token_around_image>",
+        "<global-img>",
+        "<end_of_utterance>",  # Idefics3 / SmolVLM
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<start_of_image>",
+        "<end_of_image>",
+        "<image_soft_token>",  # Gemma
+        "[INST]",
+        "[/INST]",
+        "[IMG]",
+        "[IMG_BREAK]",
+        "[IMG_END]",  # Mistral / Pixtral
+    }
+)
 #: control tokens that come in numbered families: ChatML and Qwen markers (``<|im_start|>``,
 #: ``<|vision_start|>``, ``<|endoftext|>``), Idefics3's image tiles, PaliGemma's locations and segments
 CONTROL_PATTERNS = (r"<\|[^<>|\s]{1,64}\|>", r"<row_\d+_col_\d+>", r"<loc\d{4}>", r"<seg\d{3}>")
@@ -54,15 +76,19 @@ def text_problem(text: str, tokens: Iterable[str] = DEFAULT_CONTROL_TOKENS) -> s
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        return (f"not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start} (a UTF-16 half "
-                "without its pair)")
+        return (
+            f"not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start} (a UTF-16 half "
+            "without its pair)"
+        )
     token = find_control_token(text, tokens)
     return None if token is None else control_token_message(token)
 
 
 def control_token_message(token: str) -> str:
-    return (f"contains {token!r}, a special token of the model's tokenizer; text with control tokens is refused "
-            "rather than read as plain text (remove or reword it)")
+    return (
+        f"contains {token!r}, a special token of the model's tokenizer; text with control tokens is refused "
+        "rather than read as plain text (remove or reword it)"
+    )
 
 
 @dataclass(frozen=True)
@@ -109,6 +135,8 @@ class TextPolicy:
         for name, text in fields:
             total += self.count_tokens(text)
             if total > self.max_total_tokens:
-                return name, (f"the request's text reaches {total:,} tokens with this field, over the limit of "
-                              f"{self.max_total_tokens:,} for all text fields together")
+                return name, (
+                    f"the request's text reaches {total:,} tokens with this field, over the limit of "
+                    f"{self.max_total_tokens:,} for all text fields together"
+                )
         return None

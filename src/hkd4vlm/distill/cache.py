@@ -59,15 +59,34 @@ def data_hash(root: str | Path, tasks: list[str], split: str) -> str:
 
 def _expected(model_dir, root, tasks, split, augment, seed, variants, skip_invalid) -> dict:
     return {
-        "model_hash": model_hash(model_dir), "data_hash": data_hash(root, tasks, split), "prompt_version": PROMPT_VERSION,
-        "tasks": list(tasks), "split": split, "augment": dict(sorted(augment_spec(augment).items())), "seed": seed,
-        "variants": variants, "skip_invalid": skip_invalid,
+        "model_hash": model_hash(model_dir),
+        "data_hash": data_hash(root, tasks, split),
+        "prompt_version": PROMPT_VERSION,
+        "tasks": list(tasks),
+        "split": split,
+        "augment": dict(sorted(augment_spec(augment).items())),
+        "seed": seed,
+        "variants": variants,
+        "skip_invalid": skip_invalid,
     }
 
 
-def build_cache(model_dir: str | Path, root: str | Path, tasks: list[str], split: str, out: str | Path, *,
-                augment: dict | None = None, seed: int = 0, variants: int = 1, batch_size: int = 32,
-                shard_size: int = 4096, progress: bool = True, skip_invalid: bool = False, log=None) -> Path:
+def build_cache(
+    model_dir: str | Path,
+    root: str | Path,
+    tasks: list[str],
+    split: str,
+    out: str | Path,
+    *,
+    augment: dict | None = None,
+    seed: int = 0,
+    variants: int = 1,
+    batch_size: int = 32,
+    shard_size: int = 4096,
+    progress: bool = True,
+    skip_invalid: bool = False,
+    log=None,
+) -> Path:
     """Score every record of ``split`` under each of ``variants`` augmentation draws and write the cache.
 
     ``skip_invalid``: invalid records are left out (the cache's record indices are those of the records kept,
@@ -80,8 +99,9 @@ def build_cache(model_dir: str | Path, root: str | Path, tasks: list[str], split
     from ..models.scoring import answer_distribution
 
     out = Path(out)
-    source = RecordSource(root, tasks, split, augment=augment, seed=seed, augment_epochs=variants,
-                          skip_invalid=skip_invalid)
+    source = RecordSource(
+        root, tasks, split, augment=augment, seed=seed, augment_epochs=variants, skip_invalid=skip_invalid
+    )
     if log is not None:
         log(source.skipped)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,15 +119,22 @@ def build_cache(model_dir: str | Path, root: str | Path, tasks: list[str], split
         if not buf["index"]:
             return
         name = f"shard-{len(shards):05d}.safetensors"
-        save_file({"index": torch.tensor(buf["index"]), "variant": torch.tensor(buf["variant"]),
-                   "logits": torch.cat(buf["logits"]), "hidden": torch.cat(buf["hidden"])}, str(out / name))
+        save_file(
+            {
+                "index": torch.tensor(buf["index"]),
+                "variant": torch.tensor(buf["variant"]),
+                "logits": torch.cat(buf["logits"]),
+                "hidden": torch.cat(buf["hidden"]),
+            },
+            str(out / name),
+        )
         shards.append(name)
         for v in buf.values():
             v.clear()
 
     with torch.inference_mode():
         for start in range(0, len(keys), batch_size):
-            chunk = keys[start: start + batch_size]
+            chunk = keys[start : start + batch_size]
             items, images = zip(*(source.get(i, v) for i, v in chunk))
             scores = answer_distribution(model, processor, list(items), list(images))
             buf["index"] += [i for i, _ in chunk]
@@ -121,10 +148,14 @@ def build_cache(model_dir: str | Path, root: str | Path, tasks: list[str], split
     flush()
     if bar is not None:
         bar.close()
-    manifest = {**_expected(model_dir, root, tasks, split, augment, seed, variants, skip_invalid),
-                "model": str(model_dir), "records": len(source), "shards": shards,
-                "skipped_records": len({(p.file, p.record) for p in source.skipped}),
-                "skipped": [str(p) for p in source.skipped]}
+    manifest = {
+        **_expected(model_dir, root, tasks, split, augment, seed, variants, skip_invalid),
+        "model": str(model_dir),
+        "records": len(source),
+        "shards": shards,
+        "skipped_records": len({(p.file, p.record) for p in source.skipped}),
+        "skipped": [str(p) for p in source.skipped],
+    }
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
     return out
 
@@ -133,14 +164,27 @@ class CachedTeacher:
     """A teacher read from a cache (a ``distill.stages.AnswerTeacher``); ``scores(items, images, keys=...)``
     looks up (index, epoch) pairs."""
 
-    def __init__(self, cache_dir: str | Path, *, model_dir: str | Path, root: str | Path, tasks: list[str], split: str,
-                 augment: dict | None, seed: int, name: str = "cached", skip_invalid: bool = False):
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        *,
+        model_dir: str | Path,
+        root: str | Path,
+        tasks: list[str],
+        split: str,
+        augment: dict | None,
+        seed: int,
+        name: str = "cached",
+        skip_invalid: bool = False,
+    ):
         from safetensors.torch import load_file
 
         self.dir, self.name = Path(cache_dir), name
         path = self.dir / MANIFEST
         if not path.is_file():
-            raise StaleCacheError(f"{self.dir} is not a teacher cache (no {MANIFEST}); build it with hkd4vlm cache-teacher")
+            raise StaleCacheError(
+                f"{self.dir} is not a teacher cache (no {MANIFEST}); build it with hkd4vlm cache-teacher"
+            )
         manifest = json.loads(path.read_text())
         expected = _expected(model_dir, root, tasks, split, augment, seed, manifest.get("variants", 1), skip_invalid)
         if "skip_invalid" not in manifest:  # written before the option existed: every record was kept
@@ -148,8 +192,9 @@ class CachedTeacher:
         diff = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
         if diff:
             what = "; ".join(f"{k}: cache has {a!r}, this run needs {b!r}" for k, (a, b) in diff.items())
-            raise StaleCacheError(f"teacher cache {self.dir} does not match this run ({what}); rebuild it with "
-                                  "hkd4vlm cache-teacher")
+            raise StaleCacheError(
+                f"teacher cache {self.dir} does not match this run ({what}); rebuild it with hkd4vlm cache-teacher"
+            )
         self.variants = manifest["variants"]
         self.table: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for shard in manifest["shards"]:
@@ -157,8 +202,10 @@ class CachedTeacher:
             for j, (i, v) in enumerate(zip(t["index"].tolist(), t["variant"].tolist())):
                 self.table[(i, v)] = (t["logits"][j], t["hidden"][j])
         if len(self.table) != manifest["records"] * self.variants:
-            raise StaleCacheError(f"teacher cache {self.dir} is incomplete: {len(self.table)} entries, "
-                                  f"expected {manifest['records'] * self.variants}")
+            raise StaleCacheError(
+                f"teacher cache {self.dir} is incomplete: {len(self.table)} entries, "
+                f"expected {manifest['records'] * self.variants}"
+            )
 
     @property
     def hidden_size(self) -> int:

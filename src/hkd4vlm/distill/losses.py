@@ -76,8 +76,9 @@ def _log_probs(logits: torch.Tensor, tau: float) -> torch.Tensor:
     return F.log_softmax(logits.float() / tau, dim=-1)
 
 
-def _target_log_probs(teacher_logits: torch.Tensor | None, teacher_probs: torch.Tensor | None,
-                      tau: float) -> torch.Tensor:
+def _target_log_probs(
+    teacher_logits: torch.Tensor | None, teacher_probs: torch.Tensor | None, tau: float
+) -> torch.Tensor:
     """log p_T: from logits at temperature τ, or from a distribution given as it is (renormalised, with
     probabilities floored at 1e-12 so that a zero stays finite)."""
     if (teacher_logits is None) == (teacher_probs is None):
@@ -96,24 +97,34 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 @register_loss("forward_kl")
-def forward_kl(student_logits, teacher_logits=None, *, teacher_probs=None, tau: float = 1.0, mask=None,
-               reduction: str = "mean"):
+def forward_kl(
+    student_logits, teacher_logits=None, *, teacher_probs=None, tau: float = 1.0, mask=None, reduction: str = "mean"
+):
     """KL(p_T ‖ p_S): mass-covering, the classic distillation loss (Hinton et al., 2015)."""
     per = _kl(_target_log_probs(teacher_logits, teacher_probs, tau), _log_probs(student_logits, tau))
     return _reduce(per, mask, reduction)
 
 
 @register_loss("reverse_kl")
-def reverse_kl(student_logits, teacher_logits=None, *, teacher_probs=None, tau: float = 1.0, mask=None,
-               reduction: str = "mean"):
+def reverse_kl(
+    student_logits, teacher_logits=None, *, teacher_probs=None, tau: float = 1.0, mask=None, reduction: str = "mean"
+):
     """KL(p_S ‖ p_T): mode-seeking (MiniLLM)."""
     per = _kl(_log_probs(student_logits, tau), _target_log_probs(teacher_logits, teacher_probs, tau))
     return _reduce(per, mask, reduction)
 
 
 @register_loss("generalized_jsd")
-def generalized_jsd(student_logits, teacher_logits=None, beta: float = 0.5, tau: float = 1.0, *, teacher_probs=None,
-                    mask=None, reduction: str = "mean"):
+def generalized_jsd(
+    student_logits,
+    teacher_logits=None,
+    beta: float = 0.5,
+    tau: float = 1.0,
+    *,
+    teacher_probs=None,
+    mask=None,
+    reduction: str = "mean",
+):
     """Generalised Jensen-Shannon divergence (GKD, Agarwal et al. 2024, Eq. 1; as TRL computes it):
     β·KL(p_T ‖ m) + (1−β)·KL(p_S ‖ m) with m = β·p_T + (1−β)·p_S; β=0 is KL(p_T ‖ p_S) (forward),
     β=1 is KL(p_S ‖ p_T) (reverse)."""
@@ -131,8 +142,9 @@ def generalized_jsd(student_logits, teacher_logits=None, beta: float = 0.5, tau:
 
 
 @register_loss("total_variation")
-def total_variation(student_logits, teacher_logits=None, *, teacher_probs=None, tau: float = 1.0, mask=None,
-                    reduction: str = "mean"):
+def total_variation(
+    student_logits, teacher_logits=None, *, teacher_probs=None, tau: float = 1.0, mask=None, reduction: str = "mean"
+):
     """½ Σ_i |p_T(i) − p_S(i)|, in [0, 1]."""
     p_s = _log_probs(student_logits, tau).exp()
     p_t = _target_log_probs(teacher_logits, teacher_probs, tau).exp()
@@ -140,8 +152,16 @@ def total_variation(student_logits, teacher_logits=None, *, teacher_probs=None, 
 
 
 @register_loss("skew_kl")
-def skew_kl(student_logits, teacher_logits=None, alpha: float = 0.1, *, teacher_probs=None, tau: float = 1.0,
-            mask=None, reduction: str = "mean"):
+def skew_kl(
+    student_logits,
+    teacher_logits=None,
+    alpha: float = 0.1,
+    *,
+    teacher_probs=None,
+    tau: float = 1.0,
+    mask=None,
+    reduction: str = "mean",
+):
     """Skew KL (DistiLLM, Ko et al. 2024): KL(p_T ‖ α·p_T + (1−α)·p_S); α=0 is forward KL, and the skew
     keeps the loss and its gradient bounded where the student puts no mass."""
     if not 0.0 <= alpha < 1.0:
@@ -170,16 +190,18 @@ class FeatureProjector(nn.Module):
         return self.proj(hidden)
 
 
-def feature_cosine(student_hidden, target_hidden, projector: nn.Module | None = None, *, mask=None,
-                   reduction: str = "mean"):
+def feature_cosine(
+    student_hidden, target_hidden, projector: nn.Module | None = None, *, mask=None, reduction: str = "mean"
+):
     """1 − cos(P·h_S, h_T) per sample; ``student_hidden`` (B, H_s), ``target_hidden`` (B, H_t)."""
     h = projector(student_hidden) if projector is not None else student_hidden
     per = 1 - F.cosine_similarity(h.float(), target_hidden.float(), dim=-1, eps=1e-8)
     return _reduce(per, mask, reduction)
 
 
-def feature_mse(student_hidden, target_hidden, projector: nn.Module | None = None, *, mask=None,
-                reduction: str = "mean"):
+def feature_mse(
+    student_hidden, target_hidden, projector: nn.Module | None = None, *, mask=None, reduction: str = "mean"
+):
     """Mean squared error between P·h_S and h_T, averaged over the hidden dimension, per sample."""
     h = projector(student_hidden) if projector is not None else student_hidden
     per = (h.float() - target_hidden.float()).pow(2).mean(-1)

@@ -62,8 +62,10 @@ class LossConfig(StrictModel):
         fn = get_loss(self.name)  # ValueError listing the known names
         unknown = sorted(set(self.kwargs) - set(loss_settings(self.name)))
         if unknown:
-            raise ValueError(f"loss {self.name} has no setting(s) {unknown}; its settings: "
-                             f"{sorted(loss_settings(self.name)) or 'none'}")
+            raise ValueError(
+                f"loss {self.name} has no setting(s) {unknown}; its settings: "
+                f"{sorted(loss_settings(self.name)) or 'none'}"
+            )
         fn(torch.zeros(1, 2), teacher_probs=torch.full((1, 2), 0.5), tau=1.0, **self.kwargs)  # range checks
         return self
 
@@ -171,16 +173,29 @@ class RecipeConfig(StrictModel):
             if st.kind == "ppod" and st.level == 0:
                 raise ValueError(f"stages.{i}: ppod at level 0 has no teacher above it")
             if st.kind == "tcrd" and st.level in (st.teacher, st.assistant):
-                raise ValueError(f"stages.{i}: the tcrd student (level {st.level}) cannot be its own teacher or assistant")
+                raise ValueError(
+                    f"stages.{i}: the tcrd student (level {st.level}) cannot be its own teacher or assistant"
+                )
         return self
 
 
 def _train_config(recipe: RecipeConfig, stage: StageConfig, model: str, out: Path) -> TrainConfig:
     t = stage.train
     return TrainConfig(
-        model=model, out=out, data=recipe.data, optim=t.optim, steps=t.steps, batch_size=t.batch_size,
-        grad_accum=t.grad_accum, seed=recipe.seed, augment=t.augment, save_every=recipe.save_every,
-        progress=recipe.progress, mixed_precision=t.mixed_precision, lora=t.lora, freeze_vision=t.freeze_vision,
+        model=model,
+        out=out,
+        data=recipe.data,
+        optim=t.optim,
+        steps=t.steps,
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        seed=recipe.seed,
+        augment=t.augment,
+        save_every=recipe.save_every,
+        progress=recipe.progress,
+        mixed_precision=t.mixed_precision,
+        lora=t.lora,
+        freeze_vision=t.freeze_vision,
     )
 
 
@@ -211,37 +226,83 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
 
         def teacher_at(j: int, st=st):  # called within this iteration; bound for clarity
             if j in st.cache:
-                return CachedTeacher(st.cache[j], model_dir=current[j], root=recipe.data.root, tasks=recipe.data.tasks,
-                                     split=recipe.data.split, augment=st.train.augment, seed=recipe.seed,
-                                     name=f"level{j}", skip_invalid=recipe.data.skip_invalid)
+                return CachedTeacher(
+                    st.cache[j],
+                    model_dir=current[j],
+                    root=recipe.data.root,
+                    tasks=recipe.data.tasks,
+                    split=recipe.data.split,
+                    augment=st.train.augment,
+                    seed=recipe.seed,
+                    name=f"level{j}",
+                    skip_invalid=recipe.data.skip_invalid,
+                )
             return Teacher(*load_model(current[j]), name=f"level{j}")
 
         if st.kind == "sft":
             stage = sft_stage
         elif st.kind == "ppod":
             teachers = [teacher_at(j) for j in range(st.level)]
-            stage = PPODStage(teachers, gamma=st.gamma, tau=st.tau, alpha=st.alpha, total_steps=st.train.steps,
-                              mutual_lr=st.mutual_lr if st.mutual else None, loss=st.loss.build())
+            stage = PPODStage(
+                teachers,
+                gamma=st.gamma,
+                tau=st.tau,
+                alpha=st.alpha,
+                total_steps=st.train.steps,
+                mutual_lr=st.mutual_lr if st.mutual else None,
+                loss=st.loss.build(),
+            )
         else:
             teacher, assistant = teacher_at(st.teacher), teacher_at(st.assistant)
             projector = FeatureProjector(model_hidden_size(model), assistant.hidden_size)
             extra = {"projector": projector}
-            stage = TCRDStage(teacher, assistant, projector, tau=st.tau, lambda_gt=st.lambda_gt,
-                              lambda_resp=st.lambda_resp, lambda_feat=st.lambda_feat, rectify=st.rectify,
-                              coupled=st.coupled, loss=st.loss.build())
+            stage = TCRDStage(
+                teacher,
+                assistant,
+                projector,
+                tau=st.tau,
+                lambda_gt=st.lambda_gt,
+                lambda_resp=st.lambda_resp,
+                lambda_feat=st.lambda_feat,
+                rectify=st.rectify,
+                coupled=st.coupled,
+                loss=st.loss.build(),
+            )
         variants = {t.variants for t in _teachers(stage) if isinstance(t, CachedTeacher)}
         if len(variants) > 1:
             raise ValueError(f"stages.{i}: teacher caches with different numbers of variants {sorted(variants)}")
-        source = RecordSource(recipe.data.root, recipe.data.tasks, recipe.data.split, augment=st.train.augment,
-                              seed=recipe.seed, augment_epochs=variants.pop() if variants else None,
-                              skip_invalid=recipe.data.skip_invalid)
+        source = RecordSource(
+            recipe.data.root,
+            recipe.data.tasks,
+            recipe.data.split,
+            augment=st.train.augment,
+            seed=recipe.seed,
+            augment_epochs=variants.pop() if variants else None,
+            skip_invalid=recipe.data.skip_invalid,
+        )
         evaluate = None
         if recipe.data.eval_split:
-            evaluate = split_eval(recipe.data.root, recipe.data.tasks, recipe.data.eval_split, limit=recipe.data.eval_limit,
-                                  skip_invalid=recipe.data.skip_invalid)
+            evaluate = split_eval(
+                recipe.data.root,
+                recipe.data.tasks,
+                recipe.data.eval_split,
+                limit=recipe.data.eval_limit,
+                skip_invalid=recipe.data.skip_invalid,
+            )
         mutual = st.kind == "ppod" and st.mutual
-        final = train(cfg, source, stage=stage, model=model, processor=processor, evaluate=evaluate, resume=True,
-                      resume_force=resume_force, on_step=on_step, extra_modules=extra, stateful={"mutual": stage} if mutual else None)
+        final = train(
+            cfg,
+            source,
+            stage=stage,
+            model=model,
+            processor=processor,
+            evaluate=evaluate,
+            resume=True,
+            resume_force=resume_force,
+            on_step=on_step,
+            extra_modules=extra,
+            stateful={"mutual": stage} if mutual else None,
+        )
         record = {"model": str(final), "stage": st.model_dump(mode="json")}
         if mutual:  # the nearest teacher learned too (the same weights on every process): later stages use it
             from ..engine.loop import save_model
@@ -286,12 +347,14 @@ def _check_resume(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
             changes = resume_changes(stage_out / "config.yaml", _train_config(recipe, st, current[st.level], stage_out))
             if changes:
                 what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-                raise ConfigError(f"{stage_out}: stages.{i} was interrupted and would resume with changed settings "
-                                  f"({what}); restore them, use a new out folder, or pass --resume-force")
+                raise ConfigError(
+                    f"{stage_out}: stages.{i} was interrupted and would resume with changed settings "
+                    f"({what}); restore them, use a new out folder, or pass --resume-force"
+                )
         return
 
 
 def _teachers(stage) -> list:
-    return list(getattr(stage, "teachers", [])) + [t for t in (getattr(stage, "teacher", None),
-                                                             getattr(stage, "assistant", None)) if t is not None]
-
+    return list(getattr(stage, "teachers", [])) + [
+        t for t in (getattr(stage, "teacher", None), getattr(stage, "assistant", None)) if t is not None
+    ]

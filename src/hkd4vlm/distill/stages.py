@@ -98,9 +98,17 @@ class PPODStage:
     ``state_dict`` (pass the stage to the loop's ``stateful``).
     """
 
-    def __init__(self, teachers: list[AnswerTeacher], *, gamma: float = 0.5, tau: tuple[float, float] = (4.0, 1.0),
-                 alpha: tuple[float, float] = (0.2, 0.5), total_steps: int = 1, mutual_lr: float | None = None,
-                 loss: Callable = forward_kl):
+    def __init__(
+        self,
+        teachers: list[AnswerTeacher],
+        *,
+        gamma: float = 0.5,
+        tau: tuple[float, float] = (4.0, 1.0),
+        alpha: tuple[float, float] = (0.2, 0.5),
+        total_steps: int = 1,
+        mutual_lr: float | None = None,
+        loss: Callable = forward_kl,
+    ):
         if not teachers:
             raise ValueError("PPOD needs at least one teacher")
         self.teachers, self.weights = teachers, pyramid_weights(len(teachers), gamma)
@@ -116,13 +124,16 @@ class PPODStage:
                 p.requires_grad_(True)
             self.mutual = torch.optim.AdamW(params, lr=mutual_lr)
 
-    def _mutual_step(self, student_logits: torch.Tensor, items, images, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mutual_step(
+        self, student_logits: torch.Tensor, items, images, tau: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score with the nearest teacher with gradients, update it, return its (detached) logits and loss."""
         nearest = self.teachers[-1]
         scores = answer_distribution(nearest.model, nearest.processor, items, images)
         labels = _labels(items, scores.logits.device)
         loss = torch.nn.functional.cross_entropy(scores.logits, labels) + tau**2 * self.loss(
-            scores.logits, student_logits.detach().to(scores.logits.device), tau=tau)
+            scores.logits, student_logits.detach().to(scores.logits.device), tau=tau
+        )
         self.mutual.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(p for group in self.mutual.param_groups for p in group["params"])
@@ -140,7 +151,9 @@ class PPODStage:
             self.teachers[-1].model.load_state_dict(state["teacher"])
             self.mutual.load_state_dict(state["optimizer"])
 
-    def __call__(self, scores: AnswerScores, items, *, images, step: int = 0, keys=None, **_) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, scores: AnswerScores, items, *, images, step: int = 0, keys=None, **_
+    ) -> dict[str, torch.Tensor]:
         tau = linear_schedule(*self.tau, step, self.total_steps)
         alpha = linear_schedule(*self.alpha, step, self.total_steps)
         device = scores.logits.device
@@ -182,9 +195,20 @@ class TCRDStage:
     trained with the student (pass it to the loop's ``extra_modules``).
     """
 
-    def __init__(self, teacher: AnswerTeacher, assistant: AnswerTeacher, projector: FeatureProjector, *,
-                 tau: float = 2.0, lambda_gt: float = 1.0, lambda_resp: float = 1.0, lambda_feat: float = 0.5,
-                 rectify: bool = True, coupled: bool = True, loss: Callable = forward_kl):
+    def __init__(
+        self,
+        teacher: AnswerTeacher,
+        assistant: AnswerTeacher,
+        projector: FeatureProjector,
+        *,
+        tau: float = 2.0,
+        lambda_gt: float = 1.0,
+        lambda_resp: float = 1.0,
+        lambda_feat: float = 0.5,
+        rectify: bool = True,
+        coupled: bool = True,
+        loss: Callable = forward_kl,
+    ):
         self.teacher, self.assistant, self.projector, self.loss = teacher, assistant, projector, loss
         self.tau, self.lambda_gt, self.lambda_resp, self.lambda_feat = tau, lambda_gt, lambda_resp, lambda_feat
         self.rectify, self.coupled = rectify, coupled
@@ -195,12 +219,17 @@ class TCRDStage:
         t, a = self.teacher.scores(items, images, keys=keys), self.assistant.scores(items, images, keys=keys)
         p_t = torch.softmax(t.logits.to(device) / self.tau, dim=-1)
         r_t = rectify_teacher(p_t, labels) if self.rectify else p_t
-        c = coupling_weight(t.probs.to(device), a.probs.to(device), labels) if self.coupled else torch.full_like(
-            labels, 0.5, dtype=torch.float32)
+        c = (
+            coupling_weight(t.probs.to(device), a.probs.to(device), labels)
+            if self.coupled
+            else torch.full_like(labels, 0.5, dtype=torch.float32)
+        )
         ce = torch.nn.functional.cross_entropy(scores.logits, labels, reduction="none")  # (B,)
         resp = self.loss(scores.logits, teacher_probs=r_t, tau=self.tau, reduction="none")  # (B,)
         feat = feature_cosine(scores.hidden, a.hidden.to(device).float(), self.projector)
-        total = (self.lambda_gt * (1 - c) * ce).mean() + (self.lambda_resp * c * self.tau**2 * resp).mean() \
+        total = (
+            (self.lambda_gt * (1 - c) * ce).mean()
+            + (self.lambda_resp * c * self.tau**2 * resp).mean()
             + self.lambda_feat * feat
+        )
         return {"total": total, "ce": ce.mean(), "resp": resp.mean(), "feat": feat, "coupling_mean": c.mean()}
-

@@ -58,9 +58,11 @@ def _legacy_rng_state(path: Path) -> dict:
     with torch.serialization.safe_globals(safe):
         raw = torch.load(path, map_location="cpu", weights_only=True)
     (version, internal, gauss), (name, keys, pos, has_gauss, cached) = raw["python"], raw["numpy"]
-    return {"python": [version, list(internal), gauss],
-            "numpy": [name, np.asarray(keys, dtype=np.uint32).tolist(), int(pos), int(has_gauss), float(cached)],
-            "torch": base64.b64encode(raw["torch"].numpy().tobytes()).decode("ascii")}
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, np.asarray(keys, dtype=np.uint32).tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": base64.b64encode(raw["torch"].numpy().tobytes()).decode("ascii"),
+    }
 
 
 def _digest(path: Path) -> str:
@@ -86,8 +88,19 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(accelerator, root: str | Path, step: int, *, model, optimizer, scheduler, state: dict,
-                    extra_modules: dict | None = None, stateful: dict | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    accelerator,
+    root: str | Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    extra_modules: dict | None = None,
+    stateful: dict | None = None,
+    keep: int = 2,
+) -> Path:
     """Write ``root/step-{step}`` atomically; every process calls this (each saves its RNG)."""
     root = Path(root)
     final = root / f"step-{step}"
@@ -141,9 +154,17 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path / STATE_FILE}: field 'files' must map file names to sizes and hashes")
     for name, want in files.items():
         if Path(name).name != name or name in (".", "..", STATE_FILE):
-            raise CheckpointError(f"{path / STATE_FILE}: field 'files' lists {name!r}, which is not a file of the checkpoint")
-        if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str):
-            raise CheckpointError(f"{path / STATE_FILE}: field 'files.{name}' must be {{\"bytes\": int, \"sha256\": str}}")
+            raise CheckpointError(
+                f"{path / STATE_FILE}: field 'files' lists {name!r}, which is not a file of the checkpoint"
+            )
+        if (
+            not isinstance(want, dict)
+            or not isinstance(want.get("bytes"), int)
+            or not isinstance(want.get("sha256"), str)
+        ):
+            raise CheckpointError(
+                f'{path / STATE_FILE}: field \'files.{name}\' must be {{"bytes": int, "sha256": str}}'
+            )
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing")
@@ -155,8 +176,16 @@ def verify_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, scheduler, extra_modules: dict | None = None,
-                    stateful: dict | None = None) -> dict:
+def load_checkpoint(
+    accelerator,
+    path: str | Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    extra_modules: dict | None = None,
+    stateful: dict | None = None,
+) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the saved state (step, epoch, position ...).
 
     Every file is verified and read before anything is restored, so a bad checkpoint leaves the model as it was.
@@ -178,7 +207,9 @@ def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, schedule
         except FileNotFoundError:
             raise CheckpointError(f"{path / name}: missing") from None
         except Exception as e:  # truncated zip, foreign pickle: any reason the file cannot be read
-            raise CheckpointError(f"{path / name}: cannot be read safely ({type(e).__name__}: {str(e)[:300]})") from None
+            raise CheckpointError(
+                f"{path / name}: cannot be read safely ({type(e).__name__}: {str(e)[:300]})"
+            ) from None
 
     weights, optim, sched = read("model.pt"), read("optimizer.pt"), read("scheduler.pt")
     extras = {name: read(f"{name}.pt") for name in (extra_modules or {})}
@@ -188,7 +219,8 @@ def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, schedule
     except Exception as e:
         raise CheckpointError(
             f"{rng_file if rng_file.is_file() else legacy_rng}: not a valid RNG state ({type(e).__name__}: "
-            f"{str(e)[:300]}); a checkpoint's RNG state is never unpickled into arbitrary objects") from None
+            f"{str(e)[:300]}); a checkpoint's RNG state is never unpickled into arbitrary objects"
+        ) from None
 
     accelerator.unwrap_model(model).load_state_dict(weights)
     optimizer.load_state_dict(optim)
@@ -220,9 +252,11 @@ def resume_latest(accelerator, root: str | Path, *, log=print, **parts) -> tuple
             bad.append((path, str(e)))
             log(f"checkpoint {path.name} cannot be resumed from: {e}")
     if dirs and found is None:
-        raise CheckpointError(f"no checkpoint under {root} can be resumed from:\n" +
-                              "\n".join(f"  {p.name}: {why}" for p, why in bad) +
-                              "\nremove the folder to start afresh")
+        raise CheckpointError(
+            f"no checkpoint under {root} can be resumed from:\n"
+            + "\n".join(f"  {p.name}: {why}" for p, why in bad)
+            + "\nremove the folder to start afresh"
+        )
     accelerator.wait_for_everyone()
     if bad:
         log(f"falling back to {found[0].name}; set aside: {', '.join(p.name + '.corrupt' for p, _ in bad)}")

@@ -37,8 +37,10 @@ class DataConfig(StrictModel):
     split: str = "train"
     eval_split: str | None = "val"
     eval_limit: int | None = Field(default=None, ge=1, description="score at most this many eval records")
-    skip_invalid: bool = Field(default=False, description=(
-        "leave invalid records out (listed and counted) instead of stopping; --skip-invalid"))
+    skip_invalid: bool = Field(
+        default=False,
+        description=("leave invalid records out (listed and counted) instead of stopping; --skip-invalid"),
+    )
 
 
 class OptimConfig(StrictModel):
@@ -63,7 +65,8 @@ class TrainConfig(StrictModel):
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     readout: Literal["letter", "option"] | None = Field(
-        default=None, description="answer readout to train and save with the model (None: the model's own)")
+        default=None, description="answer readout to train and save with the model (None: the model's own)"
+    )
     augment: AugmentSpec = Field(default_factory=dict, description="augmentation -> probability")
     lora: dict[str, Any] | None = None
     freeze_vision: bool = False
@@ -73,9 +76,14 @@ class TrainConfig(StrictModel):
     eval_every: int = Field(default=0, ge=0, description="0: evaluate only at the end")
     progress: bool = True
     find_unused_parameters: bool = Field(default=True, description="DDP: allow parameters without gradient")
-    skip_nonfinite: int = Field(default=0, ge=0, description=(
-        "optimizer steps with a NaN or infinite loss or gradient that are skipped (no update) before training "
-        "stops with an error; 0: stop at the first"))
+    skip_nonfinite: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "optimizer steps with a NaN or infinite loss or gradient that are skipped (no update) before training "
+            "stops with an error; 0: stop at the first"
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -84,8 +92,10 @@ class TrainConfig(StrictModel):
         # loads (``hkd4vlm train RUN/config.yaml --resume``); any other value is refused rather than ignored
         if isinstance(data, dict) and "temperature" in data:
             if data["temperature"] != 1.0:
-                raise ValueError(f"temperature = {data['temperature']!r}: this setting was removed (it never changed "
-                                 "training; the distillation stages have their own tau); delete it")
+                raise ValueError(
+                    f"temperature = {data['temperature']!r}: this setting was removed (it never changed "
+                    "training; the distillation stages have their own tau); delete it"
+                )
             data = {k: v for k, v in data.items() if k != "temperature"}
         return data
 
@@ -148,8 +158,11 @@ def _where(loc: tuple, raw: Any) -> str:
         if isinstance(node, dict) and p not in node and node.get("kind") == p:
             continue
         parts.append(str(p))
-        node = node[p] if isinstance(node, dict) and p in node else (
-            node[p] if isinstance(node, list) and isinstance(p, int) and p < len(node) else None)
+        node = (
+            node[p]
+            if isinstance(node, dict) and p in node
+            else (node[p] if isinstance(node, list) and isinstance(p, int) and p < len(node) else None)
+        )
     return ".".join(parts)
 
 
@@ -166,8 +179,12 @@ def _format_errors(err: ValidationError, source: str, raw: Any = None) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type[BaseModel] = TrainConfig,
-                base: dict | None = None):
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    schema: type[BaseModel] = TrainConfig,
+    base: dict | None = None,
+):
     """Read a YAML file (or start from ``base``), apply overrides, validate against ``schema``."""
     raw: dict = dict(base or {})
     source = "(defaults)"
@@ -190,8 +207,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 #: settings that can change between a run and its resume without changing what is trained
-RESUME_FREE = frozenset({"out", "progress", "log_every", "save_every", "keep_checkpoints", "eval_every",
-                         "data.eval_split", "data.eval_limit"})
+RESUME_FREE = frozenset(
+    {
+        "out",
+        "progress",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+        "eval_every",
+        "data.eval_split",
+        "data.eval_limit",
+    }
+)
 
 
 def _setting_keys(cfg: BaseModel, prefix: str = "") -> list[str]:

@@ -50,7 +50,7 @@ def next_global_batch(source, pos: Position, size: int, orders: dict) -> tuple[l
             orders.clear()
             orders[epoch] = source.order(epoch)
         order = orders[epoch]
-        take = order[index: index + size - len(out)]
+        take = order[index : index + size - len(out)]
         out += [(i, epoch) for i in take]
         index += len(take)
         if index >= len(order):
@@ -73,10 +73,20 @@ def _make_writer(out: Path):
     return SummaryWriter(str(out / "tb"))
 
 
-def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None, processor=None,
-          evaluate: Callable | None = None, resume: bool = False, resume_force: bool = False,
-          on_step: Callable[[int], None] | None = None, extra_modules: dict | None = None,
-          stateful: dict | None = None) -> Path:
+def train(
+    cfg: TrainConfig,
+    source,
+    *,
+    stage: Callable | None = None,
+    model=None,
+    processor=None,
+    evaluate: Callable | None = None,
+    resume: bool = False,
+    resume_force: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    extra_modules: dict | None = None,
+    stateful: dict | None = None,
+) -> Path:
     """Run ``cfg.steps`` optimizer steps on ``source``; returns the folder of the saved final model.
 
     ``stage(scores, items, images=..., keys=..., step=...)`` returns the loss terms (default: SFT);
@@ -102,8 +112,9 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
     stage = stage or sft_stage
     # some families never use a few parameters (LLaVA skips CLIP's post_layernorm): DDP must be told
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[ddp])
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp]
+    )
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
     if cfg.batch_size % (world * accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = {world * accum}")
@@ -118,8 +129,10 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
         if changes:
             what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
             if not resume_force:
-                raise ConfigError(f"{out}: resuming with changed settings would not continue the same run ({what}); "
-                                  "restore them, use a new out folder, or pass --resume-force to resume anyway")
+                raise ConfigError(
+                    f"{out}: resuming with changed settings would not continue the same run ({what}); "
+                    "restore them, use a new out folder, or pass --resume-force to resume anyway"
+                )
             accelerator.print(f"resuming with changed settings (--resume-force): {what}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -138,10 +151,13 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=cfg.optim.betas,
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
-        s, warmup=cfg.optim.warmup_steps, total=cfg.steps, min_ratio=cfg.optim.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: warmup_cosine(s, warmup=cfg.optim.warmup_steps, total=cfg.steps, min_ratio=cfg.optim.min_lr_ratio),
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     # extra modules stay unwrapped (stages hold references to them); their gradients are averaged below
     for m in modules.values():
@@ -149,8 +165,16 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
 
     step, pos = 0, Position()
     if resume:
-        found = resume_latest(accelerator, ckpt_root, log=accelerator.print, model=model, optimizer=optimizer,
-                              scheduler=scheduler, extra_modules=modules, stateful=stateful)
+        found = resume_latest(
+            accelerator,
+            ckpt_root,
+            log=accelerator.print,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            extra_modules=modules,
+            stateful=stateful,
+        )
         if found is not None:
             last, state = found
             step, pos = state["step"], Position(state["epoch"], state["index"])
@@ -175,7 +199,7 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
         sums: dict[str, float] = {}
         for a in range(accum):
             start = (a * world + rank) * micro
-            pairs = batch[start: start + micro]
+            pairs = batch[start : start + micro]
             items, images = zip(*(source.get(i, e) for i, e in pairs))
             sync = a == accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
@@ -201,7 +225,8 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
                 raise NonFiniteError(
                     f"{where}; training stopped ({nonfinite} such step(s), skip_nonfinite={cfg.skip_nonfinite}). "
                     f"Lower optim.lr (now {cfg.optim.lr:g}), set optim.max_grad_norm, or check the data; "
-                    f"last checkpoint: {last[-1] if last else 'none'}")
+                    f"last checkpoint: {last[-1] if last else 'none'}"
+                )
             accelerator.print(f"{where}; update skipped ({nonfinite} of at most {cfg.skip_nonfinite})")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -228,9 +253,18 @@ def train(cfg: TrainConfig, source, *, stage: Callable | None = None, model=None
             _run_eval(accelerator, evaluate, model, processor, writer, step)
         if step % cfg.save_every == 0 or step == cfg.steps:
             _refuse_nonfinite_weights(accelerator.unwrap_model(model), f"{out}: step {step}")
-            save_checkpoint(accelerator, ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            state={"epoch": pos.epoch, "index": pos.index}, extra_modules=modules, stateful=stateful,
-                            keep=cfg.keep_checkpoints)
+            save_checkpoint(
+                accelerator,
+                ckpt_root,
+                step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state={"epoch": pos.epoch, "index": pos.index},
+                extra_modules=modules,
+                stateful=stateful,
+                keep=cfg.keep_checkpoints,
+            )
         if on_step is not None:
             on_step(step)
     if bar is not None:
@@ -290,8 +324,10 @@ def _refuse_nonfinite_weights(model, where: str) -> None:
 
     names = nonfinite_parameters(model)
     if names:
-        raise NonFiniteError(f"{where}: {len(names)} parameter tensor(s) hold NaN or infinite values "
-                             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); not saved")
+        raise NonFiniteError(
+            f"{where}: {len(names)} parameter tensor(s) hold NaN or infinite values "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); not saved"
+        )
 
 
 def _run_eval(accelerator, evaluate, model, processor, writer, step) -> dict:
@@ -306,7 +342,9 @@ def _run_eval(accelerator, evaluate, model, processor, writer, step) -> dict:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     writer.add_scalar(f"eval/{k}", v, step)
-        accelerator.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        accelerator.print(
+            f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        )
     accelerator.wait_for_everyone()
     return metrics
 

@@ -10,8 +10,15 @@ from .loop import train
 from .sources import RecordSource
 
 
-def split_eval(root: str | Path, tasks: list[str], split: str, *, limit: int | None = None, batch_size: int = 64,
-               skip_invalid: bool = False):
+def split_eval(
+    root: str | Path,
+    tasks: list[str],
+    split: str,
+    *,
+    limit: int | None = None,
+    batch_size: int = 64,
+    skip_invalid: bool = False,
+):
     """An evaluate callback: accuracy on ``split`` of each task (and their mean)."""
     from ..infer.predict import accuracy, predict_split
 
@@ -19,8 +26,10 @@ def split_eval(root: str | Path, tasks: list[str], split: str, *, limit: int | N
     for s in splits:
         if s.skipped:
             n = len({(p.file, p.record) for p in s.skipped})
-            print(f"--skip-invalid: {n} invalid record(s) of {s.task}/{s.name} left out of evaluation "
-                  f"({len(s.skipped)} problem(s)):")
+            print(
+                f"--skip-invalid: {n} invalid record(s) of {s.task}/{s.name} left out of evaluation "
+                f"({len(s.skipped)} problem(s)):"
+            )
             for p in s.skipped:
                 print(f"  {p}")
 
@@ -35,10 +44,21 @@ def split_eval(root: str | Path, tasks: list[str], split: str, *, limit: int | N
 
 
 def run_sft(cfg: TrainConfig, *, resume: bool = False, **kwargs) -> Path:
-    source = RecordSource(cfg.data.root, cfg.data.tasks, cfg.data.split, augment=cfg.augment, seed=cfg.seed,
-                          skip_invalid=cfg.data.skip_invalid)
+    source = RecordSource(
+        cfg.data.root,
+        cfg.data.tasks,
+        cfg.data.split,
+        augment=cfg.augment,
+        seed=cfg.seed,
+        skip_invalid=cfg.data.skip_invalid,
+    )
     evaluate = None
     if cfg.data.eval_split:
-        evaluate = split_eval(cfg.data.root, cfg.data.tasks, cfg.data.eval_split, limit=cfg.data.eval_limit,
-                              skip_invalid=cfg.data.skip_invalid)
+        evaluate = split_eval(
+            cfg.data.root,
+            cfg.data.tasks,
+            cfg.data.eval_split,
+            limit=cfg.data.eval_limit,
+            skip_invalid=cfg.data.skip_invalid,
+        )
     return train(cfg, source, evaluate=evaluate, resume=resume, **kwargs)

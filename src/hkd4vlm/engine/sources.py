@@ -22,16 +22,33 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 class RecordSource:
     """The labelled records of one split of one or more tasks, with label-consistent augmentation."""
 
-    def __init__(self, root: str | Path, tasks: list[str] | tuple[str, ...], split: str, *, augment: dict | None = None,
-                 seed: int = 0, labelled: bool = True, augment_epochs: int | None = None, skip_invalid: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        tasks: list[str] | tuple[str, ...],
+        split: str,
+        *,
+        augment: dict | None = None,
+        seed: int = 0,
+        labelled: bool = True,
+        augment_epochs: int | None = None,
+        skip_invalid: bool = False,
+    ):
         # skip_invalid: invalid (or, for training, unlabelled) records are left out and listed in ``skipped``
         self.splits = [read_split(root, task, split, skip_invalid=skip_invalid) for task in tasks]
         self.skipped = [p for s in self.splits for p in s.skipped]
         self.items = [(s, r) for s in self.splits for r in s.records]
         if labelled:
             unlabelled = [(s, r) for s, r in self.items if r.correct_choice is None]
-            problems = [Problem(str(split_file(s.root, s.task, s.name)), r.image_id, "correct_choice", "missing; training needs labels")
-                        for s, r in unlabelled]
+            problems = [
+                Problem(
+                    str(split_file(s.root, s.task, s.name)),
+                    r.image_id,
+                    "correct_choice",
+                    "missing; training needs labels",
+                )
+                for s, r in unlabelled
+            ]
             if problems and not skip_invalid:
                 raise DatasetError(problems)
             self.skipped += problems

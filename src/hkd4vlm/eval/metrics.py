@@ -49,7 +49,10 @@ def confusion_matrix(gold: Sequence[str], pred: Sequence[str], letters: Sequence
 
 
 def classification_report(
-    gold: Sequence[str], pred: Sequence[str], *, confidence: Sequence[float] | None = None,
+    gold: Sequence[str],
+    pred: Sequence[str],
+    *,
+    confidence: Sequence[float] | None = None,
     letters: Sequence[str] | None = None,
 ) -> dict:
     """All metrics for gold and predicted letters (and the predicted letters' probabilities, for ECE)."""

@@ -48,7 +48,9 @@ def check_row(row, where: str) -> None:
         return
     m = _PRED_ANS.match(row["pred_ans"]) if isinstance(row["pred_ans"], str) else None
     if m is None:
-        raise bad("pred_ans", f"{row['pred_ans']!r} does not start with one capital letter and a colon (\"B: red circle\")")
+        raise bad(
+            "pred_ans", f'{row["pred_ans"]!r} does not start with one capital letter and a colon ("B: red circle")'
+        )
     letter = row.get("pred_letter")
     if letter is not None:
         if not _is_letter(letter):
@@ -81,7 +83,9 @@ def read_predictions(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise PredictionsError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         except (RecursionError, ValueError) as e:  # nested too deeply; an integer of too many digits
-            raise PredictionsError(f"{path}:{n}: JSON that cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+            raise PredictionsError(
+                f"{path}:{n}: JSON that cannot be read ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
         check_row(row, f"{path}:{n}")
         rows.append(row)
     return rows

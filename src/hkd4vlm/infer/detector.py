@@ -82,21 +82,24 @@ def _check_options(options: Any, name: str, policy: TextPolicy = DEFAULT_TEXT_PO
     if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
         raise InputError(f"field '{name}': must be a list of strings", field=name)
     if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
-        raise InputError(f"field '{name}': needs {MIN_OPTIONS} to {MAX_OPTIONS} options, got {len(options)}",
-                         field=name)
+        raise InputError(
+            f"field '{name}': needs {MIN_OPTIONS} to {MAX_OPTIONS} options, got {len(options)}", field=name
+        )
     out = [_check_text(o, f"{name}[{i}]", policy=policy) for i, o in enumerate(options)]
     if len(set(o.strip() for o in out)) != len(out):
         raise InputError(f"field '{name}': options must be distinct", field=name)
     return out
 
 
-def load_image_input(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None,
-                     name: str = "image") -> Image.Image:
+def load_image_input(
+    image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None, name: str = "image"
+) -> Image.Image:
     """An RGB image from a path, bytes or a PIL image, scaled down to ``max_side`` when longer (None: as it is);
     InputError naming the field (and the file, for a path) when it is not one."""
     if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image)):
-        raise InputError(f"field '{name}': must be a path, bytes or a PIL image, got {type(image).__name__}",
-                         field=name)
+        raise InputError(
+            f"field '{name}': must be a path, bytes or a PIL image, got {type(image).__name__}", field=name
+        )
     try:
         source = Path(image) if isinstance(image, (str, os.PathLike)) else image
         return open_image(source, max_pixels=max_pixels, max_side=max_side)
@@ -104,31 +107,57 @@ def load_image_input(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise InputError(f"field '{name}': {e}", field=name, file=getattr(e, "file", None)) from None
 
 
-def hallucination_record(caption: str, options: Sequence[str], question: str | None = None, *,
-                         policy: TextPolicy = DEFAULT_TEXT_POLICY) -> Record:
+def hallucination_record(
+    caption: str, options: Sequence[str], question: str | None = None, *, policy: TextPolicy = DEFAULT_TEXT_POLICY
+) -> Record:
     caption = _check_text(caption, "caption", policy=policy)
     opts = _check_options(options, "options", policy)
     question = DEFAULT_HALLUCINATION_QUESTION if question is None else _check_text(question, "question", policy=policy)
-    _check_total(policy, [("caption", caption), ("question", question)] + [(f"options[{i}]", o) for i, o in enumerate(opts)])
-    return Record(task="hallucination", image_id="<request>", choices=[Choice(LETTERS[i], o) for i, o in enumerate(opts)],
-                  system1_question=SYSTEM1_QUESTIONS[0], system1_answer=caption, system2_question=question)
+    _check_total(
+        policy, [("caption", caption), ("question", question)] + [(f"options[{i}]", o) for i, o in enumerate(opts)]
+    )
+    return Record(
+        task="hallucination",
+        image_id="<request>",
+        choices=[Choice(LETTERS[i], o) for i, o in enumerate(opts)],
+        system1_question=SYSTEM1_QUESTIONS[0],
+        system1_answer=caption,
+        system2_question=question,
+    )
 
 
-def fact_record(claim: str, context: str, choices: Sequence[str] | None = None, question: str | None = None, *,
-                policy: TextPolicy = DEFAULT_TEXT_POLICY) -> Record:
+def fact_record(
+    claim: str,
+    context: str,
+    choices: Sequence[str] | None = None,
+    question: str | None = None,
+    *,
+    policy: TextPolicy = DEFAULT_TEXT_POLICY,
+) -> Record:
     claim = _check_text(claim, "claim", policy=policy)
     context = _check_text(context, "context", allow_empty=True, policy=policy)
     opts = _check_options(DEFAULT_VERDICTS if choices is None else choices, "choices", policy)
     question = DEFAULT_FACT_QUESTION if question is None else _check_text(question, "question", policy=policy)
-    _check_total(policy, [("claim", claim), ("context", context), ("question", question)]
-                 + [(f"choices[{i}]", o) for i, o in enumerate(opts)])
-    return Record(task="factuality", image_id="<request>", choices=[Choice(LETTERS[i], o) for i, o in enumerate(opts)],
-                  context=context, claim=claim, question=question)
+    _check_total(
+        policy,
+        [("claim", claim), ("context", context), ("question", question)]
+        + [(f"choices[{i}]", o) for i, o in enumerate(opts)],
+    )
+    return Record(
+        task="factuality",
+        image_id="<request>",
+        choices=[Choice(LETTERS[i], o) for i, o in enumerate(opts)],
+        context=context,
+        claim=claim,
+        question=question,
+    )
 
 
 #: per task: the fields a request may carry (besides ``task``), and those it must carry
-REQUEST_FIELDS = {"hallucination": ("image", "caption", "options", "question"),
-                  "factuality": ("image", "claim", "context", "choices", "question")}
+REQUEST_FIELDS = {
+    "hallucination": ("image", "caption", "options", "question"),
+    "factuality": ("image", "claim", "context", "choices", "question"),
+}
 REQUIRED_FIELDS = {"hallucination": ("image", "caption", "options"), "factuality": ("image", "claim", "context")}
 
 
@@ -137,8 +166,11 @@ def record_from_fields(task: str, fields: Mapping[str, Any], *, policy: TextPoli
     InputError names the first unknown or missing field, or the bad one (``policy``: what text may hold)."""
     unknown = [k for k in fields if k not in REQUEST_FIELDS[task]]
     if unknown:
-        raise InputError(f"field '{unknown[0]}': unknown for {task} (unknown: {', '.join(map(repr, unknown))}; "
-                         f"expected {', '.join(REQUEST_FIELDS[task])})", field=unknown[0])
+        raise InputError(
+            f"field '{unknown[0]}': unknown for {task} (unknown: {', '.join(map(repr, unknown))}; "
+            f"expected {', '.join(REQUEST_FIELDS[task])})",
+            field=unknown[0],
+        )
     for name in REQUIRED_FIELDS[task]:
         if name not in fields:
             raise InputError(f"field '{name}': missing", field=name)
@@ -180,10 +212,20 @@ class Detector:
     ``max_text_tokens`` bound each text field, ``max_request_tokens`` all of a record's text fields together
     (None: no bound)."""
 
-    def __init__(self, model, processor, *, shifts: Shifts | str | None = 4, aggregate: str = "logmean",
-                 name: str = "model",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, prefix_reuse: bool = True, max_text_chars: int | None = None,
-                 max_text_tokens: int | None = None, max_request_tokens: int | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        shifts: Shifts | str | None = 4,
+        aggregate: str = "logmean",
+        name: str = "model",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        prefix_reuse: bool = True,
+        max_text_chars: int | None = None,
+        max_text_tokens: int | None = None,
+        max_request_tokens: int | None = None,
+    ):
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         shifts = parse_shifts(shifts)
@@ -196,8 +238,16 @@ class Detector:
         self.text_policy = self.text_policy_with(max_text_chars, max_text_tokens, max_request_tokens)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, shifts: Shifts | str | None = 4, *, device: str | None = None,
-                        dtype: str | torch.dtype = "auto", aggregate: str = "logmean", **kwargs) -> Detector:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        shifts: Shifts | str | None = 4,
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        aggregate: str = "logmean",
+        **kwargs,
+    ) -> Detector:
         """A detector from a local model folder (any family ``models.loading.load_model`` reads)."""
         from ..models.loading import load_model
 
@@ -213,17 +263,28 @@ class Detector:
         return count_parameters(self.model)
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "params": self.num_parameters, "shifts": self.shifts, "aggregate": self.aggregate,
-                "model_type": getattr(self.model.config, "model_type", None),
-                "device": str(next(self.model.parameters()).device)}
+        return {
+            "name": self.name,
+            "params": self.num_parameters,
+            "shifts": self.shifts,
+            "aggregate": self.aggregate,
+            "model_type": getattr(self.model.config, "model_type", None),
+            "device": str(next(self.model.parameters()).device),
+        }
 
-    def text_policy_with(self, max_chars: int | None, max_tokens: int | None,
-                         max_total_tokens: int | None = None) -> TextPolicy:
+    def text_policy_with(
+        self, max_chars: int | None, max_tokens: int | None, max_total_tokens: int | None = None
+    ) -> TextPolicy:
         """What a text field may hold for this model: none of its tokenizer's control tokens, and the limits."""
         from ..models.loading import special_tokens
 
-        return TextPolicy(control_tokens=DEFAULT_CONTROL_TOKENS | special_tokens(self.processor), max_chars=max_chars,
-                          max_tokens=max_tokens, count_tokens=self.count_tokens, max_total_tokens=max_total_tokens)
+        return TextPolicy(
+            control_tokens=DEFAULT_CONTROL_TOKENS | special_tokens(self.processor),
+            max_chars=max_chars,
+            max_tokens=max_tokens,
+            count_tokens=self.count_tokens,
+            max_total_tokens=max_total_tokens,
+        )
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` is to this model's tokenizer (no special tokens added, nothing truncated).
@@ -249,21 +310,34 @@ class Detector:
         return self._token_counter(text)
 
     # -- single records ------------------------------------------------------------------------------
-    def detect_hallucination(self, image: ImageInput, caption: str, options: Sequence[str], *,
-                             question: str | None = None) -> Detection:
+    def detect_hallucination(
+        self, image: ImageInput, caption: str, options: Sequence[str], *, question: str | None = None
+    ) -> Detection:
         """Which option is not supported by the image, given the AI-written caption."""
         record = hallucination_record(caption, options, question, policy=self.text_policy)
         return self._score([record], [self._image(image)])[0]
 
-    def check_fact(self, image: ImageInput, claim: str, context: str, choices: Sequence[str] | None = None, *,
-                   question: str | None = None) -> Detection:
+    def check_fact(
+        self,
+        image: ImageInput,
+        claim: str,
+        context: str,
+        choices: Sequence[str] | None = None,
+        *,
+        question: str | None = None,
+    ) -> Detection:
         """Which verdict holds for the claim, given the image and the context (the four verdicts by default)."""
         record = fact_record(claim, context, choices, question, policy=self.text_policy)
         return self._score([record], [self._image(image)])[0]
 
     # -- batches -------------------------------------------------------------------------------------
-    def predict(self, records: Iterable[Mapping[str, Any] | tuple[Record, ImageInput]], batch_size: int = 16, *,
-                progress: bool = True) -> list[Detection]:
+    def predict(
+        self,
+        records: Iterable[Mapping[str, Any] | tuple[Record, ImageInput]],
+        batch_size: int = 16,
+        *,
+        progress: bool = True,
+    ) -> list[Detection]:
         """Judge many records, ``batch_size`` at a time. Each item is a request dict (``task``, ``image`` and the
         task's fields, as in :func:`request_record`) or a ``(Record, image)`` pair."""
         items = list(records)
@@ -285,7 +359,7 @@ class Detector:
             bar = tqdm(total=len(prepared), desc="detect", unit="rec")
         out: list[Detection] = []
         for start in range(0, len(prepared), batch_size):
-            chunk = prepared[start: start + batch_size]
+            chunk = prepared[start : start + batch_size]
             out += self._score([r for r, _ in chunk], [im for _, im in chunk])
             if bar is not None:
                 bar.update(len(chunk))
@@ -309,14 +383,30 @@ class Detector:
 
     def _score(self, records: list[Record], images: list[Image.Image]) -> list[Detection]:
         with torch.inference_mode():
-            res = score_shifts(self.model, self.processor, records, images, spec=self.spec, how=self.aggregate,
-                               prefix_reuse=self.prefix_reuse)
+            res = score_shifts(
+                self.model,
+                self.processor,
+                records,
+                images,
+                spec=self.spec,
+                how=self.aggregate,
+                prefix_reuse=self.prefix_reuse,
+            )
         out = []
         for i, r in enumerate(records):
             n = len(r.choices)
             w = int(res.winner[i])
-            out.append(Detection(task=r.task, index=w, letter=r.letters[w], option=r.options[w],
-                                 probabilities=[float(p) for p in res.probs[i, :n]], agreement=float(res.agreement[i]),
-                                 votes=int(res.votes[i]), shifts=len(res.mappings[i]),
-                                 per_shift=res.per_shift[i].tolist()))
+            out.append(
+                Detection(
+                    task=r.task,
+                    index=w,
+                    letter=r.letters[w],
+                    option=r.options[w],
+                    probabilities=[float(p) for p in res.probs[i, :n]],
+                    agreement=float(res.agreement[i]),
+                    votes=int(res.votes[i]),
+                    shifts=len(res.mappings[i]),
+                    per_shift=res.per_shift[i].tolist(),
+                )
+            )
         return out

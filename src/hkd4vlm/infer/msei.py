@@ -168,8 +168,16 @@ def aggregate(per_shift: torch.Tensor, how: Aggregate = "logmean") -> tuple[torc
     return dist, winner, votes, votes / k
 
 
-def score_shifts(model, processor, records: list[Record], images: list, *, spec: MappingSpec | None = None,
-                 how: Aggregate = "logmean", prefix_reuse: bool = True) -> ShiftResult:
+def score_shifts(
+    model,
+    processor,
+    records: list[Record],
+    images: list,
+    *,
+    spec: MappingSpec | None = None,
+    how: Aggregate = "logmean",
+    prefix_reuse: bool = True,
+) -> ShiftResult:
     """Score every record under its mappings and aggregate (call under ``torch.inference_mode``).
 
     Records may have different option counts; each gets the mappings of its own count.
@@ -184,8 +192,9 @@ def score_shifts(model, processor, records: list[Record], images: list, *, spec:
         letter_probs = _prefix_reuse_probs(model, processor, records, images, rows, row_options)
         reused = letter_probs is not None
     if letter_probs is None:
-        letter_probs = answer_distribution(model, processor, [records[i] for i, _ in rows], [images[i] for i, _ in rows],
-                                           options=row_options).probs
+        letter_probs = answer_distribution(
+            model, processor, [records[i] for i, _ in rows], [images[i] for i, _ in rows], options=row_options
+        ).probs
     n_max = max(len(r.choices) for r in records)
     per_shift: list[list[torch.Tensor]] = [[] for _ in records]
     for (i, m), p in zip(rows, letter_probs.float().cpu()):
@@ -201,8 +210,15 @@ def score_shifts(model, processor, records: list[Record], images: list, *, spec:
         winner.append(w)
         votes.append(v)
         agreement.append(a)
-    return ShiftResult(probs=probs, winner=torch.tensor(winner), agreement=torch.tensor(agreement),
-                       votes=torch.tensor(votes), per_shift=stacked, mappings=mappings, prefix_reused=reused)
+    return ShiftResult(
+        probs=probs,
+        winner=torch.tensor(winner),
+        agreement=torch.tensor(agreement),
+        votes=torch.tensor(votes),
+        per_shift=stacked,
+        mappings=mappings,
+        prefix_reused=reused,
+    )
 
 
 def _supports_prefix_reuse(model) -> bool:
@@ -260,8 +276,9 @@ def _prefix_reuse_probs(model, processor, records, images, rows, row_options) ->
     full_ids = tokenizer([prompts[r] for r in firsts])["input_ids"]
     for r, ids in zip(firsts, full_ids):
         if ids != pre_ids[rows[r][0]] + suf_ids[r]:
-            warnings.warn("prompt split is not a token boundary for this tokenizer; scoring every mapping in full",
-                          stacklevel=3)
+            warnings.warn(
+                "prompt split is not a token boundary for this tokenizer; scoring every mapping in full", stacklevel=3
+            )
             return None
 
     device = next(model.parameters()).device
@@ -282,8 +299,8 @@ def _prefix_reuse_probs(model, processor, records, images, rows, row_options) ->
     ids = torch.full((len(rows), s_max), pad, dtype=torch.long)
     s_mask = torch.zeros((len(rows), s_max), dtype=prefix_mask.dtype)
     for r, s in enumerate(suf_ids):
-        ids[r, s_max - len(s):] = torch.tensor(s)
-        s_mask[r, s_max - len(s):] = 1
+        ids[r, s_max - len(s) :] = torch.tensor(s)
+        s_mask[r, s_max - len(s) :] = 1
     ids, s_mask = ids.to(device), s_mask.to(device)
     start = torch.full((len(rows), 1), p_len, device=device)  # the shared prefix fills positions < P
     positions = (start + s_mask.cumsum(-1) - 1).clamp_min(0)
@@ -293,12 +310,25 @@ def _prefix_reuse_probs(model, processor, records, images, rows, row_options) ->
         # the suffix is the prompt's tail, so an option's distance from the end is the same as in the full prompt
         offsets = option_end_offsets(tokenizer, prompts, [e for _, e in built], ids)
         keep = kept_positions(offsets, s_max)
-        out = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=keep.to(device))
-        scores = option_scores(out.logits, keep, s_max, offsets, verdict_token_id(tokenizer, readout.verdict_token),
-                               max(counts))
+        out = model(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep.to(device),
+        )
+        scores = option_scores(
+            out.logits, keep, s_max, offsets, verdict_token_id(tokenizer, readout.verdict_token), max(counts)
+        )
         return torch.softmax(scores, dim=-1)
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=attention,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     letter_logits = masked_letter_logits(out.logits[:, -1, :], tokenizer, [records[i] for i, _ in rows], counts)
     return torch.softmax(letter_logits, dim=-1)

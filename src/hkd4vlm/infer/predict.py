@@ -44,26 +44,51 @@ def question_of(record: Record) -> str:
     return record.system2_question if record.task == "hallucination" else record.question
 
 
-def to_prediction(record: Record, probs: list[float], *, winner: int | None = None,
-                  agreement: float | None = None) -> Prediction:
+def to_prediction(
+    record: Record, probs: list[float], *, winner: int | None = None, agreement: float | None = None
+) -> Prediction:
     labelled = record.correct_choice is not None
-    common = dict(image=record.image_id, question=question_of(record), answer=record.correct_answer,
-                  choice=record.correct_choice, task=record.task)
+    common = dict(
+        image=record.image_id,
+        question=question_of(record),
+        answer=record.correct_answer,
+        choice=record.correct_choice,
+        task=record.task,
+    )
     if not all(math.isfinite(p) for p in probs) or (agreement is not None and not math.isfinite(agreement)):
-        return Prediction(**common, pred_ans="", pred_letter=None, status="error", correct=False if labelled else None,
-                          probs=None, error=f"the model gave non-finite probabilities {[float(p) for p in probs]}")
+        return Prediction(
+            **common,
+            pred_ans="",
+            pred_letter=None,
+            status="error",
+            correct=False if labelled else None,
+            probs=None,
+            error=f"the model gave non-finite probabilities {[float(p) for p in probs]}",
+        )
     best = max(range(len(probs)), key=probs.__getitem__) if winner is None else winner
     letter = record.letters[best]
     return Prediction(
-        **common, pred_ans=f"{letter}: {record.options[best]}", pred_letter=letter, status="success",
+        **common,
+        pred_ans=f"{letter}: {record.options[best]}",
+        pred_letter=letter,
+        status="success",
         correct=letter == record.correct_choice if labelled else None,
-        probs={letter: float(p) for letter, p in zip(record.letters, probs)}, agreement=agreement,
+        probs={letter: float(p) for letter, p in zip(record.letters, probs)},
+        agreement=agreement,
     )
 
 
-def predict_split(model, processor, split: Split, *, batch_size: int = 32, limit: int | None = None,
-                  progress: bool = False, spec: MappingSpec | None = None,
-                  aggregate: str = "logmean") -> list[Prediction]:
+def predict_split(
+    model,
+    processor,
+    split: Split,
+    *,
+    batch_size: int = 32,
+    limit: int | None = None,
+    progress: bool = False,
+    spec: MappingSpec | None = None,
+    aggregate: str = "logmean",
+) -> list[Prediction]:
     """Predictions for every record of ``split`` (in order), scored ``batch_size`` records at a time.
 
     ``spec``: the option→letter mappings to score each record under, aggregated (mapping-shift inference,
@@ -83,7 +108,7 @@ def predict_split(model, processor, split: Split, *, batch_size: int = 32, limit
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(records), batch_size):
-            chunk = records[start: start + batch_size]
+            chunk = records[start : start + batch_size]
             images = [split.load_image(r) for r in chunk]
             if spec.is_plain:
                 probs = answer_distribution(model, processor, chunk, images).probs
@@ -92,8 +117,14 @@ def predict_split(model, processor, split: Split, *, batch_size: int = 32, limit
             else:
                 res = score_shifts(model, processor, chunk, images, spec=spec, how=aggregate)
                 for i, r in enumerate(chunk):
-                    out.append(to_prediction(r, res.probs[i, : len(r.choices)].tolist(), winner=int(res.winner[i]),
-                                             agreement=float(res.agreement[i])))
+                    out.append(
+                        to_prediction(
+                            r,
+                            res.probs[i, : len(r.choices)].tolist(),
+                            winner=int(res.winner[i]),
+                            agreement=float(res.agreement[i]),
+                        )
+                    )
             if bar is not None:
                 bar.update(len(chunk))
     if bar is not None:

@@ -16,9 +16,22 @@ from dataclasses import dataclass
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<image>", "<bos>", "<eos>"]
 #: always in the vocabulary: option letters, digits, punctuation and the prompt's own words
-BASE_WORDS = list(string.ascii_uppercase) + list(string.digits) + list(".,:;?!'\"()-") + [
-    "Caption", "Context", "Claim", "Answer", "with", "the", "option's", "letter", "Yes",
-]
+BASE_WORDS = (
+    list(string.ascii_uppercase)
+    + list(string.digits)
+    + list(".,:;?!'\"()-")
+    + [
+        "Caption",
+        "Context",
+        "Claim",
+        "Answer",
+        "with",
+        "the",
+        "option's",
+        "letter",
+        "Yes",
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -31,16 +44,29 @@ class TinyPreset:
     text_layers: int
     heads: int
     image_size: int = 64
-    patch_size: int = 16  # the LLaVA presets use 8 px (64 image tokens): shape is not learnt at 16 px (README, "Pretraining")
+    patch_size: int = (
+        16  # the LLaVA presets use 8 px (64 image tokens): shape is not learnt at 16 px (README, "Pretraining")
+    )
 
 
 def config_sizes(p: TinyPreset) -> tuple[dict, dict]:
     """Keyword arguments of the vision and the text config for a preset's sizes (every family's)."""
-    vision = {"hidden_size": p.vision_hidden, "intermediate_size": 2 * p.vision_hidden,
-              "num_hidden_layers": p.vision_layers, "num_attention_heads": p.heads, "image_size": p.image_size,
-              "patch_size": p.patch_size}
-    text = {"hidden_size": p.text_hidden, "intermediate_size": 2 * p.text_hidden, "num_hidden_layers": p.text_layers,
-            "num_attention_heads": p.heads, "num_key_value_heads": p.heads, "max_position_embeddings": 1024}
+    vision = {
+        "hidden_size": p.vision_hidden,
+        "intermediate_size": 2 * p.vision_hidden,
+        "num_hidden_layers": p.vision_layers,
+        "num_attention_heads": p.heads,
+        "image_size": p.image_size,
+        "patch_size": p.patch_size,
+    }
+    text = {
+        "hidden_size": p.text_hidden,
+        "intermediate_size": 2 * p.text_hidden,
+        "num_hidden_layers": p.text_layers,
+        "num_attention_heads": p.heads,
+        "num_key_value_heads": p.heads,
+        "max_position_embeddings": 1024,
+    }
     return vision, text
 
 
@@ -55,8 +81,13 @@ def build_tokenizer(texts: list[str]):
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
     tok.train_from_iterator(texts + BASE_WORDS, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-        padding_side="left", extra_special_tokens={"image_token": "<image>"},
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
     )
 
 
@@ -69,20 +100,27 @@ def build_llava(p: TinyPreset, texts: list[str], *, seed: int = 0):
     tokenizer = build_tokenizer(texts)
     # resize to a square without cropping: a crop could cut objects out, a non-uniform scale keeps relations
     image_processor = CLIPImageProcessorPil(
-        size={"height": p.image_size, "width": p.image_size}, do_center_crop=False,
+        size={"height": p.image_size, "width": p.image_size},
+        do_center_crop=False,
         crop_size={"height": p.image_size, "width": p.image_size},
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=p.patch_size,
-        vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=p.patch_size,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
     )
     n_patches = (p.image_size // p.patch_size) ** 2
     vision, text = config_sizes(p)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**vision),
         text_config=Qwen2Config(**text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=n_patches,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=n_patches,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -124,22 +162,29 @@ def build_idefics3(p: TinyPreset, texts: list[str], *, seed: int = 0):
     # one square resize and no splitting: a crop or tiling could cut objects apart, and the model
     # then sees every image as one global view of a fixed number of tokens
     image_processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": p.image_size}, max_image_size={"longest_edge": p.image_size},
+        size={"longest_edge": p.image_size},
+        max_image_size={"longest_edge": p.image_size},
         do_image_splitting=False,
     )
     image_seq_len = (p.image_size // p.patch_size) ** 2 // IDEFICS3_SCALE_FACTOR**2
     processor = Idefics3Processor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=image_seq_len,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
     vision, text = config_sizes(p)
     config = Idefics3Config(
         vision_config=Idefics3VisionConfig(**vision),
         text_config=LlamaConfig(
-            **text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            **text,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=IDEFICS3_SCALE_FACTOR,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=IDEFICS3_SCALE_FACTOR,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)

@@ -11,8 +11,16 @@ from ..errors import ModelError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
-def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = None, device_map: str | None = None,
-               trust_remote_code: bool = False, lora: dict | None = None, freeze_vision: bool = False):
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    lora: dict | None = None,
+    freeze_vision: bool = False,
+):
     """(model, processor) from a local checkpoint directory, or a shipped base by name (``zoo:tiny-llava-l``,
     checked against its manifest; stored in half precision, loaded as float32 unless ``dtype`` says
     otherwise); safetensors only, no hub access.
@@ -35,12 +43,18 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = No
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-            use_safetensors=True, local_files_only=True,
+            path,
+            dtype=torch_dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            local_files_only=True,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelError(f"{path}: the model cannot be loaded from its config.json and *.safetensors "
-                         f"({type(e).__name__}: {str(e)[:400]})") from e
+        raise ModelError(
+            f"{path}: the model cannot be loaded from its config.json and *.safetensors "
+            f"({type(e).__name__}: {str(e)[:400]})"
+        ) from e
     except Exception as e:  # safetensors' own error type (a truncated or corrupt file) is not an OSError
         if type(e).__name__ != "SafetensorError":
             raise
@@ -48,13 +62,17 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = No
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: the processor (tokenizer and image processor) cannot be loaded "
-                         f"({type(e).__name__}: {str(e)[:400]})") from e
+        raise ModelError(
+            f"{path}: the processor (tokenizer and image processor) cannot be loaded "
+            f"({type(e).__name__}: {str(e)[:400]})"
+        ) from e
     bad = nonfinite_parameters(model)
     if bad:
-        raise ModelError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}); refusing to use the model (was it trained with a "
-                         "learning rate that diverged?)")
+        raise ModelError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); refusing to use the model (was it trained with a "
+            "learning rate that diverged?)"
+        )
     if device and not device_map:
         model.to(device)
     if freeze_vision:
@@ -90,8 +108,9 @@ def check_model_dir(path: Path) -> None:
         except Exception as e:  # safetensors raises its own error type (not an OSError) for a bad header
             raise ModelError(f"{f}: not a readable safetensors file, corrupt or truncated ({e})") from None
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelError(f"{path}: no tokenizer file (tokenizer.json is missing); copy it from the folder the model "
-                         "was saved from")
+        raise ModelError(
+            f"{path}: no tokenizer file (tokenizer.json is missing); copy it from the folder the model was saved from"
+        )
 
 
 def nonfinite_parameters(model) -> list[str]:
@@ -136,11 +155,21 @@ def special_tokens(processor) -> frozenset[str]:
     markers (``image_token``, ``video_token``, ...). Text holding one is refused (data.text_checks)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     found = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    found |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
-              if getattr(t, "special", False)}
+    found |= {
+        t.content
+        for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+        if getattr(t, "special", False)
+    }
     for owner in (processor, tokenizer):
-        for name in ("image_token", "video_token", "boi_token", "eoi_token", "fake_image_token", "global_image_token",
-                     "end_of_utterance_token"):
+        for name in (
+            "image_token",
+            "video_token",
+            "boi_token",
+            "eoi_token",
+            "fake_image_token",
+            "global_image_token",
+            "end_of_utterance_token",
+        ):
             value = getattr(owner, name, None)
             if isinstance(value, str):
                 found.add(value)

@@ -70,7 +70,9 @@ def _render(processor, record: Record, options: list[str] | None) -> str:
     tail = "" if getattr(record, "open", False) else choices_text(record, options)
     template = getattr(processor, "chat_template", None)
     if template:
-        content = [{"type": "text", "text": shared}, {"type": "image"}] + ([{"type": "text", "text": tail}] if tail else [])
+        content = [{"type": "text", "text": shared}, {"type": "image"}] + (
+            [{"type": "text", "text": tail}] if tail else []
+        )
         messages = [{"role": "user", "content": content}]
         return processor.apply_chat_template(messages, add_generation_prompt=True) + f"{ANSWER_CUE}"
     image_token = getattr(processor, "image_token", "<image>")

@@ -88,8 +88,15 @@ def corpus(root: str | Path) -> list[str]:
     return [t for t in texts if t]
 
 
-def init_model(preset: str, data_root: str | Path, out: str | Path, *, seed: int = 0, readout: str = TINY_READOUT,
-               extra_texts: Iterable[str] = ()) -> Path:
+def init_model(
+    preset: str,
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    readout: str = TINY_READOUT,
+    extra_texts: Iterable[str] = (),
+) -> Path:
     """Build a registered preset with a tokenizer trained on ``data_root``'s text (and ``extra_texts``, e.g.
     a pretraining curriculum's words) and save it to ``out``, with ``readout`` (models.scoring) in its
     config."""
@@ -107,11 +114,23 @@ register_family("llava", build_llava)
 register_family("idefics3", build_idefics3)
 # the LLaVA presets see 64 px through 8 px patches (64 image tokens): shape is not learnt at 16 px
 # (README, "What each level can see"); Idefics3 pixel-shuffles its 8 px patches to 16 tokens
-register_preset("tiny-llava-s", "llava", TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2,
-                                                    heads=2, patch_size=8))
-register_preset("tiny-llava-m", "llava", TinyPreset(vision_hidden=96, vision_layers=2, text_hidden=128, text_layers=3,
-                                                    heads=4, patch_size=8))
-register_preset("tiny-llava-l", "llava", TinyPreset(vision_hidden=128, vision_layers=3, text_hidden=192, text_layers=4,
-                                                    heads=4, patch_size=8))
-register_preset("tiny-idefics3-s", "idefics3", TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64,
-                                                          text_layers=2, heads=2, patch_size=8))
+register_preset(
+    "tiny-llava-s",
+    "llava",
+    TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=2, patch_size=8),
+)
+register_preset(
+    "tiny-llava-m",
+    "llava",
+    TinyPreset(vision_hidden=96, vision_layers=2, text_hidden=128, text_layers=3, heads=4, patch_size=8),
+)
+register_preset(
+    "tiny-llava-l",
+    "llava",
+    TinyPreset(vision_hidden=128, vision_layers=3, text_hidden=192, text_layers=4, heads=4, patch_size=8),
+)
+register_preset(
+    "tiny-idefics3-s",
+    "idefics3",
+    TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=2, patch_size=8),
+)

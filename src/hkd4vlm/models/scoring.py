@@ -86,9 +86,11 @@ def verdict_token_id(tokenizer, token: str) -> int:
     found = _single_token_id(tokenizer, token)
     if found is not None:
         return found
-    raise ReadoutError(f"verdict token {token!r} is not a single known token for this tokenizer "
-                       f"({tokenizer.encode(token, add_special_tokens=False)}); choose one that is "
-                       "(set_readout(model, 'option', verdict_token=...))")
+    raise ReadoutError(
+        f"verdict token {token!r} is not a single known token for this tokenizer "
+        f"({tokenizer.encode(token, add_special_tokens=False)}); choose one that is "
+        "(set_readout(model, 'option', verdict_token=...))"
+    )
 
 
 def letter_token_ids(tokenizer, letters: list[str] | tuple[str, ...]) -> list[int]:
@@ -129,14 +131,18 @@ def encode(processor, records: list[Record], images: list, options: list[list[st
 
 
 def _encode(processor, records, images, options=None) -> tuple[dict, list[str], list[list[int]]]:
-    built = [prompt_with_option_ends(processor, r, None if options is None else options[i]) for i, r in enumerate(records)]
+    built = [
+        prompt_with_option_ends(processor, r, None if options is None else options[i]) for i, r in enumerate(records)
+    ]
     texts = [t for t, _ in built]
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     return processor(images=images, text=texts, return_tensors="pt", padding=True), texts, [e for _, e in built]
 
 
-def option_end_offsets(tokenizer, prompts: list[str], ends: list[list[int]], input_ids: torch.Tensor) -> list[list[int]]:
+def option_end_offsets(
+    tokenizer, prompts: list[str], ends: list[list[int]], input_ids: torch.Tensor
+) -> list[list[int]]:
     """Per row, how many tokens follow each option's last token (``input_ids`` left padded, so a row ends on
     its last prompt token). Checked against ``input_ids``: the prompt's tail must tokenize the same on its
     own as inside the prompt, i.e. an option's end is a token boundary."""
@@ -148,9 +154,11 @@ def option_end_offsets(tokenizer, prompts: list[str], ends: list[list[int]], inp
         for _ in es:
             ids = suffix_ids[k]
             k += 1
-            if ids and input_ids[row, -len(ids):].tolist() != ids:
-                raise ReadoutError("an option's end is not a token boundary for this tokenizer (the text after an "
-                                   "option tokenizes differently inside the prompt); the option readout needs one")
+            if ids and input_ids[row, -len(ids) :].tolist() != ids:
+                raise ReadoutError(
+                    "an option's end is not a token boundary for this tokenizer (the text after an "
+                    "option tokenizes differently inside the prompt); the option readout needs one"
+                )
             offsets.append(len(ids))
         out.append(offsets)
     return out
@@ -161,8 +169,9 @@ def kept_positions(offsets: list[list[int]], seq_len: int) -> torch.Tensor:
     return torch.tensor(sorted({seq_len - 1 - d for ds in offsets for d in ds} | {seq_len - 1}))
 
 
-def option_scores(kept: torch.Tensor, positions: torch.Tensor, seq_len: int, offsets: list[list[int]], verdict_id: int,
-                  n: int) -> torch.Tensor:
+def option_scores(
+    kept: torch.Tensor, positions: torch.Tensor, seq_len: int, offsets: list[list[int]], verdict_id: int, n: int
+) -> torch.Tensor:
     """(B, n) verdict-token logits at each option's end from ``kept`` (B, K, V), the logits at ``positions``
     (K,); a row's options beyond its own count get ``MASKED``; an open question (no options shown) gets a
     row of zeros (nothing to read; its loss does not use it)."""
@@ -190,8 +199,15 @@ def masked_letter_logits(last: torch.Tensor, tokenizer, records: list[Record], c
     return letter_logits
 
 
-def answer_distribution(model, processor, records: list[Record], images: list, *, temperature: float = 1.0,
-                        options: list[list[str]] | None = None) -> AnswerScores:
+def answer_distribution(
+    model,
+    processor,
+    records: list[Record],
+    images: list,
+    *,
+    temperature: float = 1.0,
+    options: list[list[str]] | None = None,
+) -> AnswerScores:
     """p(i | x) over each record's options in the model's readout (``get_readout``); differentiable when
     called with gradients enabled.
 
@@ -209,8 +225,14 @@ def answer_distribution(model, processor, records: list[Record], images: list, *
         letter_logits = masked_letter_logits(last, processor.tokenizer, records, counts)
         probs = torch.softmax(letter_logits / temperature, dim=-1)
         hidden = out.hidden_states[-1][:, -1, :]  # (B, H)
-        return AnswerScores(probs=probs, logits=letter_logits, hidden=hidden, vocab_logits=last,
-                            last_hidden=out.hidden_states[-1], input_ids=batch["input_ids"])
+        return AnswerScores(
+            probs=probs,
+            logits=letter_logits,
+            hidden=hidden,
+            vocab_logits=last,
+            last_hidden=out.hidden_states[-1],
+            input_ids=batch["input_ids"],
+        )
     seq_len = batch["input_ids"].shape[1]
     offsets = option_end_offsets(processor.tokenizer, prompts, ends, batch["input_ids"])
     positions = kept_positions(offsets, seq_len)
@@ -219,8 +241,17 @@ def answer_distribution(model, processor, records: list[Record], images: list, *
     scores = option_scores(out.logits, positions, seq_len, offsets, vid, max(counts))
     probs = torch.softmax(scores / temperature, dim=-1)
     last_hidden = out.hidden_states[-1]  # (B, T, H)
-    hidden = torch.stack([
-        last_hidden[b, [seq_len - 1 - d for d in ds]].mean(0) if ds else last_hidden[b, -1]
-        for b, ds in enumerate(offsets)])  # (B, H)
-    return AnswerScores(probs=probs, logits=scores, hidden=hidden, vocab_logits=out.logits[:, -1, :],
-                        last_hidden=last_hidden, input_ids=batch["input_ids"])
+    hidden = torch.stack(
+        [
+            last_hidden[b, [seq_len - 1 - d for d in ds]].mean(0) if ds else last_hidden[b, -1]
+            for b, ds in enumerate(offsets)
+        ]
+    )  # (B, H)
+    return AnswerScores(
+        probs=probs,
+        logits=scores,
+        hidden=hidden,
+        vocab_logits=out.logits[:, -1, :],
+        last_hidden=last_hidden,
+        input_ids=batch["input_ids"],
+    )

@@ -70,7 +70,7 @@ def resolve(path: str | Path) -> Path:
     anything else is returned as a path."""
     if not is_zoo(path):
         return Path(path)
-    name = str(path)[len(PREFIX):]
+    name = str(path)[len(PREFIX) :]
     read_manifest(name)
     problems = verify(name)
     if problems:
@@ -81,8 +81,12 @@ def resolve(path: str | Path) -> Path:
 def code_commit() -> str:
     """The package's git commit ("unknown" outside a git checkout); recorded with results and zoo bases."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ZOO_DIR.parent, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ZOO_DIR.parent, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -103,8 +107,14 @@ def publish(model, processor, name: str, *, manifest: dict, half: bool = True) -
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     files = {f.relative_to(tmp).as_posix(): sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
-    full = {"name": name, **manifest, "readout": get_readout(model).kind, "dtype": "float16" if half else "float32",
-            "code_commit": manifest.get("code_commit") or code_commit(), "files": files}
+    full = {
+        "name": name,
+        **manifest,
+        "readout": get_readout(model).kind,
+        "dtype": "float16" if half else "float32",
+        "code_commit": manifest.get("code_commit") or code_commit(),
+        "files": files,
+    }
     (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

@@ -24,8 +24,9 @@ try:
     import python_multipart  # noqa: F401  (form uploads)
     import uvicorn  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the installed extras
-    raise ImportError(f"the HTTP service needs the 'serve' extra ({e.name} is not installed): "
-                      "pip install 'hkd4vlm[serve]'") from e
+    raise ImportError(
+        f"the HTTP service needs the 'serve' extra ({e.name} is not installed): pip install 'hkd4vlm[serve]'"
+    ) from e
 
 from .access import ApiKeyAuth, HostAllowList
 from .app import ServerThread, create_app, run
@@ -33,5 +34,15 @@ from .batching import MicroBatcher
 from .middleware import BodySizeLimit, RequestCounter, RequestCounts
 from .requests import RequestError
 
-__all__ = ["ApiKeyAuth", "BodySizeLimit", "HostAllowList", "MicroBatcher", "RequestCounter", "RequestCounts",
-           "RequestError", "ServerThread", "create_app", "run"]
+__all__ = [
+    "ApiKeyAuth",
+    "BodySizeLimit",
+    "HostAllowList",
+    "MicroBatcher",
+    "RequestCounter",
+    "RequestCounts",
+    "RequestError",
+    "ServerThread",
+    "create_app",
+    "run",
+]

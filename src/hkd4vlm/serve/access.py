@@ -60,7 +60,7 @@ def host_name(header: str) -> str:
     """The host name of a Host header, without the port, lower case (IPv6 without brackets)."""
     header = header.strip().lower()
     if header.startswith("["):  # [::1]:8000
-        return header[1:header.find("]")] if "]" in header else header
+        return header[1 : header.find("]")] if "]" in header else header
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
@@ -84,8 +84,11 @@ class HostAllowList:
             return await self.app(scope, receive, send)
         if self.on_refused is not None:
             self.on_refused()
-        body = error_body(f"host: {header[:100]!r} is not a host name this server answers to (allowed: "
-                           f"{', '.join(self.allowed)}; serve --allowed-host adds one)", "host")
+        body = error_body(
+            f"host: {header[:100]!r} is not a host name this server answers to (allowed: "
+            f"{', '.join(self.allowed)}; serve --allowed-host adds one)",
+            "host",
+        )
         return await JSONResponse(body, status_code=400)(scope, receive, send)
 
 
@@ -116,6 +119,8 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
     if api_key or is_loopback(host):
         return None
     where = "every network interface" if is_wildcard(host) else host
-    return (f"warning: serving on {where} without an API key: anyone who can reach this port can use the model. "
-            f"Set one with --api-key or the {API_KEY_ENV} environment variable (clients send "
-            "'Authorization: Bearer <key>'), or bind to 127.0.0.1.")
+    return (
+        f"warning: serving on {where} without an API key: anyone who can reach this port can use the model. "
+        f"Set one with --api-key or the {API_KEY_ENV} environment variable (clients send "
+        "'Authorization: Bearer <key>'), or bind to 127.0.0.1."
+    )

@@ -29,14 +29,25 @@ from .middleware import BodySizeLimit, RequestCounter, RequestCounts
 from .requests import RequestError, checked_record, error_body, input_refusal, read_request_fields, response_body
 
 
-def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
-               max_body_bytes: int = 10 * 2**20, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               max_queue: int = 1024,
-               max_text_chars: int | None = 8_000, max_text_tokens: int | None = 1_024,
-               max_request_tokens: int | None = 2_048, max_image_side: int = 1_024,
-               max_inflight_bytes: int = 512 * 2**20, decode_workers: int = 2, api_key: str | None = None,
-               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, cors_origins: Sequence[str] = (),
-               docs: bool = False) -> FastAPI:
+def create_app(
+    detector: Detector,
+    *,
+    max_batch_size: int = 16,
+    max_wait_ms: float = 5.0,
+    max_body_bytes: int = 10 * 2**20,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_queue: int = 1024,
+    max_text_chars: int | None = 8_000,
+    max_text_tokens: int | None = 1_024,
+    max_request_tokens: int | None = 2_048,
+    max_image_side: int = 1_024,
+    max_inflight_bytes: int = 512 * 2**20,
+    decode_workers: int = 2,
+    api_key: str | None = None,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+    cors_origins: Sequence[str] = (),
+    docs: bool = False,
+) -> FastAPI:
     """The FastAPI app serving ``detector``; its batcher runs while the app's lifespan does.
 
     Access (serve.access): with ``api_key``, every request but ``GET /healthz`` must carry
@@ -54,21 +65,31 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
     if api_key is not None:
         check_api_key(api_key)  # here, not when the middleware is first built (at the first request)
     if max_image_side < 1 or decode_workers < 1:
-        raise ValueError(f"max_image_side and decode_workers must be at least 1, got {max_image_side}, {decode_workers}")
+        raise ValueError(
+            f"max_image_side and decode_workers must be at least 1, got {max_image_side}, {decode_workers}"
+        )
     largest = request_reservation({}, max_body_bytes, max_image_side)
     if max_inflight_bytes < largest:
-        raise ValueError(f"max_inflight_bytes ({max_inflight_bytes:,}) must hold at least one request of the body "
-                         f"and image limits ({largest:,} bytes)")
+        raise ValueError(
+            f"max_inflight_bytes ({max_inflight_bytes:,}) must hold at least one request of the body "
+            f"and image limits ({largest:,} bytes)"
+        )
     batcher = MicroBatcher(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
     info = detector.info()  # counts parameters once, not per request
     counter = RequestCounts()
     policy = detector.text_policy_with(max_text_chars, max_text_tokens, max_request_tokens)
     budget = MemoryBudget(max_inflight_bytes)
     idle_trim = IdleTrim(lambda: budget.used == 0)
-    limits = {"max_body_bytes": max_body_bytes, "max_image_pixels": max_image_pixels, "max_image_side": max_image_side,
-              "max_text_chars": max_text_chars, "max_text_tokens": max_text_tokens,
-              "max_request_tokens": max_request_tokens,
-              "max_inflight_bytes": max_inflight_bytes, "max_queue": max_queue}
+    limits = {
+        "max_body_bytes": max_body_bytes,
+        "max_image_pixels": max_image_pixels,
+        "max_image_side": max_image_side,
+        "max_text_chars": max_text_chars,
+        "max_text_tokens": max_text_tokens,
+        "max_request_tokens": max_request_tokens,
+        "max_inflight_bytes": max_inflight_bytes,
+        "max_queue": max_queue,
+    }
     decoder: ThreadPoolExecutor | None = None
 
     @asynccontextmanager
@@ -82,8 +103,13 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
             await batcher.stop()
             decoder.shutdown(wait=True)
 
-    app = FastAPI(title="hkd4vlm judge", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
-                  openapi_url="/openapi.json" if docs else None)
+    app = FastAPI(
+        title="hkd4vlm judge",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.batcher = batcher
 
     @app.exception_handler(RequestError)
@@ -100,7 +126,8 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
             del fields
             try:  # decoding is CPU work: off the event loop, so other requests keep arriving
                 image = await asyncio.get_running_loop().run_in_executor(
-                    decoder, partial(load_image_input, raw, max_pixels=max_image_pixels, max_side=max_image_side))
+                    decoder, partial(load_image_input, raw, max_pixels=max_image_pixels, max_side=max_image_side)
+                )
             except InputError as e:
                 raise input_refusal(e) from None
             del raw
@@ -117,24 +144,45 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
 
     @app.get("/v1/model")
     async def model() -> dict[str, Any]:
-        return {**info, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, **limits,
-                "api_key": api_key is not None, "allowed_hosts": list(allowed_hosts), "cors_origins": list(cors_origins)}
+        return {
+            **info,
+            "max_batch_size": max_batch_size,
+            "max_wait_ms": max_wait_ms,
+            **limits,
+            "api_key": api_key is not None,
+            "allowed_hosts": list(allowed_hosts),
+            "cors_origins": list(cors_origins),
+        }
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
         b = batcher
-        return {"requests": counter.requests, "ok": counter.ok,
-                "errors": counter.client_errors + counter.server_errors,
-                "client_errors": counter.client_errors, "server_errors": counter.server_errors,
-                "disconnected": counter.disconnected, "unauthorized": counter.unauthorized,
-                "wrong_host": counter.wrong_host,
-                "batches": b.batches, "batched_requests": b.items, "failed_batches": b.failed_batches,
-                "failed_records": b.failed_records,
-                "mean_batch_size": b.items / b.batches if b.batches else 0.0, "largest_batch": b.largest,
-                "model_seconds": b.model_seconds, "queued": b.queued, "shed": b.shed,
-                "inflight_bytes": budget.used, "peak_inflight_bytes": budget.peak, "refused_for_memory": budget.refused,
-                "rss_bytes": rss_bytes(),
-                "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": max_queue}
+        return {
+            "requests": counter.requests,
+            "ok": counter.ok,
+            "errors": counter.client_errors + counter.server_errors,
+            "client_errors": counter.client_errors,
+            "server_errors": counter.server_errors,
+            "disconnected": counter.disconnected,
+            "unauthorized": counter.unauthorized,
+            "wrong_host": counter.wrong_host,
+            "batches": b.batches,
+            "batched_requests": b.items,
+            "failed_batches": b.failed_batches,
+            "failed_records": b.failed_records,
+            "mean_batch_size": b.items / b.batches if b.batches else 0.0,
+            "largest_batch": b.largest,
+            "model_seconds": b.model_seconds,
+            "queued": b.queued,
+            "shed": b.shed,
+            "inflight_bytes": budget.used,
+            "peak_inflight_bytes": budget.peak,
+            "refused_for_memory": budget.refused,
+            "rss_bytes": rss_bytes(),
+            "max_batch_size": max_batch_size,
+            "max_wait_ms": max_wait_ms,
+            "max_queue": max_queue,
+        }
 
     @app.post("/v1/hallucination")
     async def hallucination(request: Request) -> dict[str, Any]:
@@ -151,8 +199,13 @@ def create_app(detector: Detector, *, max_batch_size: int = 16, max_wait_ms: flo
     if api_key is not None:
         app.add_middleware(ApiKeyAuth, api_key=api_key, on_refused=counter.count("unauthorized"))
     if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
     app.add_middleware(HostAllowList, allowed=allowed_hosts, on_refused=counter.count("wrong_host"))
     return app
 
@@ -164,8 +217,15 @@ class ServerThread:
     accepts connections; ``.port`` and ``.url`` then say where. On exit it stops the server and joins the thread.
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, startup_timeout_s: float = 60.0,
-                 log_level: str = "warning"):
+    def __init__(
+        self,
+        app,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        startup_timeout_s: float = 60.0,
+        log_level: str = "warning",
+    ):
         self.app, self.host, self.requested_port = app, host, port
         self.startup_timeout_s, self.log_level = startup_timeout_s, log_level
         self.port: int | None = None
@@ -222,30 +282,59 @@ class ServerThread:
         self._server = self._thread = None
 
 
-def run(model_dir, host: str = "127.0.0.1", port: int = 8000, shifts: Shifts | str = 4, max_batch_size: int = 16,
-        max_wait_ms: float = 5.0, max_body_mb: float = 10.0, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        device: str | None = None,
-        dtype: str = "auto", max_queue: int = 1024, max_text_chars: int | None = 8_000,
-        max_text_tokens: int | None = 1_024, max_request_tokens: int | None = 2_048, max_image_side: int = 1_024,
-        max_inflight_mb: float = 512.0, api_key: str | None = None, allowed_hosts: Sequence[str] | None = None, cors_origins: Sequence[str] = (),
-        docs: bool = False) -> None:
+def run(
+    model_dir,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    shifts: Shifts | str = 4,
+    max_batch_size: int = 16,
+    max_wait_ms: float = 5.0,
+    max_body_mb: float = 10.0,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    device: str | None = None,
+    dtype: str = "auto",
+    max_queue: int = 1024,
+    max_text_chars: int | None = 8_000,
+    max_text_tokens: int | None = 1_024,
+    max_request_tokens: int | None = 2_048,
+    max_image_side: int = 1_024,
+    max_inflight_mb: float = 512.0,
+    api_key: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+    cors_origins: Sequence[str] = (),
+    docs: bool = False,
+) -> None:
     """Load the model in ``model_dir`` and serve it until interrupted (``hkd4vlm serve``). ``shifts``: as
     infer.msei.parse_shifts reads it (a number or "all"). ``allowed_hosts``
     None: the names a server bound to ``host`` is known by (serve.access.default_allowed_hosts)."""
     allowed_hosts = tuple(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
     detector = Detector.from_pretrained(model_dir, shifts=shifts, device=device, dtype=dtype)
-    app = create_app(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                     max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=max_image_pixels, max_queue=max_queue,
-                     max_text_chars=max_text_chars, max_text_tokens=max_text_tokens,
-                     max_request_tokens=max_request_tokens, max_image_side=max_image_side,
-                     max_inflight_bytes=int(max_inflight_mb * 2**20), api_key=api_key, allowed_hosts=allowed_hosts,
-                     cors_origins=cors_origins, docs=docs)
+    app = create_app(
+        detector,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_image_pixels=max_image_pixels,
+        max_queue=max_queue,
+        max_text_chars=max_text_chars,
+        max_text_tokens=max_text_tokens,
+        max_request_tokens=max_request_tokens,
+        max_image_side=max_image_side,
+        max_inflight_bytes=int(max_inflight_mb * 2**20),
+        api_key=api_key,
+        allowed_hosts=allowed_hosts,
+        cors_origins=cors_origins,
+        docs=docs,
+    )
     info = detector.info()
     warning = exposure_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    print(f"serving {info['name']} ({info['params']:,} parameters, {info['shifts']} shifts, {info['device']}) "
-          f"on http://{host}:{port}" + (" (API key required)" if api_key else ""), flush=True)
+    print(
+        f"serving {info['name']} ({info['params']:,} parameters, {info['shifts']} shifts, {info['device']}) "
+        f"on http://{host}:{port}" + (" (API key required)" if api_key else ""),
+        flush=True,
+    )
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False)).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully

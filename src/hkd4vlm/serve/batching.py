@@ -30,8 +30,9 @@ class MicroBatcher:
     single records, so that only the records that fail alone are answered with an error (one bad record in a
     batch of n costs about 2·log2(n) extra calls)."""
 
-    def __init__(self, detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
-                 max_queue: int = 1024):
+    def __init__(
+        self, detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, max_queue: int = 1024
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_queue < 1:
@@ -79,8 +80,9 @@ class MicroBatcher:
             raise RequestError(503, "the server is not running (no batcher)")
         if self._queue.qsize() >= self.max_queue:
             self.shed += 1
-            raise RequestError(503, f"server busy: {self.max_queue} requests are waiting for the model; retry later",
-                               retry_after=1)
+            raise RequestError(
+                503, f"server busy: {self.max_queue} requests are waiting for the model; retry later", retry_after=1
+            )
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(record, image, future))
         return await future
@@ -137,7 +139,8 @@ class MicroBatcher:
         t0 = time.perf_counter()
         try:
             outcomes: list = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.detector.score_records, [p.record for p in batch], [p.image for p in batch])
+                self._executor, self.detector.score_records, [p.record for p in batch], [p.image for p in batch]
+            )
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"the model answered {len(outcomes)} of {len(batch)} records")
             return outcomes

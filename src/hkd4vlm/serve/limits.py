@@ -36,9 +36,12 @@ class MemoryBudget:
         """A reservation of ``n`` bytes; RequestError 503 when it does not fit beside the others."""
         if self.used + n > self.limit:
             self.refused += 1
-            raise RequestError(503, f"server busy: the requests in flight hold {self.used / 2**20:.1f} MiB of the "
-                               f"{self.limit / 2**20:.0f} MiB budget (this one needs {n / 2**20:.1f} MiB); retry later",
-                               retry_after=1)
+            raise RequestError(
+                503,
+                f"server busy: the requests in flight hold {self.used / 2**20:.1f} MiB of the "
+                f"{self.limit / 2**20:.0f} MiB budget (this one needs {n / 2**20:.1f} MiB); retry later",
+                retry_after=1,
+            )
         self.used += n
         self.peak = max(self.peak, self.used)
         return Reservation(self, n)

@@ -62,8 +62,9 @@ async def _json_fields(request: Request) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"body: malformed JSON ({e})", "body") from None
     except RecursionError:  # the parser recurses per level: a body of 100,000 '[' ends here, not in a 500
-        raise RequestError(400, "body: JSON nested too deeply (a request is an object of strings and lists of "
-                           "strings)", "body") from None
+        raise RequestError(
+            400, "body: JSON nested too deeply (a request is an object of strings and lists of strings)", "body"
+        ) from None
     if not isinstance(payload, dict):
         raise RequestError(422, f"body: must be a JSON object, got {type(payload).__name__}", "body")
     if "image" in payload:
@@ -79,8 +80,9 @@ def _form_list(name: str, values: list[str]) -> list[str]:
         except json.JSONDecodeError as e:
             raise RequestError(422, f"field '{name}': not a valid JSON list ({e})", name) from None
         except RecursionError:
-            raise RequestError(422, f"field '{name}': JSON nested too deeply (expected a list of strings)",
-                               name) from None
+            raise RequestError(
+                422, f"field '{name}': JSON nested too deeply (expected a list of strings)", name
+            ) from None
         return parsed
     return values
 
@@ -117,8 +119,9 @@ async def read_request_fields(request: Request) -> dict[str, Any]:
         return await _json_fields(request)
     if media == "multipart/form-data":
         return await _form_fields(request)
-    raise RequestError(415, f"content-type: expected application/json or multipart/form-data, got {media or 'none'!r}",
-                       "content-type")
+    raise RequestError(
+        415, f"content-type: expected application/json or multipart/form-data, got {media or 'none'!r}", "content-type"
+    )
 
 
 def checked_record(task: str, fields: dict[str, Any], policy: TextPolicy) -> Record:
@@ -132,6 +135,12 @@ def checked_record(task: str, fields: dict[str, Any], policy: TextPolicy) -> Rec
 
 def response_body(d: Detection, model: str) -> dict[str, Any]:
     """The JSON answer to a scoring request."""
-    return {"task": d.task, "prediction": {"index": d.index, "letter": d.letter, "option": d.option},
-            "probabilities": d.probabilities, "agreement": d.agreement, "votes": d.votes, "shifts": d.shifts,
-            "model": model}
+    return {
+        "task": d.task,
+        "prediction": {"index": d.index, "letter": d.letter, "option": d.option},
+        "probabilities": d.probabilities,
+        "agreement": d.agreement,
+        "votes": d.votes,
+        "shifts": d.shifts,
+        "model": model,
+    }

@@ -86,7 +86,9 @@ def _stack(records: list[Record], featurize) -> tuple[np.ndarray, np.ndarray]:
     return feats, np.array([r.label for r in records])
 
 
-def train_conditional_logit(x: np.ndarray, y: np.ndarray, *, steps: int = 300, lr: float = 0.05, l2: float = 1e-4) -> np.ndarray:
+def train_conditional_logit(
+    x: np.ndarray, y: np.ndarray, *, steps: int = 300, lr: float = 0.05, l2: float = 1e-4
+) -> np.ndarray:
     """Weights of a softmax-over-options linear scorer, fitted with full-batch Adam.
 
     ``x`` (N, n_options, D), ``y`` (N,) the correct option; returns ``w`` (D,).

@@ -43,8 +43,11 @@ def patch_targets(scene, grid: int) -> np.ndarray:
     for o in scene.objects:
         i = min(grid - 1, int(o.y / scene.height * grid))
         j = min(grid - 1, int(o.x / scene.width * grid))
-        out[i * grid + j] = [classes["colour"].index(o.colour), classes["shape"].index(o.shape),
-                             classes["size"].index(o.size)]
+        out[i * grid + j] = [
+            classes["colour"].index(o.colour),
+            classes["shape"].index(o.shape),
+            classes["size"].index(o.size),
+        ]
     return out
 
 
@@ -89,9 +92,21 @@ def dense_accuracy(logits: dict, targets: dict) -> dict[str, float]:
     return {k: float((logits[k].argmax(-1) == targets[k])[occupied].float().mean()) for k in targets}
 
 
-def dense_pretrain(model, processor, out: str | Path, *, steps: int, batch_size: int = 32, lr: float = 1e-3,
-                   seed: int = 0, eval_every: int = 250, save_every: int = 250, n_eval: int = 256,
-                   log=print, on_step=None) -> dict:
+def dense_pretrain(
+    model,
+    processor,
+    out: str | Path,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_every: int = 250,
+    save_every: int = 250,
+    n_eval: int = 256,
+    log=print,
+    on_step=None,
+) -> dict:
     """Train ``model``'s vision tower in place on per-patch targets; returns the last held-out accuracies.
     ``on_step(step)`` runs after each step (tests use it to interrupt a run).
 
@@ -113,7 +128,8 @@ def dense_pretrain(model, processor, out: str | Path, *, steps: int, batch_size:
     warmup = min(200, steps // 10)
     # warmup, then cosine to a tenth; plain floats, so that the checkpoint loads with weights_only
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
     ckpt, curve = out / "dense.pt", out / "dense.jsonl"
     step = 0
     if ckpt.is_file():
@@ -134,7 +150,9 @@ def dense_pretrain(model, processor, out: str | Path, *, steps: int, batch_size:
     def evaluate() -> dict:
         tower.eval()
         with torch.inference_mode():
-            logits = heads(torch.cat([patch_features(tower, eval_pixels[i: i + 64], grid) for i in range(0, n_eval, 64)]))
+            logits = heads(
+                torch.cat([patch_features(tower, eval_pixels[i : i + 64], grid) for i in range(0, n_eval, 64)])
+            )
         tower.train()
         return dense_accuracy(logits, eval_targets)
 
@@ -151,14 +169,27 @@ def dense_pretrain(model, processor, out: str | Path, *, steps: int, batch_size:
         sched.step()
         step += 1
         if step % eval_every == 0 or step == steps:
-            metrics = {"step": step, "loss": float(loss.detach()), **evaluate(), "seconds": round(time.perf_counter() - t0, 1)}
+            metrics = {
+                "step": step,
+                "loss": float(loss.detach()),
+                **evaluate(),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             log(f"dense step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "step"))
             with curve.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
         if step % save_every == 0 or step == steps:
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "step": step}, tmp)
+            torch.save(
+                {
+                    "tower": tower.state_dict(),
+                    "heads": heads.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step,
+                },
+                tmp,
+            )
             tmp.replace(ckpt)
         if on_step is not None:
             on_step(step)

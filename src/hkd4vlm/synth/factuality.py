@@ -101,7 +101,7 @@ def make_record(rng: random.Random, level: Level, image_id: str, key: str, lette
         size = rng.choice(SIZES) if level.sized_claims else None
         by_ref: dict[tuple[str | None, str], list] = {}
         for s in SHAPES:
-            for z in ([size] if size else [None]):
+            for z in [size] if size else [None]:
                 by_ref[(z, s)] = scene.find(shape=s, size=z)
         refs = [r for r, objs in by_ref.items() if (len(objs) == 0) == (key == "image") and len(objs) <= 1]
         if refs:

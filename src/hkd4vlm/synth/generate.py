@@ -52,7 +52,7 @@ def generate_split(out: Path, task: Task, level: str, split: str, n: int, seed: 
     schedule = _schedule(task, n, random.Random(f"{seed}:{task}:{split}:schedule"))
     items = [(i, kind, letter) for i, (kind, letter) in enumerate(schedule)]
     chunk = max(1, -(-len(items) // (workers * 4)))
-    jobs = [(task, level, split, seed, str(out), items[k:k + chunk]) for k in range(0, len(items), chunk)]
+    jobs = [(task, level, split, seed, str(out), items[k : k + chunk]) for k in range(0, len(items), chunk)]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
             raw = [r for part in pool.map(_make_chunk, jobs) for r in part]

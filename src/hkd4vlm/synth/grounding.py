@@ -27,17 +27,40 @@ from .scene import COLOURS, OPPOSITE, RELATIONS, SHAPES, SIZES, Obj, Scene, rela
 
 #: name of a position by the thirds of the image its centre falls in
 CELLS = {
-    (0, 0): "top left", (1, 0): "top", (2, 0): "top right",
-    (0, 1): "left", (1, 1): "centre", (2, 1): "right",
-    (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right",
+    (0, 0): "top left",
+    (1, 0): "top",
+    (2, 0): "top right",
+    (0, 1): "left",
+    (1, 1): "centre",
+    (2, 1): "right",
+    (0, 2): "bottom left",
+    (1, 2): "bottom",
+    (2, 2): "bottom right",
 }
 QUESTION_KINDS = (
-    "colour_of_shape", "shape_of_colour", "colour_at", "shape_at", "present", "absent", "count_shape",
-    "count_colour", "size_of", "relation", "owner",
+    "colour_of_shape",
+    "shape_of_colour",
+    "colour_at",
+    "shape_at",
+    "present",
+    "absent",
+    "count_shape",
+    "count_colour",
+    "size_of",
+    "relation",
+    "owner",
 )
 #: kinds whose answer's first word is the answer (open questions use only these)
-OPEN_KINDS = ("colour_of_shape", "shape_of_colour", "colour_at", "shape_at", "count_shape", "count_colour", "relation",
-              "owner")
+OPEN_KINDS = (
+    "colour_of_shape",
+    "shape_of_colour",
+    "colour_at",
+    "shape_at",
+    "count_shape",
+    "count_colour",
+    "relation",
+    "owner",
+)
 NAMES = ("Maria", "Tom", "Aiko", "Omar", "Lena", "Ravi", "Sofia", "Jonas", "Nadia", "Pablo", "Grace", "Ivan")
 
 
@@ -72,8 +95,9 @@ def cell_of(o: Obj, scene: Scene) -> str:
     return CELLS[(min(2, int(3 * o.x / scene.width)), min(2, int(3 * o.y / scene.height)))]
 
 
-def _mc(rng: random.Random, answer: str, pool: list[str] | tuple[str, ...], kind: str, question: str,
-        context: str = "") -> GroundingQuestion:
+def _mc(
+    rng: random.Random, answer: str, pool: list[str] | tuple[str, ...], kind: str, question: str, context: str = ""
+) -> GroundingQuestion:
     wrong = rng.sample([p for p in pool if p != answer], 3)
     options = wrong + [answer]
     rng.shuffle(options)
@@ -113,13 +137,23 @@ def _ask(rng: random.Random, scene: Scene, kind: str) -> GroundingQuestion | Non
         shape = rng.choice(SHAPES)
         n = len(scene.find(shape=shape))
         word = PLURAL[shape]
-        return _mc(rng, NUMBER_WORDS.get(n, "zero"), ["zero", "one", "two", "three", "four"], kind,
-                   f"How many {word} are there?")
+        return _mc(
+            rng,
+            NUMBER_WORDS.get(n, "zero"),
+            ["zero", "one", "two", "three", "four"],
+            kind,
+            f"How many {word} are there?",
+        )
     if kind == "count_colour":
         colour = rng.choice(list(COLOURS))
         n = len(scene.find(colour=colour))
-        return _mc(rng, NUMBER_WORDS.get(n, "zero"), ["zero", "one", "two", "three", "four"], kind,
-                   f"How many {colour} shapes are there?")
+        return _mc(
+            rng,
+            NUMBER_WORDS.get(n, "zero"),
+            ["zero", "one", "two", "three", "four"],
+            kind,
+            f"How many {colour} shapes are there?",
+        )
     if kind == "size_of":
         if len(objs) < 4:
             return None
@@ -140,8 +174,12 @@ def _ask(rng: random.Random, scene: Scene, kind: str) -> GroundingQuestion | Non
             return None
         options = list(RELATIONS)
         rng.shuffle(options)
-        return GroundingQuestion(f"Where is the {a.colour} {a.shape} relative to the {b.colour} {b.shape}?", options,
-                                 options.index(true[0]), kind)
+        return GroundingQuestion(
+            f"Where is the {a.colour} {a.shape} relative to the {b.colour} {b.shape}?",
+            options,
+            options.index(true[0]),
+            kind,
+        )
     if kind == "owner":
         # the reading half of fact checking: who made the shape, given who made each colour
         if len(scene.find(shape=o.shape)) != 1:
@@ -188,8 +226,13 @@ def curriculum_level(progress: float, level: Level = LEVELS["medium"]) -> Level:
     return replace(level, small_radius=mix(level.small_radius), large_radius=mix(level.large_radius))
 
 
-def sample_item(seed: str, progress: float, level: Level = LEVELS["medium"], kinds: tuple[str, ...] = QUESTION_KINDS,
-                open_share: float = 0.0):
+def sample_item(
+    seed: str,
+    progress: float,
+    level: Level = LEVELS["medium"],
+    kinds: tuple[str, ...] = QUESTION_KINDS,
+    open_share: float = 0.0,
+):
     """(scene, question) for curriculum position ``progress``; deterministic for ``seed``. A share
     ``open_share`` of the questions are open (no options shown)."""
     rng = random.Random(seed)
@@ -206,7 +249,6 @@ def sample_item(seed: str, progress: float, level: Level = LEVELS["medium"], kin
     q = make_question(rng, scene, tuple(k for k in kinds if k in OPEN_KINDS) if is_open else kinds)
     q.open = is_open
     return scene, q
-
 
 
 #: phrase verification (the pretraining's last stage): every option is a statement about the image, true or false
@@ -323,8 +365,9 @@ def count_plan(rng: random.Random) -> tuple[Count, bool, dict]:
     return Count(n, by, value), truth, {"fixed": fixed, "avoid_colours": frozenset({value})}
 
 
-def verify_item(seed: str, level: Level = LEVELS["medium"], kinds: tuple[str, ...] = VERIFY_KINDS,
-                owner_share: float = 0.0):
+def verify_item(
+    seed: str, level: Level = LEVELS["medium"], kinds: tuple[str, ...] = VERIFY_KINDS, owner_share: float = 0.0
+):
     """(scene, question): a scene of ``level`` and one statement per kind in ``kinds``, each true or false
     with probability 1/2 (checked by the benchmark's oracle, ``phrase_truth``), in random order; the
     question's ``truths`` say which hold. A share ``owner_share`` of the items are about who drew what

@@ -21,7 +21,12 @@ from .scene import COLOURS, OPPOSITE, RELATIONS, SHAPES, SIZES, Scene, relation_
 
 HALLUCINATION_TYPES = ("absent_object", "wrong_attribute", "wrong_relation", "wrong_count")
 #: the kind of phrase each hallucination type produces
-KIND_OF_TYPE = {"absent_object": "exist", "wrong_attribute": "exist", "wrong_relation": "relation", "wrong_count": "count"}
+KIND_OF_TYPE = {
+    "absent_object": "exist",
+    "wrong_attribute": "exist",
+    "wrong_relation": "relation",
+    "wrong_count": "count",
+}
 #: the kinds of the four options of every record: one of them lies, as often as its share here
 PHRASE_KINDS = ("exist", "exist", "relation", "count")
 
@@ -55,8 +60,12 @@ def _plan(rng: random.Random, htype: str) -> list[tuple[str, dict]]:
             n = rng.randint(1, 2)
             by = rng.choice(("shape", "colour"))
             true_n = n if i else 3 - n
-            params = {"n": n, "by": by, "true_n": true_n,
-                      "value": rng.choice(SHAPES if by == "shape" else tuple(COLOURS))}
+            params = {
+                "n": n,
+                "by": by,
+                "true_n": true_n,
+                "value": rng.choice(SHAPES if by == "shape" else tuple(COLOURS)),
+            }
         elif kind == "relation":
             params = {"rel": rng.choice(RELATIONS)}
         else:
@@ -109,9 +118,16 @@ def _realise(rng: random.Random, scene: Scene, slots: list[tuple[str, dict]], ht
             phrases[i] = Count(params["n"], params["by"], params["value"])
         elif kind == "relation":
             rel = params["rel"] if not lie else OPPOSITE[params["rel"]]
-            pairs = [(a, b) for a in scene.objects for b in scene.objects
-                     if a is not b and free(*a.key, for_relation=True) and free(*b.key, for_relation=True)
-                     and frozenset((a.key, b.key)) not in rel_pairs and relation_holds(a, b, rel)]
+            pairs = [
+                (a, b)
+                for a in scene.objects
+                for b in scene.objects
+                if a is not b
+                and free(*a.key, for_relation=True)
+                and free(*b.key, for_relation=True)
+                and frozenset((a.key, b.key)) not in rel_pairs
+                and relation_holds(a, b, rel)
+            ]
             if pairs:
                 a, b = rng.choice(pairs)
                 phrases[i] = Relation(a.colour, a.shape, params["rel"], b.colour, b.shape)
@@ -177,7 +193,7 @@ def caption(rng: random.Random, level: Level, phrases: list[Phrase]) -> str:
         sizes = (1, 1, 1, 1)
     k = 0
     for s in sizes:
-        groups.append(order[k:k + s])
+        groups.append(order[k : k + s])
         k += s
     sentences = [_sentence(rng, level, g) for g in groups]
     if rng.random() < level.filler:

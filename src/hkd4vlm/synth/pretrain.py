@@ -30,8 +30,18 @@ VERIFY_LR = 1e-3
 DEFAULT_RECIPE = {"dense_steps": 0, "steps": 3000, "lr": 1e-3, "freeze_vision": True, "dense_word_weight": 1.0}
 
 
-def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None = None, dense_steps: int | None = None,
-                    verify_steps: int | None = None, verify_owner_share: float | None = None, batch_size: int = 32, seed: int = 0, pool_size: int = 12_000) -> dict:
+def pretrain_recipe(
+    preset: str,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    dense_steps: int | None = None,
+    verify_steps: int | None = None,
+    verify_owner_share: float | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    pool_size: int = 12_000,
+) -> dict:
     """Everything that decides a pretrained base, given its training data's tokenizer: the preset's
     architecture, the prompt version, the stages' steps and learning rates, batch, pool and seed. The
     verification stage's keys appear only when it runs, so recipes without it keep their digests."""
@@ -42,8 +52,13 @@ def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None =
 
     sizes = get_preset(preset)  # unknown names are an error naming the registered ones
     recipe = {**DEFAULT_RECIPE, **PRETRAIN_RECIPES.get(preset, {})}
-    for name, value in (("steps", steps), ("lr", lr), ("dense_steps", dense_steps), ("verify_steps", verify_steps),
-                        ("verify_owner_share", verify_owner_share)):
+    for name, value in (
+        ("steps", steps),
+        ("lr", lr),
+        ("dense_steps", dense_steps),
+        ("verify_steps", verify_steps),
+        ("verify_owner_share", verify_owner_share),
+    ):
         if value is not None:
             recipe[name] = value
     if recipe.get("verify_steps"):
@@ -53,8 +68,16 @@ def pretrain_recipe(preset: str, *, steps: int | None = None, lr: float | None =
     else:
         for name in ("verify_steps", "verify_lr", "verify_owner_share"):
             recipe.pop(name, None)
-    return {"preset": preset, "architecture": asdict(sizes), "readout": TINY_READOUT,
-            "prompt_version": PROMPT_VERSION, "batch_size": batch_size, "seed": seed, "pool_size": pool_size, **recipe}
+    return {
+        "preset": preset,
+        "architecture": asdict(sizes),
+        "readout": TINY_READOUT,
+        "prompt_version": PROMPT_VERSION,
+        "batch_size": batch_size,
+        "seed": seed,
+        "pool_size": pool_size,
+        **recipe,
+    }
 
 
 def recipe_digest(recipe: dict) -> str:
@@ -118,8 +141,10 @@ def _dense_word_loss(scores, items, head, image_token_id: int, word_ids: list[to
         return scores.logits.sum() * 0
     logp = torch.log_softmax(head(feats[occupied.to(feats.device)]).float(), dim=-1)  # (M, V)
     targets = patches[occupied]  # (M, 3)
-    picked = torch.stack([logp.gather(1, word_ids[k][targets[:, k]].to(logp.device)[:, None])[:, 0]
-                          for k in range(len(word_ids))], dim=-1)  # (M, 3)
+    picked = torch.stack(
+        [logp.gather(1, word_ids[k][targets[:, k]].to(logp.device)[:, None])[:, 0] for k in range(len(word_ids))],
+        dim=-1,
+    )  # (M, 3)
     return -picked.mean()
 
 
@@ -132,8 +157,8 @@ def verify_stage(scores, items, **_) -> dict[str, torch.Tensor]:
     mask = torch.zeros_like(logits)
     for b, q in enumerate(items):
         truths = torch.tensor([float(t) for t in q.truths], device=logits.device)
-        target[b, :len(truths)] = truths
-        mask[b, :len(truths)] = 1.0
+        target[b, : len(truths)] = truths
+        mask[b, : len(truths)] = 1.0
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
     loss = (bce * mask).sum() / mask.sum().clamp(min=1.0)
     return {"bce_verify": loss, "total": loss}
@@ -144,8 +169,11 @@ def _scored(items: list, model, processor, batch: int = 64):
     from ..models.scoring import answer_distribution
 
     for s in range(0, len(items), batch):
-        chunk = items[s: s + batch]
-        yield [q for q, _ in chunk], answer_distribution(model, processor, [q for q, _ in chunk], [im for _, im in chunk])
+        chunk = items[s : s + batch]
+        yield (
+            [q for q, _ in chunk],
+            answer_distribution(model, processor, [q for q, _ in chunk], [im for _, im in chunk]),
+        )
 
 
 def verify_eval(n: int = 256, image_size: int = 64, seed: int = 20_000, owner_share: float = 0.0):
@@ -201,17 +229,38 @@ def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
     return evaluate
 
 
-def pretrain(preset: str, data_root: str | Path, out: str | Path, *, steps: int | None = None, lr: float | None = None,
-             dense_steps: int | None = None, verify_steps: int | None = None,
-             verify_owner_share: float | None = None, batch_size: int = 32, seed: int = 0,
-             pool_size: int = 12_000, cache_dir: str | Path | None = None, progress: bool = True,
-             resume: bool = True) -> Path:
+def pretrain(
+    preset: str,
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    dense_steps: int | None = None,
+    verify_steps: int | None = None,
+    verify_owner_share: float | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    pool_size: int = 12_000,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> Path:
     """Build ``preset`` (tokenizer from ``data_root``) and pretrain it: ``dense_steps`` of dense vision
     pretraining (synth.dense; 0 skips it), then ``steps`` of the grounding curriculum, then
     ``verify_steps`` of phrase verification (0 or None skips it); returns the last stage's model folder
     (``out/model``, or ``out/verify/model`` after a verification stage)."""
-    recipe = pretrain_recipe(preset, steps=steps, lr=lr, dense_steps=dense_steps, verify_steps=verify_steps,
-                             verify_owner_share=verify_owner_share, batch_size=batch_size, seed=seed, pool_size=pool_size)
+    recipe = pretrain_recipe(
+        preset,
+        steps=steps,
+        lr=lr,
+        dense_steps=dense_steps,
+        verify_steps=verify_steps,
+        verify_owner_share=verify_owner_share,
+        batch_size=batch_size,
+        seed=seed,
+        pool_size=pool_size,
+    )
     out = Path(out)
     # the curriculum is keyed by the recipe without the verification stage: adding one reuses a finished base
     base = {k: v for k, v in recipe.items() if not k.startswith("verify_")}
@@ -236,7 +285,11 @@ def _stage_marker(out: Path, key: dict, parts: tuple[str, ...]) -> tuple[str, Pa
 
 
 def _finished(model_dir: Path, marker: Path, digest: str) -> bool:
-    return (model_dir / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()).get("digest") == digest
+    return (
+        (model_dir / "config.json").is_file()
+        and marker.is_file()
+        and json.loads(marker.read_text()).get("digest") == digest
+    )
 
 
 def _verification(recipe: dict, data_root, out: Path, start: Path, *, progress: bool, resume: bool) -> Path:
@@ -252,19 +305,35 @@ def _verification(recipe: dict, data_root, out: Path, start: Path, *, progress: 
     steps, batch_size = recipe["verify_steps"], recipe["batch_size"]
     image_size = recipe["architecture"]["image_size"]
     cfg = TrainConfig(
-        model=str(start), out=out, data=DataConfig(root=Path(data_root), eval_split=None),
+        model=str(start),
+        out=out,
+        data=DataConfig(root=Path(data_root), eval_split=None),
         optim=OptimConfig(lr=recipe["verify_lr"], warmup_steps=min(100, steps // 10)),
-        steps=steps, batch_size=batch_size, seed=recipe["seed"], save_every=max(1, steps // 6), log_every=10,
-        progress=progress, eval_every=max(1, steps // 6), freeze_vision=bool(recipe["freeze_vision"]),
+        steps=steps,
+        batch_size=batch_size,
+        seed=recipe["seed"],
+        save_every=max(1, steps // 6),
+        log_every=10,
+        progress=progress,
+        eval_every=max(1, steps // 6),
+        freeze_vision=bool(recipe["freeze_vision"]),
     )
     model, processor = load_model(start, freeze_vision=cfg.freeze_vision)
     share = recipe.get("verify_owner_share", 0.0)
-    final = train(cfg, VerifySource(steps * batch_size, image_size, seed=recipe["seed"], owner_share=share),
-                  stage=verify_stage, model=model, processor=processor,
-                  evaluate=verify_eval(image_size=image_size, owner_share=share), resume=resume)
+    final = train(
+        cfg,
+        VerifySource(steps * batch_size, image_size, seed=recipe["seed"], owner_share=share),
+        stage=verify_stage,
+        model=model,
+        processor=processor,
+        evaluate=verify_eval(image_size=image_size, owner_share=share),
+        resume=resume,
+    )
     if not is_main_process():
         return final
-    (Path(final) / "pretrain_recipe.json").write_text(json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2))
+    (Path(final) / "pretrain_recipe.json").write_text(
+        json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2)
+    )
     pending.replace(marker)
     return final
 
@@ -288,10 +357,17 @@ def _curriculum(recipe: dict, data_root, out: Path, *, cache_dir, progress: bool
         init_model(preset, data_root, init_dir, seed=seed, extra_texts=vocabulary_texts())
     image_size = recipe["architecture"]["image_size"]
     cfg = TrainConfig(
-        model=str(init_dir), out=out, data=DataConfig(root=Path(data_root), eval_split=None),
+        model=str(init_dir),
+        out=out,
+        data=DataConfig(root=Path(data_root), eval_split=None),
         optim=OptimConfig(lr=recipe["lr"], warmup_steps=min(200, recipe["steps"] // 10)),
-        steps=recipe["steps"], batch_size=batch_size, seed=seed, save_every=max(1, recipe["steps"] // 6),
-        log_every=10, progress=progress, eval_every=max(1, recipe["steps"] // 8),
+        steps=recipe["steps"],
+        batch_size=batch_size,
+        seed=seed,
+        save_every=max(1, recipe["steps"] // 6),
+        log_every=10,
+        progress=progress,
+        eval_every=max(1, recipe["steps"] // 8),
     )
     from ..models.loading import load_model
 
@@ -303,8 +379,16 @@ def _curriculum(recipe: dict, data_root, out: Path, *, cache_dir, progress: bool
             from .dense import dense_pretrain
 
             model, processor = load_model(init_dir)
-            dense_pretrain(model, processor, out / "dense", steps=recipe["dense_steps"], batch_size=batch_size,
-                           lr=recipe.get("dense_lr", 1e-3), seed=seed, log=print if progress else (lambda *_: None))
+            dense_pretrain(
+                model,
+                processor,
+                out / "dense",
+                steps=recipe["dense_steps"],
+                batch_size=batch_size,
+                lr=recipe.get("dense_lr", 1e-3),
+                seed=seed,
+                log=print if progress else (lambda *_: None),
+            )
             save_model(model, processor, start_dir)
         cfg.model = str(start_dir)
         # the curriculum's fresh projector and language model must not wash out what the tower learnt
@@ -313,16 +397,35 @@ def _curriculum(recipe: dict, data_root, out: Path, *, cache_dir, progress: bool
     set_readout(model, recipe["readout"])  # the recipe's readout, whatever an earlier init on disk was saved with
     # the image tokens the language model sees form a square grid (Idefics3 merges 2 x 2 patches into one)
     grid = math.isqrt(getattr(processor, "image_seq_len", None) or model.config.image_seq_length)
-    source = GroundingSource(pool_size, recipe["steps"] * batch_size, image_size, seed=seed, grid=grid,
-                             open_share=recipe.get("open_share", 0.5), cache_dir=cache_dir or out.parent / "cache")
-    stage = grounding_stage(processor.tokenizer, head=model.get_output_embeddings(),
-                            image_token_id=processor.tokenizer.convert_tokens_to_ids(processor.image_token),
-                            dense_weight=recipe["dense_word_weight"])
-    final = train(cfg, source, stage=stage, model=model, processor=processor,
-                  evaluate=grounding_eval(image_size=image_size), resume=resume)
+    source = GroundingSource(
+        pool_size,
+        recipe["steps"] * batch_size,
+        image_size,
+        seed=seed,
+        grid=grid,
+        open_share=recipe.get("open_share", 0.5),
+        cache_dir=cache_dir or out.parent / "cache",
+    )
+    stage = grounding_stage(
+        processor.tokenizer,
+        head=model.get_output_embeddings(),
+        image_token_id=processor.tokenizer.convert_tokens_to_ids(processor.image_token),
+        dense_weight=recipe["dense_word_weight"],
+    )
+    final = train(
+        cfg,
+        source,
+        stage=stage,
+        model=model,
+        processor=processor,
+        evaluate=grounding_eval(image_size=image_size),
+        resume=resume,
+    )
     if not is_main_process():
         return final
-    (Path(final) / "pretrain_recipe.json").write_text(json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2))
+    (Path(final) / "pretrain_recipe.json").write_text(
+        json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2)
+    )
     pending.replace(marker)
     return final
 
@@ -356,16 +459,21 @@ def publish_base(run: str | Path, name: str | None = None) -> Path:
         last = json.loads(dense.read_text().splitlines()[-1])
         held_out.update({f"accuracy_patch_{k}": last[k] for k in ("colour", "shape", "size") if k in last})
     manifest = {
-        "preset": recipe["preset"], "recipe": recipe, "recipe_digest": recipe_digest(recipe),
-        "steps": {"dense": recipe.get("dense_steps", 0), "curriculum": recipe["steps"],
-                  "verify": recipe.get("verify_steps", 0)},
+        "preset": recipe["preset"],
+        "recipe": recipe,
+        "recipe_digest": recipe_digest(recipe),
+        "steps": {
+            "dense": recipe.get("dense_steps", 0),
+            "curriculum": recipe["steps"],
+            "verify": recipe.get("verify_steps", 0),
+        },
         "held_out": held_out,
         "held_out_about": "accuracy*: 512 held-out four-option curriculum questions about six objects of the "
-                          "benchmark's size (chance 0.25); accuracy_patch_*: the dense stage's per-patch "
-                          "accuracy at object centres on 256 fresh medium scenes; verify_accuracy*: the "
-                          "verification stage's statements judged true or false, 256 fresh medium scenes x 4 "
-                          "(chance 0.5)",
+        "benchmark's size (chance 0.25); accuracy_patch_*: the dense stage's per-patch "
+        "accuracy at object centres on 256 fresh medium scenes; verify_accuracy*: the "
+        "verification stage's statements judged true or false, 256 fresh medium scenes x 4 "
+        "(chance 0.5)",
         "tokenizer_data": "the text of the dataset given to `hkd4vlm pretrain --data` (the medium benchmark, "
-                          "`hkd4vlm synth --seed 0`, 4,000 / 500 / 1,000 records) and the curriculum's words",
+        "`hkd4vlm synth --seed 0`, 4,000 / 500 / 1,000 records) and the curriculum's words",
     }
     return zoo.publish(*load_model(model_dir, dtype="float32"), name or recipe["preset"], manifest=manifest)

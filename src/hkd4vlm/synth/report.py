@@ -8,8 +8,9 @@ from .generate import SHORTCUT_TOLERANCE
 
 
 def format_stats(stats: dict, root: Path | str) -> str:
-    lines = [f"synthetic benchmark, level {stats['level']}, seed {stats['seed']}, written to {root} "
-             f"in {stats['seconds']} s"]
+    lines = [
+        f"synthetic benchmark, level {stats['level']}, seed {stats['seed']}, written to {root} in {stats['seconds']} s"
+    ]
     for task, ts in stats["tasks"].items():
         lines.append(f"\n{task}")
         for split, s in ts["splits"].items():
@@ -22,7 +23,9 @@ def format_stats(stats: dict, root: Path | str) -> str:
         if base:
             flag = "ok" if base["within_tolerance"] else "SHORTCUT: a text-only baseline is off chance"
             accs = ", ".join(f"{k} {v:.3f}" for k, v in base["accuracy"].items())
-            lines.append(f"  text-only baselines on {base['split']} (chance 0.25 ± {SHORTCUT_TOLERANCE}): {accs}  [{flag}]")
+            lines.append(
+                f"  text-only baselines on {base['split']} (chance 0.25 ± {SHORTCUT_TOLERANCE}): {accs}  [{flag}]"
+            )
     lines.append(f"\nstats: {Path(root) / 'stats.json'}")
     return "\n".join(lines)
 

@@ -64,14 +64,20 @@ class Scene:
     @classmethod
     def from_dict(cls, d: dict) -> Scene:
         return cls(
-            width=d["width"], height=d["height"], objects=[Obj(**o) for o in d["objects"]],
-            background=d["background"], bg_colour=tuple(d["bg_colour"]), seed=d["seed"],
+            width=d["width"],
+            height=d["height"],
+            objects=[Obj(**o) for o in d["objects"]],
+            background=d["background"],
+            bg_colour=tuple(d["bg_colour"]),
+            seed=d["seed"],
         )
 
     def find(self, colour: str | None = None, shape: str | None = None, size: str | None = None) -> list[Obj]:
         return [
-            o for o in self.objects
-            if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)
+            o
+            for o in self.objects
+            if (colour is None or o.colour == colour)
+            and (shape is None or o.shape == shape)
             and (size is None or o.size == size)
         ]
 
@@ -140,9 +146,12 @@ def sample_scene(
 
 def shape_polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, float]] | None:
     """Vertices of a shape centred at (x, y) within radius r; None for a circle."""
+
     def ring(n: int, radius: float, phase: float) -> list[tuple[float, float]]:
-        return [(x + radius * math.cos(phase + 2 * math.pi * k / n), y + radius * math.sin(phase + 2 * math.pi * k / n))
-                for k in range(n)]
+        return [
+            (x + radius * math.cos(phase + 2 * math.pi * k / n), y + radius * math.sin(phase + 2 * math.pi * k / n))
+            for k in range(n)
+        ]
 
     if shape == "circle":
         return None
@@ -157,8 +166,20 @@ def shape_polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float,
         return [p for pair in zip(outer, inner) for p in pair]
     if shape == "cross":
         a, b = 0.32 * r, 0.95 * r
-        return [(x - a, y - b), (x + a, y - b), (x + a, y - a), (x + b, y - a), (x + b, y + a), (x + a, y + a),
-                (x + a, y + b), (x - a, y + b), (x - a, y + a), (x - b, y + a), (x - b, y - a), (x - a, y - a)]
+        return [
+            (x - a, y - b),
+            (x + a, y - b),
+            (x + a, y - a),
+            (x + b, y - a),
+            (x + b, y + a),
+            (x + a, y + a),
+            (x + a, y + b),
+            (x - a, y + b),
+            (x - a, y + a),
+            (x - b, y + a),
+            (x - b, y - a),
+            (x - a, y - a),
+        ]
     raise ValueError(f"unknown shape {shape!r}")
 
 

@@ -18,25 +18,49 @@ class GroundingSource:
     object to six, drawn ``draws`` times with the difficulty window growing over the run. The pool is
     cached on disk (images at the model's input size) and shared between presets."""
 
-    def __init__(self, pool_size: int, draws: int, image_size: int, *, level: str = "medium", seed: int = 0,
-                 open_share: float = 0.5, cache_dir: str | Path | None = None, ramp: float = 0.7, grid: int = 8):
+    def __init__(
+        self,
+        pool_size: int,
+        draws: int,
+        image_size: int,
+        *,
+        level: str = "medium",
+        seed: int = 0,
+        open_share: float = 0.5,
+        cache_dir: str | Path | None = None,
+        ramp: float = 0.7,
+        grid: int = 8,
+    ):
         from .grounding import GroundingQuestion
 
         self.draws, self.seed, self.ramp = draws, seed, ramp
         cache = None
         if cache_dir is not None:
-            cache = Path(cache_dir) / f"grounding-v3-{level}-n{pool_size}-s{seed}-px{image_size}-g{grid}-o{open_share}.npz"
+            cache = (
+                Path(cache_dir) / f"grounding-v3-{level}-n{pool_size}-s{seed}-px{image_size}-g{grid}-o{open_share}.npz"
+            )
         if cache is not None and cache.is_file():
             data = np.load(cache)
             self.images, self.patches = data["images"], data["patches"]
             self.questions = [GroundingQuestion(**q) for q in json.loads(str(data["questions"]))]
         else:
-            self.images, self.patches, self.questions = _render_pool(pool_size, image_size, level, seed, open_share, grid)
+            self.images, self.patches, self.questions = _render_pool(
+                pool_size, image_size, level, seed, open_share, grid
+            )
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(".tmp.npz")
-                qs = [{"question": q.question, "options": q.options, "label": q.label, "kind": q.kind,
-                       "context": q.context, "open": q.open} for q in self.questions]
+                qs = [
+                    {
+                        "question": q.question,
+                        "options": q.options,
+                        "label": q.label,
+                        "kind": q.kind,
+                        "context": q.context,
+                        "open": q.open,
+                    }
+                    for q in self.questions
+                ]
                 np.savez(tmp, images=self.images, patches=self.patches, questions=json.dumps(qs))
                 tmp.replace(cache)
 
