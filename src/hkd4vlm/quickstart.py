@@ -91,7 +91,7 @@ def _evaluate(model_dir: str, data: Path, *, limit: int | None, msei: bool, shif
     out = {}
     for task in TASKS:
         preds = predict_split(
-            model, processor, read_split(data, task, "test"), limit=limit, spec=MappingSpec(shifts) if msei else None
+            model, processor, read_split(data, task, "test"), limit=limit, spec=MappingSpec(shifts if msei else 1)
         )
         # a record that could not be scored (status "error", no letter) counts as wrong
         letters = sorted({p.choice for p in preds} | {p.pred_letter for p in preds if p.pred_letter})

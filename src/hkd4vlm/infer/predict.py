@@ -86,16 +86,15 @@ def predict_split(
     batch_size: int = 32,
     limit: int | None = None,
     progress: bool = False,
-    spec: MappingSpec | None = None,
+    spec: MappingSpec = MappingSpec(1),
     aggregate: str = "logmean",
 ) -> list[Prediction]:
     """Predictions for every record of ``split`` (in order), scored ``batch_size`` records at a time.
 
     ``spec``: the option→letter mappings to score each record under, aggregated (mapping-shift inference,
     with prefix reuse; the predictions then carry the mappings' agreement). A spec of one mapping
-    (``MappingSpec(1)``, the default; ``None`` is taken as that default) is one plain pass.
+    (``MappingSpec(1)``, the default) is one plain pass.
     """
-    spec = spec or MappingSpec(1)
 
     records = split.records[:limit] if limit else split.records
     out: list[Prediction] = []
