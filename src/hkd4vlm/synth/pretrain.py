@@ -292,6 +292,16 @@ def _finished(model_dir: Path, marker: Path, digest: str) -> bool:
     )
 
 
+def _record_finished(final, recipe: dict, pending: Path, marker: Path) -> Path:
+    """Record a finished stage: its recipe beside the model, and the pending marker made final (main process)."""
+    if is_main_process():
+        (Path(final) / "pretrain_recipe.json").write_text(
+            json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2)
+        )
+        pending.replace(marker)
+    return final
+
+
 def _verification(recipe: dict, data_root, out: Path, start: Path, *, progress: bool, resume: bool) -> Path:
     """The verification stage from the curriculum's model ``start``, in ``out``; cached like the curriculum."""
     from ..models.loading import load_model
@@ -329,13 +339,7 @@ def _verification(recipe: dict, data_root, out: Path, start: Path, *, progress: 
         evaluate=verify_eval(image_size=image_size, owner_share=share),
         resume=resume,
     )
-    if not is_main_process():
-        return final
-    (Path(final) / "pretrain_recipe.json").write_text(
-        json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2)
-    )
-    pending.replace(marker)
-    return final
+    return _record_finished(final, recipe, pending, marker)
 
 
 def _curriculum(recipe: dict, data_root, out: Path, *, cache_dir, progress: bool, resume: bool) -> Path:
@@ -421,13 +425,7 @@ def _curriculum(recipe: dict, data_root, out: Path, *, cache_dir, progress: bool
         evaluate=grounding_eval(image_size=image_size),
         resume=resume,
     )
-    if not is_main_process():
-        return final
-    (Path(final) / "pretrain_recipe.json").write_text(
-        json.dumps({**recipe, "recipe_digest": recipe_digest(recipe)}, indent=2)
-    )
-    pending.replace(marker)
-    return final
+    return _record_finished(final, recipe, pending, marker)
 
 
 def publish_base(run: str | Path, name: str | None = None) -> Path:
