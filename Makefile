@@ -32,6 +32,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests scripts
 	$(BIN)/ruff format src tests scripts
 
+# mypy (configured in pyproject.toml) over the whole package, which it reports clean; .ci/run runs it after lint
 typecheck: $(STAMP)
 	$(BIN)/mypy src/hkd4vlm
 

@@ -6,12 +6,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS
-from .data.tasks import TASKS
+from .data.tasks import TASKS, Task
 from .models.registry import preset_names
+
+if TYPE_CHECKING:
+    from .infer.msei import Aggregate, Shifts
 
 
 class ModelPathType(click.ParamType):
@@ -502,15 +506,15 @@ def zoo_publish(run: Path, name: str | None) -> None:
 def predict(
     model_dir: Path,
     data: Path,
-    task: str,
+    task: Task,
     split: str,
     out: Path,
     batch_size: int,
     limit: int | None,
     device: str | None,
     dtype: str,
-    shifts: int | str,
-    aggregate: str,
+    shifts: Shifts,  # parsed by SHIFTS
+    aggregate: Aggregate,
     random_mappings: bool,
     skip_invalid: bool,
 ) -> None:

@@ -15,6 +15,13 @@ def tiny(synth_root, tmp_path_factory):
     return out, model.eval(), processor
 
 
+def test_load_model_takes_a_torch_dtype(tiny):
+    # Detector.from_pretrained documents dtype as str | torch.dtype; a torch.dtype used to reach getattr(torch, ...)
+    out, _, _ = tiny
+    model, _ = load_model(out, dtype=torch.float16)
+    assert next(model.parameters()).dtype == torch.float16
+
+
 def test_preset_round_trips_through_auto_classes(tiny, batch):
     out, model, processor = tiny
     assert type(model).__name__ == "LlavaForConditionalGeneration"

@@ -97,7 +97,7 @@ def load_workload(root: str | os.PathLike, split: str = "test") -> list[tuple[_R
     """(JSON, multipart) request pairs for every record of ``split`` of both tasks found under ``root``."""
     from ..data.layout import available_splits, read_split
 
-    out = []
+    out: list[tuple[_Request, _Request]] = []
     for task in TASKS:
         if split not in available_splits(root, task):
             continue
@@ -287,6 +287,7 @@ def bench_serve(
     app = create_app(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, **app_options)
     with ServerThread(app) as server:
         host, port = server.host, server.port
+        assert port is not None  # bound by ServerThread.__enter__
         warm = _ClientLog()  # one request per endpoint, so first-call costs stay out of the numbers
         warm_plan = list({json_req.path: json_req for json_req, _ in workload}.values())
         _client(host, port, warm_plan, _taker(len(warm_plan)), warm, timeout_s)

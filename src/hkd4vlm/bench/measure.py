@@ -6,7 +6,9 @@ import json
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..data.tasks import TASKS
 from .settings import INFERENCE_VARIANTS, TRAINING_VARIANTS, BenchSettings
@@ -180,6 +182,7 @@ def measure_training(
     device = _local_device(s.device)  # where the loop's Accelerator puts the student (the one visible GPU)
     total = s.train_warmup + s.train_steps
     model, processor = load_model(student_dir)
+    stage: Callable[..., dict[str, Any]]
     if kind == "sft":
         stage = sft_stage
     elif kind == "online_kd":
@@ -214,7 +217,7 @@ def measure_training(
     cfg = TrainConfig(
         model=student_dir,
         out=Path(work) / kind,
-        data=DataConfig(root=data, eval_split=None),
+        data=DataConfig(root=Path(data), eval_split=None),
         steps=total + 1,
         batch_size=s.train_batch_size,
         save_every=10**9,

@@ -80,7 +80,7 @@ def _child(conn, fn: Callable, kwargs: dict, threads: int | None, device: str | 
         hf_logging.disable_progress_bar()
         if threads:
             torch.set_num_threads(threads)
-        cuda = bool(device) and device.startswith("cuda")
+        cuda = device is not None and device.startswith("cuda")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = _maxrss_mb()

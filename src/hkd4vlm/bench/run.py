@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from .measure import build_teacher_cache, measure_inference, measure_training
 from .process import environment, in_fresh_process
@@ -17,7 +18,7 @@ from .workload import build_presets, prepare_data, quickstart_models, resolve_mo
 
 
 def _versions() -> dict:
-    out = {"python": sys.version.split()[0]}
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
     for pkg in ("torch", "transformers", "accelerate"):
         try:
             out[pkg] = version(pkg)
@@ -91,7 +92,7 @@ def run_bench(
     chosen = resolve_models(run, list(models), student, teacher, data)
     env = in_fresh_process(environment, requested_device=s.device, requested_threads=s.threads)
     s = replace(s, device=env["device"], threads=env["threads"])
-    common = {"threads": s.threads, "device": s.device}
+    common: dict[str, Any] = {"threads": s.threads, "device": s.device}
     with tempfile.TemporaryDirectory(prefix="hkd4vlm-bench-") as tmp:
         work = Path(tmp)
         root = prepare_data(work / "data", chosen.data, s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 INFERENCE_VARIANTS = ("plain", "msei_prefix", "msei_naive", "generate")
 TRAINING_VARIANTS = ("sft", "online_kd", "offline_kd")
@@ -64,7 +65,7 @@ class BenchSettings:
 
 
 #: ``--quick``: a smaller run (tests); without models it builds only the student and teacher presets
-QUICK = dict(
+QUICK: dict[str, Any] = dict(
     records=16,
     batch_size=8,
     latency_records=4,

@@ -17,6 +17,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -68,10 +69,12 @@ def hflip(record: Record, image: Image.Image, rng: random.Random | None = None) 
             o["x"] = round(width - o["x"], 2)
 
     out = _with_scene(record, mirror)
-    changes = {name: swap_left_right(getattr(record, name)) for name in TEXT_FIELDS}
+    changes: dict[str, Any] = {name: swap_left_right(getattr(record, name)) for name in TEXT_FIELDS}
     choices = [Choice(c.id, swap_left_right(c.choice)) for c in record.choices]
     answer = swap_left_right(record.correct_answer) if record.correct_answer is not None else None
-    return replace(out, choices=choices, correct_answer=answer, **changes), image.transpose(Image.FLIP_LEFT_RIGHT)
+    return replace(out, choices=choices, correct_answer=answer, **changes), image.transpose(
+        Image.Transpose.FLIP_LEFT_RIGHT
+    )
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def crop_rescale(
     factor = rng.uniform(*scale)
     size = (max(8, round((box[2] - box[0]) * factor)), max(8, round((box[3] - box[1]) * factor)))
     fx, fy = size[0] / (box[2] - box[0]), size[1] / (box[3] - box[1])
-    img = image.crop(box).resize(size, Image.BILINEAR)
+    img = image.crop(box).resize(size, Image.Resampling.BILINEAR)
 
     def move(scene: dict) -> None:
         scene["width"], scene["height"] = size
@@ -161,7 +164,8 @@ def shuffle_sentences(record: Record, image: Image.Image, rng: random.Random) ->
     name = "system1_answer" if record.task == "hallucination" else "context"
     sentences = split_sentences(getattr(record, name))
     rng.shuffle(sentences)
-    return replace(record, extra=copy.deepcopy(record.extra), **{name: " ".join(sentences)}), image
+    changes: dict[str, Any] = {name: " ".join(sentences)}
+    return replace(record, extra=copy.deepcopy(record.extra), **changes), image
 
 
 #: interchangeable sentence frames; options never contain them, so option phrases stay as they are

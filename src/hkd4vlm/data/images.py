@@ -72,7 +72,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(
-    source: str | os.PathLike | bytes | Image.Image,
+    source: str | os.PathLike | bytes | bytearray | Image.Image,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = None,

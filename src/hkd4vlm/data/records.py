@@ -16,7 +16,7 @@ from .tasks import Task
 from .text_checks import text_problem
 
 #: folder name of each task under a dataset root, as the challenge ships it
-TASK_DIRS: dict[str, str] = {"hallucination": "HallucinationDetection", "factuality": "FactChecking"}
+TASK_DIRS: dict[Task, str] = {"hallucination": "HallucinationDetection", "factuality": "FactChecking"}
 LETTERS = string.ascii_uppercase
 
 #: fields every record of a task must have (besides ``choices``), all strings

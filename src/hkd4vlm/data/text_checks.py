@@ -121,6 +121,7 @@ class TextPolicy:
         if problem is not None:
             return problem
         if self.max_tokens is not None:
+            assert self.count_tokens is not None  # __post_init__: max_tokens needs count_tokens
             n = self.count_tokens(text)
             if n > self.max_tokens:
                 return f"{n:,} tokens, over the limit of {self.max_tokens:,}"
@@ -131,6 +132,7 @@ class TextPolicy:
         or None."""
         if self.max_total_tokens is None:
             return None
+        assert self.count_tokens is not None  # __post_init__: max_total_tokens needs count_tokens
         total = 0
         for name, text in fields:
             total += self.count_tokens(text)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..data.augment import augment_spec
+from ..data.tasks import Task
 from ..errors import UserError
 from ..files import write_text_atomic
 from ..models.prompt import PROMPT_VERSION
@@ -51,7 +53,7 @@ def model_hash(model_dir: str | Path) -> str:
     return _hash_files([f for f in files if f.is_file()])
 
 
-def data_hash(root: str | Path, tasks: list[str], split: str) -> str:
+def data_hash(root: str | Path, tasks: Sequence[Task], split: str) -> str:
     from ..data.layout import split_file
 
     return _hash_files([split_file(root, t, split) for t in tasks])
@@ -74,7 +76,7 @@ def _expected(model_dir, root, tasks, split, augment, seed, variants, skip_inval
 def build_cache(
     model_dir: str | Path,
     root: str | Path,
-    tasks: list[str],
+    tasks: Sequence[Task],
     split: str,
     out: str | Path,
     *,
@@ -113,7 +115,8 @@ def build_cache(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(keys), desc="cache-teacher", unit="rec")
-    shards, buf = [], {"index": [], "variant": [], "logits": [], "hidden": []}
+    shards: list[str] = []
+    buf: dict[str, list] = {"index": [], "variant": [], "logits": [], "hidden": []}
 
     def flush() -> None:
         if not buf["index"]:
@@ -170,7 +173,7 @@ class CachedTeacher:
         *,
         model_dir: str | Path,
         root: str | Path,
-        tasks: list[str],
+        tasks: Sequence[Task],
         split: str,
         augment: dict | None,
         seed: int,

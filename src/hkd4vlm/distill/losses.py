@@ -84,6 +84,7 @@ def _target_log_probs(
     if (teacher_logits is None) == (teacher_probs is None):
         raise ValueError("give exactly one of teacher_logits and teacher_probs")
     if teacher_probs is None:
+        assert teacher_logits is not None  # exactly one of the two is given (checked above)
         return _log_probs(teacher_logits, tau)
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")

@@ -12,8 +12,9 @@ an error naming the stage and the key.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, model_validator
 
@@ -239,6 +240,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
                 )
             return Teacher(*load_model(current[j]), name=f"level{j}")
 
+        stage: Callable[..., dict[str, Any]]
         if st.kind == "sft":
             stage = sft_stage
         elif st.kind == "ppod":
@@ -307,7 +309,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
         if mutual:  # the nearest teacher learned too (the same weights on every process): later stages use it
             from ..engine.loop import save_model
 
-            nearest = stage.teachers[-1]
+            nearest = cast(Teacher, cast(PPODStage, stage).teachers[-1])  # mutual: a PPOD stage, its nearest online
             record["teacher"] = str(stage_out / "mutual_teacher")
             if is_main_process():
                 save_model(nearest.model, nearest.processor, stage_out / "mutual_teacher")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -47,8 +47,8 @@ def model_hidden_size(model) -> int:
 class Teacher:
     """A frozen model of the pyramid and its processor (an :class:`AnswerTeacher`)."""
 
-    model: object
-    processor: object
+    model: Any
+    processor: Any
     name: str = "teacher"
 
     def __post_init__(self) -> None:
@@ -128,7 +128,8 @@ class PPODStage:
         self, student_logits: torch.Tensor, items, images, tau: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score with the nearest teacher with gradients, update it, return its (detached) logits and loss."""
-        nearest = self.teachers[-1]
+        nearest = cast(Teacher, self.teachers[-1])  # __init__: mutual learning needs an online nearest teacher
+        assert self.mutual is not None
         scores = answer_distribution(nearest.model, nearest.processor, items, images)
         labels = _labels(items, scores.logits.device)
         loss = torch.nn.functional.cross_entropy(scores.logits, labels) + tau**2 * self.loss(
@@ -144,11 +145,12 @@ class PPODStage:
     def state_dict(self) -> dict:
         if self.mutual is None:
             return {}
-        return {"teacher": self.teachers[-1].model.state_dict(), "optimizer": self.mutual.state_dict()}
+        nearest = cast(Teacher, self.teachers[-1])  # online whenever there is a mutual optimizer
+        return {"teacher": nearest.model.state_dict(), "optimizer": self.mutual.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if self.mutual is not None and state:
-            self.teachers[-1].model.load_state_dict(state["teacher"])
+            cast(Teacher, self.teachers[-1]).model.load_state_dict(state["teacher"])
             self.mutual.load_state_dict(state["optimizer"])
 
     def __call__(
@@ -157,7 +159,7 @@ class PPODStage:
         tau = linear_schedule(*self.tau, step, self.total_steps)
         alpha = linear_schedule(*self.alpha, step, self.total_steps)
         device = scores.logits.device
-        q = 0
+        q: torch.Tensor | int = 0
         terms = {}
         for j, (w, teacher) in enumerate(zip(self.weights, self.teachers)):
             if self.mutual is not None and j == len(self.teachers) - 1:

@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -34,7 +35,8 @@ class CheckpointError(UserError, ValueError):
 def rng_state() -> dict:
     """This process's Python, NumPy and torch RNG states as plain JSON values."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # legacy=True (the default) gives the tuple form; the stubs also allow a dict
+    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "python": [version, list(internal), gauss],
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
@@ -80,7 +82,14 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    """The step of a folder that :data:`_STEP_DIR` matches."""
+    m = _STEP_DIR.match(path.name)
+    assert m is not None
+    return int(m.group(1))
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -259,6 +268,7 @@ def resume_latest(accelerator, root: str | Path, *, log=print, **parts) -> tuple
         )
     accelerator.wait_for_everyone()
     if bad:
+        assert found is not None  # a failure means dirs is not empty, and with nothing found we raised above
         log(f"falling back to {found[0].name}; set aside: {', '.join(p.name + '.corrupt' for p, _ in bad)}")
         if accelerator.is_main_process:
             for p, _ in bad:

@@ -140,13 +140,13 @@ def merge(base: Any, update: Any) -> Any:
             out[k] = merge(base.get(k), v) if k in base and v != {} else v
         return out
     if isinstance(base, list) and isinstance(update, dict) and all(str(k).isdigit() for k in update):
-        out = list(base)
+        items = list(base)
         for k, v in update.items():
             i = int(k)
-            if i >= len(out):
-                raise ConfigError(f"index {i} is out of range for a list of {len(out)} items")
-            out[i] = merge(out[i], v)
-        return out
+            if i >= len(items):
+                raise ConfigError(f"index {i} is out of range for a list of {len(items)} items")
+            items[i] = merge(items[i], v)
+        return items
     return update
 
 

@@ -43,7 +43,7 @@ class Position:
 
 def next_global_batch(source, pos: Position, size: int, orders: dict) -> tuple[list[tuple[int, int]], Position]:
     """The next ``size`` (index, epoch) pairs and the position after them; epochs roll over."""
-    out = []
+    out: list[tuple[int, int]] = []
     epoch, index = pos.epoch, pos.index
     while len(out) < size:
         if epoch not in orders:
@@ -221,11 +221,11 @@ def train(
             nonfinite += 1
             where = f"{out}: step {step + 1}: {bad}"
             if nonfinite > cfg.skip_nonfinite:
-                last = checkpoint_dirs(ckpt_root)
+                kept = checkpoint_dirs(ckpt_root)
                 raise NonFiniteError(
                     f"{where}; training stopped ({nonfinite} such step(s), skip_nonfinite={cfg.skip_nonfinite}). "
                     f"Lower optim.lr (now {cfg.optim.lr:g}), set optim.max_grad_norm, or check the data; "
-                    f"last checkpoint: {last[-1] if last else 'none'}"
+                    f"last checkpoint: {kept[-1] if kept else 'none'}"
                 )
             accelerator.print(f"{where}; update skipped ({nonfinite} of at most {cfg.skip_nonfinite})")
         scheduler.step()
@@ -281,6 +281,7 @@ def train(
         save_model(accelerator.unwrap_model(model), processor, final)
         for name, module in modules.items():
             torch.save(accelerator.unwrap_model(module).state_dict(), out / f"{name}.pt")
+        assert writer is not None  # made on the main process
         writer.close()
     accelerator.wait_for_everyone()
     return final

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.layout import read_split
+from ..data.tasks import Task
 from .config import TrainConfig
 from .loop import train
 from .sources import RecordSource
@@ -12,7 +14,7 @@ from .sources import RecordSource
 
 def split_eval(
     root: str | Path,
-    tasks: list[str],
+    tasks: Sequence[Task],
     split: str,
     *,
     limit: int | None = None,

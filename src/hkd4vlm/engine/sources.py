@@ -7,11 +7,13 @@ multi-process run sees the same global batches as a single process."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.augment import AugmentConfig, augment
 from ..data.layout import read_split, split_file
 from ..data.records import DatasetError, Problem
+from ..data.tasks import Task
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -25,7 +27,7 @@ class RecordSource:
     def __init__(
         self,
         root: str | Path,
-        tasks: list[str] | tuple[str, ...],
+        tasks: Sequence[Task],
         split: str,
         *,
         augment: dict | None = None,

@@ -96,7 +96,11 @@ def pred_letter(row: dict) -> str:
     for a line whose status is "error" (it was not scored)."""
     if row.get("status") == "error":
         return ""
-    return row.get("pred_letter") or _PRED_ANS.match(row["pred_ans"]).group(1)
+    if row.get("pred_letter"):
+        return row["pred_letter"]
+    m = _PRED_ANS.match(row["pred_ans"])
+    assert m is not None  # check_row (read_predictions) refuses a pred_ans that does not match
+    return m.group(1)
 
 
 def evaluate_predictions(rows: list[dict], source: str = "predictions") -> dict:

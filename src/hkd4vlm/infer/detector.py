@@ -16,10 +16,10 @@ be a path, a PIL image or bytes. Bad input raises errors.InputError naming the f
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -29,7 +29,7 @@ from ..data.records import LETTERS, Choice, Record
 from ..data.tasks import FACT_QUESTIONS, SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS, TASKS, VERDICTS
 from ..data.text_checks import DEFAULT_CONTROL_TOKENS, TextPolicy
 from ..errors import InputError
-from .msei import AGGREGATES, MappingSpec, Shifts, parse_shifts, score_shifts
+from .msei import AGGREGATES, Aggregate, MappingSpec, Shifts, parse_shifts, score_shifts
 
 #: what a request may carry: at least two options, at most one per letter
 MIN_OPTIONS, MAX_OPTIONS = 2, len(LETTERS)
@@ -232,9 +232,10 @@ class Detector:
         self.model, self.processor = model, processor
         self.model.eval()
         self.spec = MappingSpec(shifts)
-        self.shifts, self.aggregate, self.name = shifts, aggregate, name
+        self.shifts, self.name = shifts, name
+        self.aggregate = cast(Aggregate, aggregate)  # checked above
         self.max_pixels, self.prefix_reuse = max_pixels, prefix_reuse
-        self._token_counter = None
+        self._token_counter: Callable[[str], int] | None = None
         self.text_policy = self.text_policy_with(max_text_chars, max_text_tokens, max_request_tokens)
 
     @classmethod

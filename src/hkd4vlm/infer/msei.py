@@ -21,7 +21,7 @@ import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -132,7 +132,8 @@ class MappingSpec:
     def for_options(self, n: int) -> list[tuple[int, ...]]:
         if self.mode == "cyclic":
             return cyclic_shifts(n, self.shifts)
-        return random_mappings(n, n if self.shifts == "all" else int(self.shifts), self.seed)
+        # random mode: __post_init__ refused a list, so shifts is a count or "all"
+        return random_mappings(n, n if self.shifts == "all" else int(cast(int, self.shifts)), self.seed)
 
 
 @dataclass

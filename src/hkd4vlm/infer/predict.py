@@ -12,13 +12,14 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..data.layout import Split
 from ..data.records import Record
 from ..models.scoring import answer_distribution
-from .msei import MappingSpec, score_shifts
+from .msei import Aggregate, MappingSpec, score_shifts
 
 
 @dataclass
@@ -48,7 +49,7 @@ def to_prediction(
     record: Record, probs: list[float], *, winner: int | None = None, agreement: float | None = None
 ) -> Prediction:
     labelled = record.correct_choice is not None
-    common = dict(
+    common: dict[str, Any] = dict(
         image=record.image_id,
         question=question_of(record),
         answer=record.correct_answer,
@@ -87,7 +88,7 @@ def predict_split(
     limit: int | None = None,
     progress: bool = False,
     spec: MappingSpec = MappingSpec(1),
-    aggregate: str = "logmean",
+    aggregate: Aggregate = "logmean",
 ) -> list[Prediction]:
     """Predictions for every record of ``split`` (in order), scored ``batch_size`` records at a time.
 
@@ -144,4 +145,4 @@ def write_jsonl(preds: list[Prediction], path: str | Path) -> Path:
 def accuracy(preds: list[Prediction]) -> float:
     """Share of the labelled predictions that are correct (one that could not be scored counts as wrong)."""
     labelled = [p for p in preds if p.correct is not None]
-    return sum(p.correct for p in labelled) / len(labelled) if labelled else 0.0
+    return sum(bool(p.correct) for p in labelled) / len(labelled) if labelled else 0.0

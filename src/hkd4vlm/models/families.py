@@ -174,7 +174,8 @@ def build_idefics3(p: TinyPreset, texts: list[str], *, seed: int = 0):
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
     vision, text = config_sizes(p)
-    config = Idefics3Config(
+    # pad_token_id is taken by Idefics3Config.__post_init__(**kwargs), which the dataclass signature hides
+    config = Idefics3Config(  # type: ignore[call-arg]
         vision_config=Idefics3VisionConfig(**vision),
         text_config=LlamaConfig(
             **text,

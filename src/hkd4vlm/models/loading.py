@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 #: files any one of which holds a tokenizer that loads without extra packages or conversion
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def load_model(
-    path: str | Path,
+    path: str | os.PathLike,
     *,
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     device: str | None = None,
     device_map: str | None = None,
     trust_remote_code: bool = False,
     lora: dict | None = None,
     freeze_vision: bool = False,
-):
+) -> tuple[Any, Any]:
     """(model, processor) from a local checkpoint directory, or a shipped base by name (``zoo:tiny-llava-l``,
     checked against its manifest; stored in half precision, loaded as float32 unless ``dtype`` says
     otherwise); safetensors only, no hub access.
@@ -40,7 +45,8 @@ def load_model(
         dtype = "float32"
     path = resolve(path)
     check_model_dir(path)
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    model: Any  # a transformers model, or the peft model that wraps it (lora)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,7 +29,7 @@ def available() -> list[str]:
     return sorted(p.name for p in ZOO_DIR.iterdir() if (p / MANIFEST).is_file())
 
 
-def is_zoo(path: str | Path) -> bool:
+def is_zoo(path: str | os.PathLike) -> bool:
     return str(path).startswith(PREFIX)
 
 
@@ -65,7 +66,7 @@ def verify(name: str) -> list[str]:
     return problems
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: str | os.PathLike) -> Path:
     """A model directory: ``zoo:NAME`` is the zoo's folder of that name (checked against its manifest),
     anything else is returned as a path."""
     if not is_zoo(path):

@@ -267,6 +267,7 @@ class ServerThread:
 
     def _serve(self, sock: socket.socket) -> None:
         try:
+            assert self._server is not None  # set by __enter__ before the thread starts
             self._server.run(sockets=[sock])
         except BaseException as e:  # noqa: BLE001 - reported by __enter__ (uvicorn exits via SystemExit)
             self._error = e
@@ -277,6 +278,7 @@ class ServerThread:
         if self._thread is not None:
             self._thread.join(timeout=30)
             if self._thread.is_alive():
+                assert self._server is not None  # __enter__ sets both, __exit__ clears both
                 self._server.force_exit = True
                 self._thread.join(timeout=10)
         self._server = self._thread = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Any, cast
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -101,7 +101,7 @@ async def _form_fields(request: Request) -> dict[str, Any]:
                 if any(isinstance(v, UploadFile) for v in values):
                     raise RequestError(422, f"field '{name}': must be a text field, not a file", name)
                 if name in LIST_FIELDS:
-                    out[name] = _form_list(name, values)
+                    out[name] = _form_list(name, cast(list[str], values))  # no file among them (checked above)
                 elif len(values) > 1:
                     raise RequestError(422, f"field '{name}': given {len(values)} times, expected once", name)
                 else:

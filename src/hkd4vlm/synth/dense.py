@@ -14,6 +14,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ def render_batch(rng: random.Random, n: int, image_size: int, grid: int, level_n
     images, targets = [], []
     for _ in range(n):
         scene = sample_scene(rng, level)
-        images.append(render(scene, level).resize((image_size, image_size), Image.BICUBIC))
+        images.append(render(scene, level).resize((image_size, image_size), Image.Resampling.BICUBIC))
         targets.append(patch_targets(scene, grid))
     stacked = torch.tensor(np.stack(targets))  # (n, grid * grid, 3)
     return images, {k: stacked[..., i] for i, k in enumerate(DENSE_TARGETS)}
@@ -161,7 +162,10 @@ def dense_pretrain(
     while step < steps:
         images, targets = render_batch(random.Random(f"dense:{seed}:{step}"), batch_size, image_size, grid)
         logits = heads(patch_features(tower, pixels(images), grid))
-        loss = sum(torch.nn.functional.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten()) for k in targets)
+        loss = cast(
+            torch.Tensor,
+            sum(torch.nn.functional.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten()) for k in targets),
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -12,6 +12,7 @@ the caption never contradicts itself.
 from __future__ import annotations
 
 import random
+from typing import cast
 
 from ..data.records import LETTERS, Choice, Record
 from ..data.tasks import SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS
@@ -166,10 +167,11 @@ def _realise(rng: random.Random, scene: Scene, slots: list[tuple[str, dict]], ht
                 exist_keys.update({o.key, (phrase.colour, phrase.shape)})
         if phrases[i] is None:
             raise _Infeasible
-    texts = [p.text() for p in phrases]
+    done = cast(list[Phrase], phrases)  # every slot is filled (an empty one raised _Infeasible above)
+    texts = [p.text() for p in done]
     if len(set(texts)) < 4:
         raise _Infeasible
-    return phrases  # type: ignore[return-value]
+    return done
 
 
 def _article(p: Phrase) -> str:

@@ -92,6 +92,8 @@ def grounding_stage(tokenizer, *, head=None, image_token_id: int | None = None, 
     output head (``head``, the model's output embedding) should put a third of its mass on each of the
     words for that object's colour, shape and size. It ties what the image tokens carry to the words the
     options are written in, with a target per object at every step (one question gives one per image)."""
+    if dense_weight and (head is None or image_token_id is None):
+        raise ValueError("dense_weight > 0 needs the output head and the image token id")
     cache: dict[str, int] = {}
 
     def first_token(text: str) -> int:
@@ -121,6 +123,7 @@ def grounding_stage(tokenizer, *, head=None, image_token_id: int | None = None, 
             "ce_open": ce_open[is_open].mean() if is_open.any() else zero,
         }
         if dense_weight:
+            assert image_token_id is not None and word_ids is not None  # checked / set above with dense_weight
             terms["dense_words"] = _dense_word_loss(scores, items, head, image_token_id, word_ids)
             terms["total"] = terms["total"] + dense_weight * terms["dense_words"]
         return terms
@@ -192,7 +195,8 @@ def verify_eval(n: int = 256, image_size: int = 64, seed: int = 20_000, owner_sh
         items.append((q, render(scene, level).resize((image_size, image_size))))
 
     def evaluate(model, processor) -> dict:
-        hits, counts = collections.Counter(), collections.Counter()
+        hits: collections.Counter[str] = collections.Counter()
+        counts: collections.Counter[str] = collections.Counter()
         for qs, scores in _scored(items, model, processor):
             for q, row in zip(qs, scores.logits.tolist()):
                 for text, truth, score in zip(q.options, q.truths, row):
@@ -217,7 +221,8 @@ def grounding_eval(n: int = 512, image_size: int = 64, seed: int = 10_000):
         items.append((q, render(scene, LEVELS["medium"]).resize((image_size, image_size))))
 
     def evaluate(model, processor) -> dict:
-        hits, counts = collections.Counter(), collections.Counter()
+        hits: collections.Counter[str] = collections.Counter()
+        counts: collections.Counter[str] = collections.Counter()
         for qs, scores in _scored(items, model, processor):
             for q, p in zip(qs, scores.probs.argmax(-1).tolist()):
                 hits[q.kind] += p == q.label

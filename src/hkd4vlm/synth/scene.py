@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -140,7 +141,7 @@ def sample_scene(
     rng.shuffle(objects)
     grey = rng.randint(105, 170)
     tint = [rng.randint(-12, 12) for _ in range(3)]
-    bg = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
+    bg = cast(tuple[int, int, int], tuple(int(np.clip(grey + t, 0, 255)) for t in tint))  # three channels
     return Scene(w, h, objects, rng.choice(level.background), bg, rng.randrange(2**31))
 
 

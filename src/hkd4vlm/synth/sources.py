@@ -79,7 +79,9 @@ class GroundingSource:
 
     def get(self, index: int, epoch: int = 0):
         q = self.questions[index]
-        q.patches = self.patches[index]  # (grid * grid, 3) colour / shape / size class per patch (synth.dense)
+        # (grid * grid, 3) colour / shape / size class per patch (synth.dense); an attribute outside the
+        # dataclass's fields, so that the questions' asdict/JSON stays as it is
+        q.patches = self.patches[index]  # type: ignore[attr-defined]
         return q, Image.fromarray(self.images[index])
 
 
@@ -105,7 +107,7 @@ class VerifySource:
 
         level = LEVELS[self.level]
         scene, q = verify_item(f"verify:{self.seed}:{epoch}:{index}", level, owner_share=self.owner_share)
-        return q, render(scene, level).resize((self.image_size, self.image_size), Image.BICUBIC)
+        return q, render(scene, level).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
 
 
 def _render_pool(n: int, image_size: int, level: str, seed: int, open_share: float, grid: int):
@@ -119,7 +121,7 @@ def _render_pool(n: int, image_size: int, level: str, seed: int, open_share: flo
     questions = []
     for i in range(n):
         scene, q = sample_item(f"grounding:{seed}:{i}", i / n, LEVELS[level], open_share=open_share)
-        images[i] = np.asarray(render(scene, LEVELS[level]).resize((image_size, image_size), Image.BICUBIC))
+        images[i] = np.asarray(render(scene, LEVELS[level]).resize((image_size, image_size), Image.Resampling.BICUBIC))
         patches[i] = patch_targets(scene, grid)
         questions.append(q)
     return images, patches, questions
