@@ -29,7 +29,7 @@ from ..data.records import LETTERS, Choice, Record
 from ..data.tasks import FACT_QUESTIONS, SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS, TASKS, VERDICTS
 from ..data.text_checks import DEFAULT_CONTROL_TOKENS, TextPolicy
 from ..errors import InputError
-from .msei import AGGREGATES, Aggregate, MappingSpec, Shifts, parse_shifts, score_shifts
+from .msei import AGGREGATES, DEFAULT_SHIFTS, Aggregate, MappingSpec, Shifts, parse_shifts, score_shifts
 
 #: what a request may carry: at least two options, at most one per letter
 MIN_OPTIONS, MAX_OPTIONS = 2, len(LETTERS)
@@ -217,7 +217,7 @@ class Detector:
         model,
         processor,
         *,
-        shifts: Shifts | str | None = 4,
+        shifts: Shifts | str | None = DEFAULT_SHIFTS,
         aggregate: str = "logmean",
         name: str = "model",
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -242,7 +242,7 @@ class Detector:
     def from_pretrained(
         cls,
         path: str | os.PathLike,
-        shifts: Shifts | str | None = 4,
+        shifts: Shifts | str | None = DEFAULT_SHIFTS,
         *,
         device: str | None = None,
         dtype: str | torch.dtype = "auto",

@@ -42,6 +42,9 @@ AGGREGATES = ("logmean", "mean", "vote")
 #: how many option→letter mappings to score per record: a number (capped at the record's option count; 1 =
 #: the options as given, one plain pass) or "all" (one per option)
 Shifts = int | Literal["all"]
+#: mappings scored per record where answers are served (the Detector, `hkd4vlm serve`); evaluation
+#: (`predict`) scores one plain pass unless asked, so that it measures the model as it is
+DEFAULT_SHIFTS: Shifts = 4
 #: model types whose position ids are not a plain running index (prefix reuse would need their own rope deltas)
 _NO_PREFIX_REUSE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"}
 

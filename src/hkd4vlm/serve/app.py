@@ -21,7 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import InputError
 from ..infer.detector import Detector, load_image_input
-from ..infer.msei import Shifts
+from ..infer.msei import DEFAULT_SHIFTS, Shifts
 from .access import LOOPBACK_HOSTS, ApiKeyAuth, HostAllowList, check_api_key, default_allowed_hosts, exposure_warning
 from .batching import MicroBatcher
 from .limits import IdleTrim, MemoryBudget, image_bytes, request_reservation, rss_bytes
@@ -288,7 +288,7 @@ def run(
     model_dir,
     host: str = "127.0.0.1",
     port: int = 8000,
-    shifts: Shifts | str = 4,
+    shifts: Shifts | str = DEFAULT_SHIFTS,
     max_batch_size: int = 16,
     max_wait_ms: float = 5.0,
     max_body_mb: float = 10.0,
