@@ -10,6 +10,7 @@ usage: python scripts/task_probe.py --model zoo:tiny-llava-s --task hallucinatio
 
 import argparse
 import random
+import re
 import time
 
 import torch
@@ -35,6 +36,13 @@ p.add_argument(
     "--claim-after", action="store_true", help="factuality: repeat the claim after the image, before the options"
 )
 p.add_argument("--bench", default="", help="train on this dataset root's train split instead (no augmentation)")
+p.add_argument(
+    "--colour-in-claim",
+    action="store_true",
+    help="factuality, the reading rung: the claim also names the shape's colour and only the verdicts the text "
+    "decides are drawn (true, contradicted by the context, not enough information; chance 1/3), so that the "
+    "image is not needed",
+)
 a = p.parse_args()
 torch.manual_seed(0)
 level = LEVELS[a.level]
@@ -43,11 +51,23 @@ maker, kinds = (
     if a.task == "hallucination"
     else (factuality.make_record, factuality.VERDICT_KEYS)
 )
+if a.colour_in_claim:
+    kinds = ("true", "context", "nei")
+
+
+def _colour_claim(record, scene):
+    """The claim with the claimed shape's colour named ("Aiko drew the red circle.")."""
+    size, shape, _ = factuality.parse_claim(record.claim)
+    (obj,) = scene.find(shape=shape, size=size)
+    record.claim = re.sub(rf"\b{shape}\b", f"{obj.colour} {shape}", record.claim, count=1)
+    return record
 
 
 def item(key: str):
     rng = random.Random(key)
     record, scene = maker(rng, level, "probe.jpg", rng.choice(kinds), rng.randrange(4))
+    if a.colour_in_claim:
+        record = _colour_claim(record, scene)
     return record, render(scene, level).convert("RGB")
 
 
