@@ -25,3 +25,35 @@ def sharpen():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.15)
 
     return add_noise
+
+
+@pytest.fixture(scope="session")
+def launch_two_processes():
+    """``launch_two_processes(*cli_args, timeout=...)``: run ``hkd4vlm CLI_ARGS`` under ``accelerate launch``
+    with two CPU processes (gloo, one thread each) and return the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    def launch(*cli_args: str, timeout: int) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--multi_gpu",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "hkd4vlm.cli",
+            *cli_args,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return launch

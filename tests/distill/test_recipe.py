@@ -232,13 +232,9 @@ def test_mutual_ppod_hands_its_teacher_to_later_stages(pyramid, synth_root, tmp_
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["stages"][0]["mutual"] is True
 
 
-def test_two_processes_match_one_with_mutual_teacher_and_projector(pyramid, synth_root, tmp_path):
+def test_two_processes_match_one_with_mutual_teacher_and_projector(pyramid, synth_root, tmp_path, launch_two_processes):
     """accelerate launch --num_processes 2 (gloo, CPU) of a mutual PPOD + TCRD recipe gives the weights of one
     process: student, projector and the mutual teacher (whose gradients are averaged by hand)."""
-    import os
-    import subprocess
-    import sys
-
     import yaml
 
     def recipe(out):
@@ -251,26 +247,7 @@ def test_two_processes_match_one_with_mutual_teacher_and_projector(pyramid, synt
 
     one, two = recipe(tmp_path / "one"), recipe(tmp_path / "two")
     run_recipe(load_config(one, [], schema=RecipeConfig))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--multi_gpu",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "hkd4vlm.cli",
-        "distill",
-        str(two),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch_two_processes("distill", str(two), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s0, s1 = "stage-0-ppod-level2", "stage-1-tcrd-level2"
     for rel in (

@@ -1,8 +1,5 @@
 """The training engine on the smallest preset: configs, checkpoints, resume, TensorBoard, 2 processes."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -197,31 +194,12 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, tiny_model, synth_roo
     assert la == pytest.approx(lb, abs=1e-5)
 
 
-def test_two_processes_match_one(tmp_path, tiny_model, synth_root):
+def test_two_processes_match_one(tmp_path, tiny_model, synth_root, launch_two_processes):
     """accelerate launch --num_processes 2 (gloo, CPU) on the same global batch as one process."""
     one = _config(tmp_path / "one", tiny_model, synth_root, steps=3)
     two = _config(tmp_path / "two", tiny_model, synth_root, steps=3)
     run_sft(load_config(one))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--multi_gpu",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "hkd4vlm.cli",
-        "train",
-        str(two),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_two_processes("train", str(two), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints" / "step-3").glob("rng-*")) == [
         "rng-0.json",
