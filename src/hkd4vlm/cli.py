@@ -879,5 +879,73 @@ def serve(
     )
 
 
+@main.group()
+def lab() -> None:
+    """The learnability lab: one skill per rung, fresh data, a held-out curve (docs/lab.md)."""
+
+
+@lab.command("list")
+def lab_list() -> None:
+    """The rungs, their layouts and chance."""
+    from .lab import RUNGS
+
+    for rung in RUNGS.values():
+        click.echo(f"{rung.name:10} chance {rung.chance:.2f}  layouts {', '.join(rung.layouts)}  {rung.doc}")
+
+
+@lab.command("run")
+@click.argument("rung")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write curve.jsonl, curve.png and summary.json here.",
+)
+@click.option("--layout", default="ask-first", show_default=True, help="Segment order (see `hkd4vlm lab list`).")
+@click.option(
+    "--cue/--no-cue", default=True, show_default=True, help="End with 'Answer :' (else read the last segment's end)."
+)
+@click.option("--family", type=click.Choice(["qwen2", "llama", "lfm2"]), default="qwen2", show_default=True)
+@click.option("--preset", default=None, help="Take the text sizes and family of a registered preset (tiny-llava-l).")
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--heads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option(
+    "--init-std", type=click.FloatRange(min=0, min_open=True), default=None, help="initializer_range (default 0.02)."
+)
+@click.option(
+    "--lm-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Next-token loss on the prompt."
+)
+@click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--held-out", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--stop-at",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help="Stop at this held-out accuracy.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def lab_run(rung: str, out: Path | None, **settings) -> None:
+    """Train a language model on RUNG (several joined by '+' are mixed) and print the held-out curve."""
+    from pydantic import ValidationError
+
+    from .lab import LabConfig, run_rung
+
+    try:
+        config = LabConfig(rung=rung, **settings)
+    except ValidationError as e:
+        raise click.UsageError("; ".join(str(err["msg"]) for err in e.errors())) from None
+    result = run_rung(config, out, log=click.echo)
+    reached = ", ".join(f"{t:.2f} at {s if s is not None else '-'}" for t, s in result.steps_to.items())
+    click.echo(
+        f"{config.rung}: best {result.best:.3f}, final {result.final:.3f}; steps to {reached}; {result.seconds:.0f} s"
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,15 +1,26 @@
 """Turning a record into the model's prompt. Shared content (text, image, the instruction) comes first and
 the options last, so that shifted option mappings share everything up to the first option line
-(mapping-shift inference encodes that prefix once, infer.msei). The text (caption, or context and
-claim) goes before the image: under causal attention the image tokens can then attend to what is being
-asked about, which is what lets a small model ground phrases (see the pretraining notes in README)."""
+(mapping-shift inference encodes that prefix once, infer.msei).
+
+What is asked comes before what is read (prompt version 4): the claim and the question before the
+context; the question and the statements to check (the options' texts in the record's own order, without
+letters) before the caption; all of the text before the image. (Pretraining questions keep their
+version-3 layout, context first, until the zoo is rebuilt.) Under causal attention a token can only
+use what came before it: a context read before the question must bind every name to its colour without
+knowing which will be asked, a circuit tiny decoders did not form in the lab (docs/lab.md: the reading
+rung learns with the question first and stays at chance with it last), and image tokens read after the
+statements can check themselves against them. The lettered options come again after the image, for the
+readout; their first listing does not change with the option order, so the shared prefix still does not."""
 
 from __future__ import annotations
 
 from ..data.records import Record
 
-#: bump when the prompt layout changes: cached teacher outputs are keyed by it
-PROMPT_VERSION = 3
+#: bump when the tasks' prompt layout changes: cached teacher outputs are keyed by it
+PROMPT_VERSION = 4
+#: the layout of the pretraining questions (synth.grounding), unchanged since version 3: pretraining runs
+#: and the zoo's bases are keyed by it, so a new task layout does not make the shipped bases stale
+GROUNDING_PROMPT_VERSION = 3
 ANSWER_CUE = "Answer:"
 INSTRUCTION = "Answer with the option's letter."
 
@@ -17,10 +28,11 @@ INSTRUCTION = "Answer with the option's letter."
 def shared_text(record: Record) -> str:
     """The part of the prompt that does not depend on the option order."""
     if record.task == "hallucination":
-        return f"Caption: {record.system1_answer}\n{record.system2_question}"
+        statements = "\n".join(f"- {text}" for text in record.options)
+        return f"{record.system2_question}\n{statements}\nCaption: {record.system1_answer}"
     if record.task == "grounding":  # pretraining questions (synth.grounding)
         return (f"Context: {record.context}\n" if record.context else "") + f"Question: {record.question}"
-    return f"Context: {record.context}\nClaim: {record.claim}\n{record.question}"
+    return f"Claim: {record.claim}\n{record.question}\nContext: {record.context}"
 
 
 def option_line(letter: str, text: str) -> str:

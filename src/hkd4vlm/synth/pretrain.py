@@ -43,11 +43,11 @@ def pretrain_recipe(
     pool_size: int = 12_000,
 ) -> dict:
     """Everything that decides a pretrained base, given its training data's tokenizer: the preset's
-    architecture, the prompt version, the stages' steps and learning rates, batch, pool and seed. The
+    architecture, the pretraining questions' prompt version, the stages' steps and learning rates, batch, pool and seed. The
     verification stage's keys appear only when it runs, so recipes without it keep their digests."""
     from dataclasses import asdict
 
-    from ..models.prompt import PROMPT_VERSION
+    from ..models.prompt import GROUNDING_PROMPT_VERSION
     from ..models.registry import TINY_READOUT, get_preset
 
     sizes = get_preset(preset)  # unknown names are an error naming the registered ones
@@ -72,7 +72,7 @@ def pretrain_recipe(
         "preset": preset,
         "architecture": asdict(sizes),
         "readout": TINY_READOUT,
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": GROUNDING_PROMPT_VERSION,
         "batch_size": batch_size,
         "seed": seed,
         "pool_size": pool_size,

@@ -1,0 +1,230 @@
+"""The lab's rungs: one skill each, as text, on freshly generated examples in the benchmark's own wording.
+
+A rung draws an :class:`Example` from a ``random.Random``: named prompt segments (what is asked, what is
+read, the scene), the answer word and the answer words it is chosen among. The segments are joined in
+the order a layout names (``ask,context`` reads the question first), so the same skill can be measured
+under every prompt layout. The text-only rungs stand in for the multimodal task: ``scene`` is the
+image's content written out as words, so a rung that fails here cannot pass with pixels.
+
+Rungs (chance in brackets):
+
+- ``recall``   adjacent key-value recall over 2-3 pairs, the setup's sanity check (~0.42 among the
+  pairs' values);
+- ``retrieve`` "Who drew the red shapes?" over a context of 2-3 credits -> the name (~0.42 among the
+  credited names);
+- ``verdict``  a claim naming a person, a colour and a shape -> true / context / nei (1/3);
+- ``verify``   a statement of the hallucination task's kinds (existence, count) checked against a
+  written scene -> yes / no (1/2);
+- ``fact``     the whole fact-checking task with the scene written out: claim, context, scene -> the
+  four verdicts true / image / context / nei (1/4).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..synth.factuality import NAMES, VERBS
+from ..synth.factuality import make_record as make_fact_record
+from ..synth.levels import LEVELS
+from ..synth.phrases import NUMBER_WORDS, PLURAL
+from ..synth.scene import COLOURS, SHAPES, SIZES, Scene, sample_scene
+
+_TOKEN = re.compile(r"[A-Za-z0-9']+|[^\sA-Za-z0-9]")
+
+
+def words(text: str) -> list[str]:
+    """The lab's tokenisation: words, numbers and single punctuation marks."""
+    return _TOKEN.findall(text)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rung example: prompt segments by name, the answer word and the answer words to choose among."""
+
+    segments: dict[str, str]
+    answer: str
+    answers: tuple[str, ...]
+
+    def prompt(self, layout: tuple[str, ...], cue: bool = True) -> str:
+        """The segments in ``layout``'s order, then the answer cue (without it the answer is read at the
+        last segment's last token)."""
+        return " ".join(self.segments[name] for name in layout) + (" Answer :" if cue else "")
+
+
+@dataclass(frozen=True)
+class Rung:
+    name: str
+    draw: Callable[[random.Random], Example]
+    segments: tuple[str, ...]  # the segment names every example has
+    layouts: dict[str, tuple[str, ...]]  # layout name -> segment order; the first is the ask-first default
+    chance: float
+    doc: str
+
+
+def _credit_sentence(rng: random.Random, colour: str, name: str) -> str:
+    present, part = rng.choice(VERBS)
+    if rng.random() < 0.5:
+        return f"{name} {present} the {colour} shapes ."
+    return f"The {colour} shapes were {part} by {name} ."
+
+
+def _context(rng: random.Random, credits: dict[str, str]) -> str:
+    sentences = [_credit_sentence(rng, c, n) for c, n in credits.items()]
+    if rng.random() < 0.3:
+        sentences.append(f"The drawing was scanned in {rng.randint(1995, 2024)} .")
+    rng.shuffle(sentences)
+    return "Context : " + " ".join(sentences)
+
+
+def _credits(rng: random.Random) -> tuple[dict[str, str], list[str]]:
+    """2-3 colour -> name credits, and one more colour that nobody is credited with."""
+    n = rng.randint(2, 3)
+    colours = rng.sample(list(COLOURS), n + 1)
+    return dict(zip(colours[:n], rng.sample(NAMES, n))), colours
+
+
+def draw_recall(rng: random.Random) -> Example:
+    n = rng.randint(2, 3)
+    keys = rng.sample([f"k{i}" for i in range(8)], n)
+    values = rng.sample([f"v{i}" for i in range(12)], n)
+    asked = rng.randrange(n)
+    pairs = " ".join(f"{k} {v} ." for k, v in zip(keys, values))
+    return Example(
+        {"ask": f"Question : {keys[asked]}", "context": f"Context : {pairs}"},
+        values[asked],
+        tuple(f"v{i}" for i in range(12)),
+    )
+
+
+def draw_retrieve(rng: random.Random) -> Example:
+    credits, _ = _credits(rng)
+    colour = rng.choice(list(credits))
+    return Example(
+        {"ask": f"Question : Who drew the {colour} shapes ?", "context": _context(rng, credits)},
+        credits[colour],
+        NAMES,
+    )
+
+
+def draw_verdict(rng: random.Random) -> Example:
+    credits, colours = _credits(rng)
+    key = rng.choice(("true", "context", "nei"))
+    names = list(credits.values())
+    if key == "nei":
+        colour, name = colours[-1], rng.choice(names)
+    else:
+        colour = rng.choice(list(credits))
+        owner = credits[colour]
+        name = owner if key == "true" else rng.choice([n for n in names if n != owner])
+    present, part = rng.choice(VERBS)
+    shape = rng.choice(SHAPES)
+    claim = (
+        f"{name} {present} the {colour} {shape} ."
+        if rng.random() < 0.5
+        else f"The {colour} {shape} was {part} by {name} ."
+    )
+    return Example({"ask": f"Claim : {claim}", "context": _context(rng, credits)}, key, ("true", "context", "nei"))
+
+
+def scene_text(scene: Scene) -> str:
+    """The scene's objects written out in the order the renderer placed them ("small red circle , ...")."""
+    return "Scene : " + " , ".join(f"{o.size} {o.colour} {o.shape}" for o in scene.objects) + " ."
+
+
+def draw_verify(rng: random.Random) -> Example:
+    truth = rng.random() < 0.5
+    if rng.random() < 0.5:  # existence: a present object, or one differing from a present one in one attribute
+        scene = sample_scene(rng, LEVELS["medium"])
+        obj = rng.choice(scene.objects)
+        size, colour, shape = obj.size, obj.colour, obj.shape
+        while not truth and scene.find(colour, shape, size):
+            which = rng.randrange(3)
+            size = rng.choice(SIZES) if which == 0 else obj.size
+            colour = rng.choice(list(COLOURS)) if which == 1 else obj.colour
+            shape = rng.choice(SHAPES) if which == 2 else obj.shape
+        statement = f"{size} {colour} {shape}"
+    else:  # a count (1-3) drawn independently of its truth, and a scene drawn to fit both
+        shown = rng.randint(1, 3)
+        while True:
+            scene = sample_scene(rng, LEVELS["medium"])
+            fits = [s for s in SHAPES if (len(scene.find(shape=s)) == shown) == truth]
+            if fits:
+                break
+        shape = rng.choice(fits)
+        statement = f"{NUMBER_WORDS[shown]} {shape if shown == 1 else PLURAL[shape]}"
+    return Example(
+        {"ask": f"Statement : {statement}", "scene": scene_text(scene)}, "yes" if truth else "no", ("yes", "no")
+    )
+
+
+FACT_KEYS = ("true", "image", "context", "nei")
+
+
+def draw_fact(rng: random.Random) -> Example:
+    key = rng.choice(FACT_KEYS)
+    record, scene = make_fact_record(rng, LEVELS["medium"], "lab", key, 0)
+    context = " ".join(words(record.context or ""))
+    claim = " ".join(words(record.claim or ""))
+    return Example(
+        {"ask": f"Claim : {claim}", "context": f"Context : {context}", "scene": scene_text(scene)}, key, FACT_KEYS
+    )
+
+
+RUNGS: dict[str, Rung] = {
+    r.name: r
+    for r in (
+        Rung(
+            "recall",
+            draw_recall,
+            ("ask", "context"),
+            {"ask-first": ("ask", "context"), "context-first": ("context", "ask")},
+            0.42,
+            "adjacent key-value recall over 2-3 pairs (sanity)",
+        ),
+        Rung(
+            "retrieve",
+            draw_retrieve,
+            ("ask", "context"),
+            {"ask-first": ("ask", "context"), "context-first": ("context", "ask")},
+            0.42,
+            "who drew the shapes of a colour (reading)",
+        ),
+        Rung(
+            "verdict",
+            draw_verdict,
+            ("ask", "context"),
+            {"ask-first": ("ask", "context"), "context-first": ("context", "ask")},
+            1 / 3,
+            "a claim against the context: true / context / nei (reading)",
+        ),
+        Rung(
+            "verify",
+            draw_verify,
+            ("ask", "scene"),
+            {"ask-first": ("ask", "scene"), "scene-first": ("scene", "ask")},
+            1 / 2,
+            "a statement against a written scene: yes / no (statement verification)",
+        ),
+        Rung(
+            "fact",
+            draw_fact,
+            ("ask", "context", "scene"),
+            {
+                "ask-first": ("ask", "context", "scene"),
+                "ask-scene-context": ("ask", "scene", "context"),
+                "context-first": ("context", "ask", "scene"),
+            },
+            1 / 4,
+            "fact checking with the scene written out: true / image / context / nei",
+        ),
+    )
+}
+
+
+def get_rung(name: str) -> Rung:
+    if name not in RUNGS:
+        raise ValueError(f"unknown rung {name!r}; choose one of {sorted(RUNGS)}")
+    return RUNGS[name]

@@ -1,0 +1,336 @@
+"""Training a language model on a rung: fresh examples every step, a fixed held-out set, a curve.
+
+The model is a real ``transformers`` causal LM built from config (Qwen2, as the LLaVA presets' text model;
+Llama, as Idefics3's; LFM2, whose short convolutions alternate with attention), at any width and depth or
+at a registered preset's text sizes. The answer is read at the last position as logits over the rung's
+answer words. The held-out examples are drawn from a string seed, the training stream from an integer
+seed, so the two streams never share a generator state.
+
+    result = run_rung(LabConfig(rung="retrieve", layout="ask-first", steps=3000), out="runs/lab/x")
+    result.steps_to[0.9]   # first evaluated step at >= 0.90 held-out, or None
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..files import write_text_atomic
+from .rungs import Example, get_rung, words
+
+THRESHOLDS = (0.9, 0.95)
+#: the text model of each registered VLM family
+TEXT_FAMILY = {"llava": "qwen2", "idefics3": "llama"}
+SPECIALS = ("<pad>", "<unk>")
+#: examples drawn (from a fixed seed) to build a rung's vocabulary, beside its answer words
+VOCAB_DRAWS = 3000
+
+
+class LabConfig(BaseModel):
+    """One lab run. ``rung`` may name several rungs joined by ``+`` (a mixture, drawn uniformly)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rung: str
+    layout: str = "ask-first"
+    cue: bool = True  # end with "Answer :" (the answer is read there); else at the last segment's last token
+    family: Literal["qwen2", "llama", "lfm2"] = "qwen2"
+    preset: str | None = None  # a registered preset: its text sizes and family replace the fields below
+    layers: int = Field(2, ge=1)
+    hidden: int = Field(64, ge=8)
+    heads: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    steps: int = Field(2000, ge=1)
+    warmup: int = Field(100, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.01, ge=0)
+    init_std: float | None = Field(None, gt=0)  # the config's initializer_range (transformers' default 0.02)
+    lm_weight: float = Field(0.0, ge=0)  # a next-token loss on every prompt token, beside the answer's
+    eval_every: int = Field(250, ge=1)
+    held_out: int = Field(256, ge=1)
+    stop_at: float | None = Field(None, gt=0, le=1)  # stop once held-out accuracy reaches this
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known(self) -> LabConfig:
+        for name in self.rungs:
+            rung = get_rung(name)
+            if self.layout not in rung.layouts:
+                raise ValueError(f"rung {name!r} has no layout {self.layout!r}; choose one of {sorted(rung.layouts)}")
+        if self.preset is not None:
+            from ..models.registry import get_preset
+
+            get_preset(self.preset)
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        return self
+
+    @property
+    def rungs(self) -> list[str]:
+        return self.rung.split("+")
+
+    def sizes(self) -> tuple[str, int, int, int]:
+        """(family, layers, hidden, heads), a preset's where one is named."""
+        if self.preset is None:
+            return self.family, self.layers, self.hidden, self.heads
+        from ..models.registry import get_preset, preset_family
+
+        family = TEXT_FAMILY[preset_family(self.preset)]
+        p = get_preset(self.preset)
+        return family, p.text_layers, p.text_hidden, p.heads
+
+
+@dataclass
+class LabResult:
+    config: dict
+    parameters: int
+    curve: list[dict] = field(default_factory=list)  # {step, loss, held_out, per_rung, seconds}
+    steps_to: dict[float, int | None] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> float:
+        return max((p["held_out"] for p in self.curve), default=0.0)
+
+    @property
+    def final(self) -> float:
+        return self.curve[-1]["held_out"] if self.curve else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "config": self.config,
+            "parameters": self.parameters,
+            "steps_to": {f"{t:.2f}": s for t, s in self.steps_to.items()},
+            "best": self.best,
+            "final": self.final,
+            "seconds": round(self.seconds, 1),
+            "seconds_per_step": round(self.seconds / max(1, self.curve[-1]["step"] if self.curve else 1), 4),
+        }
+
+
+class Vocabulary:
+    """Word -> id over a rung's words (drawn from a fixed seed) and its answer words."""
+
+    def __init__(self, rungs: list[str]):
+        seen: dict[str, None] = dict.fromkeys(SPECIALS)
+        seen.update(dict.fromkeys(words("Answer :")))
+        for name in rungs:
+            rung = get_rung(name)
+            rng = random.Random(f"lab-vocab:{name}")
+            for _ in range(VOCAB_DRAWS):
+                ex = rung.draw(rng)
+                for text in ex.segments.values():
+                    seen.update(dict.fromkeys(words(text)))
+                seen.update(dict.fromkeys(ex.answers))
+        self.ids = {w: i for i, w in enumerate(seen)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.ids["<unk>"]
+        return [self.ids.get(w, unk) for w in words(text)]
+
+
+def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
+    """A causal LM of the config's family and sizes, randomly initialised with its seed."""
+    import torch
+
+    family, layers, hidden, heads = config.sizes()
+    sizes = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        pad_token_id=pad_id,
+    )
+    if config.init_std is not None:
+        sizes["initializer_range"] = config.init_std
+    torch.manual_seed(config.seed)
+    if family == "lfm2":
+        from transformers import Lfm2Config, Lfm2ForCausalLM
+
+        types = ["conv" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        return Lfm2ForCausalLM(Lfm2Config(**sizes, layer_types=types, block_auto_adjust_ff_dim=False))
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(**sizes))
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**sizes))
+
+
+@dataclass
+class Batch:
+    ids: object  # (B, T) long, left-padded
+    mask: object  # (B, T)
+    candidates: object  # (B, K) answer word ids, padded with -1
+    target: object  # (B,) index of the answer among the candidates
+    rungs: list[str]
+
+
+def encode_batch(examples: list[tuple[str, Example]], layout: str, vocab: Vocabulary, cue: bool = True) -> Batch:
+    import torch
+
+    seqs = [vocab.encode(ex.prompt(get_rung(r).layouts[layout], cue)) for r, ex in examples]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), vocab.ids["<pad>"], dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):  # left padding: the answer is read at the last position
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    k = max(len(ex.answers) for _, ex in examples)
+    candidates = torch.full((len(seqs), k), -1, dtype=torch.long)
+    target = torch.zeros(len(seqs), dtype=torch.long)
+    for i, (_, ex) in enumerate(examples):
+        candidates[i, : len(ex.answers)] = torch.tensor([vocab.ids[a] for a in ex.answers])
+        target[i] = ex.answers.index(ex.answer)
+    return Batch(ids, mask, candidates, target, [r for r, _ in examples])
+
+
+def draw(rng: random.Random, rungs: list[str], n: int) -> list[tuple[str, Example]]:
+    out = []
+    for _ in range(n):
+        name = rungs[0] if len(rungs) == 1 else rng.choice(rungs)
+        out.append((name, get_rung(name).draw(rng)))
+    return out
+
+
+def answer_loss(model, batch: Batch, lm_weight: float = 0.0):
+    """(loss, per-example hit tensor): cross-entropy over each example's answer words at the last position."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits  # (B, T, V)
+    last = logits[:, -1]  # (B, V)
+    valid = batch.candidates >= 0  # type: ignore[operator]
+    scores = last.gather(1, batch.candidates.clamp(min=0))  # type: ignore[attr-defined]  # (B, K)
+    scores = scores.masked_fill(~valid, float("-inf"))
+    loss = F.cross_entropy(scores, batch.target)
+    if lm_weight:
+        target = batch.ids[:, 1:].masked_fill(batch.mask[:, 1:] == 0, -100)  # type: ignore[index]
+        loss = loss + lm_weight * F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1))
+    return loss, (scores.argmax(-1) == batch.target).float()
+
+
+def run_rung(
+    config: LabConfig, out: str | Path | None = None, *, log: Callable[[str], None] | None = print
+) -> LabResult:
+    """Train on ``config.rung`` and evaluate on its held-out set every ``eval_every`` steps; with ``out``,
+    write ``curve.jsonl`` (as it goes), ``summary.json`` and ``curve.png`` there."""
+    import torch
+
+    rungs = config.rungs
+    vocab = Vocabulary(rungs)
+    model = build_lm(config, len(vocab), vocab.ids["<pad>"])
+    result = LabResult(config.model_dump(), sum(p.numel() for p in model.parameters()))
+    result.steps_to = {t: None for t in THRESHOLDS}
+    held_rng = random.Random(f"lab-held-out:{config.rung}")
+    held = draw(held_rng, rungs, config.held_out)
+    held_batches = [encode_batch(held[i : i + 128], config.layout, vocab, config.cue) for i in range(0, len(held), 128)]
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
+        if config.schedule == "constant":
+            return warm
+        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / config.steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    curve_file = None
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        curve_file = out / "curve.jsonl"
+        curve_file.write_text("", encoding="utf-8")
+    rng = random.Random(config.seed)
+    t0, losses = time.perf_counter(), []
+    for step in range(1, config.steps + 1):
+        model.train()
+        loss, _ = answer_loss(
+            model, encode_batch(draw(rng, rungs, config.batch_size), config.layout, vocab, config.cue), config.lm_weight
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % config.eval_every and step != config.steps:
+            continue
+        point = _evaluate(model, held_batches, rungs)
+        point.update(step=step, loss=round(sum(losses) / len(losses), 4), seconds=round(time.perf_counter() - t0, 1))
+        losses = []
+        result.curve.append(point)
+        for t in THRESHOLDS:
+            if result.steps_to[t] is None and point["held_out"] >= t:
+                result.steps_to[t] = step
+        if curve_file is not None:
+            with curve_file.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(point) + "\n")
+        if log is not None:
+            per = " ".join(f"{k} {v:.3f}" for k, v in point["per_rung"].items()) if len(rungs) > 1 else ""
+            log(
+                f"step {step} loss {point['loss']:.3f} held-out {point['held_out']:.3f} {per}({point['seconds']:.0f} s)"
+            )
+        if config.stop_at is not None and point["held_out"] >= config.stop_at:
+            break
+    result.seconds = time.perf_counter() - t0
+    if out is not None:
+        write_text_atomic(Path(out) / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+        plot_curve(result, Path(out) / "curve.png")
+    return result
+
+
+def _evaluate(model, batches: list[Batch], rungs: list[str]) -> dict:
+    import torch
+
+    model.eval()
+    hits: dict[str, list[float]] = {r: [] for r in rungs}
+    with torch.no_grad():
+        for b in batches:
+            _, hit = answer_loss(model, b)
+            for r, h in zip(b.rungs, hit.tolist()):
+                hits[r].append(h)
+    every = [h for v in hits.values() for h in v]
+    return {
+        "held_out": round(sum(every) / len(every), 4),
+        "per_rung": {r: round(sum(v) / len(v), 4) for r, v in hits.items() if v},
+    }
+
+
+def plot_curve(result: LabResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result.config
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [p["step"] for p in result.curve]
+    ax.plot(steps, [p["held_out"] for p in result.curve], marker="o", label="held-out")
+    chance = sum(get_rung(r).chance for r in cfg["rung"].split("+")) / len(cfg["rung"].split("+"))
+    ax.axhline(chance, color="grey", linestyle=":", label="chance")
+    ax.axhline(0.9, color="green", linestyle="--", linewidth=0.8)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{cfg['rung']} ({cfg['layout']}), lr {cfg['lr']:g}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
