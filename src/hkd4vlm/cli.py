@@ -905,6 +905,13 @@ def lab_list() -> None:
 @click.option(
     "--cue/--no-cue", default=True, show_default=True, help="End with 'Answer :' (else read the last segment's end)."
 )
+@click.option(
+    "--scene",
+    type=click.Choice(["words", "grid"]),
+    default="words",
+    show_default=True,
+    help="A scene written out, or one token per image patch (8 x 8) holding the sum of its object's words.",
+)
 @click.option("--family", type=click.Choice(["qwen2", "llama", "lfm2"]), default="qwen2", show_default=True)
 @click.option("--preset", default=None, help="Take the text sizes and family of a registered preset (tiny-llava-l).")
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)

@@ -15,6 +15,8 @@ Rungs (chance in brackets):
 - ``verdict``  a claim naming a person, a colour and a shape -> true / context / nei (1/3);
 - ``verify``   a statement of the hallucination task's kinds (existence, count) checked against a
   written scene -> yes / no (1/2);
+- ``colour``   "What colour is the diamond?" over a written scene -> the colour, or none (the scene
+  lookup fact checking starts with; none in a fifth of the examples, 0.2);
 - ``fact``     the whole fact-checking task with the scene written out: claim, context, scene -> the
   four verdicts true / image / context / nei (1/4).
 """
@@ -40,13 +42,20 @@ def words(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
+#: the grid of image tokens a scene is placed on in the ``grid`` scene format: the LLaVA presets see a
+#: 64 px image through 8 px patches, 8 x 8 tokens
+GRID = 8
+
+
 @dataclass(frozen=True)
 class Example:
-    """One rung example: prompt segments by name, the answer word and the answer words to choose among."""
+    """One rung example: prompt segments by name, the answer word and the answer words to choose among;
+    ``objects`` are the scene's objects with the grid cell of their centre, ``(size, colour, shape, cell)``."""
 
     segments: dict[str, str]
     answer: str
     answers: tuple[str, ...]
+    objects: tuple[tuple[str, str, str, int], ...] = ()
 
     def prompt(self, layout: tuple[str, ...], cue: bool = True) -> str:
         """The segments in ``layout``'s order, then the answer cue (without it the answer is read at the
@@ -134,6 +143,19 @@ def scene_text(scene: Scene) -> str:
     return "Scene : " + " , ".join(f"{o.size} {o.colour} {o.shape}" for o in scene.objects) + " ."
 
 
+def grid_objects(scene: Scene) -> tuple[tuple[str, str, str, int], ...]:
+    """Each object with the cell (row-major, ``GRID`` x ``GRID``) of the image patch its centre falls in, as
+    the image is resized to a square; where two centres share a cell the first keeps it."""
+    out, taken = [], set()
+    for o in scene.objects:
+        row = min(GRID - 1, int(o.y / scene.height * GRID))
+        col = min(GRID - 1, int(o.x / scene.width * GRID))
+        if row * GRID + col not in taken:
+            taken.add(row * GRID + col)
+            out.append((o.size, o.colour, o.shape, row * GRID + col))
+    return tuple(out)
+
+
 def draw_verify(rng: random.Random) -> Example:
     truth = rng.random() < 0.5
     if rng.random() < 0.5:  # existence: a present object, or one differing from a present one in one attribute
@@ -156,7 +178,29 @@ def draw_verify(rng: random.Random) -> Example:
         shape = rng.choice(fits)
         statement = f"{NUMBER_WORDS[shown]} {shape if shown == 1 else PLURAL[shape]}"
     return Example(
-        {"ask": f"Statement : {statement}", "scene": scene_text(scene)}, "yes" if truth else "no", ("yes", "no")
+        {"ask": f"Statement : {statement}", "scene": scene_text(scene)},
+        "yes" if truth else "no",
+        ("yes", "no"),
+        grid_objects(scene),
+    )
+
+
+def draw_colour(rng: random.Random) -> Example:
+    """The colour of the one object of a shape (or "none" where the scene has no such shape): the lookup
+    the fact-checking verdict starts with."""
+    absent = rng.random() < 0.2  # else a shape the scene holds once
+    while True:
+        scene = sample_scene(rng, LEVELS["medium"])
+        shapes = [s for s in SHAPES if len(scene.find(shape=s)) == (0 if absent else 1)]
+        if shapes:
+            break
+    shape = rng.choice(shapes)
+    found = scene.find(shape=shape)
+    return Example(
+        {"ask": f"Question : What colour is the {shape} ?", "scene": scene_text(scene)},
+        found[0].colour if found else "none",
+        (*COLOURS, "none"),
+        grid_objects(scene),
     )
 
 
@@ -169,7 +213,10 @@ def draw_fact(rng: random.Random) -> Example:
     context = " ".join(words(record.context or ""))
     claim = " ".join(words(record.claim or ""))
     return Example(
-        {"ask": f"Claim : {claim}", "context": f"Context : {context}", "scene": scene_text(scene)}, key, FACT_KEYS
+        {"ask": f"Claim : {claim}", "context": f"Context : {context}", "scene": scene_text(scene)},
+        key,
+        FACT_KEYS,
+        grid_objects(scene),
     )
 
 
@@ -207,6 +254,14 @@ RUNGS: dict[str, Rung] = {
             {"ask-first": ("ask", "scene"), "scene-first": ("scene", "ask")},
             1 / 2,
             "a statement against a written scene: yes / no (statement verification)",
+        ),
+        Rung(
+            "colour",
+            draw_colour,
+            ("ask", "scene"),
+            {"ask-first": ("ask", "scene"), "scene-first": ("scene", "ask")},
+            0.2,
+            "the colour of a shape in a written scene, or none (scene lookup)",
         ),
         Rung(
             "fact",

@@ -24,12 +24,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..files import write_text_atomic
-from .rungs import Example, get_rung, words
+from .rungs import GRID, Example, get_rung, words
 
 THRESHOLDS = (0.9, 0.95)
 #: the text model of each registered VLM family
 TEXT_FAMILY = {"llava": "qwen2", "idefics3": "llama"}
-SPECIALS = ("<pad>", "<unk>")
+SPECIALS = ("<pad>", "<unk>", "<bg>")
 #: examples drawn (from a fixed seed) to build a rung's vocabulary, beside its answer words
 VOCAB_DRAWS = 3000
 
@@ -42,6 +42,7 @@ class LabConfig(BaseModel):
     rung: str
     layout: str = "ask-first"
     cue: bool = True  # end with "Answer :" (the answer is read there); else at the last segment's last token
+    scene: Literal["words", "grid"] = "words"  # a scene written out, or placed on the image's patch grid
     family: Literal["qwen2", "llama", "lfm2"] = "qwen2"
     preset: str | None = None  # a registered preset: its text sizes and family replace the fields below
     layers: int = Field(2, ge=1)
@@ -175,22 +176,45 @@ def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
 
 @dataclass
 class Batch:
-    ids: object  # (B, T) long, left-padded
+    ids: object  # (B, T) long, left-padded; in the grid scene format (B, T, 3), -1 where a slot holds fewer
     mask: object  # (B, T)
     candidates: object  # (B, K) answer word ids, padded with -1
     target: object  # (B,) index of the answer among the candidates
     rungs: list[str]
 
 
-def encode_batch(examples: list[tuple[str, Example]], layout: str, vocab: Vocabulary, cue: bool = True) -> Batch:
+def _positions(ex: Example, layout: tuple[str, ...], cue: bool, scene: str, vocab: Vocabulary) -> list[tuple[int, ...]]:
+    """The prompt as token positions, each one word id or, for a grid scene's slot, the ids whose embeddings
+    are summed there (an object's size, colour and shape; ``<bg>`` for an empty patch)."""
+    if scene == "words" or "scene" not in layout:
+        return [(i,) for i in vocab.encode(ex.prompt(layout, cue))]
+    bg = vocab.ids["<bg>"]
+    out: list[tuple[int, ...]] = []
+    for name in layout:
+        if name != "scene":
+            out += [(i,) for i in vocab.encode(ex.segments[name])]
+            continue
+        slots: list[tuple[int, ...]] = [(bg,)] * (GRID * GRID)
+        for size, colour, shape, cell in ex.objects:
+            slots[cell] = (vocab.ids[size], vocab.ids[colour], vocab.ids[shape])
+        out += [(i,) for i in vocab.encode("Scene :")] + slots
+    return out + ([(i,) for i in vocab.encode("Answer :")] if cue else [])
+
+
+def encode_batch(
+    examples: list[tuple[str, Example]], layout: str, vocab: Vocabulary, cue: bool = True, scene: str = "words"
+) -> Batch:
     import torch
 
-    seqs = [vocab.encode(ex.prompt(get_rung(r).layouts[layout], cue)) for r, ex in examples]
+    seqs = [_positions(ex, get_rung(r).layouts[layout], cue, scene, vocab) for r, ex in examples]
     width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), vocab.ids["<pad>"], dtype=torch.long)
+    depth = max(len(p) for s in seqs for p in s)
+    ids = torch.full((len(seqs), width, depth), -1, dtype=torch.long)
+    ids[:, :, 0] = vocab.ids["<pad>"]
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):  # left padding: the answer is read at the last position
-        ids[i, width - len(s) :] = torch.tensor(s)
+        for t, pos in enumerate(s, start=width - len(s)):
+            ids[i, t, : len(pos)] = torch.tensor(pos)
         mask[i, width - len(s) :] = 1
     k = max(len(ex.answers) for _, ex in examples)
     candidates = torch.full((len(seqs), k), -1, dtype=torch.long)
@@ -198,7 +222,7 @@ def encode_batch(examples: list[tuple[str, Example]], layout: str, vocab: Vocabu
     for i, (_, ex) in enumerate(examples):
         candidates[i, : len(ex.answers)] = torch.tensor([vocab.ids[a] for a in ex.answers])
         target[i] = ex.answers.index(ex.answer)
-    return Batch(ids, mask, candidates, target, [r for r, _ in examples])
+    return Batch(ids[:, :, 0] if depth == 1 else ids, mask, candidates, target, [r for r, _ in examples])
 
 
 def draw(rng: random.Random, rungs: list[str], n: int) -> list[tuple[str, Example]]:
@@ -213,14 +237,21 @@ def answer_loss(model, batch: Batch, lm_weight: float = 0.0):
     """(loss, per-example hit tensor): cross-entropy over each example's answer words at the last position."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits  # (B, T, V)
+    if batch.ids.dim() == 3:  # type: ignore[attr-defined]  # grid slots: the sum of their words' embeddings
+        slots = batch.ids  # (B, T, 3)
+        embedded = model.get_input_embeddings()(slots.clamp(min=0)) * (slots >= 0).unsqueeze(-1)  # type: ignore[attr-defined,operator]
+        logits = model(inputs_embeds=embedded.sum(2), attention_mask=batch.mask).logits  # (B, T, V)
+        tokens = slots[:, :, 0].masked_fill((slots[:, :, 1] >= 0), -100)  # type: ignore[index]  # no LM target on slots
+    else:
+        logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits  # (B, T, V)
+        tokens = batch.ids
     last = logits[:, -1]  # (B, V)
     valid = batch.candidates >= 0  # type: ignore[operator]
     scores = last.gather(1, batch.candidates.clamp(min=0))  # type: ignore[attr-defined]  # (B, K)
     scores = scores.masked_fill(~valid, float("-inf"))
     loss = F.cross_entropy(scores, batch.target)
     if lm_weight:
-        target = batch.ids[:, 1:].masked_fill(batch.mask[:, 1:] == 0, -100)  # type: ignore[index]
+        target = tokens[:, 1:].masked_fill(batch.mask[:, 1:] == 0, -100)  # type: ignore[index]
         loss = loss + lm_weight * F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1))
     return loss, (scores.argmax(-1) == batch.target).float()
 
@@ -239,7 +270,10 @@ def run_rung(
     result.steps_to = {t: None for t in THRESHOLDS}
     held_rng = random.Random(f"lab-held-out:{config.rung}")
     held = draw(held_rng, rungs, config.held_out)
-    held_batches = [encode_batch(held[i : i + 128], config.layout, vocab, config.cue) for i in range(0, len(held), 128)]
+    held_batches = [
+        encode_batch(held[i : i + 128], config.layout, vocab, config.cue, config.scene)
+        for i in range(0, len(held), 128)
+    ]
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
 
     def factor(step: int) -> float:
@@ -260,7 +294,9 @@ def run_rung(
     for step in range(1, config.steps + 1):
         model.train()
         loss, _ = answer_loss(
-            model, encode_batch(draw(rng, rungs, config.batch_size), config.layout, vocab, config.cue), config.lm_weight
+            model,
+            encode_batch(draw(rng, rungs, config.batch_size), config.layout, vocab, config.cue, config.scene),
+            config.lm_weight,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
