@@ -19,12 +19,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..files import write_text_atomic
 from .rungs import GRID, Example, get_rung, words
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 THRESHOLDS = (0.9, 0.95)
 #: the text model of each registered VLM family
@@ -147,7 +150,7 @@ def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
     import torch
 
     family, layers, hidden, heads = config.sizes()
-    sizes = dict(
+    sizes: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -176,10 +179,10 @@ def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
 
 @dataclass
 class Batch:
-    ids: object  # (B, T) long, left-padded; in the grid scene format (B, T, 3), -1 where a slot holds fewer
-    mask: object  # (B, T)
-    candidates: object  # (B, K) answer word ids, padded with -1
-    target: object  # (B,) index of the answer among the candidates
+    ids: Tensor  # (B, T) long, left-padded; in the grid scene format (B, T, 3), -1 where a slot holds fewer
+    mask: Tensor  # (B, T)
+    candidates: Tensor  # (B, K) answer word ids, padded with -1
+    target: Tensor  # (B,) index of the answer among the candidates
     rungs: list[str]
 
 
@@ -237,21 +240,21 @@ def answer_loss(model, batch: Batch, lm_weight: float = 0.0):
     """(loss, per-example hit tensor): cross-entropy over each example's answer words at the last position."""
     import torch.nn.functional as F
 
-    if batch.ids.dim() == 3:  # type: ignore[attr-defined]  # grid slots: the sum of their words' embeddings
+    if batch.ids.dim() == 3:  # grid slots: the sum of their words' embeddings
         slots = batch.ids  # (B, T, 3)
-        embedded = model.get_input_embeddings()(slots.clamp(min=0)) * (slots >= 0).unsqueeze(-1)  # type: ignore[attr-defined,operator]
+        embedded = model.get_input_embeddings()(slots.clamp(min=0)) * (slots >= 0).unsqueeze(-1)
         logits = model(inputs_embeds=embedded.sum(2), attention_mask=batch.mask).logits  # (B, T, V)
-        tokens = slots[:, :, 0].masked_fill((slots[:, :, 1] >= 0), -100)  # type: ignore[index]  # no LM target on slots
+        tokens = slots[:, :, 0].masked_fill((slots[:, :, 1] >= 0), -100)  # no LM target on slots
     else:
         logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits  # (B, T, V)
         tokens = batch.ids
     last = logits[:, -1]  # (B, V)
-    valid = batch.candidates >= 0  # type: ignore[operator]
-    scores = last.gather(1, batch.candidates.clamp(min=0))  # type: ignore[attr-defined]  # (B, K)
+    valid = batch.candidates >= 0
+    scores = last.gather(1, batch.candidates.clamp(min=0))  # (B, K)
     scores = scores.masked_fill(~valid, float("-inf"))
     loss = F.cross_entropy(scores, batch.target)
     if lm_weight:
-        target = tokens[:, 1:].masked_fill(batch.mask[:, 1:] == 0, -100)  # type: ignore[index]
+        target = tokens[:, 1:].masked_fill(batch.mask[:, 1:] == 0, -100)
         loss = loss + lm_weight * F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1))
     return loss, (scores.argmax(-1) == batch.target).float()
 
