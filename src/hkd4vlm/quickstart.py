@@ -64,8 +64,8 @@ class QuickstartConfig(StrictModel):
     augment: AugmentSpec
     sft_augment: bool = Field(
         description="augment in the SFT stages too (measured: every augmentation, even option "
-        "permutation alone, keeps a tiny base on its initial plateau; README, "
-        "Quickstart)"
+        "permutation alone, keeps a tiny base on its initial plateau; docs/experiments.md, "
+        "'Why SFT stayed at chance')"
     )
     eval_limit: int | None = Field(
         ge=1, description="score at most this many test records per task (null: the whole test split)"

@@ -45,7 +45,7 @@ class TinyPreset:
     heads: int
     image_size: int = 64
     patch_size: int = (
-        16  # the LLaVA presets use 8 px (64 image tokens): shape is not learnt at 16 px (README, "Pretraining")
+        16  # the LLaVA presets use 8 px (64 image tokens): shape is not learnt at 16 px (docs/experiments.md, "What each level can see")
     )
 
 

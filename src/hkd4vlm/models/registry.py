@@ -17,7 +17,7 @@ from ..data.tasks import TASKS
 from .families import TinyPreset, build_idefics3, build_llava
 
 #: tiny presets are trained from scratch, and only the option readout is learnt at their size in
-#: practice (README, "Readouts"); real checkpoints keep the letter readout unless told otherwise
+#: practice (docs/models.md, "Readouts"); real checkpoints keep the letter readout unless told otherwise
 TINY_READOUT = "option"
 
 #: a family's builder: (sizes, tokenizer texts, seed) -> (model, processor)
@@ -113,7 +113,7 @@ def init_model(
 register_family("llava", build_llava)
 register_family("idefics3", build_idefics3)
 # the LLaVA presets see 64 px through 8 px patches (64 image tokens): shape is not learnt at 16 px
-# (README, "What each level can see"); Idefics3 pixel-shuffles its 8 px patches to 16 tokens
+# (docs/experiments.md, "What each level can see"); Idefics3 pixel-shuffles its 8 px patches to 16 tokens
 register_preset(
     "tiny-llava-s",
     "llava",
