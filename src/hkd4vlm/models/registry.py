@@ -66,10 +66,6 @@ def get_preset(name: str) -> TinyPreset:
     return _entry(name).sizes
 
 
-def preset_family(name: str) -> str:
-    return _entry(name).family
-
-
 def build_tiny(name: str, texts: list[str], *, seed: int = 0):
     """(model, processor) of the registered preset ``name``, randomly initialised with ``seed``, with a
     word-level tokenizer over ``texts``."""
