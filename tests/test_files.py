@@ -27,7 +27,7 @@ def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
     with atomic_path(target) as tmp:
-        assert tmp.parent == target.parent and tmp.suffix == ".json" and tmp != target
+        assert tmp.parent == target.parent and tmp.name.startswith(".out.json.") and tmp.suffix == ".tmp"
         tmp.write_text("new")
         assert target.read_text() == "old"  # not before the block ends
     assert target.read_text() == "new" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]

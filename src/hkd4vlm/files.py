@@ -18,11 +18,11 @@ from pathlib import Path
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends without error,
     removed otherwise. The folder is created if needed. An OSError about the temporary file (a full disk)
-    names ``path`` instead. The temporary name keeps ``path``'s suffix, so writers that read the format from it
-    write the same thing."""
+    names ``path`` instead. The temporary name is ``.NAME.PID.tmp``: a writer that reads the format from the
+    suffix (``fig.savefig``) must be told it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
