@@ -1,6 +1,6 @@
 """Can a base learn to verify one phrase against the image? Each draw is the verification stage's item
 (synth.grounding.verify_item: a fresh scene and four statements of the task's kinds, each true or
-false with probability 1/2; README numbers marked "probe version" came from this script at commit 1d88e80,
+false with probability 1/2; the numbers marked "probe version" in docs/experiments.md came from this script at commit 1d88e80,
 which drew its own statements, count ones with a text shortcut); the loss is a binary cross-entropy on every option's verdict logit (four
 signals per image instead of one four-way answer). Reports held-out per-phrase accuracy by kind, and the
 hallucination task solved by the verifier (the option it scores least true) on fresh task records.

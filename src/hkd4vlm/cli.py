@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .data.images import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS
+from .data.images import DEFAULT_MAX_PIXELS
 from .data.tasks import TASKS, Task
 from .models.registry import preset_names
 
@@ -707,176 +707,82 @@ def bench(
     except (BenchError, ImportError) as e:  # ImportError: --serve without the serve extra
         raise click.ClickException(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    from .files import write_text_atomic
+
+    write_text_atomic(out, json.dumps(result, indent=2))
     click.echo(json.dumps(result["serve"], indent=2) if serve_load else "\n" + format_table(result))
     click.echo(f"written to {out}")
 
 
+def _serve_options(command):
+    """``serve``'s options, one per field of serve.config.ServeConfig, in its order: the field's name with
+    hyphens (or its ``option``), its default, bounds and description."""
+    from annotated_types import Ge, Gt, Le
+
+    from .serve.config import ServeConfig
+
+    options = []
+    for name, field in ServeConfig.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        kw: dict = {"help": field.description, "show_default": True}
+        bounds = {
+            "min": next((m.ge for m in field.metadata if isinstance(m, Ge)), None)
+            if not any(isinstance(m, Gt) for m in field.metadata)
+            else next(m.gt for m in field.metadata if isinstance(m, Gt)),
+            "max": next((m.le for m in field.metadata if isinstance(m, Le)), None),
+        }
+        numeric = {field.annotation} & {int, float, int | None, float | None}
+        if name == "shifts":
+            kw.update(type=SHIFTS, default=str(field.default))
+        elif field.annotation is bool:
+            kw.update(is_flag=True, default=field.default, show_default=False)
+        elif field.annotation == tuple[str, ...]:
+            kw.update(multiple=True, default=field.default, show_default=False)
+        elif numeric:
+            ranged = click.IntRange if numeric <= {int, int | None} else click.FloatRange
+            open_min = {"min_open": True} if any(isinstance(m, Gt) for m in field.metadata) else {}
+            kw.update(type=ranged(**bounds, **open_min), default=field.default)
+        else:
+            kw.update(default=field.default, show_default=field.default is not None)
+        if "envvar" in extra:
+            kw.update(envvar=extra["envvar"], show_envvar=True)
+        options.append(click.option(str(extra.get("option", "--" + name.replace("_", "-"))), name, **kw))
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("--model", "model_dir", type=MODEL_PATH, required=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: all interfaces).")
-@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
-@click.option(
-    "--shifts",
-    type=SHIFTS,
-    default="4",
-    show_default=True,
-    help="Cyclic option→letter mappings scored per request (mapping-shift inference; 'all' = one per "
-    "option; 1 = a single plain pass).",
-)
-@click.option(
-    "--max-batch-size",
-    type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help="Requests scored together in one model call.",
-)
-@click.option(
-    "--max-wait-ms",
-    type=click.FloatRange(min=0),
-    default=5.0,
-    show_default=True,
-    help="How long the first request of a batch waits for others to join it.",
-)
-@click.option(
-    "--max-body-mb",
-    type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
-    show_default=True,
-    help="Larger request bodies are refused (413).",
-)
-@click.option(
-    "--max-image-pixels",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_IMAGE_PIXELS,
-    show_default=True,
-    help="Larger uploaded images are refused (422; decompression bombs).",
-)
-@click.option(
-    "--max-queue",
-    type=click.IntRange(min=1),
-    default=1024,
-    show_default=True,
-    help="Requests waiting for the model beyond this many are refused (503, Retry-After).",
-)
-@click.option(
-    "--max-text-chars",
-    type=click.IntRange(min=1),
-    default=8_000,
-    show_default=True,
-    help="Longer text fields (caption, option, claim, ...) are refused (422).",
-)
-@click.option(
-    "--max-text-tokens",
-    type=click.IntRange(min=1),
-    default=1_024,
-    show_default=True,
-    help="Text fields of more tokens (the model's tokenizer) are refused (422).",
-)
-@click.option(
-    "--max-request-tokens",
-    type=click.IntRange(min=1),
-    default=2_048,
-    show_default=True,
-    help="Requests whose text fields pass this many tokens together are refused (422).",
-)
-@click.option(
-    "--max-image-side",
-    type=click.IntRange(min=1),
-    default=1_024,
-    show_default=True,
-    help="Images are scaled down to this many pixels on the longer side as they are decoded.",
-)
-@click.option(
-    "--max-inflight-mb",
-    type=click.FloatRange(min=0, min_open=True),
-    default=512.0,
-    show_default=True,
-    help="Memory the requests in flight may hold (bodies being parsed, decoded images); beyond it new "
-    "ones are refused (503, Retry-After).",
-)
-@click.option(
-    "--api-key",
-    envvar="HKD4VLM_API_KEY",
-    show_envvar=True,
-    default=None,
-    help="Require 'Authorization: Bearer <key>' on every request but GET /healthz (401 otherwise). "
-    "Prefer the environment variable: a command line is visible to other users.",
-)
-@click.option(
-    "--allowed-host",
-    "allowed_hosts",
-    multiple=True,
-    help="A Host name the server answers to (repeat it; '*.example.com' for subdomains, '*' for any); "
-    "others get 400 [default: the loopback names, plus --host when it is one address; any host "
-    "when bound to every interface].",
-)
-@click.option(
-    "--cors-origin",
-    "cors_origins",
-    multiple=True,
-    help="Let browser pages from this origin call the service, e.g. https://app.example.com (repeat it); "
-    "off by default.",
-)
-@click.option("--docs", is_flag=True, help="Serve the interactive API docs at /docs and /openapi.json.")
+@_serve_options
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", default="auto", show_default=True)
-def serve(
-    model_dir: Path,
-    host: str,
-    port: int,
-    shifts: int | str,
-    max_batch_size: int,
-    max_wait_ms: float,
-    max_body_mb: float,
-    max_image_pixels: int,
-    device: str | None,
-    dtype: str,
-    max_queue: int,
-    max_text_chars: int,
-    max_text_tokens: int,
-    max_request_tokens: int,
-    max_image_side: int,
-    max_inflight_mb: float,
-    api_key: str | None,
-    allowed_hosts: tuple,
-    cors_origins: tuple,
-    docs: bool,
-) -> None:
+def serve(model_dir: Path, device: str | None, dtype: str, **settings) -> None:
     """Serve a judge over HTTP: POST /v1/hallucination and /v1/factuality (JSON with a base64 image, or
-    multipart), micro-batched into single model calls; GET /healthz, /v1/model, /v1/stats."""
+    multipart), micro-batched into single model calls; the demo page at /; GET /healthz, /v1/model, /v1/stats.
+    Every option is a field of hkd4vlm.serve.ServeConfig."""
+    import logging
+
+    from pydantic import ValidationError
+
+    from .serve import ServeConfig
+
+    try:
+        config = ServeConfig(**settings)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        # a check across settings has no location: its message starts with the setting at fault
+        name = str(err["loc"][0]) if err["loc"] else next((n for n in ServeConfig.model_fields if n in msg), "")
+        hint = "'--api-key' / HKD4VLM_API_KEY" if name == "api_key" else f"'--{name.replace('_', '-')}'"
+        raise click.BadParameter(msg, param_hint=hint) from None
     try:
         from .serve import run
-        from .serve.access import check_api_key
     except ImportError as e:
         raise click.ClickException(str(e)) from None
-    if api_key is not None:
-        try:
-            check_api_key(api_key)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="'--api-key' / HKD4VLM_API_KEY") from None
-    run(
-        model_dir,
-        host=host,
-        port=port,
-        shifts=shifts,
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        max_body_mb=max_body_mb,
-        max_image_pixels=max_image_pixels,
-        device=device,
-        dtype=dtype,
-        max_queue=max_queue,
-        max_text_chars=max_text_chars,
-        max_text_tokens=max_text_tokens,
-        max_request_tokens=max_request_tokens,
-        max_image_side=max_image_side,
-        max_inflight_mb=max_inflight_mb,
-        api_key=api_key,
-        allowed_hosts=allowed_hosts or None,
-        cors_origins=cors_origins,
-        docs=docs,
-    )
+    # the service logs through logging ("hkd4vlm.serve"); the command shows its INFO lines on stderr
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run(model_dir, config, device=device, dtype=dtype)
 
 
 @main.group()

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 
 from .data.tasks import TASKS
 from .engine.config import AugmentSpec, StrictModel
+from .files import atomic_path, write_text_atomic
 
 ROWS = ("teacher_sft", "student_sft", "student_ppod", "student_ppod_tcrd", "student_hkd", "student_hkd_msei")
 
@@ -64,8 +65,8 @@ class QuickstartConfig(StrictModel):
     augment: AugmentSpec
     sft_augment: bool = Field(
         description="augment in the SFT stages too (measured: every augmentation, even option "
-        "permutation alone, keeps a tiny base on its initial plateau; README, "
-        "Quickstart)"
+        "permutation alone, keeps a tiny base on its initial plateau; docs/experiments.md, "
+        "'Why SFT stayed at chance')"
     )
     eval_limit: int | None = Field(
         ge=1, description="score at most this many test records per task (null: the whole test split)"
@@ -211,8 +212,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
                 "n": [r[task]["n"] for r in rows[row]],
             }
     results["timing_s"] = {"total": time.perf_counter() - t_start, "per_stage": timing}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     write_report(out, results)
     return results
 
@@ -234,9 +234,7 @@ def write_report(out: Path, results: dict) -> Path:
     plot = _plot_curves(out)
     if plot is not None:
         lines += [f"![training curves]({plot.name})", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_text_atomic(out / "report.md", "\n".join(lines))
 
 
 def _plot_curves(out: Path) -> Path | None:
@@ -263,6 +261,9 @@ def _plot_curves(out: Path) -> Path | None:
     ax.legend(fontsize=6)
     fig.tight_layout()
     path = out / "training_curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path

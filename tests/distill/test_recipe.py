@@ -110,6 +110,39 @@ def test_each_stage_kind_takes_only_its_own_keys(tmp_path):
     assert _load(tmp_path, ["stages.1.train.augment=hflip=0.5"]).stages[1].train.augment == {"hflip": 0.5}
 
 
+def test_a_stage_can_set_everything_a_training_run_can(tmp_path):
+    """StageTrainConfig and TrainConfig share one definition of their common fields (engine.config.TrainSettings),
+    and every one of them reaches the stage's training run."""
+    from hkd4vlm.distill.recipe import StageTrainConfig, _train_config
+    from hkd4vlm.engine.config import TrainConfig, TrainSettings
+
+    assert set(TrainSettings.model_fields) <= set(StageTrainConfig.model_fields)
+    assert set(TrainSettings.model_fields) <= set(TrainConfig.model_fields)
+    assert set(StageTrainConfig.model_fields) == set(TrainSettings.model_fields)  # nothing of its own
+    assert set(TrainConfig.model_fields) - set(TrainSettings.model_fields) == {
+        "model",
+        "out",
+        "data",
+        "seed",
+        "save_every",
+        "progress",
+    }
+    overrides = {
+        "skip_nonfinite": 3,
+        "eval_every": 5,
+        "log_every": 2,
+        "keep_checkpoints": 4,
+        "readout": "letter",
+        "find_unused_parameters": False,
+    }
+    cfg = _load(tmp_path, [f"stages.1.train.{k}={str(v).lower()}" for k, v in overrides.items()])
+    run = _train_config(cfg, cfg.stages[1], "model-dir", tmp_path / "stage")
+    for key, value in overrides.items():
+        assert getattr(cfg.stages[1].train, key) == value and getattr(run, key) == value, key
+    assert run.seed == cfg.seed and run.save_every == cfg.save_every and run.steps == cfg.stages[1].train.steps
+    assert StageTrainConfig().steps == 500  # a stage's own default step count, as before
+
+
 def test_stage_loss_is_chosen_by_name_with_its_settings(tmp_path):
     from functools import partial
 

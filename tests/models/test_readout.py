@@ -196,7 +196,7 @@ def _colour_question(rng: random.Random) -> Record:
 @pytest.mark.slow
 def test_option_readout_learns_the_text_only_probe_quickly():
     """Learnability guard: the option readout learns "which option is <colour>?" through the project's own
-    tiny model and prompt in a few dozen steps (the letter readout needs thousands; README, "Readouts").
+    tiny model and prompt in a few dozen steps (the letter readout needs thousands; docs/experiments.md).
     A change that breaks learning (scoring, prompt, positions) fails here."""
     torch.manual_seed(0)
     model, processor = build_tiny(

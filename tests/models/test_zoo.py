@@ -31,7 +31,7 @@ def test_shipped_base_matches_its_manifest_and_the_code(name):
     rec = m["recipe"]
     code = pretrain_recipe(rec["preset"], batch_size=rec["batch_size"], seed=rec["seed"], pool_size=rec["pool_size"])
     assert m["recipe_digest"] == recipe_digest(code) == recipe_digest(rec), (
-        "the code's pretraining recipe changed since this base was trained: rebuild it (README, 'Model zoo')"
+        "the code's pretraining recipe changed since this base was trained: rebuild it (docs/pretraining.md)"
     )
     assert m["readout"] == code["readout"] and len(m["code_commit"]) == 40
     assert m["held_out"]["accuracy"] > 0.25 and all(k.startswith("accuracy") for k in m["held_out"])

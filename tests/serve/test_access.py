@@ -3,6 +3,7 @@
 for a server reachable beyond loopback without a key."""
 
 import hmac
+import logging
 
 import pytest
 
@@ -173,21 +174,32 @@ def test_a_key_that_cannot_travel_in_a_header_is_refused(detector):
         ("127.0.0.2", None, False),
     ],
 )
-def test_run_warns_when_serving_beyond_loopback_without_a_key(model_dir, monkeypatch, capsys, host, key, warned):
+def test_run_warns_when_serving_beyond_loopback_without_a_key(model_dir, monkeypatch, caplog, host, key, warned):
     served = []
     monkeypatch.setattr(app_module.uvicorn.Server, "run", lambda self, *a, **kw: served.append(self.config))
-    app_module.run(model_dir, host=host, port=8123, shifts=2, api_key=key)
-    err = capsys.readouterr().err
-    assert ("without an API key" in err) is warned, err
+    with caplog.at_level(logging.INFO, logger="hkd4vlm.serve"):
+        app_module.run(model_dir, host=host, port=8123, shifts=2, api_key=key)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hkd4vlm.serve" and r.levelno == logging.WARNING]
+    assert bool(warnings) is warned, warnings
     if warned:
-        assert "HKD4VLM_API_KEY" in err and "--api-key" in err
+        assert "HKD4VLM_API_KEY" in warnings[0] and "--api-key" in warnings[0]
+    assert any(":8123" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
     assert served and served[0].host == host
+
+
+def test_run_logs_through_logging_so_it_can_be_silenced(model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(app_module.uvicorn.Server, "run", lambda self, *a, **kw: None)
+    logger = logging.getLogger("hkd4vlm.serve")
+    monkeypatch.setattr(logger, "disabled", True)
+    app_module.run(model_dir, host="0.0.0.0", shifts=2)
+    out = capsys.readouterr()
+    assert "serving" not in out.out + out.err and "without an API key" not in out.out + out.err
 
 
 def test_run_answers_to_its_own_address_by_default(model_dir, monkeypatch):
     made = []
     monkeypatch.setattr(app_module.uvicorn.Server, "run", lambda self, *a, **kw: None)
-    monkeypatch.setattr(app_module, "create_app", lambda detector, **kw: made.append(kw["allowed_hosts"]) or "app")
+    monkeypatch.setattr(app_module, "create_app", lambda detector, config: made.append(config.hosts) or "app")
     for host, want in [
         ("127.0.0.1", ("127.0.0.1", "localhost", "::1")),
         ("0.0.0.0", ("*",)),
@@ -201,7 +213,7 @@ def test_run_answers_to_its_own_address_by_default(model_dir, monkeypatch):
 
 def test_cli_serve_takes_the_key_from_the_environment_and_the_access_options(model_dir, monkeypatch):
     calls = []
-    monkeypatch.setattr(serve_module, "run", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(serve_module, "run", lambda model_dir, config, **kw: calls.append(config))
     args = [
         "serve",
         "--model",
@@ -216,13 +228,14 @@ def test_cli_serve_takes_the_key_from_the_environment_and_the_access_options(mod
     ]
     result = CliRunner().invoke(main, args, env={"HKD4VLM_API_KEY": KEY})
     assert result.exit_code == 0, result.output
-    kw = calls[-1]
-    assert kw["api_key"] == KEY and kw["allowed_hosts"] == ("judge.example.com", "*.corp")
-    assert kw["cors_origins"] == ("https://app.example",) and kw["docs"] is True
+    config = calls[-1]
+    assert config.api_key == KEY and config.allowed_hosts == ("judge.example.com", "*.corp")
+    assert config.cors_origins == ("https://app.example",) and config.docs is True
     result = CliRunner().invoke(
         main, ["serve", "--model", str(model_dir), "--api-key", "other-key"], env={"HKD4VLM_API_KEY": KEY}
     )
-    assert result.exit_code == 0 and calls[-1]["api_key"] == "other-key"  # the option wins over the environment
-    assert calls[-1]["allowed_hosts"] is None and calls[-1]["docs"] is False
+    assert result.exit_code == 0 and calls[-1].api_key == "other-key"  # the option wins over the environment
+    assert calls[-1].allowed_hosts == () and calls[-1].docs is False
+    assert calls[-1].hosts == ("127.0.0.1", "localhost", "::1")
     result = CliRunner().invoke(main, ["serve", "--model", str(model_dir)], env={"HKD4VLM_API_KEY": "a b"})
     assert result.exit_code == 2 and "printable ASCII" in result.output

@@ -144,9 +144,9 @@ def test_the_requests_in_flight_hold_at_most_the_memory_budget(detector, hall):
         detector,
         max_batch_size=1,
         max_wait_ms=0,
-        max_body_bytes=256 * 1024,
+        max_body_mb=0.25,
         max_image_side=256,
-        max_inflight_bytes=budget,
+        max_inflight_mb=budget / 2**20,
     )
     results: dict[int, httpx.Response] = {}
     with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:

@@ -23,7 +23,7 @@ from hkd4vlm import serve as serve_module  # noqa: E402
 from hkd4vlm.bench.load import bench_serve  # noqa: E402
 from hkd4vlm.cli import main  # noqa: E402
 from hkd4vlm.infer.detector import DEFAULT_VERDICTS  # noqa: E402
-from hkd4vlm.serve import ServerThread, create_app  # noqa: E402
+from hkd4vlm.serve import ServeConfig, ServerThread, create_app  # noqa: E402
 
 MAX_BATCH = 8
 MAX_BODY = 256 * 1024  # the synthetic images are ~30 kB
@@ -34,7 +34,7 @@ MAX_PIXELS = 200_000  # the synthetic images are ~240 x 240
 def server(detector):
     # a long wait window, so that requests sent together are batched together on a busy machine too
     app = create_app(
-        detector, max_batch_size=MAX_BATCH, max_wait_ms=100, max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS
+        detector, max_batch_size=MAX_BATCH, max_wait_ms=100, max_body_mb=MAX_BODY / 2**20, max_image_pixels=MAX_PIXELS
     )
     with ServerThread(app) as s:
         yield s
@@ -362,32 +362,22 @@ def test_cli_serve_passes_its_options_to_run(model_dir, monkeypatch):
         env={"HKD4VLM_API_KEY": None},
     )
     assert result.exit_code == 0, result.output
-    assert calls == [
-        (
-            (model_dir,),
-            {
-                "host": "127.0.0.1",
-                "port": 9001,
-                "shifts": 2,
-                "max_batch_size": 4,
-                "max_wait_ms": 7.5,
-                "max_body_mb": 1.0,
-                "max_image_pixels": 1000,
-                "device": None,
-                "dtype": "auto",
-                "max_queue": 9,
-                "max_text_chars": 300,
-                "max_text_tokens": 50,
-                "max_request_tokens": 70,
-                "max_image_side": 640,
-                "max_inflight_mb": 64.0,
-                "api_key": None,
-                "allowed_hosts": None,
-                "cors_origins": (),
-                "docs": False,
-            },
-        )
-    ]
+    ((args, kwargs),) = calls
+    assert args[0] == model_dir and kwargs == {"device": None, "dtype": "auto"}
+    assert args[1] == ServeConfig(
+        port=9001,
+        shifts=2,
+        max_batch_size=4,
+        max_wait_ms=7.5,
+        max_body_mb=1.0,
+        max_image_pixels=1000,
+        max_queue=9,
+        max_text_chars=300,
+        max_text_tokens=50,
+        max_request_tokens=70,
+        max_image_side=640,
+        max_inflight_mb=64.0,
+    )
 
 
 @pytest.mark.slow  # a fresh process imports torch and loads the model: ~10 s

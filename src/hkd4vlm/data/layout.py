@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..files import write_text_atomic
 from .images import DEFAULT_MAX_PIXELS, ImageProblem, open_image, resolve_image_path
 from .records import TASK_DIRS, DatasetError, Problem, Record, Task, check_record, parse_record, record_key
 
@@ -178,13 +179,9 @@ def read_split(
 
 def write_split(root: str | os.PathLike, task: Task, split: str, records: Iterable[Record]) -> Path:
     """Write records as ``json/<split>.json`` (atomically: write, then rename)."""
-    path = split_file(root, task, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
     images_dir(root, task).mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps([r.to_dict() for r in records], indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps([r.to_dict() for r in records], indent=1, ensure_ascii=False)
+    return write_text_atomic(split_file(root, task, split), text)
 
 
 def available_splits(root: str | os.PathLike, task: Task) -> list[str]:

@@ -1,4 +1,4 @@
-"""Typed records for both tasks, with the challenge's own field names (README, "Data layout").
+"""Typed records for both tasks, with the challenge's own field names (README and docs/data.md, "Data layout").
 
 A record is parsed from the JSON the challenge ships; every problem found is reported as a
 :class:`Problem` naming the file, the record and the field, so that nothing is dropped or changed

@@ -23,7 +23,7 @@ import torch
 from ..data.augment import augment_spec
 from ..data.tasks import Task
 from ..errors import UserError
-from ..files import write_text_atomic
+from ..files import atomic_path, write_text_atomic
 from ..models.prompt import PROMPT_VERSION
 from ..models.scoring import AnswerScores
 
@@ -122,15 +122,16 @@ def build_cache(
         if not buf["index"]:
             return
         name = f"shard-{len(shards):05d}.safetensors"
-        save_file(
-            {
-                "index": torch.tensor(buf["index"]),
-                "variant": torch.tensor(buf["variant"]),
-                "logits": torch.cat(buf["logits"]),
-                "hidden": torch.cat(buf["hidden"]),
-            },
-            str(out / name),
-        )
+        with atomic_path(out / name) as tmp:
+            save_file(
+                {
+                    "index": torch.tensor(buf["index"]),
+                    "variant": torch.tensor(buf["variant"]),
+                    "logits": torch.cat(buf["logits"]),
+                    "hidden": torch.cat(buf["hidden"]),
+                },
+                str(tmp),
+            )
         shards.append(name)
         for v in buf.values():
             v.clear()

@@ -18,28 +18,17 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, model_validator
 
-from ..engine.config import AugmentSpec, DataConfig, OptimConfig, StrictModel, TrainConfig, save_config
+from ..engine.config import DataConfig, StrictModel, TrainConfig, TrainSettings, save_config
 from ..engine.distributed import barrier, is_main_process
 from ..files import write_text_atomic
 
 
-class StageTrainConfig(StrictModel):
-    """How a stage trains its model, whatever its kind (the stage's ``train`` block)."""
+class StageTrainConfig(TrainSettings):
+    """How a stage trains its model, whatever its kind (the stage's ``train`` block): every setting a training
+    run has (engine.config.TrainSettings), a stage's own default step count. The run-wide settings (seed,
+    save_every, progress) are the recipe's."""
 
-    steps: int = Field(default=500, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
-    optim: OptimConfig = OptimConfig()
-    augment: AugmentSpec = Field(default_factory=dict)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    lora: dict | None = Field(default=None, description="peft.LoraConfig arguments for the trained model")
-    freeze_vision: bool = False
-
-    @model_validator(mode="after")
-    def _batch_divides(self) -> StageTrainConfig:
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
-        return self
+    steps: int = Field(default=500, ge=1, description="optimizer steps of this stage")
 
 
 class LossConfig(StrictModel):
@@ -181,22 +170,15 @@ class RecipeConfig(StrictModel):
 
 
 def _train_config(recipe: RecipeConfig, stage: StageConfig, model: str, out: Path) -> TrainConfig:
-    t = stage.train
+    settings = {name: getattr(stage.train, name) for name in TrainSettings.model_fields}
     return TrainConfig(
         model=model,
         out=out,
         data=recipe.data,
-        optim=t.optim,
-        steps=t.steps,
-        batch_size=t.batch_size,
-        grad_accum=t.grad_accum,
         seed=recipe.seed,
-        augment=t.augment,
         save_every=recipe.save_every,
         progress=recipe.progress,
-        mixed_precision=t.mixed_precision,
-        lora=t.lora,
-        freeze_vision=t.freeze_vision,
+        **settings,
     )
 
 

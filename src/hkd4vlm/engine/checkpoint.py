@@ -11,7 +11,6 @@ the RNG state is JSON.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import random
 import re
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..files import file_sha256 as _digest  # the package's one file digest
 
 STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -67,14 +67,6 @@ def _legacy_rng_state(path: Path) -> dict:
     }
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_dirs(root: str | Path) -> list[Path]:
     """Checkpoints under ``root`` that were renamed into place, oldest first (a folder is there once it has
     its state file; whether its files are intact is :func:`verify_checkpoint`'s question)."""
@@ -90,11 +82,6 @@ def _step_of(path: Path) -> int:
     m = _STEP_DIR.match(path.name)
     assert m is not None
     return int(m.group(1))
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    dirs = checkpoint_dirs(root)
-    return dirs[-1] if dirs else None
 
 
 def save_checkpoint(

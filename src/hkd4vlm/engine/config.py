@@ -13,6 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from ..data.augment import augment_spec
 from ..data.tasks import TASKS, Task
 from ..errors import UserError
+from ..files import write_text_atomic
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -52,29 +53,24 @@ class OptimConfig(StrictModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
 
 
-class TrainConfig(StrictModel):
-    """One training run (the SFT stage; distillation stages extend it)."""
+class TrainSettings(StrictModel):
+    """How a model trains: the settings a training run (``TrainConfig``) and a distillation stage's ``train``
+    block (``distill.recipe.StageTrainConfig``) share, defined once."""
 
-    model: str = Field(description="model directory (anything load_model reads)")
-    out: Path
-    data: DataConfig
     optim: OptimConfig = OptimConfig()
     steps: int = Field(default=1000, ge=1, description="optimizer steps")
     batch_size: int = Field(default=32, ge=1, description="global batch: per device x processes x grad_accum")
     grad_accum: int = Field(default=1, ge=1)
-    seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     readout: Literal["letter", "option"] | None = Field(
         default=None, description="answer readout to train and save with the model (None: the model's own)"
     )
     augment: AugmentSpec = Field(default_factory=dict, description="augmentation -> probability")
-    lora: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = Field(default=None, description="peft.LoraConfig arguments for the trained model")
     freeze_vision: bool = False
-    save_every: int = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
     eval_every: int = Field(default=0, ge=0, description="0: evaluate only at the end")
-    progress: bool = True
     find_unused_parameters: bool = Field(default=True, description="DDP: allow parameters without gradient")
     skip_nonfinite: int = Field(
         default=0,
@@ -84,6 +80,23 @@ class TrainConfig(StrictModel):
             "stops with an error; 0: stop at the first"
         ),
     )
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainSettings:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+        return self
+
+
+class TrainConfig(TrainSettings):
+    """One training run: what to train, on what, where to write it, and how (``TrainSettings``)."""
+
+    model: str = Field(description="model directory (anything load_model reads)")
+    out: Path
+    data: DataConfig
+    seed: int = 0
+    save_every: int = Field(default=500, ge=1)
+    progress: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -98,12 +111,6 @@ class TrainConfig(StrictModel):
                 )
             data = {k: v for k, v in data.items() if k != "temperature"}
         return data
-
-    @model_validator(mode="after")
-    def _batch_divides(self) -> TrainConfig:
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
-        return self
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
@@ -261,5 +268,4 @@ def resume_changes(saved: str | Path, cfg: BaseModel) -> dict[str, tuple[Any, An
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

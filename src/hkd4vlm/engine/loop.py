@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,7 +203,7 @@ def train(
             pairs = batch[start : start + micro]
             items, images = zip(*(source.get(i, e) for i, e in pairs))
             sync = a == accum - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else nullcontext()
             with ctx, accelerator.autocast():
                 scores = answer_distribution(model, processor, list(items), list(images))
                 terms = stage(scores, list(items), images=list(images), keys=list(pairs), step=step)
@@ -355,11 +356,3 @@ def _mean_over_processes(accelerator, value: float) -> float:
         return value
     t = torch.tensor([value], device=accelerator.device)
     return float(accelerator.reduce(t, reduction="mean"))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

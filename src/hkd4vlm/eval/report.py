@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import atomic_path
 from .metrics import classification_report
 
 REQUIRED = ("image", "pred_ans", "choice")
@@ -142,12 +143,9 @@ def plot_confusion(report: dict, path: str | Path, title: str = "") -> Path:
     ax.set_title(title or f"accuracy {report['accuracy']:.3f}")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: never a half-written plot
     try:
-        fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # written whole, then renamed: never a half-written plot
+            fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

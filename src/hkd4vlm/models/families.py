@@ -44,9 +44,7 @@ class TinyPreset:
     text_layers: int
     heads: int
     image_size: int = 64
-    patch_size: int = (
-        16  # the LLaVA presets use 8 px (64 image tokens): shape is not learnt at 16 px (README, "Pretraining")
-    )
+    patch_size: int = 16  # the LLaVA presets use 8 px (64 image tokens): shape is not learnt at 16 px (docs/experiments.md, "What each level can see")
 
 
 def config_sizes(p: TinyPreset) -> tuple[dict, dict]:

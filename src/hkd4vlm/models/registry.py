@@ -17,7 +17,7 @@ from ..data.tasks import TASKS
 from .families import TinyPreset, build_idefics3, build_llava
 
 #: tiny presets are trained from scratch, and only the option readout is learnt at their size in
-#: practice (README, "Readouts"); real checkpoints keep the letter readout unless told otherwise
+#: practice (docs/models.md, "Readouts"); real checkpoints keep the letter readout unless told otherwise
 TINY_READOUT = "option"
 
 #: a family's builder: (sizes, tokenizer texts, seed) -> (model, processor)
@@ -66,10 +66,6 @@ def get_preset(name: str) -> TinyPreset:
     return _entry(name).sizes
 
 
-def preset_family(name: str) -> str:
-    return _entry(name).family
-
-
 def build_tiny(name: str, texts: list[str], *, seed: int = 0):
     """(model, processor) of the registered preset ``name``, randomly initialised with ``seed``, with a
     word-level tokenizer over ``texts``."""
@@ -113,7 +109,7 @@ def init_model(
 register_family("llava", build_llava)
 register_family("idefics3", build_idefics3)
 # the LLaVA presets see 64 px through 8 px patches (64 image tokens): shape is not learnt at 16 px
-# (README, "What each level can see"); Idefics3 pixel-shuffles its 8 px patches to 16 tokens
+# (docs/experiments.md, "What each level can see"); Idefics3 pixel-shuffles its 8 px patches to 16 tokens
 register_preset(
     "tiny-llava-s",
     "llava",

@@ -7,7 +7,7 @@ feature, in one of two readouts chosen per model and saved in its config (``hkd4
 - ``option``: one score per option, the logit of a fixed *verdict token* (``hkd4vlm_verdict_token``,
   "Yes" by default) at the last token of the option's text, ``p(i | x) = softmax_i s_i(x)``; the feature is
   the mean of the hidden states there. Small models trained from scratch learn it at once, where the
-  letter readout needs a long plateau to form its find-and-copy circuit (README, "Readouts").
+  letter readout needs a long plateau to form its find-and-copy circuit (docs/models.md, "Readouts"; docs/experiments.md).
 
 A verdict token's logit rather than a separate head: it is a linear head over the last hidden state
 that already lives in the model (the output embedding's row), so it is saved, loaded, LoRA-merged,

@@ -6,35 +6,38 @@ Why the Host check: a server bound to loopback is still reachable from a browser
 DNS rebinding (a page whose host name first resolves to the attacker, then to 127.0.0.1, talks to the local
 server as a same-origin page). Such a request carries the attacker's host name in its ``Host`` header, so a
 server that answers only to the names it is known by cannot be reached that way.
+
+Why not Starlette's ``TrustedHostMiddleware``, which matches names the same way (exact, ``*.example.com``,
+``*``): it cannot leave ``/healthz`` open to any Host (a load balancer probes by address), it answers a refusal
+in plain text where every refusal of this service is ``{"detail", "field"}`` JSON naming the field and the
+option that fixes it, and it cannot count refusals for ``/v1/stats`` (``wrong_host``).
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Iterable
 
 from fastapi.responses import JSONResponse
 
+from .config import (  # noqa: F401  (LOOPBACK_HOSTS, default_allowed_hosts: read from here too)
+    API_KEY_ENV,
+    LOOPBACK_HOSTS,
+    check_api_key,
+    default_allowed_hosts,
+    is_loopback,
+    is_wildcard,
+)
 from .requests import error_body
 
 #: paths open without a key and to any Host
 OPEN_PATHS = frozenset({"/healthz"})
-#: the names a loopback server answers to by default
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-#: the environment variable the CLI reads the key from
-API_KEY_ENV = "HKD4VLM_API_KEY"
-
-
-def check_api_key(key: str) -> str:
-    """The key, or ValueError when it cannot travel in an Authorization header."""
-    if not key or any(not (33 <= ord(c) <= 126) for c in key):
-        raise ValueError("the API key must be non-empty printable ASCII without spaces (it travels in an HTTP header)")
-    return key
+#: paths open without a key (the demo page is static: it holds no answer, and its own calls carry the key)
+KEYLESS_PATHS = OPEN_PATHS | {"/"}
 
 
 class ApiKeyAuth:
-    """Refuses every request but those to ``OPEN_PATHS`` unless it carries ``Authorization: Bearer <key>``
+    """Refuses every request but those to ``KEYLESS_PATHS`` unless it carries ``Authorization: Bearer <key>``
     (401 with ``WWW-Authenticate: Bearer``). The key is compared in constant time (``hmac.compare_digest``),
     so that the time to refuse does not tell how much of a guess was right."""
 
@@ -43,7 +46,7 @@ class ApiKeyAuth:
         self.on_refused = on_refused
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in KEYLESS_PATHS:
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
@@ -90,28 +93,6 @@ class HostAllowList:
             "host",
         )
         return await JSONResponse(body, status_code=400)(scope, receive, send)
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def is_wildcard(host: str) -> bool:
-    return host.strip("[]") in ("", "0.0.0.0", "::")
-
-
-def default_allowed_hosts(host: str) -> tuple[str, ...]:
-    """The Host names a server bound to ``host`` answers to when none are given: the loopback names, and
-    ``host`` itself when it is a specific address; any name when it is bound to every interface (its public
-    names are not known here: ``--allowed-host`` sets them)."""
-    if is_wildcard(host):
-        return ("*",)
-    return LOOPBACK_HOSTS if is_loopback(host) else (*LOOPBACK_HOSTS, host.strip("[]").lower())
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:

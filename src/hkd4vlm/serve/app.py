@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-import sys
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
@@ -15,87 +14,64 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.middleware.cors import CORSMiddleware
 
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import InputError
 from ..infer.detector import Detector, load_image_input
-from ..infer.msei import DEFAULT_SHIFTS, Shifts
-from .access import LOOPBACK_HOSTS, ApiKeyAuth, HostAllowList, check_api_key, default_allowed_hosts, exposure_warning
+from .access import ApiKeyAuth, HostAllowList, exposure_warning
 from .batching import MicroBatcher
+from .config import ServeConfig
 from .limits import IdleTrim, MemoryBudget, image_bytes, request_reservation, rss_bytes
 from .middleware import BodySizeLimit, RequestCounter, RequestCounts
+from .page import demo_page
 from .requests import RequestError, checked_record, error_body, input_refusal, read_request_fields, response_body
+from .schema import SCORING_REFUSALS, Answer, FactualityRequest, HallucinationRequest, scoring_openapi
+
+log = logging.getLogger("hkd4vlm.serve")
 
 
-def create_app(
-    detector: Detector,
-    *,
-    max_batch_size: int = 16,
-    max_wait_ms: float = 5.0,
-    max_body_bytes: int = 10 * 2**20,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    max_queue: int = 1024,
-    max_text_chars: int | None = 8_000,
-    max_text_tokens: int | None = 1_024,
-    max_request_tokens: int | None = 2_048,
-    max_image_side: int = 1_024,
-    max_inflight_bytes: int = 512 * 2**20,
-    decode_workers: int = 2,
-    api_key: str | None = None,
-    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
-    cors_origins: Sequence[str] = (),
-    docs: bool = False,
-) -> FastAPI:
-    """The FastAPI app serving ``detector``; its batcher runs while the app's lifespan does.
+def create_app(detector: Detector, config: ServeConfig | None = None, **settings: Any) -> FastAPI:
+    """The FastAPI app serving ``detector`` under ``config`` (serve.config.ServeConfig; ``settings``: its fields
+    by name, over ``config`` or the defaults); its batcher runs while the app's lifespan does.
 
-    Access (serve.access): with ``api_key``, every request but ``GET /healthz`` must carry
-    ``Authorization: Bearer <api_key>`` (401 otherwise); a request whose ``Host`` is not one of
-    ``allowed_hosts`` (``*``: any) is refused (400); browsers on ``cors_origins`` may call it (CORS, off by
-    default); the interactive docs (``/docs``, ``/openapi.json``) exist only with ``docs``.
+    Access (serve.access): with ``api_key``, every request but ``GET /healthz`` and the page must carry
+    ``Authorization: Bearer <api_key>`` (401 otherwise); a request whose ``Host`` is not one of the allowed
+    hosts is refused (400); browsers on ``cors_origins`` may call it (CORS, off by default); the interactive
+    docs (``/docs``, ``/openapi.json``) exist only with ``docs``.
 
     Limits that bound the work: a text field longer than ``max_text_chars`` characters or ``max_text_tokens``
     tokens, or a request whose text fields pass ``max_request_tokens`` together, is refused (422); an image over
     ``max_image_pixels`` is refused (422; the service decodes uploads itself, under this limit and not the
     detector's ``max_pixels``: data.images.DEFAULT_MAX_IMAGE_PIXELS says why), and every image is scaled down
     to ``max_image_side`` pixels on its longer side as it is decoded, on ``decode_workers`` threads; the requests
-    in flight hold at most ``max_inflight_bytes`` (serve.limits), and beyond ``max_queue`` requests waiting for
-    the model new ones are refused (503 with Retry-After)."""
-    if api_key is not None:
-        check_api_key(api_key)  # here, not when the middleware is first built (at the first request)
-    if max_image_side < 1 or decode_workers < 1:
+    in flight hold at most ``max_inflight_mb`` (serve.limits), and beyond ``max_queue`` requests waiting for
+    the model new ones are refused (503 with Retry-After).
+
+    ``shifts`` is the detector's own (run() loads it with the config's); a config that names other shifts than
+    the detector scores with is refused (ValueError), not silently ignored."""
+    cfg = (config or ServeConfig()).with_settings(**settings)
+    if "shifts" in cfg.model_fields_set and cfg.shifts != detector.shifts:
         raise ValueError(
-            f"max_image_side and decode_workers must be at least 1, got {max_image_side}, {decode_workers}"
+            f"shifts: the config says {cfg.shifts!r} but the detector scores {detector.shifts!r} mappings; "
+            "load the detector with the config's shifts (serve.run does)"
         )
-    largest = request_reservation({}, max_body_bytes, max_image_side)
-    if max_inflight_bytes < largest:
-        raise ValueError(
-            f"max_inflight_bytes ({max_inflight_bytes:,}) must hold at least one request of the body "
-            f"and image limits ({largest:,} bytes)"
-        )
-    batcher = MicroBatcher(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    max_body_bytes, max_image_side, max_image_pixels = cfg.max_body_bytes, cfg.max_image_side, cfg.max_image_pixels
+    batcher = MicroBatcher(
+        detector, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue
+    )
     info = detector.info()  # counts parameters once, not per request
     counter = RequestCounts()
-    policy = detector.text_policy_with(max_text_chars, max_text_tokens, max_request_tokens)
-    budget = MemoryBudget(max_inflight_bytes)
+    policy = detector.text_policy_with(cfg.max_text_chars, cfg.max_text_tokens, cfg.max_request_tokens)
+    budget = MemoryBudget(cfg.max_inflight_bytes)
     idle_trim = IdleTrim(lambda: budget.used == 0)
-    limits = {
-        "max_body_bytes": max_body_bytes,
-        "max_image_pixels": max_image_pixels,
-        "max_image_side": max_image_side,
-        "max_text_chars": max_text_chars,
-        "max_text_tokens": max_text_tokens,
-        "max_request_tokens": max_request_tokens,
-        "max_inflight_bytes": max_inflight_bytes,
-        "max_queue": max_queue,
-    }
+    settings_report = {**cfg.public(), "shifts": detector.shifts}  # what GET /v1/model shows
     decoder: ThreadPoolExecutor | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal decoder
-        decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="hkd4vlm-decode")
+        decoder = ThreadPoolExecutor(max_workers=cfg.decode_workers, thread_name_prefix="hkd4vlm-decode")
         batcher.start()
         try:
             yield
@@ -106,18 +82,19 @@ def create_app(
     app = FastAPI(
         title="hkd4vlm judge",
         lifespan=lifespan,
-        docs_url="/docs" if docs else None,
+        docs_url="/docs" if cfg.docs else None,
         redoc_url=None,
-        openapi_url="/openapi.json" if docs else None,
+        openapi_url="/openapi.json" if cfg.docs else None,
     )
     app.state.batcher = batcher
+    app.state.config = cfg
 
     @app.exception_handler(RequestError)
     async def refuse(request: Request, e: RequestError) -> JSONResponse:
         headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
         return JSONResponse(error_body(e.message, e.field), status_code=e.status, headers=headers)
 
-    async def score(request: Request, task: str) -> dict[str, Any]:
+    async def score(request: Request, task: str) -> Answer:
         held = budget.reserve(request_reservation(request.headers, max_body_bytes, max_image_side))  # before reading
         try:
             fields = await read_request_fields(request)
@@ -132,11 +109,15 @@ def create_app(
                 raise input_refusal(e) from None
             del raw
             held.shrink(image_bytes(image))  # all the request holds while it waits for the model
-            return response_body(await batcher.submit(record, image), info["name"])
+            return Answer.model_validate(response_body(await batcher.submit(record, image), record, info["name"]))
         finally:
             held.release()
             if budget.used == 0:  # idle: give the decoders' freed image buffers back to the system soon
                 idle_trim.soon()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(demo_page(), headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -144,15 +125,8 @@ def create_app(
 
     @app.get("/v1/model")
     async def model() -> dict[str, Any]:
-        return {
-            **info,
-            "max_batch_size": max_batch_size,
-            "max_wait_ms": max_wait_ms,
-            **limits,
-            "api_key": api_key is not None,
-            "allowed_hosts": list(allowed_hosts),
-            "cors_origins": list(cors_origins),
-        }
+        """The model (name, parameters, shifts, device) and every setting of the service (ServeConfig)."""
+        return {**settings_report, **info}
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
@@ -179,34 +153,46 @@ def create_app(
             "peak_inflight_bytes": budget.peak,
             "refused_for_memory": budget.refused,
             "rss_bytes": rss_bytes(),
-            "max_batch_size": max_batch_size,
-            "max_wait_ms": max_wait_ms,
-            "max_queue": max_queue,
+            "max_batch_size": cfg.max_batch_size,
+            "max_wait_ms": cfg.max_wait_ms,
+            "max_queue": cfg.max_queue,
         }
 
-    @app.post("/v1/hallucination")
-    async def hallucination(request: Request) -> dict[str, Any]:
+    @app.post(
+        "/v1/hallucination",
+        response_model=Answer,
+        responses=SCORING_REFUSALS,
+        openapi_extra=scoring_openapi(HallucinationRequest),
+    )
+    async def hallucination(request: Request) -> Answer:
+        """Which option, a phrase taken from the caption, does the image not support?"""
         return await score(request, "hallucination")
 
-    @app.post("/v1/factuality")
-    async def factuality(request: Request) -> dict[str, Any]:
+    @app.post(
+        "/v1/factuality",
+        response_model=Answer,
+        responses=SCORING_REFUSALS,
+        openapi_extra=scoring_openapi(FactualityRequest),
+    )
+    async def factuality(request: Request) -> Answer:
+        """Which verdict holds for the claim, given the image and the context?"""
         return await score(request, "factuality")
 
     # the last added is the outermost: Host check, then CORS (its preflight answers need no key, and its headers
     # reach the 401s too), the key, the counters (outside the body limit, so that they count the 413s too)
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
     app.add_middleware(RequestCounter, counts=counter)
-    if api_key is not None:
-        app.add_middleware(ApiKeyAuth, api_key=api_key, on_refused=counter.count("unauthorized"))
-    if cors_origins:
+    if cfg.api_key is not None:
+        app.add_middleware(ApiKeyAuth, api_key=cfg.api_key, on_refused=counter.count("unauthorized"))
+    if cfg.cors_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=list(cors_origins),
+            allow_origins=list(cfg.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
-    app.add_middleware(HostAllowList, allowed=allowed_hosts, on_refused=counter.count("wrong_host"))
+    app.add_middleware(HostAllowList, allowed=cfg.hosts, on_refused=counter.count("wrong_host"))
     return app
 
 
@@ -285,59 +271,30 @@ class ServerThread:
 
 
 def run(
-    model_dir,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    shifts: Shifts | str = DEFAULT_SHIFTS,
-    max_batch_size: int = 16,
-    max_wait_ms: float = 5.0,
-    max_body_mb: float = 10.0,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    device: str | None = None,
-    dtype: str = "auto",
-    max_queue: int = 1024,
-    max_text_chars: int | None = 8_000,
-    max_text_tokens: int | None = 1_024,
-    max_request_tokens: int | None = 2_048,
-    max_image_side: int = 1_024,
-    max_inflight_mb: float = 512.0,
-    api_key: str | None = None,
-    allowed_hosts: Sequence[str] | None = None,
-    cors_origins: Sequence[str] = (),
-    docs: bool = False,
+    model_dir, config: ServeConfig | None = None, *, device: str | None = None, dtype: str = "auto", **settings: Any
 ) -> None:
-    """Load the model in ``model_dir`` and serve it until interrupted (``hkd4vlm serve``). ``shifts``: as
-    infer.msei.parse_shifts reads it (a number or "all"). ``allowed_hosts``
-    None: the names a server bound to ``host`` is known by (serve.access.default_allowed_hosts)."""
-    allowed_hosts = tuple(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
-    detector = Detector.from_pretrained(model_dir, shifts=shifts, device=device, dtype=dtype)
-    app = create_app(
-        detector,
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        max_body_bytes=int(max_body_mb * 2**20),
-        max_image_pixels=max_image_pixels,
-        max_queue=max_queue,
-        max_text_chars=max_text_chars,
-        max_text_tokens=max_text_tokens,
-        max_request_tokens=max_request_tokens,
-        max_image_side=max_image_side,
-        max_inflight_bytes=int(max_inflight_mb * 2**20),
-        api_key=api_key,
-        allowed_hosts=allowed_hosts,
-        cors_origins=cors_origins,
-        docs=docs,
-    )
+    """Load the model in ``model_dir`` (on ``device``, in ``dtype``) and serve it under ``config``
+    (``settings``: ServeConfig fields by name, over it) until interrupted (``hkd4vlm serve``). It logs to the
+    ``hkd4vlm.serve`` logger: where it serves at INFO, a server reachable beyond this machine without an API key
+    at WARNING."""
+    cfg = (config or ServeConfig()).with_settings(**settings)
+    detector = Detector.from_pretrained(model_dir, shifts=cfg.shifts, device=device, dtype=dtype)
+    app = create_app(detector, cfg)
     info = detector.info()
-    warning = exposure_warning(host, api_key)
+    warning = exposure_warning(cfg.host, cfg.api_key)
     if warning:
-        print(warning, file=sys.stderr, flush=True)
-    print(
-        f"serving {info['name']} ({info['params']:,} parameters, {info['shifts']} shifts, {info['device']}) "
-        f"on http://{host}:{port}" + (" (API key required)" if api_key else ""),
-        flush=True,
+        log.warning(warning)
+    log.info(
+        "serving %s (%s parameters, %s shifts, %s) on http://%s:%d%s",
+        info["name"],
+        f"{info['params']:,}",
+        info["shifts"],
+        info["device"],
+        cfg.host,
+        cfg.port,
+        " (API key required)" if cfg.api_key else "",
     )
     try:
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False)).run()
+        uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, access_log=False)).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
         pass

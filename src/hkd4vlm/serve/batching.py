@@ -30,9 +30,8 @@ class MicroBatcher:
     single records, so that only the records that fail alone are answered with an error (one bad record in a
     batch of n costs about 2·log2(n) extra calls)."""
 
-    def __init__(
-        self, detector: Detector, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, max_queue: int = 1024
-    ):
+    def __init__(self, detector: Detector, *, max_batch_size: int, max_wait_ms: float, max_queue: int):
+        # no defaults here: they are serve.config.ServeConfig's
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_queue < 1:

@@ -17,10 +17,8 @@ import ctypes.util
 import os
 from collections.abc import Callable
 
+from .config import BODY_FACTOR, request_reservation  # noqa: F401  (what one request may hold: the config's)
 from .requests import RequestError
-
-#: a JSON body is held as bytes, as the parsed base64 text and as the decoded image bytes at once
-BODY_FACTOR = 3
 
 
 class MemoryBudget:
@@ -59,14 +57,6 @@ class Reservation:
 
     def release(self) -> None:
         self.shrink(0)
-
-
-def request_reservation(headers, max_body_bytes: int, max_side: int) -> int:
-    """The most a request may hold: its body while parsed (from its Content-Length, else the body limit) and
-    its image scaled down to ``max_side`` (RGB)."""
-    length = headers.get("content-length", "")
-    n = int(length) if length.isdigit() else max_body_bytes
-    return BODY_FACTOR * min(n, max_body_bytes) + 3 * max_side * max_side
 
 
 def image_bytes(image) -> int:

@@ -133,11 +133,12 @@ def checked_record(task: str, fields: dict[str, Any], policy: TextPolicy) -> Rec
         raise input_refusal(e) from None
 
 
-def response_body(d: Detection, model: str) -> dict[str, Any]:
-    """The JSON answer to a scoring request."""
+def response_body(d: Detection, record: Record, model: str) -> dict[str, Any]:
+    """The JSON answer to a scoring request (serve.schema.Answer)."""
     return {
         "task": d.task,
         "prediction": {"index": d.index, "letter": d.letter, "option": d.option},
+        "options": [c.choice for c in record.choices],
         "probabilities": d.probabilities,
         "agreement": d.agreement,
         "votes": d.votes,
