@@ -66,6 +66,11 @@ def get_preset(name: str) -> TinyPreset:
     return _entry(name).sizes
 
 
+def preset_family(name: str) -> str:
+    """The family a registered preset belongs to (the lab builds its text model from it)."""
+    return _entry(name).family
+
+
 def build_tiny(name: str, texts: list[str], *, seed: int = 0):
     """(model, processor) of the registered preset ``name``, randomly initialised with ``seed``, with a
     word-level tokenizer over ``texts``."""
