@@ -47,35 +47,60 @@ def test_tiny_presets_start_with_the_option_readout(option_model):
     assert get_readout(model).kind == "option"
 
 
+def _verdict_at_option_ends(model, processor, record, image, vid):
+    """By hand: the verdict token's logit at each lettered option's last token (after the image)."""
+    tok = processor.tokenizer
+    enc = processor(images=[image], text=[build_prompt(processor, record)], return_tensors="pt")
+    out = model(**enc)
+    ids = enc["input_ids"][0].tolist()
+    want = []
+    for k, option in enumerate(record.options):
+        # the last "L" ":" pair of the option's letter, then the option's own tokens
+        letter = letter_token_ids(tok, [record.letters[k]])[0]
+        letter_at = max(j for j in range(len(ids) - 1) if ids[j] == letter and tok.decode([ids[j + 1]]).strip() == ":")
+        option_ids = tok(f" {option}", add_special_tokens=False)["input_ids"]
+        end = letter_at + 1 + len(option_ids)
+        assert ids[letter_at + 2 : end + 1] == option_ids
+        want.append(out.logits[0, end, vid])
+    return torch.stack(want)
+
+
 def test_option_scores_are_the_verdict_logit_at_each_option_end(option_model, batch):
     _, model, processor = option_model
     records, images = _mixed(batch)
-    tok = processor.tokenizer
-    vid = verdict_token_id(tok, get_readout(model).verdict_token)
+    vid = verdict_token_id(processor.tokenizer, get_readout(model).verdict_token)
     with torch.inference_mode():
         scores = answer_distribution(model, processor, records, images)
         for b, (r, im) in enumerate(zip(records, images)):
-            enc = processor(images=[im], text=[build_prompt(processor, r)], return_tensors="pt")
-            out = model(**enc)
-            ids = enc["input_ids"][0].tolist()
-            want = []
-            for k, option in enumerate(r.options):
-                # by hand: the last "L" ":" pair of the option's letter, then the option's own tokens
-                letter = letter_token_ids(tok, [r.letters[k]])[0]
-                letter_at = max(
-                    j for j in range(len(ids) - 1) if ids[j] == letter and tok.decode([ids[j + 1]]).strip() == ":"
-                )
-                option_ids = tok(f" {option}", add_special_tokens=False)["input_ids"]
-                end = letter_at + 1 + len(option_ids)
-                assert ids[letter_at + 2 : end + 1] == option_ids
-                want.append(out.logits[0, end, vid])
-            want = torch.stack(want)
+            want = _verdict_at_option_ends(model, processor, r, im, vid)
             got = scores.logits[b, : len(r.options)]
             assert torch.allclose(got, want, atol=1e-4), (b, got, want)
             if len(r.options) < scores.logits.shape[1]:
                 assert scores.probs[b, len(r.options) :].eq(0).all()
     assert torch.allclose(scores.probs.sum(-1), torch.ones(len(records)), atol=1e-5)
     assert scores.hidden.shape == (len(records), model.config.get_text_config().hidden_size)
+
+
+def test_hallucination_answers_with_the_option_scored_least_likely_to_hold(option_model, synth_root):
+    """One meaning for the option score ("this option holds") in every task: a question that asks for the
+    option that does not hold reads the negated score, with or without mapping-shift inference."""
+    from hkd4vlm.data.layout import read_split
+    from hkd4vlm.infer.msei import score_shifts
+
+    _, model, processor = option_model
+    split = read_split(synth_root, "hallucination", "test")
+    records = split.records[:3]
+    images = [split.load_image(r) for r in records]
+    vid = verdict_token_id(processor.tokenizer, get_readout(model).verdict_token)
+    with torch.inference_mode():
+        scores = answer_distribution(model, processor, records, images)
+        for b, (r, im) in enumerate(zip(records, images)):
+            holds = _verdict_at_option_ends(model, processor, r, im, vid)
+            assert holds.std() > 1e-3  # the scores differ, so a missing sign would show
+            assert torch.allclose(scores.logits[b], -holds, atol=1e-4)
+            assert torch.allclose(scores.probs[b], torch.softmax(-holds, -1), atol=1e-5)
+        one_pass = score_shifts(model, processor, records, images, spec=None)
+        assert torch.allclose(one_pass.per_shift[0][0], scores.probs[0], atol=1e-4)
 
 
 def test_option_readout_is_the_same_batched_and_alone(option_model, batch):

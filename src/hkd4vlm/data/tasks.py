@@ -23,6 +23,11 @@ FACT_QUESTIONS = (
     "Which verdict fits the claim, given the image and the context?",
     "Is the claim supported by the image and the context?",
 )
+#: tasks whose question asks for the option that does *not* hold ("Which option is hallucinated?"): the
+#: option readout's score means "this option holds" everywhere (pretraining statements, verdicts), and
+#: for these tasks the answer is the option it scores lowest (models.scoring.option_signs)
+ASKS_FOR_UNSUPPORTED: frozenset[str] = frozenset({"hallucination"})
+
 #: fact checking: the four verdicts, in the order the benchmark's records and the Detector offer them
 VERDICTS = (
     "True",

@@ -34,6 +34,7 @@ from ..models.scoring import (
     masked_letter_logits,
     option_end_offsets,
     option_scores,
+    option_signs,
     verdict_token_id,
 )
 from .shifts import DEFAULT_SHIFTS, Shifts, parse_shifts  # noqa: F401  (DEFAULT_SHIFTS: also read from here)
@@ -298,7 +299,13 @@ def _prefix_reuse_probs(model, processor, records, images, rows, row_options) ->
             logits_to_keep=keep.to(device),
         )
         scores = option_scores(
-            out.logits, keep, s_max, offsets, verdict_token_id(tokenizer, readout.verdict_token), max(counts)
+            out.logits,
+            keep,
+            s_max,
+            offsets,
+            verdict_token_id(tokenizer, readout.verdict_token),
+            max(counts),
+            option_signs([records[i] for i, _ in rows]),
         )
         return torch.softmax(scores, dim=-1)
     out = model(
