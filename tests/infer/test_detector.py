@@ -134,3 +134,40 @@ def test_the_detector_reads_shifts_like_the_command_line(detector, shifts, want)
 def test_the_detector_refuses_a_shifts_value_that_is_neither_a_number_nor_all(detector, shifts):
     with pytest.raises(ValueError, match="shifts"):
         Detector(detector.model, detector.processor, shifts=shifts)
+
+
+@pytest.fixture
+def overflowing(detector):
+    """A copy of the detector's model whose head's weights are finite but so large that its logits overflow."""
+    import copy
+
+    model = copy.deepcopy(detector.model)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(3e38)
+    return Detector(model, detector.processor, shifts=2, name="overflowing")
+
+
+def test_non_finite_probabilities_are_an_error_naming_the_model_not_an_answer(overflowing):
+    from hkd4vlm.errors import NonFiniteError
+
+    image = Image.new("RGB", (16, 16), "white")
+    with pytest.raises(NonFiniteError, match="overflowing.*non-finite"):
+        overflowing.detect_hallucination(image, "a caption", ["a", "b", "c"])
+    with pytest.raises(NonFiniteError, match="overflowing"):
+        overflowing.predict([{"task": "factuality", "image": image, "claim": "c", "context": "x"}], progress=False)
+
+
+def test_a_readout_that_cannot_work_is_refused_when_the_detector_is_built(detector):
+    from hkd4vlm.errors import ModelError
+
+    config = detector.model.config
+    saved = config.hkd4vlm_readout, config.hkd4vlm_verdict_token
+    try:
+        config.hkd4vlm_readout = "bogus"
+        with pytest.raises(ModelError, match="hkd4vlm_readout='bogus'"):
+            Detector(detector.model, detector.processor, name="m")
+        config.hkd4vlm_readout, config.hkd4vlm_verdict_token = "option", "Zzyzx"
+        with pytest.raises(ModelError, match="verdict token 'Zzyzx'"):
+            Detector(detector.model, detector.processor, name="m")
+    finally:
+        config.hkd4vlm_readout, config.hkd4vlm_verdict_token = saved

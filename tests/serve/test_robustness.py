@@ -107,3 +107,37 @@ def test_deeply_nested_json_is_a_client_error_naming_the_field(client, hall, cas
     after = client.get("/v1/stats").json()
     assert after["server_errors"] == before["server_errors"] and after["client_errors"] == before["client_errors"] + 1
     assert_still_serving(client, hall)
+
+
+def test_non_finite_probabilities_are_a_500_naming_the_model_never_an_answer(detector, hall):
+    import copy
+
+    import torch
+
+    from hkd4vlm import Detector
+
+    model = copy.deepcopy(detector.model)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(3e38)  # finite weights, overflowing logits
+    broken = Detector(model, detector.processor, shifts=2, name="overflowing")
+    with ServerThread(create_app(broken, max_batch_size=4)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        r = c.post("/v1/hallucination", json=hall_json(hall, 0))
+        assert r.status_code == 500, r.text
+        assert "overflowing" in r.json()["detail"] and "non-finite" in r.json()["detail"]
+
+
+def test_serve_refuses_at_start_a_model_whose_readout_cannot_work(model_dir, tmp_path):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from hkd4vlm.cli import main
+
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "hkd4vlm_readout": "bogus"}))
+    res = CliRunner().invoke(main, ["serve", "--model", str(bad), "--port", "0"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert "config.json" in res.output and "hkd4vlm_readout='bogus'" in res.output

@@ -15,6 +15,7 @@ be a path, a PIL image or bytes. Bad input raises errors.InputError naming the f
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from ..data.images import DEFAULT_MAX_PIXELS, open_image
 from ..data.records import LETTERS, Choice, Record
 from ..data.tasks import FACT_QUESTIONS, SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS, TASKS, VERDICTS
 from ..data.text_checks import DEFAULT_CONTROL_TOKENS, TextPolicy
-from ..errors import InputError
+from ..errors import InputError, ModelError, NonFiniteError
 from .msei import AGGREGATES, DEFAULT_SHIFTS, Aggregate, MappingSpec, Shifts, parse_shifts, score_shifts
 
 #: what a request may carry: at least two options, at most one per letter
@@ -229,6 +230,12 @@ class Detector:
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         shifts = parse_shifts(shifts)
+        from ..models.scoring import check_readout
+
+        try:  # here, not at the first request: a readout that cannot work would fail every one
+            check_readout(model, processor)
+        except ValueError as e:
+            raise ModelError(f"{name}: {e}") from None
         self.model, self.processor = model, processor
         self.model.eval()
         self.spec = MappingSpec(shifts)
@@ -396,6 +403,11 @@ class Detector:
         out = []
         for i, r in enumerate(records):
             n = len(r.choices)
+            if not (bool(torch.isfinite(res.probs[i, :n]).all()) and math.isfinite(float(res.agreement[i]))):
+                raise NonFiniteError(
+                    f"model {self.name}: non-finite probabilities {res.probs[i, :n].tolist()} for record #{i} "
+                    "(its logits overflow or hold NaN); no answer can be given"
+                )
             w = int(res.winner[i])
             out.append(
                 Detection(

@@ -39,6 +39,7 @@ def load_model(
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .scoring import READOUT_KEY, VERDICT_KEY, check_readout
     from .zoo import is_zoo, resolve
 
     if is_zoo(path) and dtype == "auto":
@@ -48,13 +49,15 @@ def load_model(
     torch_dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
     model: Any  # a transformers model, or the peft model that wraps it (lora)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
+        model, info = AutoModelForImageTextToText.from_pretrained(
             path,
             dtype=torch_dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported by check_loading_info, naming the weights
         )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(
@@ -65,6 +68,7 @@ def load_model(
         if type(e).__name__ != "SafetensorError":
             raise
         raise ModelError(f"{path}: a *.safetensors file is corrupt or truncated ({e})") from e
+    check_loading_info(path, info)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -79,6 +83,11 @@ def load_model(
             f"{', ...' if len(bad) > 3 else ''}); refusing to use the model (was it trained with a "
             "learning rate that diverged?)"
         )
+    if any(getattr(model.config, key, None) is not None for key in (READOUT_KEY, VERDICT_KEY)):
+        try:  # a readout the config names must work with this tokenizer, before any record is scored
+            check_readout(model, processor)
+        except ValueError as e:
+            raise ModelError(f"{path / 'config.json'}: {e}") from None
     if device and not device_map:
         model.to(device)
     if freeze_vision:
@@ -88,6 +97,26 @@ def load_model(
 
         model = get_peft_model(model, LoraConfig(**lora))
     return model, processor
+
+
+def check_loading_info(path: Path, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not match its config: a missing weight would be left randomly
+    initialised (and the model would still answer), an unexpected one ignored."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "of the wrong shape"),
+    ):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            problems.append(f"{len(names)} {what} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    if problems:
+        raise ModelError(
+            f"{path}: the *.safetensors weights do not match config.json: weight tensor(s) "
+            + "; ".join(problems)
+            + "; save the model again from the run that trained it"
+        )
 
 
 def check_model_dir(path: Path) -> None:

@@ -59,7 +59,10 @@ def get_readout(model) -> Readout:
     kind = getattr(config, READOUT_KEY, None) or "letter"
     if kind not in READOUTS:
         raise ReadoutError(f"model config has {READOUT_KEY}={kind!r}; expected one of {READOUTS}")
-    return Readout(kind, getattr(config, VERDICT_KEY, None) or DEFAULT_VERDICT_TOKEN)
+    verdict = getattr(config, VERDICT_KEY, None) or DEFAULT_VERDICT_TOKEN
+    if not isinstance(verdict, str):
+        raise ReadoutError(f"model config has {VERDICT_KEY}={verdict!r}; expected a token (a string such as 'Yes')")
+    return Readout(kind, verdict)
 
 
 def set_readout(model, kind: str, verdict_token: str | None = None) -> Readout:
@@ -70,6 +73,19 @@ def set_readout(model, kind: str, verdict_token: str | None = None) -> Readout:
     setattr(config, READOUT_KEY, kind)
     setattr(config, VERDICT_KEY, verdict_token or getattr(config, VERDICT_KEY, None) or DEFAULT_VERDICT_TOKEN)
     return get_readout(model)
+
+
+def check_readout(model, processor) -> Readout:
+    """The model's readout, checked against its tokenizer before any record is scored: a known kind, and the
+    token(s) it reads (the verdict token, or the first two option letters) single known tokens. ReadoutError
+    or LetterTokenError (both ValueError) say what is wrong."""
+    readout = get_readout(model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if readout.kind == "option":
+        verdict_token_id(tokenizer, readout.verdict_token)
+    else:
+        letter_token_ids(tokenizer, ("A", "B"))  # every record has at least two options
+    return readout
 
 
 def _single_token_id(tokenizer, word: str) -> int | None:
