@@ -244,7 +244,14 @@ def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> 
     is_flag=True,
     help="Leave invalid records out (listed and counted) instead of stopping (data.skip_invalid).",
 )
-def train(config: Path, overrides: tuple, resume: bool, resume_force: bool, skip_invalid: bool) -> None:
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the run already in the out folder (its checkpoints and model) instead of refusing.",
+)
+def train(
+    config: Path, overrides: tuple, resume: bool, resume_force: bool, skip_invalid: bool, overwrite: bool
+) -> None:
     """Fine-tune a model (SFT) from a YAML config; `key.sub=value` arguments override its values.
 
     Runs on one device as is, or on several with `accelerate launch --num_processes N -m hkd4vlm.cli train ...`.
@@ -256,7 +263,9 @@ def train(config: Path, overrides: tuple, resume: bool, resume_force: bool, skip
         cfg = load_config(config, (*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])))
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    final = run_sft(cfg, resume=resume, resume_force=resume_force)
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in the out folder, --overwrite replaces it: give one")
+    final = run_sft(cfg, resume=resume, resume_force=resume_force, overwrite=overwrite)
     click.echo(f"model saved to {final}")
 
 

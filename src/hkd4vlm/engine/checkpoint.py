@@ -25,6 +25,8 @@ import torch
 from ..errors import UserError
 
 STATE_FILE = "state.json"
+#: the state file's field that holds the SHA-256 of its other fields
+STATE_DIGEST = "state_sha256"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -65,6 +67,13 @@ def _legacy_rng_state(path: Path) -> dict:
         "numpy": [name, np.asarray(keys, dtype=np.uint32).tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": base64.b64encode(raw["torch"].numpy().tobytes()).decode("ascii"),
     }
+
+
+def _state_digest(state: dict) -> str:
+    """SHA-256 of the state file's own fields (all but the digest), so that an edited step or data position
+    is caught like an altered weights file."""
+    fields = {k: v for k, v in state.items() if k != STATE_DIGEST}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _digest(path: Path) -> str:
@@ -133,7 +142,8 @@ def save_checkpoint(
         # the state file goes last: its presence marks the folder complete, its list of files lets a
         # resume tell a truncated or altered file from a good one
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in sorted(tmp.iterdir())}
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}, indent=2))
+        full = {**state, "step": step, "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps({**full, STATE_DIGEST: _state_digest(full)}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(root)[:-keep]:
@@ -152,6 +162,14 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("step", "epoch", "index")):
         raise CheckpointError(f"{path / STATE_FILE}: lacks the integer fields step, epoch and index")
+    if STATE_DIGEST in state and state[STATE_DIGEST] != _state_digest(state):
+        raise CheckpointError(f"{path / STATE_FILE}: its fields differ from the SHA-256 it was written with (edited?)")
+    m = _STEP_DIR.match(path.name)
+    if m is not None and state["step"] != int(m.group(1)):
+        raise CheckpointError(f"{path / STATE_FILE}: field 'step' is {state['step']}, but the folder is {path.name}")
+    for key in ("step", "epoch", "index"):
+        if state[key] < 0:
+            raise CheckpointError(f"{path / STATE_FILE}: field '{key}' is {state[key]}; it must be at least 0")
     files = state.get("files")
     if files is None:  # written before checkpoints listed their files: only their presence can be checked
         needed = ["model.pt", "optimizer.pt", "scheduler.pt"]
@@ -251,6 +269,13 @@ def resume_latest(accelerator, root: str | Path, *, log=print, **parts) -> tuple
     ``step-N.corrupt`` (kept for inspection, out of the way of pruning) and skipped. None when there is no
     checkpoint; :class:`CheckpointError` when none of those there can be resumed from."""
     dirs = checkpoint_dirs(root)
+    if not dirs:
+        unmarked = sorted(p.name for p in Path(root).glob("step-*") if p.is_dir() and _STEP_DIR.match(p.name))
+        if unmarked:  # folders that were renamed into place once: their state file is gone, not yet written
+            raise CheckpointError(
+                f"no checkpoint under {root} can be resumed from: {', '.join(unmarked)} lack {STATE_FILE}; "
+                "restore it, or remove the folder to start afresh"
+            )
     bad: list[tuple[Path, str]] = []
     found = None
     for path in reversed(dirs):
