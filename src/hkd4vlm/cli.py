@@ -65,6 +65,21 @@ SHIFTS = ShiftsType()
 _USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+def _refuse_overwriting_input(out: Path, option: str, inputs: dict[str, Path], root: Path | None = None) -> None:
+    """A usage error when ``out`` is one of ``inputs`` (what it is -> path) or an existing file under the dataset
+    ``root``: writing it would replace what the command reads."""
+    for what, path in inputs.items():
+        if out.exists() and path.exists() and os.path.samefile(out, path):
+            raise click.BadParameter(
+                f"{out} is the {what}; writing it would overwrite an input, so choose another path", param_hint=option
+            )
+    if root is not None and out.exists() and out.resolve().is_relative_to(root.resolve()):
+        raise click.BadParameter(
+            f"{out} is a file of the dataset {root}; writing it would overwrite an input, so choose another path",
+            param_hint=option,
+        )
+
+
 class _Commands(click.Group):
     """The command group; a user error ends in one message (file, record, field) and exit status 1, its
     traceback only with ``--debug`` or ``HKD4VLM_DEBUG=1``."""
@@ -530,11 +545,12 @@ def predict(
     """Write one JSONL line per record: image, question, answer, choice, pred_ans, pred_letter, status
     ("success", or "error" with the reason in "error"), correct, probs (and the shifts' agreement with
     mapping-shift inference)."""
-    from .data.layout import read_split
+    from .data.layout import read_split, split_file
     from .infer.msei import MappingSpec
     from .infer.predict import accuracy, predict_split, write_jsonl
     from .models.loading import load_model
 
+    _refuse_overwriting_input(out, "'--out'", {"split file read": split_file(data, task, split)}, root=data)
     spec = MappingSpec(shifts, mode="random" if random_mappings else "cyclic")
     records = read_split(data, task, split, skip_invalid=skip_invalid)
     _report_skipped(records.skipped, "the predictions")
@@ -565,8 +581,19 @@ def predict(
 )
 def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
     """Accuracy, macro/micro-F1, per-letter scores, ECE, position bias and a confusion-matrix plot."""
-    from .eval.report import evaluate_predictions, plot_confusion, read_predictions
+    from .eval.report import PLOT_FORMATS, evaluate_predictions, plot_confusion, read_predictions
 
+    plot = plot or out.with_name(out.stem + "_confusion.png")
+    _refuse_overwriting_input(out, "'--out'", {"predictions file": predictions})
+    _refuse_overwriting_input(plot, "'--plot'", {"predictions file": predictions, "--out file": out})
+    if plot.resolve() == out.resolve():
+        raise click.BadParameter(f"{plot} is also --out; choose two paths", param_hint="'--plot'")
+    if plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise click.BadParameter(
+            f"{plot}: unknown image format {plot.suffix or '(no suffix)'!r}; use one of "
+            + ", ".join(f".{f}" for f in PLOT_FORMATS),
+            param_hint="'--plot'",
+        )
     try:
         report = evaluate_predictions(read_predictions(predictions), str(predictions))
     except ValueError as e:
@@ -574,7 +601,6 @@ def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
     from .files import write_text_atomic
 
     write_text_atomic(out, json.dumps(report, indent=2))
-    plot = plot or out.with_name(out.stem + "_confusion.png")
     plot_confusion(report, plot, title=f"{predictions.name}: accuracy {report['accuracy']:.3f}")
     share = " ".join(f"{k}={v:.2f}" for k, v in report["prediction_share"].items())
     click.echo(

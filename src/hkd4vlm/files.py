@@ -15,7 +15,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # name the output, not the temporary file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     return path

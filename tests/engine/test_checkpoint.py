@@ -305,3 +305,25 @@ def test_a_tampered_state_file_is_a_checkpoint_error(tmp_path, state, words):
     (ckpt / "state.json").write_text(state)
     with pytest.raises(CheckpointError, match=re.escape(words)):
         verify_checkpoint(ckpt)
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_leaves_no_partial_one(
+    tmp_path, tiny_model, synth_root, monkeypatch
+):
+    import errno
+
+    from hkd4vlm.engine import checkpoint
+
+    real = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            Path(f).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    cfg = load_config(_config(tmp_path, tiny_model, synth_root, steps=2, save_every=2))
+    with pytest.raises(CheckpointError, match=r"step-2\.tmp: the checkpoint could not be written .*No space left"):
+        run_sft(cfg)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []

@@ -16,6 +16,7 @@ import json
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
@@ -127,29 +128,44 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        torch.save({k: v.detach().cpu() for k, v in unwrapped.state_dict().items()}, tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        for name, module in (extra_modules or {}).items():
-            torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
-        for name, obj in (stateful or {}).items():
-            torch.save(obj.state_dict(), tmp / f"{name}.state.pt")
-    (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
+    with _cleared_on_failure(tmp):
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            torch.save({k: v.detach().cpu() for k, v in unwrapped.state_dict().items()}, tmp / "model.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            for name, module in (extra_modules or {}).items():
+                torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
+            for name, obj in (stateful or {}).items():
+                torch.save(obj.state_dict(), tmp / f"{name}.state.pt")
+        (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # the state file goes last: its presence marks the folder complete, its list of files lets a
-        # resume tell a truncated or altered file from a good one
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in sorted(tmp.iterdir())}
-        full = {**state, "step": step, "files": files}
-        (tmp / STATE_FILE).write_text(json.dumps({**full, STATE_DIGEST: _state_digest(full)}, indent=2))
+        with _cleared_on_failure(tmp):
+            # the state file goes last: its presence marks the folder complete, its list of files lets a
+            # resume tell a truncated or altered file from a good one
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in sorted(tmp.iterdir())}
+            full = {**state, "step": step, "files": files}
+            (tmp / STATE_FILE).write_text(json.dumps({**full, STATE_DIGEST: _state_digest(full)}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _cleared_on_failure(tmp: Path):
+    """Remove the half-written checkpoint ``tmp`` when writing it fails (a full disk), and say which it was."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{tmp}: the checkpoint could not be written ({type(e).__name__}: {str(e)[:300]}); it was removed. "
+            "Free some space (or lower keep_checkpoints) and resume with --resume"
+        ) from e
 
 
 def verify_checkpoint(path: str | Path) -> dict:

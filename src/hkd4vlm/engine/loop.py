@@ -334,8 +334,12 @@ def save_model(model, processor, path: str | Path) -> Path:
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    except OSError as e:  # a full disk: no half-written model is left, and the message names the folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"the model could not be saved ({e.strerror or e})", str(path)) from e
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path

@@ -18,6 +18,10 @@ STATUSES = ("success", "error")
 _LEGACY_STATUSES = ("correct", "wrong", "unlabelled")
 
 
+#: the suffixes the confusion plot may be written as (matplotlib's Agg backend writes these)
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
+
+
 class PredictionsError(UserError, ValueError):
     """A predictions file that cannot be evaluated; the message names the file, line, record and field."""
 
@@ -147,6 +151,10 @@ def plot_confusion(report: dict, path: str | Path, title: str = "") -> Path:
     try:
         fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
         tmp.replace(path)
+    except OSError as e:
+        if e.filename in (None, str(tmp)):  # a full disk may name no file: name the plot
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import torch
 
 from ..data.layout import Split
 from ..data.records import Record
+from ..files import write_text_atomic
 from ..models.scoring import answer_distribution
 from .msei import Aggregate, MappingSpec, score_shifts
 
@@ -134,12 +135,8 @@ def predict_split(
 
 
 def write_jsonl(preds: list[Prediction], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(p.to_json() + "\n" for p in preds), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write the predictions JSONL atomically (files.write_text_atomic: no partial file, even on a full disk)."""
+    return write_text_atomic(path, "".join(p.to_json() + "\n" for p in preds))
 
 
 def accuracy(preds: list[Prediction]) -> float:
