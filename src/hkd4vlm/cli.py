@@ -290,7 +290,8 @@ def train(
 @click.option(
     "--resume-force",
     is_flag=True,
-    help="Resume an interrupted stage even though settings that change what it trains differ.",
+    help="Resume an interrupted stage even though settings that change what it trains differ, and keep a "
+    "finished stage whose settings in the recipe changed.",
 )
 @click.option(
     "--skip-invalid",

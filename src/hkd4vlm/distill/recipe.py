@@ -328,12 +328,65 @@ def _pending_stages(recipe: RecipeConfig, out: Path, current: dict[int, str]):
         stage_out = out / f"stage-{i}-{st.kind}-level{st.level}"
         done = stage_out / "done.json"
         if done.is_file():
-            record = json.loads(done.read_text(encoding="utf-8"))
+            record = read_done(done)
             current[st.level] = record["model"]
             if "teacher" in record:
                 current[st.level - 1] = record["teacher"]
             continue
         yield i, st, stage_out
+
+
+def read_done(done: Path) -> dict:
+    """A finished stage's record (``done.json``: its model, the stage's settings, a mutual teacher); ConfigError
+    naming the file when it cannot be read."""
+    from ..engine.config import ConfigError
+
+    try:
+        record = json.loads(done.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        record, why = None, f"not valid JSON ({e})"
+    else:
+        why = "must be an object with a string 'model' (and 'stage', 'teacher')"
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("model"), str)
+        or not isinstance(record.get("teacher", ""), str)
+        or not isinstance(record.get("stage", {}), dict)
+    ):
+        raise ConfigError(f"{done}: {why}; remove {done.parent} to run the stage again, or restore the file") from None
+    return record
+
+
+def _changed(old, new, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two nested settings dicts: key -> (old, new)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for k in sorted(set(old) | set(new), key=str):
+            out.update(_changed(old.get(k), new.get(k), f"{prefix}{k}."))
+        return out
+    return {} if old == new else {prefix.rstrip("."): (old, new)}
+
+
+def _check_finished(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
+    """A finished stage is skipped when the recipe runs again; refuse (or, with ``resume_force``, say) when its
+    settings in the recipe differ from those it was trained with, which would otherwise go unnoticed."""
+    from ..engine.config import ConfigError
+
+    for i, st in enumerate(recipe.stages):
+        done = out / f"stage-{i}-{st.kind}-level{st.level}" / "done.json"
+        if not done.is_file():
+            continue
+        saved = read_done(done).get("stage")
+        changes = _changed(saved, st.model_dump(mode="json")) if saved is not None else {}
+        if changes:
+            what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            if not resume_force:
+                raise ConfigError(
+                    f"{done.parent}: stages.{i} finished with other settings ({what}) and would be skipped; "
+                    f"remove {done.parent} to run it again with these, restore them, use a new out folder, or "
+                    "pass --resume-force to keep the finished stage as it is"
+                )
+            print(f"stages.{i} finished with other settings ({what}); kept as it is (--resume-force)")
 
 
 def _check_resume(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
@@ -343,6 +396,7 @@ def _check_resume(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
     from ..engine.checkpoint import checkpoint_dirs
     from ..engine.config import ConfigError, resume_changes
 
+    _check_finished(recipe, out, resume_force)
     current = {i: str(p) for i, p in enumerate(recipe.pyramid)}
     for i, st, stage_out in _pending_stages(recipe, out, current):
         if checkpoint_dirs(stage_out / "checkpoints") and (stage_out / "config.yaml").is_file() and not resume_force:
