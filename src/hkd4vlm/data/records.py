@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import UserError
 from .tasks import Task
-from .text_checks import text_problem
+from .text_checks import control_char_message, find_control_char, text_problem
 
 #: folder name of each task under a dataset root, as the challenge ships it
 TASK_DIRS: dict[Task, str] = {"hallucination": "HallucinationDetection", "factuality": "FactChecking"}
@@ -37,7 +37,16 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}: record {self.record}: field '{self.field}': {self.message}"
+        # one line per problem whatever the data holds: a line break in an image_id must not forge a line
+        return _one_line(f"{self.file}: record {self.record}: field '{self.field}': {self.message}")
+
+
+def _one_line(text: str) -> str:
+    return (
+        text
+        if find_control_char(text) is None
+        else "".join(c.encode("unicode_escape").decode("ascii") if find_control_char(c) else c for c in text)
+    )
 
 
 class DatasetError(UserError, ValueError):
@@ -132,6 +141,8 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
             problems.append(problem(name, f"must be a string, got {type(raw[name]).__name__}"))
         elif name == "image_id" and not raw[name].strip():
             problems.append(problem(name, "empty"))
+        elif name == "image_id" and (found := find_control_char(raw[name])) is not None:
+            problems.append(problem(name, control_char_message(*found)))
         elif name != "image_id" and (why := text_problem(raw[name])) is not None:
             problems.append(problem(name, why))  # control tokens, lone surrogates: data.text_checks says why
 
