@@ -528,6 +528,14 @@ def zoo_publish(run: Path, name: str | None) -> None:
 @click.option(
     "--skip-invalid", is_flag=True, help="Leave invalid records out (listed and counted) instead of stopping."
 )
+@click.option(
+    "--max-record-tokens",
+    type=click.IntRange(min=1),
+    default=2_048,
+    show_default=True,
+    help="Refuse records whose text fields pass this many tokens together (the model's time and memory grow "
+    "with the prompt).",
+)
 def predict(
     model_dir: Path,
     data: Path,
@@ -542,6 +550,7 @@ def predict(
     aggregate: Aggregate,
     random_mappings: bool,
     skip_invalid: bool,
+    max_record_tokens: int,
 ) -> None:
     """Write one JSONL line per record: image, question, answer, choice, pred_ans, pred_letter, status
     ("success", or "error" with the reason in "error"), correct, probs (and the shifts' agreement with
@@ -555,9 +564,20 @@ def predict(
     spec = MappingSpec(shifts, mode="random" if random_mappings else "cyclic")
     records = read_split(data, task, split, skip_invalid=skip_invalid)
     _report_skipped(records.skipped, "the predictions")
+    if not records.records:  # validate calls an empty split a problem too
+        what = "no valid records" if records.skipped else "no records (an empty list)"
+        raise click.ClickException(f"{split_file(data, task, split)}: holds {what}; nothing to predict")
     model, processor = load_model(model_dir, dtype=dtype, device=device)
     preds = predict_split(
-        model, processor, records, batch_size=batch_size, limit=limit, progress=True, spec=spec, aggregate=aggregate
+        model,
+        processor,
+        records,
+        batch_size=batch_size,
+        limit=limit,
+        progress=True,
+        spec=spec,
+        aggregate=aggregate,
+        max_record_tokens=max_record_tokens,
     )
     write_jsonl(preds, out)
     labelled = sum(p.correct is not None for p in preds)

@@ -815,3 +815,35 @@ def test_hostile_records_and_files_are_each_one_problem_line_among_the_others(tm
         read_split(root, "factuality", "train")
     huge = write_json(root, "hallucination", "extra", "[" + "9" * 5000 + "]")  # more digits than int() reads
     assert "cannot be read" in only_problem(problems_of(root, split="extra"), huge, "-", "-").message
+
+
+# --------------------------------------------------------------------------- one rule with the Detector; bounds
+
+
+def test_two_choices_with_the_same_text_are_a_problem_as_in_the_detector(tmp_path):
+    from hkd4vlm.infer.detector import InputError, hallucination_record
+
+    choices = [{"id": "A", "choice": "No hallucination"}, {"id": "B", "choice": " No hallucination "}]
+    path = dataset(
+        tmp_path,
+        "hallucination",
+        "train",
+        [hall(choices=choices, correct_answer="No hallucination", correct_choice="A")],
+    )
+    p = only_problem(problems_of(tmp_path), path, "h0.jpg", "choices[1].choice")
+    assert "the same text as choices[0].choice" in p.message
+    with pytest.raises(InputError, match="distinct"):
+        hallucination_record("a caption", ["No hallucination", " No hallucination "])
+
+
+def test_text_fields_have_a_length_limit(tmp_path):
+    from hkd4vlm.data.text_checks import MAX_FIELD_CHARS, MAX_RECORD_CHARS
+
+    long = "a red circle " * (MAX_FIELD_CHARS // 13 + 1)
+    path = dataset(tmp_path, "hallucination", "train", [hall(system1_answer=long)])
+    p = only_problem(problems_of(tmp_path), path, "h0.jpg", "system1_answer")
+    assert f"over the limit of {MAX_FIELD_CHARS:,}" in p.message
+    near = "b" * (MAX_FIELD_CHARS - 10)
+    path = dataset(tmp_path, "factuality", "train", [fact(context=near, claim=near, question="Q?")])
+    p = only_problem(problems_of(tmp_path, "factuality"), path, "f0.jpg", "-")
+    assert f"over the limit of {MAX_RECORD_CHARS:,}" in p.message

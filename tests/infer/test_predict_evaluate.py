@@ -384,3 +384,28 @@ def test_a_full_disk_is_one_message_naming_the_output_and_leaves_no_temporary_fi
     _no_traceback(res, 1, f"{plot}: No space left on device")
     assert not out.exists() and not plot.exists()
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+def test_predict_refuses_a_record_over_the_token_bound_and_an_empty_split(tmp_path, tiny_model, synth_root):
+    import shutil
+
+    from hkd4vlm.data.layout import split_file
+    from hkd4vlm.infer.predict import MAX_RECORD_TOKENS
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    path = split_file(data, "factuality", "test")
+    records = json.loads(path.read_text())
+    records[1]["context"] = " ".join(["Tom drew the red circle."] * 30)  # ~150 tokens, far under the char limit
+    path.write_text(json.dumps(records))
+    out = tmp_path / "p.jsonl"
+    base = ["predict", "--model", str(tiny_model), "--data", str(data), "--task", "factuality", "--out", str(out)]
+    res = CliRunner().invoke(main, [*base, "--max-record-tokens", "100"])
+    _no_traceback(res, 1, str(path), f"record {records[1]['image_id']}", "field 'context'", "over the limit of 100")
+    assert not out.exists()
+    assert CliRunner().invoke(main, [*base, "--limit", "2"]).exit_code == 0  # under the default bound
+    default = next(p for p in main.commands["predict"].params if p.name == "max_record_tokens").default
+    assert default == MAX_RECORD_TOKENS
+    path.write_text("[]")
+    res = CliRunner().invoke(main, base)
+    _no_traceback(res, 1, str(path), "no records")

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import UserError
 from .tasks import Task
-from .text_checks import control_char_message, find_control_char, text_problem
+from .text_checks import MAX_FIELD_CHARS, MAX_RECORD_CHARS, control_char_message, find_control_char, text_problem
 
 #: folder name of each task under a dataset root, as the challenge ships it
 TASK_DIRS: dict[Task, str] = {"hallucination": "HallucinationDetection", "factuality": "FactChecking"}
@@ -148,6 +148,7 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
 
     ids: list[str] = []
     texts: dict[str, str] = {}
+    choice_texts: list[tuple[str, str]] = []
     choices = raw.get("choices")
     if choices is None:
         problems.append(problem("choices", "missing"))
@@ -173,8 +174,23 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
                 continue
             if (why := text_problem(text)) is not None:
                 problems.append(problem(f"{where}.choice", why))
+            same = next((k for k, (_, t) in enumerate(choice_texts) if t.strip() == text.strip()), None)
+            if same is not None:  # the Detector and the service refuse this too: the options must be told apart
+                problems.append(problem(f"{where}.choice", f"the same text as {choice_texts[same][0]}: {text!r}"))
             ids.append(cid)
             texts[cid] = text
+            choice_texts.append((f"{where}.choice", text))
+
+    shown = [(n, raw[n]) for n in REQUIRED_TEXT_FIELDS[task][1:] if isinstance(raw.get(n), str)]
+    shown += choice_texts
+    for name, text in shown:
+        if len(text) > MAX_FIELD_CHARS:
+            problems.append(problem(name, f"{len(text):,} characters, over the limit of {MAX_FIELD_CHARS:,}"))
+    total = sum(len(t) for _, t in shown)
+    if total > MAX_RECORD_CHARS and all(len(t) <= MAX_FIELD_CHARS for _, t in shown):
+        problems.append(
+            problem("-", f"its text fields hold {total:,} characters together, over the limit of {MAX_RECORD_CHARS:,}")
+        )
 
     has_labels = any(name in raw for name in LABEL_FIELDS)
     if labelled or (labelled is None and has_labels):
