@@ -12,6 +12,7 @@ import click
 
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS
 from .data.tasks import TASKS, Task
+from .models.loading import DTYPES
 from .models.registry import preset_names
 
 if TYPE_CHECKING:
@@ -514,7 +515,7 @@ def zoo_publish(run: Path, name: str | None) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
-@click.option("--dtype", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
 @click.option(
     "--shifts",
     type=SHIFTS,
@@ -876,7 +877,7 @@ def bench(
 )
 @click.option("--docs", is_flag=True, help="Serve the interactive API docs at /docs and /openapi.json.")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
-@click.option("--dtype", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
 def serve(
     model_dir: Path,
     host: str,

@@ -847,3 +847,22 @@ def test_text_fields_have_a_length_limit(tmp_path):
     path = dataset(tmp_path, "factuality", "train", [fact(context=near, claim=near, question="Q?")])
     p = only_problem(problems_of(tmp_path, "factuality"), path, "f0.jpg", "-")
     assert f"over the limit of {MAX_RECORD_CHARS:,}" in p.message
+
+
+@pytest.mark.parametrize(
+    "synth, field",
+    [
+        (5, "synth"),
+        ({"scene": [1, 2]}, "synth.scene"),
+        ({"scene": {"objects": [{"x": 1, "y": 2, "r": "big"}]}}, "synth.scene.objects[0]"),
+    ],
+)
+def test_a_synth_field_that_augmentations_cannot_read_is_a_problem(tmp_path, synth, field):
+    from hkd4vlm.engine.sources import RecordSource
+
+    path = dataset(tmp_path, "hallucination", "train", [hall(synth=synth), hall("h1.jpg")])
+    only_problem(problems_of(tmp_path), path, "h0.jpg", field)
+    source = RecordSource(
+        tmp_path, ["hallucination"], "train", augment={"hflip": 1.0, "crop_rescale": 1.0}, seed=0, skip_invalid=True
+    )
+    assert len(source) == 1 and source.get(0, 0)[0].image_id == "h1.jpg"

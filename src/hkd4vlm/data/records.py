@@ -7,6 +7,7 @@ silently. Unknown fields are kept in ``extra`` and written back unchanged.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +193,9 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
             problem("-", f"its text fields hold {total:,} characters together, over the limit of {MAX_RECORD_CHARS:,}")
         )
 
+    if "synth" in raw:
+        problems += [problem(f, m) for f, m in synth_problems(raw["synth"])]
+
     has_labels = any(name in raw for name in LABEL_FIELDS)
     if labelled or (labelled is None and has_labels):
         for name in LABEL_FIELDS:
@@ -205,6 +209,28 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
         elif isinstance(cc, str) and isinstance(ca, str) and cc in texts and _norm(ca) != _norm(texts[cc]):
             problems.append(problem("correct_answer", f"{ca!r} disagrees with the text of choice {cc}: {texts[cc]!r}"))
     return problems
+
+
+def synth_problems(synth: Any) -> list[tuple[str, str]]:
+    """(field, message) for what is wrong with a record's ``synth`` field, the synthetic benchmark's scene that
+    geometric augmentations move along with the image (data.augment): an object whose ``scene`` is an object
+    with a list of ``objects``, each with numbers ``x``, ``y``, ``r``."""
+    if not isinstance(synth, dict):
+        return [("synth", f"must be an object (the synthetic scene), got {type(synth).__name__}")]
+    scene = synth.get("scene")
+    if scene is None:
+        return []
+    if not isinstance(scene, dict) or not isinstance(scene.get("objects"), list):
+        return [("synth.scene", 'must be an object with a list "objects"')]
+    for k, o in enumerate(scene["objects"]):
+        bad = [n for n in ("x", "y", "r") if not isinstance(o, dict) or not _is_number(o.get(n))]
+        if bad:
+            return [(f"synth.scene.objects[{k}]", f"must be an object with finite numbers x, y and r (bad: {bad})")]
+    return []
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _norm(text: str) -> str:

@@ -18,7 +18,16 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, model_validator
 
-from ..engine.config import AugmentSpec, DataConfig, OptimConfig, StrictModel, TrainConfig, save_config
+from ..engine.config import (
+    AugmentSpec,
+    DataConfig,
+    LoraSpec,
+    ModelRef,
+    OptimConfig,
+    StrictModel,
+    TrainConfig,
+    save_config,
+)
 from ..engine.distributed import barrier, is_main_process
 from ..files import write_text_atomic
 
@@ -32,7 +41,7 @@ class StageTrainConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     augment: AugmentSpec = Field(default_factory=dict)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    lora: dict | None = Field(default=None, description="peft.LoraConfig arguments for the trained model")
+    lora: LoraSpec = Field(default=None, description="peft.LoraConfig arguments for the trained model")
     freeze_vision: bool = False
 
     @model_validator(mode="after")
@@ -117,10 +126,14 @@ class PPODStageConfig(_Stage):
     kind: Literal["ppod"] = "ppod"
     gamma: float = Field(default=0.5, ge=0)
     tau: tuple[float, float] = Field(default=(4.0, 1.0), description="temperature, start -> end of the stage")
-    alpha: tuple[float, float] = (0.2, 0.5)
+    alpha: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+        default=(0.2, 0.5), description="weight of the distillation term against the labels, start -> end"
+    )
     loss: LossConfig = LossConfig()
     mutual: bool = False
-    mutual_lr: float = Field(default=1e-5, gt=0, description="the nearest teacher's learning rate when mutual")
+    mutual_lr: float = Field(
+        default=1e-5, gt=0, allow_inf_nan=False, description="the nearest teacher's learning rate when mutual"
+    )
     #: pyramid level -> teacher cache folder (hkd4vlm cache-teacher): that level is read, not run
     cache: dict[int, str] = Field(default_factory=dict)
 
@@ -135,9 +148,9 @@ class TCRDStageConfig(_Stage):
     """TCRD at ``level`` with ``teacher`` and ``assistant`` levels (``distill.stages.TCRDStage``)."""
 
     kind: Literal["tcrd"] = "tcrd"
-    teacher: int = 0
-    assistant: int = 1
-    tau: float = Field(default=2.0, gt=0)
+    teacher: int = Field(default=0, ge=0)
+    assistant: int = Field(default=1, ge=0)
+    tau: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     loss: LossConfig = LossConfig()
     lambda_gt: float = Field(default=1.0, ge=0)
     lambda_resp: float = Field(default=1.0, ge=0)
@@ -153,10 +166,10 @@ StageConfig = Annotated[SFTStageConfig | PPODStageConfig | TCRDStageConfig, Fiel
 
 
 class RecipeConfig(StrictModel):
-    pyramid: list[str] = Field(min_length=1, description="model directories, largest (teacher) first")
+    pyramid: list[ModelRef] = Field(min_length=1, description="model directories, largest (teacher) first")
     data: DataConfig
     out: Path
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)
     save_every: int = Field(default=250, ge=1)
     progress: bool = True
     stages: list[StageConfig] = Field(min_length=1)

@@ -105,7 +105,7 @@ def train(
     infinite loss or gradient stops training with :class:`NonFiniteError` (after ``cfg.skip_nonfinite``
     skipped steps), and non-finite weights are never saved.
 
-    Without ``resume``, a folder that already holds a run (its config.yaml, checkpoints or model/) is refused
+    Without ``resume``, a folder that already holds a run (its checkpoints or model/) is refused
     (ConfigError) unless ``overwrite``, which clears its checkpoints and model first.
     """
     from accelerate import Accelerator
@@ -114,6 +114,8 @@ def train(
     from ..models.loading import load_model
 
     stage = stage or sft_stage
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate would train in float32
+        raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; on CPU use no (or bf16)")
     # some families never use a few parameters (LLaVA skips CLIP's post_layernorm): DDP must be told
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
     accelerator = Accelerator(
@@ -199,12 +201,12 @@ def train(
                     f"{last / 'state.json'}: field 'index' is {pos.index}, past the {len(source)} training "
                     "records; the checkpoint does not belong to this data"
                 )
+            accelerator.print(f"resumed from {last} at step {step} (epoch {pos.epoch}, item {pos.index})")
         elif (out / "model").is_dir():
             raise CheckpointError(
                 f"{out}: holds a finished model but no checkpoint to resume from; use --overwrite to train it "
                 "again from the start, or a new out folder"
             )
-            accelerator.print(f"resumed from {last} at step {step} (epoch {pos.epoch}, item {pos.index})")
     skipped = list(getattr(source, "skipped", []))
     if skipped:
         n = len({(p.file, p.record) for p in skipped})
@@ -314,9 +316,10 @@ def train(
 
 
 def previous_run(out: Path) -> list[str]:
-    """What of a training run ``out`` already holds (config.yaml, checkpoints, model/), by name."""
+    """What of a training run's work ``out`` already holds (checkpoints, model/), by name; a config.yaml alone
+    (a run that stopped before its first checkpoint) holds nothing to lose."""
     ckpts = out / "checkpoints"
-    held = ["config.yaml"] if (out / "config.yaml").is_file() else []
+    held = []
     if ckpts.is_dir() and any(ckpts.iterdir()):
         held.append("checkpoints/")
     if (out / "model").exists():

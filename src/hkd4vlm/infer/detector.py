@@ -348,15 +348,33 @@ class Detector:
     ) -> list[Detection]:
         """Judge many records, ``batch_size`` at a time. Each item is a request dict (``task``, ``image`` and the
         task's fields, as in :func:`request_record`) or a ``(Record, image)`` pair."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+        if isinstance(records, (str, bytes, Mapping, Record)) or not isinstance(records, Iterable):
+            raise InputError(
+                f"records: must be a list of request dicts or (Record, image) pairs, got {type(records).__name__}"
+                + (" (wrap one record in a list)" if isinstance(records, (Mapping, Record)) else ""),
+                field="records",
+            )
         items = list(records)
         prepared: list[tuple[Record, Image.Image]] = []
         for i, item in enumerate(items):
             try:
                 if isinstance(item, tuple):
+                    if len(item) != 2 or not isinstance(item[0], Record):
+                        raise InputError(
+                            f"a tuple must be a (Record, image) pair, got a tuple of {len(item)}"
+                            + ("" if len(item) != 2 else f" starting with {type(item[0]).__name__}"),
+                            field="-",
+                        )
                     record, image = item
                     check_record_text(record, self.text_policy)
-                else:
+                elif isinstance(item, Mapping):
                     record, image = request_record(item, policy=self.text_policy), item["image"]
+                else:
+                    raise InputError(
+                        f"must be a request dict or a (Record, image) pair, got {type(item).__name__}", field="-"
+                    )
                 prepared.append((record, self._image(image)))
             except InputError as e:
                 raise e.in_record(i) from None

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.middleware.cors import CORSMiddleware
 
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
-from ..errors import InputError
+from ..errors import InputError, SettingError
 from ..infer.detector import Detector, load_image_input
 from ..infer.msei import DEFAULT_SHIFTS, Shifts
 from .access import LOOPBACK_HOSTS, ApiKeyAuth, HostAllowList, check_api_key, default_allowed_hosts, exposure_warning
@@ -65,14 +65,15 @@ def create_app(
     if api_key is not None:
         check_api_key(api_key)  # here, not when the middleware is first built (at the first request)
     if max_image_side < 1 or decode_workers < 1:
-        raise ValueError(
+        raise SettingError(
             f"max_image_side and decode_workers must be at least 1, got {max_image_side}, {decode_workers}"
         )
     largest = request_reservation({}, max_body_bytes, max_image_side)
     if max_inflight_bytes < largest:
-        raise ValueError(
-            f"max_inflight_bytes ({max_inflight_bytes:,}) must hold at least one request of the body "
-            f"and image limits ({largest:,} bytes)"
+        raise SettingError(
+            f"max_inflight_bytes ({max_inflight_bytes:,}; serve --max-inflight-mb {max_inflight_bytes / 2**20:g}) "
+            f"must hold at least one request of the body and image limits ({largest:,} bytes: raise it to "
+            f"{largest / 2**20:.1f} MB or more, or lower --max-body-mb or --max-image-side)"
         )
     batcher = MicroBatcher(detector, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
     info = detector.info()  # counts parameters once, not per request
