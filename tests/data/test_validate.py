@@ -866,3 +866,12 @@ def test_a_synth_field_that_augmentations_cannot_read_is_a_problem(tmp_path, syn
         tmp_path, ["hallucination"], "train", augment={"hflip": 1.0, "crop_rescale": 1.0}, seed=0, skip_invalid=True
     )
     assert len(source) == 1 and source.get(0, 0)[0].image_id == "h1.jpg"
+
+
+def test_a_symlink_loop_among_images_is_a_problem_of_the_image_id(tmp_path):
+    path = dataset(tmp_path, "hallucination", "train", [hall("loop.jpg"), hall("h1.jpg")], images=["h1.jpg"])
+    folder = images_dir(tmp_path, "hallucination")
+    (folder / "loop.jpg").symlink_to(folder / "other.jpg")
+    (folder / "other.jpg").symlink_to(folder / "loop.jpg")
+    p = only_problem(problems_of(tmp_path), path, "loop.jpg", "image_id")
+    assert "loop" in p.message

@@ -327,3 +327,24 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_leaves_no_part
     with pytest.raises(CheckpointError, match=r"step-2\.tmp: the checkpoint could not be written .*No space left"):
         run_sft(cfg)
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_a_checkpoint_weight_of_the_wrong_shape_is_a_checkpoint_error(tmp_path, tiny_model, synth_root):
+    from hkd4vlm.engine import checkpoint
+
+    cut = _cut_run(tmp_path, tiny_model, synth_root, at=2)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    weights = torch.load(ckpt / "model.pt", weights_only=True)
+    key = next(k for k, v in weights.items() if v.ndim == 2)
+    weights[key] = torch.zeros(3, 3)
+    torch.save(weights, ckpt / "model.pt")
+    state = json.loads((ckpt / "state.json").read_text())  # re-listed, as a checkpoint of another model would be
+    state["files"]["model.pt"] = {
+        "bytes": (ckpt / "model.pt").stat().st_size,
+        "sha256": checkpoint._digest(ckpt / "model.pt"),
+    }
+    state["state_sha256"] = checkpoint._state_digest(state)
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"step-2/model\.pt: does not fit this run's model") as err:
+        run_sft(cut, resume=True)
+    assert key in str(err.value)

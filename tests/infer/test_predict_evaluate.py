@@ -409,3 +409,15 @@ def test_predict_refuses_a_record_over_the_token_bound_and_an_empty_split(tmp_pa
     path.write_text("[]")
     res = CliRunner().invoke(main, base)
     _no_traceback(res, 1, str(path), "no records")
+
+
+def test_evaluate_refuses_a_record_predicted_twice(tmp_path):
+    preds = tmp_path / "p.jsonl"
+    other = {**GOOD, "image": "2.jpg"}
+    preds.write_text("".join(json.dumps(r) + "\n" for r in (GOOD, other, GOOD)))
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json")])
+    _no_traceback(res, 1, f"{preds}:3", "'1.jpg' is predicted again (first at line 1)")
+    assert not (tmp_path / "m.json").exists()
+    # the same image under two tasks is two records
+    preds.write_text("".join(json.dumps(r) + "\n" for r in ({**GOOD, "task": "factuality"}, {**GOOD, "task": "x"})))
+    assert len(read_predictions(preds)) == 2

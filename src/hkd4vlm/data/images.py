@@ -45,8 +45,11 @@ def resolve_image_path(images_dir: str | os.PathLike, image_id: str) -> Path:
         raise ImageProblem(f"{image_id!r} is an absolute path; image_id must be relative to the images folder")
     if ".." in Path(image_id.replace("\\", "/")).parts:
         raise ImageProblem(f"{image_id!r} leaves the images folder ('..')")
-    base = Path(images_dir).resolve()
-    path = (base / image_id).resolve()
+    try:
+        base = Path(images_dir).resolve()
+        path = (base / image_id).resolve()
+    except RuntimeError as e:  # Python < 3.13 reports a symlink loop as a RuntimeError
+        raise ImageProblem(f"{image_id!r} cannot be resolved: {e} (a symlink loop?)") from None
     if base != path and base not in path.parents:
         raise ImageProblem(
             f"{image_id!r} resolves to {path}, outside the images folder {base} (symlink?)", file=str(path)

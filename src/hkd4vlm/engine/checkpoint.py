@@ -265,13 +265,25 @@ def load_checkpoint(
             f"{str(e)[:300]}); a checkpoint's RNG state is never unpickled into arbitrary objects"
         ) from None
 
-    accelerator.unwrap_model(model).load_state_dict(weights)
-    optimizer.load_state_dict(optim)
-    scheduler.load_state_dict(sched)
+    def restore(name: str, load) -> None:
+        try:
+            load()
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a weight of another shape or name
+            raise CheckpointError(
+                f"{path / name}: does not fit this run's model ({type(e).__name__}: {str(e)[:300]}); was it "
+                "written for another model?"
+            ) from None
+
+    restore("model.pt", lambda: accelerator.unwrap_model(model).load_state_dict(weights))
+    restore("optimizer.pt", lambda: optimizer.load_state_dict(optim))
+    restore("scheduler.pt", lambda: scheduler.load_state_dict(sched))
     for name, module in (extra_modules or {}).items():
-        accelerator.unwrap_model(module).load_state_dict(extras[name])
+        restore(
+            f"{name}.pt",
+            lambda module=module, name=name: accelerator.unwrap_model(module).load_state_dict(extras[name]),
+        )
     for name, obj in (stateful or {}).items():
-        obj.load_state_dict(states[name])
+        restore(f"{name}.state.pt", lambda obj=obj, name=name: obj.load_state_dict(states[name]))
     try:
         set_rng_state(rng)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

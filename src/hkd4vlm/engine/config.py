@@ -33,7 +33,7 @@ AugmentSpec = Annotated[dict[str, float], BeforeValidator(augment_spec)]
 
 class DataConfig(StrictModel):
     root: Path
-    tasks: list[Task] = list(TASKS)
+    tasks: list[Task] = Field(default=list(TASKS), min_length=1, description="the tasks to train on")
     split: str = "train"
     eval_split: str | None = "val"
     eval_limit: int | None = Field(default=None, ge=1, description="score at most this many eval records")

@@ -75,6 +75,7 @@ def check_row(row, where: str) -> None:
 def read_predictions(path: str | Path) -> list[dict]:
     """Rows of a predictions JSONL; a malformed line is an error naming the file, line, record and field."""
     rows = []
+    seen: dict[tuple, int] = {}  # (task, image) -> line: a record predicted twice would be scored twice
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -91,6 +92,13 @@ def read_predictions(path: str | Path) -> list[dict]:
                 f"{path}:{n}: JSON that cannot be read ({type(e).__name__}: {str(e)[:200]})"
             ) from None
         check_row(row, f"{path}:{n}")
+        key = (row.get("task"), row["image"])
+        if key in seen:
+            raise PredictionsError(
+                f"{path}:{n}: record {row['image']!r} is predicted again (first at line {seen[key]}); each record "
+                "must be scored once"
+            )
+        seen[key] = n
         rows.append(row)
     return rows
 

@@ -111,7 +111,8 @@ def default_allowed_hosts(host: str) -> tuple[str, ...]:
     names are not known here: ``--allowed-host`` sets them)."""
     if is_wildcard(host):
         return ("*",)
-    return LOOPBACK_HOSTS if is_loopback(host) else (*LOOPBACK_HOSTS, host.strip("[]").lower())
+    name = host.strip("[]").lower()  # 127.0.0.2, ::ffff:127.0.0.1 and the like are loopback too, but not listed
+    return LOOPBACK_HOSTS if name in LOOPBACK_HOSTS else (*LOOPBACK_HOSTS, name)
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:

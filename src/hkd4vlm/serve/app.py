@@ -165,6 +165,7 @@ def create_app(
             "client_errors": counter.client_errors,
             "server_errors": counter.server_errors,
             "disconnected": counter.disconnected,
+            "busy": counter.busy,
             "unauthorized": counter.unauthorized,
             "wrong_host": counter.wrong_host,
             "batches": b.batches,
