@@ -87,10 +87,11 @@ class _Commands(click.Group):
 
     def invoke(self, ctx):
         from .errors import UserError
+        from .models.zoo import ZooError  # an unknown zoo name, or a shipped base whose files changed
 
         try:
             return super().invoke(ctx)
-        except (UserError, OSError) as e:
+        except (UserError, ZooError, OSError) as e:
             if isinstance(e, OSError) and not isinstance(e, _USER_OS_ERRORS) and e.filename is None:
                 raise
             if ctx.params.get("debug") or os.environ.get("HKD4VLM_DEBUG", "").strip() not in ("", "0"):

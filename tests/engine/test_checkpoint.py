@@ -348,3 +348,23 @@ def test_a_checkpoint_weight_of_the_wrong_shape_is_a_checkpoint_error(tmp_path, 
     with pytest.raises(CheckpointError, match=r"step-2/model\.pt: does not fit this run's model") as err:
         run_sft(cut, resume=True)
     assert key in str(err.value)
+
+
+def test_a_full_disk_while_saving_the_model_names_it_and_leaves_no_partial_folder(
+    tmp_path, tiny_model, synth_root, monkeypatch
+):
+    import errno
+
+    import transformers
+
+    def disk_full(self, folder, *args, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+    cfg = load_config(_config(tmp_path, tiny_model, synth_root, steps=1, save_every=5))
+    with pytest.raises(OSError, match="No space left on device") as err:
+        run_sft(cfg)
+    assert err.value.filename == str(tmp_path / "run" / "model")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "model" in p.name) == []

@@ -46,10 +46,7 @@ def load_model(
     if is_zoo(path) and dtype == "auto":
         dtype = "float32"
     torch_dtype = parse_dtype(dtype)
-    try:
-        path = resolve(path)
-    except ValueError as e:  # zoo.ZooError: an unknown name, or files that do not match the manifest
-        raise ModelError(str(e)) from None
+    path = resolve(path)  # zoo.ZooError for an unknown name, or files that do not match the manifest
     check_model_dir(path)
     model: Any  # a transformers model, or the peft model that wraps it (lora)
     info: dict
