@@ -214,9 +214,18 @@ def test_resume_without_any_state_file_stops_rather_than_restarts(tmp_path, tiny
     cut = _cut_run(tmp_path, tiny_model, synth_root, at=2)
     for ckpt in checkpoint_dirs(tmp_path / "run" / "checkpoints"):
         (ckpt / "state.json").unlink()
-    with pytest.raises(CheckpointError, match=r"step-2 lack state\.json"):
+    with pytest.raises(CheckpointError, match=r"can be resumed from:\n  step-2: .*step-2/state\.json: missing"):
         run_sft(cut, resume=True)
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_checkpoint_whose_state_file_is_gone_is_said_and_set_aside(tmp_path, tiny_model, synth_root, capsys):
+    cut = _cut_run(tmp_path, tiny_model, synth_root, at=4, save_every=2)
+    (tmp_path / "run" / "checkpoints" / "step-4" / "state.json").unlink()
+    run_sft(cut, resume=True)
+    said = capsys.readouterr().out
+    assert "step-4/state.json: missing" in said and "falling back to step-2" in said
+    assert (tmp_path / "run" / "checkpoints" / "step-4.corrupt").is_dir()
 
 
 @pytest.mark.parametrize("edit, words", [({"step": 999}, "SHA-256"), ({"index": -3}, "SHA-256")])

@@ -296,18 +296,16 @@ def resume_latest(accelerator, root: str | Path, *, log=print, **parts) -> tuple
     :func:`load_checkpoint`'s keyword arguments. A newer one that does not is said so, renamed
     ``step-N.corrupt`` (kept for inspection, out of the way of pruning) and skipped. None when there is no
     checkpoint; :class:`CheckpointError` when none of those there can be resumed from."""
-    dirs = checkpoint_dirs(root)
-    if not dirs:
-        unmarked = sorted(p.name for p in Path(root).glob("step-*") if p.is_dir() and _STEP_DIR.match(p.name))
-        if unmarked:  # folders that were renamed into place once: their state file is gone, not yet written
-            raise CheckpointError(
-                f"no checkpoint under {root} can be resumed from: {', '.join(unmarked)} lack {STATE_FILE}; "
-                "restore it, or remove the folder to start afresh"
-            )
+    # every step-N folder, also one whose state file is gone: it was complete once (folders are renamed into place
+    # after their state file is written), so it is said and set aside like a corrupt one, never passed over
+    root = Path(root)
+    dirs = sorted((p for p in root.glob("step-*") if p.is_dir() and _STEP_DIR.match(p.name)), key=_step_of)
     bad: list[tuple[Path, str]] = []
     found = None
     for path in reversed(dirs):
         try:
+            if not (path / STATE_FILE).is_file():
+                raise CheckpointError(f"{path / STATE_FILE}: missing")
             found = path, load_checkpoint(accelerator, path, **parts)
             break
         except CheckpointError as e:
