@@ -386,7 +386,7 @@ class Detector:
         out: list[Detection] = []
         for start in range(0, len(prepared), batch_size):
             chunk = prepared[start : start + batch_size]
-            out += self._score([r for r, _ in chunk], [im for _, im in chunk])
+            out += self._score([r for r, _ in chunk], [im for _, im in chunk], first=start)
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -407,7 +407,8 @@ class Detector:
     def _image(self, image: ImageInput) -> Image.Image:
         return load_image_input(image, max_pixels=self.max_pixels)
 
-    def _score(self, records: list[Record], images: list[Image.Image]) -> list[Detection]:
+    def _score(self, records: list[Record], images: list[Image.Image], *, first: int = 0) -> list[Detection]:
+        """Detections of a batch (``first``: the index of its first record among the caller's, for messages)."""
         with torch.inference_mode():
             res = score_shifts(
                 self.model,
@@ -423,7 +424,7 @@ class Detector:
             n = len(r.choices)
             if not (bool(torch.isfinite(res.probs[i, :n]).all()) and math.isfinite(float(res.agreement[i]))):
                 raise NonFiniteError(
-                    f"model {self.name}: non-finite probabilities {res.probs[i, :n].tolist()} for record #{i} "
+                    f"model {self.name}: non-finite probabilities {res.probs[i, :n].tolist()} for record #{first + i} "
                     "(its logits overflow or hold NaN); no answer can be given"
                 )
             w = int(res.winner[i])
