@@ -764,8 +764,9 @@ def bench(
             )
     except (BenchError, ImportError) as e:  # ImportError: --serve without the serve extra
         raise click.ClickException(str(e)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    from .files import write_text_atomic
+
+    write_text_atomic(out, json.dumps(result, indent=2))
     click.echo(json.dumps(result["serve"], indent=2) if serve_load else "\n" + format_table(result))
     click.echo(f"written to {out}")
 
