@@ -40,6 +40,24 @@ def _nan_weight(d):
     save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
 
 
+def _edit_weights(edit):
+    def damage(d):
+        weights = load_file(d / "model.safetensors")
+        edit(weights)
+        save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+
+    return damage
+
+
+def _edit_config(**values):
+    def damage(d):
+        config = json.loads((d / "config.json").read_text())
+        config.update(values)
+        (d / "config.json").write_text(json.dumps(config))
+
+    return damage
+
+
 MODEL_DAMAGE = {  # folder damage -> words the message must hold
     "missing folder": (lambda d: shutil.rmtree(d), ["does not exist"]),
     "corrupt safetensors": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 100), ["model.safetensors"]),
@@ -51,6 +69,22 @@ MODEL_DAMAGE = {  # folder damage -> words the message must hold
     "no config": (lambda d: (d / "config.json").unlink(), ["no config.json"]),
     "no tokenizer.json": (lambda d: (d / "tokenizer.json").unlink(), ["tokenizer.json"]),
     "NaN weights": (_nan_weight, ["NaN"]),
+    # a missing head would be initialised at random and the model would answer; an extra weight ignored
+    "no lm_head": (_edit_weights(lambda w: w.pop("language_model.lm_head.weight")), ["missing", "lm_head.weight"]),
+    "unexpected weight": (
+        _edit_weights(lambda w: w.update({"extra.weight": torch.zeros(3)})),
+        ["unexpected", "extra.weight"],
+    ),
+    "weight of the wrong shape": (
+        _edit_weights(lambda w: w.update({"language_model.lm_head.weight": torch.zeros(2, 2)})),
+        ["lm_head.weight"],
+    ),
+    "bogus readout": (_edit_config(hkd4vlm_readout="bogus"), ["config.json", "hkd4vlm_readout", "bogus"]),
+    "bogus verdict token": (
+        _edit_config(hkd4vlm_readout="option", hkd4vlm_verdict_token="Zzyzx"),
+        ["config.json", "verdict token", "Zzyzx"],
+    ),
+    "verdict token not a string": (_edit_config(hkd4vlm_verdict_token=7), ["config.json", "hkd4vlm_verdict_token"]),
 }
 
 

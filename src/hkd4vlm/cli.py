@@ -12,6 +12,7 @@ import click
 
 from .data.images import DEFAULT_MAX_PIXELS
 from .data.tasks import TASKS, Task
+from .models.loading import DTYPES
 from .models.registry import preset_names
 
 if TYPE_CHECKING:
@@ -65,16 +66,32 @@ SHIFTS = ShiftsType()
 _USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+def _refuse_overwriting_input(out: Path, option: str, inputs: dict[str, Path], root: Path | None = None) -> None:
+    """A usage error when ``out`` is one of ``inputs`` (what it is -> path) or an existing file under the dataset
+    ``root``: writing it would replace what the command reads."""
+    for what, path in inputs.items():
+        if out.exists() and path.exists() and os.path.samefile(out, path):
+            raise click.BadParameter(
+                f"{out} is the {what}; writing it would overwrite an input, so choose another path", param_hint=option
+            )
+    if root is not None and out.exists() and out.resolve().is_relative_to(root.resolve()):
+        raise click.BadParameter(
+            f"{out} is a file of the dataset {root}; writing it would overwrite an input, so choose another path",
+            param_hint=option,
+        )
+
+
 class _Commands(click.Group):
     """The command group; a user error ends in one message (file, record, field) and exit status 1, its
     traceback only with ``--debug`` or ``HKD4VLM_DEBUG=1``."""
 
     def invoke(self, ctx):
         from .errors import UserError
+        from .models.zoo import ZooError  # an unknown zoo name, or a shipped base whose files changed
 
         try:
             return super().invoke(ctx)
-        except (UserError, OSError) as e:
+        except (UserError, ZooError, OSError) as e:
             if isinstance(e, OSError) and not isinstance(e, _USER_OS_ERRORS) and e.filename is None:
                 raise
             if ctx.params.get("debug") or os.environ.get("HKD4VLM_DEBUG", "").strip() not in ("", "0"):
@@ -244,7 +261,14 @@ def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> 
     is_flag=True,
     help="Leave invalid records out (listed and counted) instead of stopping (data.skip_invalid).",
 )
-def train(config: Path, overrides: tuple, resume: bool, resume_force: bool, skip_invalid: bool) -> None:
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the run already in the out folder (its checkpoints and model) instead of refusing.",
+)
+def train(
+    config: Path, overrides: tuple, resume: bool, resume_force: bool, skip_invalid: bool, overwrite: bool
+) -> None:
     """Fine-tune a model (SFT) from a YAML config; `key.sub=value` arguments override its values.
 
     Runs on one device as is, or on several with `accelerate launch --num_processes N -m hkd4vlm.cli train ...`.
@@ -256,7 +280,9 @@ def train(config: Path, overrides: tuple, resume: bool, resume_force: bool, skip
         cfg = load_config(config, (*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])))
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    final = run_sft(cfg, resume=resume, resume_force=resume_force)
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in the out folder, --overwrite replaces it: give one")
+    final = run_sft(cfg, resume=resume, resume_force=resume_force, overwrite=overwrite)
     click.echo(f"model saved to {final}")
 
 
@@ -266,7 +292,8 @@ def train(config: Path, overrides: tuple, resume: bool, resume_force: bool, skip
 @click.option(
     "--resume-force",
     is_flag=True,
-    help="Resume an interrupted stage even though settings that change what it trains differ.",
+    help="Resume an interrupted stage even though settings that change what it trains differ, and keep a "
+    "finished stage whose settings in the recipe changed.",
 )
 @click.option(
     "--skip-invalid",
@@ -489,7 +516,7 @@ def zoo_publish(run: Path, name: str | None) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
-@click.option("--dtype", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
 @click.option(
     "--shifts",
     type=SHIFTS,
@@ -502,6 +529,14 @@ def zoo_publish(run: Path, name: str | None) -> None:
 @click.option("--random-mappings", is_flag=True, help="Use N seeded random permutations instead of cyclic shifts.")
 @click.option(
     "--skip-invalid", is_flag=True, help="Leave invalid records out (listed and counted) instead of stopping."
+)
+@click.option(
+    "--max-record-tokens",
+    type=click.IntRange(min=1),
+    default=2_048,
+    show_default=True,
+    help="Refuse records whose text fields pass this many tokens together (the model's time and memory grow "
+    "with the prompt).",
 )
 def predict(
     model_dir: Path,
@@ -517,21 +552,34 @@ def predict(
     aggregate: Aggregate,
     random_mappings: bool,
     skip_invalid: bool,
+    max_record_tokens: int,
 ) -> None:
     """Write one JSONL line per record: image, question, answer, choice, pred_ans, pred_letter, status
     ("success", or "error" with the reason in "error"), correct, probs (and the shifts' agreement with
     mapping-shift inference)."""
-    from .data.layout import read_split
+    from .data.layout import read_split, split_file
     from .infer.msei import MappingSpec
     from .infer.predict import accuracy, predict_split, write_jsonl
     from .models.loading import load_model
 
+    _refuse_overwriting_input(out, "'--out'", {"split file read": split_file(data, task, split)}, root=data)
     spec = MappingSpec(shifts, mode="random" if random_mappings else "cyclic")
     records = read_split(data, task, split, skip_invalid=skip_invalid)
     _report_skipped(records.skipped, "the predictions")
+    if not records.records:  # validate calls an empty split a problem too
+        what = "no valid records" if records.skipped else "no records (an empty list)"
+        raise click.ClickException(f"{split_file(data, task, split)}: holds {what}; nothing to predict")
     model, processor = load_model(model_dir, dtype=dtype, device=device)
     preds = predict_split(
-        model, processor, records, batch_size=batch_size, limit=limit, progress=True, spec=spec, aggregate=aggregate
+        model,
+        processor,
+        records,
+        batch_size=batch_size,
+        limit=limit,
+        progress=True,
+        spec=spec,
+        aggregate=aggregate,
+        max_record_tokens=max_record_tokens,
     )
     write_jsonl(preds, out)
     labelled = sum(p.correct is not None for p in preds)
@@ -556,8 +604,19 @@ def predict(
 )
 def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
     """Accuracy, macro/micro-F1, per-letter scores, ECE, position bias and a confusion-matrix plot."""
-    from .eval.report import evaluate_predictions, plot_confusion, read_predictions
+    from .eval.report import PLOT_FORMATS, evaluate_predictions, plot_confusion, read_predictions
 
+    plot = plot or out.with_name(out.stem + "_confusion.png")
+    _refuse_overwriting_input(out, "'--out'", {"predictions file": predictions})
+    _refuse_overwriting_input(plot, "'--plot'", {"predictions file": predictions, "--out file": out})
+    if plot.resolve() == out.resolve():
+        raise click.BadParameter(f"{plot} is also --out; choose two paths", param_hint="'--plot'")
+    if plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise click.BadParameter(
+            f"{plot}: unknown image format {plot.suffix or '(no suffix)'!r}; use one of "
+            + ", ".join(f".{f}" for f in PLOT_FORMATS),
+            param_hint="'--plot'",
+        )
     try:
         report = evaluate_predictions(read_predictions(predictions), str(predictions))
     except ValueError as e:
@@ -565,7 +624,6 @@ def evaluate(predictions: Path, out: Path, plot: Path | None) -> None:
     from .files import write_text_atomic
 
     write_text_atomic(out, json.dumps(report, indent=2))
-    plot = plot or out.with_name(out.stem + "_confusion.png")
     plot_confusion(report, plot, title=f"{predictions.name}: accuracy {report['accuracy']:.3f}")
     share = " ".join(f"{k}={v:.2f}" for k, v in report["prediction_share"].items())
     click.echo(
@@ -706,7 +764,6 @@ def bench(
             )
     except (BenchError, ImportError) as e:  # ImportError: --serve without the serve extra
         raise click.ClickException(str(e)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
     from .files import write_text_atomic
 
     write_text_atomic(out, json.dumps(result, indent=2))
@@ -756,7 +813,7 @@ def _serve_options(command):
 @click.option("--model", "model_dir", type=MODEL_PATH, required=True)
 @_serve_options
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
-@click.option("--dtype", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
 def serve(model_dir: Path, device: str | None, dtype: str, **settings) -> None:
     """Serve a judge over HTTP: POST /v1/hallucination and /v1/factuality (JSON with a base64 image, or
     multipart), micro-batched into single model calls; the demo page at /; GET /healthz, /v1/model, /v1/stats.
@@ -773,7 +830,7 @@ def serve(model_dir: Path, device: str | None, dtype: str, **settings) -> None:
         err = e.errors()[0]
         msg = str(err["msg"]).removeprefix("Value error, ")
         # a check across settings has no location: its message starts with the setting at fault
-        name = str(err["loc"][0]) if err["loc"] else next((n for n in ServeConfig.model_fields if n in msg), "")
+        name = str(err["loc"][0]) if err["loc"] else next((n for n in ServeConfig.model_fields if msg.startswith(n)), "")
         hint = "'--api-key' / HKD4VLM_API_KEY" if name == "api_key" else f"'--{name.replace('_', '-')}'"
         raise click.BadParameter(msg, param_hint=hint) from None
     try:

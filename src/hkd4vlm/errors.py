@@ -35,3 +35,7 @@ class InputError(UserError, ValueError):
     def in_record(self, index: int) -> InputError:
         """The same error, as the problem of the record at ``index`` of a batch."""
         return InputError(self.message, field=self.field, record=index, file=self.file)
+
+
+class SettingError(UserError, ValueError):
+    """A setting (a command-line option, an argument of the service) that cannot work; the message names it."""

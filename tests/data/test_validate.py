@@ -815,3 +815,63 @@ def test_hostile_records_and_files_are_each_one_problem_line_among_the_others(tm
         read_split(root, "factuality", "train")
     huge = write_json(root, "hallucination", "extra", "[" + "9" * 5000 + "]")  # more digits than int() reads
     assert "cannot be read" in only_problem(problems_of(root, split="extra"), huge, "-", "-").message
+
+
+# --------------------------------------------------------------------------- one rule with the Detector; bounds
+
+
+def test_two_choices_with_the_same_text_are_a_problem_as_in_the_detector(tmp_path):
+    from hkd4vlm.infer.detector import InputError, hallucination_record
+
+    choices = [{"id": "A", "choice": "No hallucination"}, {"id": "B", "choice": " No hallucination "}]
+    path = dataset(
+        tmp_path,
+        "hallucination",
+        "train",
+        [hall(choices=choices, correct_answer="No hallucination", correct_choice="A")],
+    )
+    p = only_problem(problems_of(tmp_path), path, "h0.jpg", "choices[1].choice")
+    assert "the same text as choices[0].choice" in p.message
+    with pytest.raises(InputError, match="distinct"):
+        hallucination_record("a caption", ["No hallucination", " No hallucination "])
+
+
+def test_text_fields_have_a_length_limit(tmp_path):
+    from hkd4vlm.data.text_checks import MAX_FIELD_CHARS, MAX_RECORD_CHARS
+
+    long = "a red circle " * (MAX_FIELD_CHARS // 13 + 1)
+    path = dataset(tmp_path, "hallucination", "train", [hall(system1_answer=long)])
+    p = only_problem(problems_of(tmp_path), path, "h0.jpg", "system1_answer")
+    assert f"over the limit of {MAX_FIELD_CHARS:,}" in p.message
+    near = "b" * (MAX_FIELD_CHARS - 10)
+    path = dataset(tmp_path, "factuality", "train", [fact(context=near, claim=near, question="Q?")])
+    p = only_problem(problems_of(tmp_path, "factuality"), path, "f0.jpg", "-")
+    assert f"over the limit of {MAX_RECORD_CHARS:,}" in p.message
+
+
+@pytest.mark.parametrize(
+    "synth, field",
+    [
+        (5, "synth"),
+        ({"scene": [1, 2]}, "synth.scene"),
+        ({"scene": {"objects": [{"x": 1, "y": 2, "r": "big"}]}}, "synth.scene.objects[0]"),
+    ],
+)
+def test_a_synth_field_that_augmentations_cannot_read_is_a_problem(tmp_path, synth, field):
+    from hkd4vlm.engine.sources import RecordSource
+
+    path = dataset(tmp_path, "hallucination", "train", [hall(synth=synth), hall("h1.jpg")])
+    only_problem(problems_of(tmp_path), path, "h0.jpg", field)
+    source = RecordSource(
+        tmp_path, ["hallucination"], "train", augment={"hflip": 1.0, "crop_rescale": 1.0}, seed=0, skip_invalid=True
+    )
+    assert len(source) == 1 and source.get(0, 0)[0].image_id == "h1.jpg"
+
+
+def test_a_symlink_loop_among_images_is_a_problem_of_the_image_id(tmp_path):
+    path = dataset(tmp_path, "hallucination", "train", [hall("loop.jpg"), hall("h1.jpg")], images=["h1.jpg"])
+    folder = images_dir(tmp_path, "hallucination")
+    (folder / "loop.jpg").symlink_to(folder / "other.jpg")
+    (folder / "other.jpg").symlink_to(folder / "loop.jpg")
+    p = only_problem(problems_of(tmp_path), path, "loop.jpg", "image_id")
+    assert "loop" in p.message

@@ -91,6 +91,43 @@ def test_stale_cache_is_refused(cache, teacher_dir, synth_root, tmp_path):
         _cached(tmp_path, teacher_dir, synth_root)
 
 
+def test_a_cache_is_stale_once_an_image_it_scored_changes(cache, teacher_dir, synth_root, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    _cached(cache, teacher_dir, data)  # an identical copy is the same data
+    first = json.loads((data / "HallucinationDetection" / "json" / "train.json").read_text())[0]["image_id"]
+    image = data / "HallucinationDetection" / "images" / first
+    with Image.open(image) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    with pytest.raises(StaleCacheError, match="data_hash"):
+        _cached(cache, teacher_dir, data)
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda c: (c / "manifest.json").write_text("{"), ["manifest.json", "not a valid cache manifest"]),
+        (lambda c: (c / "manifest.json").write_text("[]"), ["manifest.json", "JSON object"]),
+        (
+            lambda c: (c / "shard-00000.safetensors").write_bytes((c / "shard-00000.safetensors").read_bytes()[:200]),
+            ["shard-00000.safetensors", "truncated or corrupt"],
+        ),
+    ],
+)
+def test_a_corrupt_manifest_or_truncated_shard_is_one_error_naming_the_file(
+    cache, teacher_dir, synth_root, tmp_path, damage, words
+):
+    broken = tmp_path / "broken"
+    shutil.copytree(cache, broken)
+    damage(broken)
+    with pytest.raises(StaleCacheError) as err:
+        _cached(broken, teacher_dir, synth_root)
+    for w in words:
+        assert w in str(err.value)
+
+
 def test_recipe_stage_reads_a_cached_teacher(teacher_dir, synth_root, tmp_path):
     from click.testing import CliRunner
 

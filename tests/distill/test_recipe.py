@@ -333,3 +333,19 @@ def test_resuming_a_stage_with_a_changed_recipe_is_refused_and_keeps_recipe_yaml
     import yaml
 
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["seed"] == 5
+
+
+def test_a_finished_stage_whose_settings_changed_is_not_skipped_silently(pyramid, synth_root, tmp_path, capsys):
+    raw = _recipe(pyramid, synth_root, tmp_path / "run")
+    raw["stages"] = [{"kind": "sft", "level": 2, "train": {"steps": 1, "batch_size": 4}}]
+    first = run_recipe(RecipeConfig.model_validate(raw))
+    done = tmp_path / "run" / "stage-0-sft-level2" / "done.json"
+    raw["stages"][0]["train"].update(steps=2, optim={"lr": 0.5})
+    with pytest.raises(ConfigError, match=r"stages\.0 finished with other settings.*optim\.lr: 0\.001 -> 0\.5.*"):
+        run_recipe(RecipeConfig.model_validate(raw))
+    assert run_recipe(RecipeConfig.model_validate(raw), resume_force=True) == first
+    assert "train.steps: 1 -> 2" in capsys.readouterr().out
+    for text in ("{", '{"stage": {}}'):
+        done.write_text(text)
+        with pytest.raises(ConfigError, match=r"done\.json: .*remove"):
+            run_recipe(RecipeConfig.model_validate(raw), resume_force=True)

@@ -70,11 +70,13 @@ def _weights(run: Path) -> dict:
 
 
 def _legacy_rng(ckpt: Path, payload: dict) -> None:
-    """Turn a checkpoint into the format written before RNG states were JSON: a pickled rng-0.pt, no file list."""
+    """Turn a checkpoint into the format written before RNG states were JSON: a pickled rng-0.pt, no file list
+    (and no digest of the state file)."""
     (ckpt / "rng-0.json").unlink(missing_ok=True)
     torch.save(payload, ckpt / "rng-0.pt")
     state = json.loads((ckpt / "state.json").read_text())
     state.pop("files", None)
+    state.pop("state_sha256", None)  # nor a digest of its own fields
     (ckpt / "state.json").write_text(json.dumps(state))
 
 
@@ -192,7 +194,47 @@ def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, tiny_mo
     # without a checkpoint there is nothing to continue: a changed config is simply a new run
     fresh = load_config(_config(tmp_path / "c", tiny_model, synth_root, steps=1))
     run_sft(fresh, resume=True)
-    run_sft(load_config(_config(tmp_path / "c", tiny_model, synth_root, steps=1)), resume=False)
+
+
+def test_a_finished_run_is_not_replaced_without_resume_unless_overwrite(tmp_path, tiny_model, synth_root):
+    cfg = load_config(_config(tmp_path, tiny_model, synth_root, steps=2, save_every=1))
+    final = run_sft(cfg)
+    before, saved = _weights(tmp_path / "run"), (tmp_path / "run" / "config.yaml").read_text()
+    again = load_config(_config(tmp_path, tiny_model, synth_root, steps=1, seed=5))
+    with pytest.raises(ConfigError, match=r"out: .*run already holds a training run .*model/.*--overwrite"):
+        run_sft(again)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
+    assert all(torch.equal(before[k], v) for k, v in _weights(tmp_path / "run").items())
+    assert run_sft(again, overwrite=True) == final
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run" / "checkpoints")] == ["step-1"]  # the old run's gone
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["seed"] == 5
+
+
+def test_resume_without_any_state_file_stops_rather_than_restarts(tmp_path, tiny_model, synth_root):
+    cut = _cut_run(tmp_path, tiny_model, synth_root, at=2)
+    for ckpt in checkpoint_dirs(tmp_path / "run" / "checkpoints"):
+        (ckpt / "state.json").unlink()
+    with pytest.raises(CheckpointError, match=r"can be resumed from:\n  step-2: .*step-2/state\.json: missing"):
+        run_sft(cut, resume=True)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_checkpoint_whose_state_file_is_gone_is_said_and_set_aside(tmp_path, tiny_model, synth_root, capsys):
+    cut = _cut_run(tmp_path, tiny_model, synth_root, at=4, save_every=2)
+    (tmp_path / "run" / "checkpoints" / "step-4" / "state.json").unlink()
+    run_sft(cut, resume=True)
+    said = capsys.readouterr().out
+    assert "step-4/state.json: missing" in said and "falling back to step-2" in said
+    assert (tmp_path / "run" / "checkpoints" / "step-4.corrupt").is_dir()
+
+
+@pytest.mark.parametrize("edit, words", [({"step": 999}, "SHA-256"), ({"index": -3}, "SHA-256")])
+def test_an_edited_state_file_is_caught(tmp_path, tiny_model, synth_root, edit, words):
+    cut = _cut_run(tmp_path, tiny_model, synth_root, at=2)
+    path = tmp_path / "run" / "checkpoints" / "step-2" / "state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(CheckpointError, match=words):
+        run_sft(cut, resume=True)
 
 
 def test_cli_resume_refusal_and_force(tmp_path, tiny_model, synth_root):
@@ -258,6 +300,10 @@ def test_a_nan_loss_stops_training_or_is_skipped_when_allowed(tmp_path, tiny_mod
             '{"step": 2, "epoch": 0, "index": 8, "files": {"model.pt": {"bytes": 1, "sha256": "x"}}}',
             "model.pt: missing",
         ),
+        # a state file without its own digest (written before it had one) is still checked for sense
+        ('{"step": 999, "epoch": 0, "index": 8}', "'step' is 999, but the folder is step-2"),
+        ('{"step": 2, "epoch": 0, "index": -3}', "'index' is -3; it must be at least 0"),
+        ('{"step": 2, "epoch": 0, "index": 8, "state_sha256": "0"}', "differ from the SHA-256"),
     ],
 )
 def test_a_tampered_state_file_is_a_checkpoint_error(tmp_path, state, words):
@@ -268,3 +314,66 @@ def test_a_tampered_state_file_is_a_checkpoint_error(tmp_path, state, words):
     (ckpt / "state.json").write_text(state)
     with pytest.raises(CheckpointError, match=re.escape(words)):
         verify_checkpoint(ckpt)
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_leaves_no_partial_one(
+    tmp_path, tiny_model, synth_root, monkeypatch
+):
+    import errno
+
+    from hkd4vlm.engine import checkpoint
+
+    real = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            Path(f).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    cfg = load_config(_config(tmp_path, tiny_model, synth_root, steps=2, save_every=2))
+    with pytest.raises(CheckpointError, match=r"step-2\.tmp: the checkpoint could not be written .*No space left"):
+        run_sft(cfg)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_a_checkpoint_weight_of_the_wrong_shape_is_a_checkpoint_error(tmp_path, tiny_model, synth_root):
+    from hkd4vlm.engine import checkpoint
+
+    cut = _cut_run(tmp_path, tiny_model, synth_root, at=2)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    weights = torch.load(ckpt / "model.pt", weights_only=True)
+    key = next(k for k, v in weights.items() if v.ndim == 2)
+    weights[key] = torch.zeros(3, 3)
+    torch.save(weights, ckpt / "model.pt")
+    state = json.loads((ckpt / "state.json").read_text())  # re-listed, as a checkpoint of another model would be
+    state["files"]["model.pt"] = {
+        "bytes": (ckpt / "model.pt").stat().st_size,
+        "sha256": checkpoint._digest(ckpt / "model.pt"),
+    }
+    state["state_sha256"] = checkpoint._state_digest(state)
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"step-2/model\.pt: does not fit this run's model") as err:
+        run_sft(cut, resume=True)
+    assert key in str(err.value)
+
+
+def test_a_full_disk_while_saving_the_model_names_it_and_leaves_no_partial_folder(
+    tmp_path, tiny_model, synth_root, monkeypatch
+):
+    import errno
+
+    import transformers
+
+    def disk_full(self, folder, *args, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+    cfg = load_config(_config(tmp_path, tiny_model, synth_root, steps=1, save_every=5))
+    with pytest.raises(OSError, match="No space left on device") as err:
+        run_sft(cfg)
+    assert err.value.filename == str(tmp_path / "run" / "model")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "model" in p.name) == []

@@ -210,3 +210,10 @@ def test_two_processes_match_one(tmp_path, tiny_model, synth_root, launch_two_pr
     )
     l1, l2 = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
     assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-5)
+
+
+def test_an_empty_task_list_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "out": "o", "data": {"root": str(tmp_path), "tasks": []}}))
+    with pytest.raises(ConfigError, match=r"data\.tasks: List should have at least 1 item"):
+        load_config(path)

@@ -134,3 +134,76 @@ def test_the_detector_reads_shifts_like_the_command_line(detector, shifts, want)
 def test_the_detector_refuses_a_shifts_value_that_is_neither_a_number_nor_all(detector, shifts):
     with pytest.raises(ValueError, match="shifts"):
         Detector(detector.model, detector.processor, shifts=shifts)
+
+
+@pytest.fixture
+def overflowing(detector):
+    """A copy of the detector's model whose head's weights are finite but so large that its logits overflow."""
+    import copy
+
+    model = copy.deepcopy(detector.model)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(3e38)
+    return Detector(model, detector.processor, shifts=2, name="overflowing")
+
+
+def test_non_finite_probabilities_are_an_error_naming_the_model_not_an_answer(overflowing):
+    from hkd4vlm.errors import NonFiniteError
+
+    image = Image.new("RGB", (16, 16), "white")
+    with pytest.raises(NonFiniteError, match="overflowing.*non-finite"):
+        overflowing.detect_hallucination(image, "a caption", ["a", "b", "c"])
+    item = {"task": "factuality", "image": image, "claim": "c", "context": "x"}
+    with pytest.raises(NonFiniteError, match="overflowing: .* for record #0 "):
+        overflowing.predict([item] * 3, batch_size=2, progress=False)
+
+
+def test_a_readout_that_cannot_work_is_refused_when_the_detector_is_built(detector):
+    from hkd4vlm.errors import ModelError
+
+    config = detector.model.config
+    saved = config.hkd4vlm_readout, config.hkd4vlm_verdict_token
+    try:
+        config.hkd4vlm_readout = "bogus"
+        with pytest.raises(ModelError, match="hkd4vlm_readout='bogus'"):
+            Detector(detector.model, detector.processor, name="m")
+        config.hkd4vlm_readout, config.hkd4vlm_verdict_token = "option", "Zzyzx"
+        with pytest.raises(ModelError, match="verdict token 'Zzyzx'"):
+            Detector(detector.model, detector.processor, name="m")
+    finally:
+        config.hkd4vlm_readout, config.hkd4vlm_verdict_token = saved
+
+
+@pytest.mark.parametrize(
+    "records, match, field, record",
+    [
+        ("a string", "records: must be a list", "records", None),
+        (None, "records: must be a list", "records", None),
+        ({"task": "factuality"}, "wrap one record in a list", "records", None),
+        ([("only a record",)], r"record #0: a tuple must be a \(Record, image\) pair", "-", 0),
+        ([("not a record", "img")], "starting with str", "-", 0),
+        ([None], "record #0: must be a request dict", "-", 0),
+        ([{"task": "factuality", "claim": "c", "context": "x"}], "field 'image': missing", "image", 0),
+    ],
+)
+def test_predict_names_a_record_of_the_wrong_type(detector, records, match, field, record):
+    with pytest.raises(InputError, match=match) as raised:
+        detector.predict(records, progress=False)
+    assert (raised.value.field, raised.value.record) == (field, record)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])
+def test_predict_refuses_a_batch_size_below_one(detector, batch_size):
+    item = {"task": "factuality", "image": Image.new("RGB", (16, 16)), "claim": "c", "context": "x"}
+    with pytest.raises(ValueError, match="batch_size must be an integer of at least 1"):
+        detector.predict([item], batch_size=batch_size, progress=False)
+
+
+def test_from_pretrained_names_a_bad_dtype_or_device(detector, tmp_path, synth_root):
+    from hkd4vlm.errors import ModelError
+
+    path = init_model("tiny-llava-s", synth_root, tmp_path / "m", seed=0)
+    with pytest.raises(ModelError, match="dtype 'bogus' is not one of auto, float32"):
+        Detector.from_pretrained(path, dtype="bogus")
+    with pytest.raises(ModelError, match="device 'nowhere'"):
+        Detector.from_pretrained(path, device="nowhere")

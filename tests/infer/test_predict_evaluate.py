@@ -311,3 +311,113 @@ def test_predict_with_one_shift_is_one_plain_pass(tmp_path, tiny_model, synth_ro
     )
     assert res.exit_code == 0, res.output
     assert [json.loads(line)["agreement"] for line in out.read_text().splitlines()] == [None, None]
+
+
+def _no_traceback(res, code, *words):
+    assert res.exit_code == code and isinstance(res.exception, SystemExit), (res.exception, res.output)
+    for w in words:
+        assert w in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+def test_predict_and_evaluate_refuse_an_output_that_is_an_input(tmp_path, tiny_model, synth_root):
+    import shutil
+
+    from hkd4vlm.data.layout import split_file
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    split = split_file(data, "factuality", "test")
+    before = split.read_bytes()
+    base = ["predict", "--model", str(tiny_model), "--data", str(data), "--task", "factuality", "--limit", "1"]
+    res = CliRunner().invoke(main, [*base, "--out", str(split)])
+    _no_traceback(res, 2, "--out", "split file read", "overwrite an input")
+    other = split_file(data, "factuality", "train")  # another file of the dataset
+    res = CliRunner().invoke(main, [*base, "--out", str(other)])
+    _no_traceback(res, 2, "--out", "a file of the dataset")
+    assert split.read_bytes() == before and json.loads(other.read_text())
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps(GOOD) + "\n")
+    for args in (["--out", str(preds)], ["--out", str(tmp_path / "m.json"), "--plot", str(preds)]):
+        res = CliRunner().invoke(main, ["evaluate", str(preds), *args])
+        _no_traceback(res, 2, "predictions file", "overwrite an input")
+    assert preds.read_text() == json.dumps(GOOD) + "\n"
+
+
+def test_evaluate_refuses_an_unknown_plot_format_before_writing_anything(tmp_path):
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps(GOOD) + "\n")
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json"), "--plot", "x.xyz"])
+    _no_traceback(res, 2, "--plot", "'.xyz'", ".png")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_full_disk_is_one_message_naming_the_output_and_leaves_no_temporary_file(
+    tmp_path, tiny_model, synth_root, monkeypatch
+):
+    import errno
+    import pathlib
+
+    import matplotlib.figure
+
+    real_write = pathlib.Path.write_text
+
+    def disk_full(self, data, *args, **kwargs):  # half the text, then ENOSPC naming no file (as write(2) does)
+        real_write(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def plot_disk_full(self, fname, *args, **kwargs):
+        pathlib.Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "preds.jsonl"
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_full)
+    args = ["--data", str(synth_root), "--task", "factuality", "--limit", "2", "--out", str(out)]
+    res = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), *args])
+    _no_traceback(res, 1, f"{out}: No space left on device")
+    monkeypatch.setattr(pathlib.Path, "write_text", real_write)
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps(GOOD) + "\n")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", plot_disk_full)
+    plot = tmp_path / "c.png"
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json"), "--plot", str(plot)])
+    _no_traceback(res, 1, f"{plot}: No space left on device")
+    assert not out.exists() and not plot.exists()
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+def test_predict_refuses_a_record_over_the_token_bound_and_an_empty_split(tmp_path, tiny_model, synth_root):
+    import shutil
+
+    from hkd4vlm.data.layout import split_file
+    from hkd4vlm.infer.predict import MAX_RECORD_TOKENS
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    path = split_file(data, "factuality", "test")
+    records = json.loads(path.read_text())
+    records[1]["context"] = " ".join(["Tom drew the red circle."] * 30)  # ~150 tokens, far under the char limit
+    path.write_text(json.dumps(records))
+    out = tmp_path / "p.jsonl"
+    base = ["predict", "--model", str(tiny_model), "--data", str(data), "--task", "factuality", "--out", str(out)]
+    res = CliRunner().invoke(main, [*base, "--max-record-tokens", "100"])
+    _no_traceback(res, 1, str(path), f"record {records[1]['image_id']}", "field 'context'", "over the limit of 100")
+    assert not out.exists()
+    assert CliRunner().invoke(main, [*base, "--limit", "2"]).exit_code == 0  # under the default bound
+    default = next(p for p in main.commands["predict"].params if p.name == "max_record_tokens").default
+    assert default == MAX_RECORD_TOKENS
+    path.write_text("[]")
+    res = CliRunner().invoke(main, base)
+    _no_traceback(res, 1, str(path), "no records")
+
+
+def test_evaluate_refuses_a_record_predicted_twice(tmp_path):
+    preds = tmp_path / "p.jsonl"
+    other = {**GOOD, "image": "2.jpg"}
+    preds.write_text("".join(json.dumps(r) + "\n" for r in (GOOD, other, GOOD)))
+    res = CliRunner().invoke(main, ["evaluate", str(preds), "--out", str(tmp_path / "m.json")])
+    _no_traceback(res, 1, f"{preds}:3", "'1.jpg' is predicted again (first at line 1)")
+    assert not (tmp_path / "m.json").exists()
+    # the same image under two tasks is two records
+    preds.write_text("".join(json.dumps(r) + "\n" for r in ({**GOOD, "task": "factuality"}, {**GOOD, "task": "x"})))
+    assert len(read_predictions(preds)) == 2

@@ -204,6 +204,10 @@ def test_run_answers_to_its_own_address_by_default(model_dir, monkeypatch):
         ("127.0.0.1", ("127.0.0.1", "localhost", "::1")),
         ("0.0.0.0", ("*",)),
         ("10.0.0.7", ("127.0.0.1", "localhost", "::1", "10.0.0.7")),
+        # other loopback addresses are the server's own address too
+        ("127.0.0.2", ("127.0.0.1", "localhost", "::1", "127.0.0.2")),
+        ("[::ffff:127.0.0.1]", ("127.0.0.1", "localhost", "::1", "::ffff:127.0.0.1")),
+        ("LOCALHOST", ("127.0.0.1", "localhost", "::1")),
     ]:
         app_module.run(model_dir, host=host, shifts=2)
         assert made[-1] == want

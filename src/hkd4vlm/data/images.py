@@ -17,6 +17,10 @@ DEFAULT_MAX_PIXELS = 40_000_000
 #: outside the service's in-flight memory budget; 16 M pixels is still more than a judge reads (the service
 #: scales every image down to ``max_image_side``)
 DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
+#: the image formats that are opened (PIL's names); any other is refused before a decoder sees it. PIL would
+#: otherwise pick a plugin by the file's first bytes, and some run external programs (EPS: Ghostscript) or
+#: are rarely exercised parsers: a dataset or an upload may only be these
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageProblem(ValueError):
@@ -41,8 +45,11 @@ def resolve_image_path(images_dir: str | os.PathLike, image_id: str) -> Path:
         raise ImageProblem(f"{image_id!r} is an absolute path; image_id must be relative to the images folder")
     if ".." in Path(image_id.replace("\\", "/")).parts:
         raise ImageProblem(f"{image_id!r} leaves the images folder ('..')")
-    base = Path(images_dir).resolve()
-    path = (base / image_id).resolve()
+    try:
+        base = Path(images_dir).resolve()
+        path = (base / image_id).resolve()
+    except RuntimeError as e:  # Python < 3.13 reports a symlink loop as a RuntimeError
+        raise ImageProblem(f"{image_id!r} cannot be resolved: {e} (a symlink loop?)") from None
     if base != path and base not in path.parents:
         raise ImageProblem(
             f"{image_id!r} resolves to {path}, outside the images folder {base} (symlink?)", file=str(path)
@@ -108,7 +115,7 @@ def open_image(
             # PIL's own bomb check warns or raises at its global limit; ours is explicit and configurable
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
-                img = Image.open(fp)
+                img = Image.open(fp, formats=IMAGE_FORMATS)
                 _check_pixels(img, max_pixels, file)
                 if max_side is not None:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least max_side
                     img.draft("RGB", (max_side, max_side))
@@ -116,7 +123,9 @@ def open_image(
             except ImageProblem:
                 raise
             except UnidentifiedImageError:
-                raise ImageProblem("not an image file (unrecognised format)", file=file) from None
+                raise ImageProblem(
+                    f"not an image file in a supported format ({', '.join(IMAGE_FORMATS)})", file=file
+                ) from None
             except Image.DecompressionBombError as e:
                 raise ImageProblem(f"image too large: {e}", file=file) from None
             except (OSError, SyntaxError, ValueError) as e:

@@ -7,13 +7,14 @@ silently. Unknown fields are kept in ``extra`` and written back unchanged.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
 from .tasks import Task
-from .text_checks import text_problem
+from .text_checks import MAX_FIELD_CHARS, MAX_RECORD_CHARS, control_char_message, find_control_char, text_problem
 
 #: folder name of each task under a dataset root, as the challenge ships it
 TASK_DIRS: dict[Task, str] = {"hallucination": "HallucinationDetection", "factuality": "FactChecking"}
@@ -37,7 +38,16 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}: record {self.record}: field '{self.field}': {self.message}"
+        # one line per problem whatever the data holds: a line break in an image_id must not forge a line
+        return _one_line(f"{self.file}: record {self.record}: field '{self.field}': {self.message}")
+
+
+def _one_line(text: str) -> str:
+    return (
+        text
+        if find_control_char(text) is None
+        else "".join(c.encode("unicode_escape").decode("ascii") if find_control_char(c) else c for c in text)
+    )
 
 
 class DatasetError(UserError, ValueError):
@@ -132,11 +142,14 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
             problems.append(problem(name, f"must be a string, got {type(raw[name]).__name__}"))
         elif name == "image_id" and not raw[name].strip():
             problems.append(problem(name, "empty"))
+        elif name == "image_id" and (found := find_control_char(raw[name])) is not None:
+            problems.append(problem(name, control_char_message(*found)))
         elif name != "image_id" and (why := text_problem(raw[name])) is not None:
             problems.append(problem(name, why))  # control tokens, lone surrogates: data.text_checks says why
 
     ids: list[str] = []
     texts: dict[str, str] = {}
+    choice_texts: list[tuple[str, str]] = []
     choices = raw.get("choices")
     if choices is None:
         problems.append(problem("choices", "missing"))
@@ -162,8 +175,26 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
                 continue
             if (why := text_problem(text)) is not None:
                 problems.append(problem(f"{where}.choice", why))
+            same = next((k for k, (_, t) in enumerate(choice_texts) if t.strip() == text.strip()), None)
+            if same is not None:  # the Detector and the service refuse this too: the options must be told apart
+                problems.append(problem(f"{where}.choice", f"the same text as {choice_texts[same][0]}: {text!r}"))
             ids.append(cid)
             texts[cid] = text
+            choice_texts.append((f"{where}.choice", text))
+
+    shown = [(n, raw[n]) for n in REQUIRED_TEXT_FIELDS[task][1:] if isinstance(raw.get(n), str)]
+    shown += choice_texts
+    for name, text in shown:
+        if len(text) > MAX_FIELD_CHARS:
+            problems.append(problem(name, f"{len(text):,} characters, over the limit of {MAX_FIELD_CHARS:,}"))
+    total = sum(len(t) for _, t in shown)
+    if total > MAX_RECORD_CHARS and all(len(t) <= MAX_FIELD_CHARS for _, t in shown):
+        problems.append(
+            problem("-", f"its text fields hold {total:,} characters together, over the limit of {MAX_RECORD_CHARS:,}")
+        )
+
+    if "synth" in raw:
+        problems += [problem(f, m) for f, m in synth_problems(raw["synth"])]
 
     has_labels = any(name in raw for name in LABEL_FIELDS)
     if labelled or (labelled is None and has_labels):
@@ -178,6 +209,28 @@ def check_record(raw: Any, task: Task, *, file: str, index: int, labelled: bool 
         elif isinstance(cc, str) and isinstance(ca, str) and cc in texts and _norm(ca) != _norm(texts[cc]):
             problems.append(problem("correct_answer", f"{ca!r} disagrees with the text of choice {cc}: {texts[cc]!r}"))
     return problems
+
+
+def synth_problems(synth: Any) -> list[tuple[str, str]]:
+    """(field, message) for what is wrong with a record's ``synth`` field, the synthetic benchmark's scene that
+    geometric augmentations move along with the image (data.augment): an object whose ``scene`` is an object
+    with a list of ``objects``, each with numbers ``x``, ``y``, ``r``."""
+    if not isinstance(synth, dict):
+        return [("synth", f"must be an object (the synthetic scene), got {type(synth).__name__}")]
+    scene = synth.get("scene")
+    if scene is None:
+        return []
+    if not isinstance(scene, dict) or not isinstance(scene.get("objects"), list):
+        return [("synth.scene", 'must be an object with a list "objects"')]
+    for k, o in enumerate(scene["objects"]):
+        bad = [n for n in ("x", "y", "r") if not isinstance(o, dict) or not _is_number(o.get(n))]
+        if bad:
+            return [(f"synth.scene.objects[{k}]", f"must be an object with finite numbers x, y and r (bad: {bad})")]
+    return []
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _norm(text: str) -> str:

@@ -57,6 +57,13 @@ DEFAULT_CONTROL_TOKENS: frozenset[str] = frozenset(
 CONTROL_PATTERNS = (r"<\|[^<>|\s]{1,64}\|>", r"<row_\d+_col_\d+>", r"<loc\d{4}>", r"<seg\d{3}>")
 
 
+#: the most characters one text field of a dataset record may hold, and all its text fields together (the
+#: service's own defaults are the same per field: serve --max-text-chars); without a bound one 34.5 k-character
+#: caption took 11 s and 1.8 GB in predict. Token bounds need the model's tokenizer: infer.predict checks them
+MAX_FIELD_CHARS = 8_000
+MAX_RECORD_CHARS = 16_000
+
+
 @lru_cache(maxsize=16)
 def _matcher(tokens: frozenset[str]) -> re.Pattern:
     # longest first, so that a token that is a prefix of another does not hide it in the message
@@ -70,9 +77,33 @@ def find_control_token(text: str, tokens: Iterable[str] = DEFAULT_CONTROL_TOKENS
     return m.group(0) if m else None
 
 
+#: control characters (C0, DEL, C1) and the Unicode line and paragraph separators, except the tab: the prompt is
+#: laid out in lines ("Caption: ...", "B: option", "Answer:"), so a line break inside a field would let the
+#: text forge lines of the prompt (a new option, an answer), and the others are not text
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def find_control_char(text: str) -> tuple[int, str] | None:
+    """(position, character) of the first control character or line break in ``text``, or None."""
+    m = _CONTROL_CHARS.search(text)
+    return (m.start(), m.group(0)) if m else None
+
+
+_CHAR_NAMES = {0: "NUL", 10: "line feed", 13: "carriage return", 0x85: "next line", 0x2028: "line separator"}
+
+
+def control_char_message(at: int, char: str) -> str:
+    name = _CHAR_NAMES.get(ord(char), "control character")
+    return (
+        f"contains U+{ord(char):04X} ({name}, {char!r}) at character {at}; a text field is one "
+        "line of plain text (line breaks would forge lines of the prompt), so replace it with a space"
+    )
+
+
 def text_problem(text: str, tokens: Iterable[str] = DEFAULT_CONTROL_TOKENS) -> str | None:
     """What makes ``text`` unfit for a prompt whatever its length, or None: a lone surrogate (JSON's
-    ``"\\ud800"`` decodes to one; it is not Unicode text, and tokenizers refuse it), or a control token."""
+    ``"\\ud800"`` decodes to one; it is not Unicode text, and tokenizers refuse it), a control character
+    or line break, or a control token."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -81,7 +112,10 @@ def text_problem(text: str, tokens: Iterable[str] = DEFAULT_CONTROL_TOKENS) -> s
             "without its pair)"
         )
     token = find_control_token(text, tokens)
-    return None if token is None else control_token_message(token)
+    if token is not None:
+        return control_token_message(token)
+    found = find_control_char(text)
+    return None if found is None else control_char_message(*found)
 
 
 def control_token_message(token: str) -> str:

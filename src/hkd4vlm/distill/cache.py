@@ -34,13 +34,17 @@ class StaleCacheError(UserError, ValueError):
     pass
 
 
+def _add_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
 def _hash_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        _add_file(h, p)
     return h.hexdigest()[:20]
 
 
@@ -54,9 +58,23 @@ def model_hash(model_dir: str | Path) -> str:
 
 
 def data_hash(root: str | Path, tasks: Sequence[Task], split: str) -> str:
-    from ..data.layout import split_file
+    """Hash of what the teacher saw: each task's split file and the contents of every image its records name
+    (a cache must not outlive a changed image any more than a changed caption)."""
+    from ..data.layout import images_dir, load_raw, split_file
 
-    return _hash_files([split_file(root, t, split) for t in tasks])
+    h = hashlib.sha256()
+    for task in tasks:
+        path = split_file(root, task, split)
+        h.update(f"{task}/{path.name}".encode())
+        _add_file(h, path)
+        raw, _ = load_raw(path)
+        names = {r.get("image_id") for r in raw if isinstance(r, dict)}
+        for name in sorted(n for n in names if isinstance(n, str)):
+            image = images_dir(root, task) / name
+            h.update(b"\0image\0" + name.encode("utf-8", "surrogatepass"))
+            if image.is_file():
+                _add_file(h, image)
+    return h.hexdigest()[:20]
 
 
 def _expected(model_dir, root, tasks, split, augment, seed, variants, skip_invalid) -> dict:
@@ -189,7 +207,19 @@ class CachedTeacher:
             raise StaleCacheError(
                 f"{self.dir} is not a teacher cache (no {MANIFEST}); build it with hkd4vlm cache-teacher"
             )
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(manifest, dict):
+                raise ValueError(f"a JSON object was expected, got {type(manifest).__name__}")
+            shards, records, variants = manifest["shards"], manifest["records"], manifest.get("variants", 1)
+            if not (isinstance(shards, list) and all(isinstance(x, str) and Path(x).name == x for x in shards)):
+                raise ValueError("field 'shards' must be a list of file names")
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (records, variants)):
+                raise ValueError("fields 'records' and 'variants' must be non-negative integers")
+        except (UnicodeDecodeError, ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
+            raise StaleCacheError(
+                f"{path}: not a valid cache manifest ({type(e).__name__}: {e}); rebuild it with hkd4vlm cache-teacher"
+            ) from None
         expected = _expected(model_dir, root, tasks, split, augment, seed, manifest.get("variants", 1), skip_invalid)
         if "skip_invalid" not in manifest:  # written before the option existed: every record was kept
             manifest["skip_invalid"] = False
@@ -202,7 +232,16 @@ class CachedTeacher:
         self.variants = manifest["variants"]
         self.table: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for shard in manifest["shards"]:
-            t = load_file(str(self.dir / shard))
+            try:
+                t = load_file(str(self.dir / shard))
+                rows = len(t["index"])
+                if any(len(t[k]) != rows for k in ("variant", "logits", "hidden")):
+                    raise ValueError("its tensors hold different numbers of rows")
+            except Exception as e:  # safetensors' own error type for a truncated file is not an OSError
+                raise StaleCacheError(
+                    f"{self.dir / shard}: unreadable cache shard, truncated or corrupt ({type(e).__name__}: "
+                    f"{str(e)[:200]}); rebuild the cache with hkd4vlm cache-teacher"
+                ) from None
             for j, (i, v) in enumerate(zip(t["index"].tolist(), t["variant"].tolist())):
                 self.table[(i, v)] = (t["logits"][j], t["hidden"][j])
         if len(self.table) != manifest["records"] * self.variants:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, model_validator
 
-from ..engine.config import DataConfig, StrictModel, TrainConfig, TrainSettings, save_config
+from ..engine.config import DataConfig, ModelRef, StrictModel, TrainConfig, TrainSettings, save_config
 from ..engine.distributed import barrier, is_main_process
 from ..files import write_text_atomic
 
@@ -106,10 +106,14 @@ class PPODStageConfig(_Stage):
     kind: Literal["ppod"] = "ppod"
     gamma: float = Field(default=0.5, ge=0)
     tau: tuple[float, float] = Field(default=(4.0, 1.0), description="temperature, start -> end of the stage")
-    alpha: tuple[float, float] = (0.2, 0.5)
+    alpha: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+        default=(0.2, 0.5), description="weight of the distillation term against the labels, start -> end"
+    )
     loss: LossConfig = LossConfig()
     mutual: bool = False
-    mutual_lr: float = Field(default=1e-5, gt=0, description="the nearest teacher's learning rate when mutual")
+    mutual_lr: float = Field(
+        default=1e-5, gt=0, allow_inf_nan=False, description="the nearest teacher's learning rate when mutual"
+    )
     #: pyramid level -> teacher cache folder (hkd4vlm cache-teacher): that level is read, not run
     cache: dict[int, str] = Field(default_factory=dict)
 
@@ -124,9 +128,9 @@ class TCRDStageConfig(_Stage):
     """TCRD at ``level`` with ``teacher`` and ``assistant`` levels (``distill.stages.TCRDStage``)."""
 
     kind: Literal["tcrd"] = "tcrd"
-    teacher: int = 0
-    assistant: int = 1
-    tau: float = Field(default=2.0, gt=0)
+    teacher: int = Field(default=0, ge=0)
+    assistant: int = Field(default=1, ge=0)
+    tau: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     loss: LossConfig = LossConfig()
     lambda_gt: float = Field(default=1.0, ge=0)
     lambda_resp: float = Field(default=1.0, ge=0)
@@ -142,10 +146,10 @@ StageConfig = Annotated[SFTStageConfig | PPODStageConfig | TCRDStageConfig, Fiel
 
 
 class RecipeConfig(StrictModel):
-    pyramid: list[str] = Field(min_length=1, description="model directories, largest (teacher) first")
+    pyramid: list[ModelRef] = Field(min_length=1, description="model directories, largest (teacher) first")
     data: DataConfig
     out: Path
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)
     save_every: int = Field(default=250, ge=1)
     progress: bool = True
     stages: list[StageConfig] = Field(min_length=1)
@@ -310,12 +314,65 @@ def _pending_stages(recipe: RecipeConfig, out: Path, current: dict[int, str]):
         stage_out = out / f"stage-{i}-{st.kind}-level{st.level}"
         done = stage_out / "done.json"
         if done.is_file():
-            record = json.loads(done.read_text(encoding="utf-8"))
+            record = read_done(done)
             current[st.level] = record["model"]
             if "teacher" in record:
                 current[st.level - 1] = record["teacher"]
             continue
         yield i, st, stage_out
+
+
+def read_done(done: Path) -> dict:
+    """A finished stage's record (``done.json``: its model, the stage's settings, a mutual teacher); ConfigError
+    naming the file when it cannot be read."""
+    from ..engine.config import ConfigError
+
+    try:
+        record = json.loads(done.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        record, why = None, f"not valid JSON ({e})"
+    else:
+        why = "must be an object with a string 'model' (and 'stage', 'teacher')"
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("model"), str)
+        or not isinstance(record.get("teacher", ""), str)
+        or not isinstance(record.get("stage", {}), dict)
+    ):
+        raise ConfigError(f"{done}: {why}; remove {done.parent} to run the stage again, or restore the file") from None
+    return record
+
+
+def _changed(old, new, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two nested settings dicts: key -> (old, new)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for k in sorted(set(old) | set(new), key=str):
+            out.update(_changed(old.get(k), new.get(k), f"{prefix}{k}."))
+        return out
+    return {} if old == new else {prefix.rstrip("."): (old, new)}
+
+
+def _check_finished(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
+    """A finished stage is skipped when the recipe runs again; refuse (or, with ``resume_force``, say) when its
+    settings in the recipe differ from those it was trained with, which would otherwise go unnoticed."""
+    from ..engine.config import ConfigError
+
+    for i, st in enumerate(recipe.stages):
+        done = out / f"stage-{i}-{st.kind}-level{st.level}" / "done.json"
+        if not done.is_file():
+            continue
+        saved = read_done(done).get("stage")
+        changes = _changed(saved, st.model_dump(mode="json")) if saved is not None else {}
+        if changes:
+            what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            if not resume_force:
+                raise ConfigError(
+                    f"{done.parent}: stages.{i} finished with other settings ({what}) and would be skipped; "
+                    f"remove {done.parent} to run it again with these, restore them, use a new out folder, or "
+                    "pass --resume-force to keep the finished stage as it is"
+                )
+            print(f"stages.{i} finished with other settings ({what}); kept as it is (--resume-force)")
 
 
 def _check_resume(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
@@ -325,6 +382,7 @@ def _check_resume(recipe: RecipeConfig, out: Path, resume_force: bool) -> None:
     from ..engine.checkpoint import checkpoint_dirs
     from ..engine.config import ConfigError, resume_changes
 
+    _check_finished(recipe, out, resume_force)
     current = {i: str(p) for i, p in enumerate(recipe.pyramid)}
     for i, st, stage_out in _pending_stages(recipe, out, current):
         if checkpoint_dirs(stage_out / "checkpoints") and (stage_out / "config.yaml").is_file() and not resume_force:

@@ -11,10 +11,12 @@ the RNG state is JSON.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
@@ -25,6 +27,8 @@ from ..errors import UserError
 from ..files import file_sha256 as _digest  # the package's one file digest
 
 STATE_FILE = "state.json"
+#: the state file's field that holds the SHA-256 of its other fields
+STATE_DIGEST = "state_sha256"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -67,6 +71,13 @@ def _legacy_rng_state(path: Path) -> dict:
     }
 
 
+def _state_digest(state: dict) -> str:
+    """SHA-256 of the state file's own fields (all but the digest), so that an edited step or data position
+    is caught like an altered weights file."""
+    fields = {k: v for k, v in state.items() if k != STATE_DIGEST}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def checkpoint_dirs(root: str | Path) -> list[Path]:
     """Checkpoints under ``root`` that were renamed into place, oldest first (a folder is there once it has
     its state file; whether its files are intact is :func:`verify_checkpoint`'s question)."""
@@ -105,28 +116,44 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        torch.save({k: v.detach().cpu() for k, v in unwrapped.state_dict().items()}, tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        for name, module in (extra_modules or {}).items():
-            torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
-        for name, obj in (stateful or {}).items():
-            torch.save(obj.state_dict(), tmp / f"{name}.state.pt")
-    (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
+    with _cleared_on_failure(tmp):
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            torch.save({k: v.detach().cpu() for k, v in unwrapped.state_dict().items()}, tmp / "model.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            for name, module in (extra_modules or {}).items():
+                torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
+            for name, obj in (stateful or {}).items():
+                torch.save(obj.state_dict(), tmp / f"{name}.state.pt")
+        (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # the state file goes last: its presence marks the folder complete, its list of files lets a
-        # resume tell a truncated or altered file from a good one
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in sorted(tmp.iterdir())}
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}, indent=2))
+        with _cleared_on_failure(tmp):
+            # the state file goes last: its presence marks the folder complete, its list of files lets a
+            # resume tell a truncated or altered file from a good one
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in sorted(tmp.iterdir())}
+            full = {**state, "step": step, "files": files}
+            (tmp / STATE_FILE).write_text(json.dumps({**full, STATE_DIGEST: _state_digest(full)}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _cleared_on_failure(tmp: Path):
+    """Remove the half-written checkpoint ``tmp`` when writing it fails (a full disk), and say which it was."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{tmp}: the checkpoint could not be written ({type(e).__name__}: {str(e)[:300]}); it was removed. "
+            "Free some space (or lower keep_checkpoints) and resume with --resume"
+        ) from e
 
 
 def verify_checkpoint(path: str | Path) -> dict:
@@ -139,6 +166,14 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("step", "epoch", "index")):
         raise CheckpointError(f"{path / STATE_FILE}: lacks the integer fields step, epoch and index")
+    if STATE_DIGEST in state and state[STATE_DIGEST] != _state_digest(state):
+        raise CheckpointError(f"{path / STATE_FILE}: its fields differ from the SHA-256 it was written with (edited?)")
+    m = _STEP_DIR.match(path.name)
+    if m is not None and state["step"] != int(m.group(1)):
+        raise CheckpointError(f"{path / STATE_FILE}: field 'step' is {state['step']}, but the folder is {path.name}")
+    for key in ("step", "epoch", "index"):
+        if state[key] < 0:
+            raise CheckpointError(f"{path / STATE_FILE}: field '{key}' is {state[key]}; it must be at least 0")
     files = state.get("files")
     if files is None:  # written before checkpoints listed their files: only their presence can be checked
         needed = ["model.pt", "optimizer.pt", "scheduler.pt"]
@@ -218,13 +253,25 @@ def load_checkpoint(
             f"{str(e)[:300]}); a checkpoint's RNG state is never unpickled into arbitrary objects"
         ) from None
 
-    accelerator.unwrap_model(model).load_state_dict(weights)
-    optimizer.load_state_dict(optim)
-    scheduler.load_state_dict(sched)
+    def restore(name: str, load) -> None:
+        try:
+            load()
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a weight of another shape or name
+            raise CheckpointError(
+                f"{path / name}: does not fit this run's model ({type(e).__name__}: {str(e)[:300]}); was it "
+                "written for another model?"
+            ) from None
+
+    restore("model.pt", lambda: accelerator.unwrap_model(model).load_state_dict(weights))
+    restore("optimizer.pt", lambda: optimizer.load_state_dict(optim))
+    restore("scheduler.pt", lambda: scheduler.load_state_dict(sched))
     for name, module in (extra_modules or {}).items():
-        accelerator.unwrap_model(module).load_state_dict(extras[name])
+        restore(
+            f"{name}.pt",
+            lambda module=module, name=name: accelerator.unwrap_model(module).load_state_dict(extras[name]),
+        )
     for name, obj in (stateful or {}).items():
-        obj.load_state_dict(states[name])
+        restore(f"{name}.state.pt", lambda obj=obj, name=name: obj.load_state_dict(states[name]))
     try:
         set_rng_state(rng)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -237,11 +284,16 @@ def resume_latest(accelerator, root: str | Path, *, log=print, **parts) -> tuple
     :func:`load_checkpoint`'s keyword arguments. A newer one that does not is said so, renamed
     ``step-N.corrupt`` (kept for inspection, out of the way of pruning) and skipped. None when there is no
     checkpoint; :class:`CheckpointError` when none of those there can be resumed from."""
-    dirs = checkpoint_dirs(root)
+    # every step-N folder, also one whose state file is gone: it was complete once (folders are renamed into place
+    # after their state file is written), so it is said and set aside like a corrupt one, never passed over
+    root = Path(root)
+    dirs = sorted((p for p in root.glob("step-*") if p.is_dir() and _STEP_DIR.match(p.name)), key=_step_of)
     bad: list[tuple[Path, str]] = []
     found = None
     for path in reversed(dirs):
         try:
+            if not (path / STATE_FILE).is_file():
+                raise CheckpointError(f"{path / STATE_FILE}: missing")
             found = path, load_checkpoint(accelerator, path, **parts)
             break
         except CheckpointError as e:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..data.augment import augment_spec
 from ..data.tasks import TASKS, Task
@@ -34,7 +34,7 @@ AugmentSpec = Annotated[dict[str, float], BeforeValidator(augment_spec)]
 
 class DataConfig(StrictModel):
     root: Path
-    tasks: list[Task] = list(TASKS)
+    tasks: list[Task] = Field(default=list(TASKS), min_length=1, description="the tasks to train on")
     split: str = "train"
     eval_split: str | None = "val"
     eval_limit: int | None = Field(default=None, ge=1, description="score at most this many eval records")
@@ -44,10 +44,64 @@ class DataConfig(StrictModel):
     )
 
 
+def check_lora(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``lora``: keyword arguments of ``peft.LoraConfig`` that it accepts, with a rank of at least 1 and the
+    modules to adapt named; checked when the config is read, not when the model is wrapped."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of peft.LoraConfig arguments, got {type(value).__name__}")
+    import dataclasses
+
+    from peft import LoraConfig
+
+    known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown peft.LoraConfig argument(s) {unknown} (e.g. r, lora_alpha, lora_dropout, target_modules)"
+        )
+    r, alpha, dropout = value.get("r", 8), value.get("lora_alpha", 8), value.get("lora_dropout", 0.0)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an integer of at least 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+        raise ValueError(f"lora_alpha must be a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}")
+    if not value.get("target_modules") and not value.get("target_parameters"):
+        raise ValueError("name the modules to adapt: target_modules (e.g. all-linear)")
+    try:
+        LoraConfig(**value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"peft.LoraConfig refuses it: {e}") from None
+    return value
+
+
+#: ``lora``: peft.LoraConfig arguments, checked as the config is read (check_lora)
+LoraSpec = Annotated[dict[str, Any] | None, AfterValidator(check_lora)]
+
+
+def check_model_ref(value: str) -> str:
+    """A model reference: a folder (checked when it is loaded) or ``zoo:NAME`` of a shipped base."""
+    from ..models.zoo import PREFIX, available, is_zoo
+
+    if is_zoo(value) and value[len(PREFIX) :] not in available():
+        shipped = ", ".join(PREFIX + n for n in available()) or "none"
+        raise ValueError(f"no zoo model {value!r}; shipped: {shipped}")
+    return value
+
+
+#: a model folder or ``zoo:NAME`` (check_model_ref)
+ModelRef = Annotated[str, AfterValidator(check_model_ref)]
+
+
 class OptimConfig(StrictModel):
     lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(default=0.01, ge=0, allow_inf_nan=False)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[
+        Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)],
+        Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)],
+    ] = (0.9, 0.999)
     warmup_steps: int = Field(default=100, ge=0)
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
     max_grad_norm: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
@@ -66,7 +120,7 @@ class TrainSettings(StrictModel):
         default=None, description="answer readout to train and save with the model (None: the model's own)"
     )
     augment: AugmentSpec = Field(default_factory=dict, description="augmentation -> probability")
-    lora: dict[str, Any] | None = Field(default=None, description="peft.LoraConfig arguments for the trained model")
+    lora: LoraSpec = Field(default=None, description="peft.LoraConfig arguments for the trained model")
     freeze_vision: bool = False
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
@@ -91,10 +145,10 @@ class TrainSettings(StrictModel):
 class TrainConfig(TrainSettings):
     """One training run: what to train, on what, where to write it, and how (``TrainSettings``)."""
 
-    model: str = Field(description="model directory (anything load_model reads)")
+    model: ModelRef = Field(description="model directory (anything load_model reads)")
     out: Path
     data: DataConfig
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)
     save_every: int = Field(default=500, ge=1)
     progress: bool = True
 
@@ -113,6 +167,29 @@ class TrainConfig(TrainSettings):
         return data
 
 
+#: the most values (scalars, lists and mappings) a config may expand to: YAML aliases repeat a node without
+#: copying it, so a few hundred bytes of nested aliases ("billion laughs") expand to millions of values
+MAX_CONFIG_NODES = 100_000
+
+
+def check_expansion(value: Any, source: str, limit: int = MAX_CONFIG_NODES) -> None:
+    """ConfigError when ``value`` (as YAML loaded it, aliases shared) expands to more than ``limit`` values."""
+    count, stack = 0, [value]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            raise ConfigError(
+                f"{source}: expands to more than {limit:,} values (nested YAML aliases?); a config is refused "
+                "rather than expanded"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     """``["optim.lr=3e-4", "data.tasks=[factuality]"]`` -> nested dict; values are read as YAML."""
     out: dict = {}
@@ -127,6 +204,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        check_expansion(value, f"override {key.strip()!r}")
         if isinstance(value, str) and _FLOAT.match(value):
             value = float(value)  # YAML 1.1 reads "3e-4" as a string
         node = out
@@ -205,6 +283,7 @@ def load_config(
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level, got {type(loaded).__name__}")
+        check_expansion(loaded, str(path))
         raw = merge(raw, loaded)
     raw = merge(raw, parse_overrides(overrides))
     try:

@@ -21,7 +21,7 @@ import torch
 from ..errors import NonFiniteError
 from ..files import write_text_atomic
 from ..models.scoring import answer_distribution, set_readout
-from .checkpoint import checkpoint_dirs, resume_latest, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_dirs, resume_latest, save_checkpoint
 from .config import ConfigError, TrainConfig, resume_changes, save_config
 from .distributed import average_gradients
 
@@ -84,6 +84,7 @@ def train(
     evaluate: Callable | None = None,
     resume: bool = False,
     resume_force: bool = False,
+    overwrite: bool = False,
     on_step: Callable[[int], None] | None = None,
     extra_modules: dict | None = None,
     stateful: dict | None = None,
@@ -104,6 +105,9 @@ def train(
     a setting that breaks an exact resume is refused (naming the settings) unless ``resume_force``. A NaN or
     infinite loss or gradient stops training with :class:`NonFiniteError` (after ``cfg.skip_nonfinite``
     skipped steps), and non-finite weights are never saved.
+
+    Without ``resume``, a folder that already holds a run (its checkpoints or model/) is refused
+    (ConfigError) unless ``overwrite``, which clears its checkpoints and model first.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -111,6 +115,8 @@ def train(
     from ..models.loading import load_model
 
     stage = stage or sft_stage
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate would train in float32
+        raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; on CPU use no (or bf16)")
     # some families never use a few parameters (LLaVA skips CLIP's post_layernorm): DDP must be told
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
     accelerator = Accelerator(
@@ -135,8 +141,20 @@ def train(
                     "restore them, use a new out folder, or pass --resume-force to resume anyway"
                 )
             accelerator.print(f"resuming with changed settings (--resume-force): {what}")
+    held = previous_run(out)
+    if held and not resume and not overwrite:
+        raise ConfigError(
+            f"out: {out} already holds a training run ({', '.join(held)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose a new out folder"
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if held and not resume:  # overwrite: nothing of the old run may be resumed or mistaken for the new one
+            import shutil
+
+            for name in ("checkpoints", "model", "eval.json"):
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
@@ -179,7 +197,17 @@ def train(
         if found is not None:
             last, state = found
             step, pos = state["step"], Position(state["epoch"], state["index"])
+            if pos.index > len(source):
+                raise CheckpointError(
+                    f"{last / 'state.json'}: field 'index' is {pos.index}, past the {len(source)} training "
+                    "records; the checkpoint does not belong to this data"
+                )
             accelerator.print(f"resumed from {last} at step {step} (epoch {pos.epoch}, item {pos.index})")
+        elif (out / "model").is_dir():
+            raise CheckpointError(
+                f"{out}: holds a finished model but no checkpoint to resume from; use --overwrite to train it "
+                "again from the start, or a new out folder"
+            )
     skipped = list(getattr(source, "skipped", []))
     if skipped:
         n = len({(p.file, p.record) for p in skipped})
@@ -288,6 +316,18 @@ def train(
     return final
 
 
+def previous_run(out: Path) -> list[str]:
+    """What of a training run's work ``out`` already holds (checkpoints, model/), by name; a config.yaml alone
+    (a run that stopped before its first checkpoint) holds nothing to lose."""
+    ckpts = out / "checkpoints"
+    held = []
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        held.append("checkpoints/")
+    if (out / "model").exists():
+        held.append("model/")
+    return held
+
+
 def save_model(model, processor, path: str | Path) -> Path:
     """Save a model so that ``load_model`` reads it (LoRA adapters are merged into the weights)."""
     path = Path(path)
@@ -298,8 +338,12 @@ def save_model(model, processor, path: str | Path) -> Path:
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    except OSError as e:  # a full disk: no half-written model is left, and the message names the folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"the model could not be saved ({e.strerror or e})", str(path)) from e
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path

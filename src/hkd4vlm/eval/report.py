@@ -19,6 +19,10 @@ STATUSES = ("success", "error")
 _LEGACY_STATUSES = ("correct", "wrong", "unlabelled")
 
 
+#: the suffixes the confusion plot may be written as (matplotlib's Agg backend writes these)
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
+
+
 class PredictionsError(UserError, ValueError):
     """A predictions file that cannot be evaluated; the message names the file, line, record and field."""
 
@@ -72,6 +76,7 @@ def check_row(row, where: str) -> None:
 def read_predictions(path: str | Path) -> list[dict]:
     """Rows of a predictions JSONL; a malformed line is an error naming the file, line, record and field."""
     rows = []
+    seen: dict[tuple, int] = {}  # (task, image) -> line: a record predicted twice would be scored twice
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -88,6 +93,13 @@ def read_predictions(path: str | Path) -> list[dict]:
                 f"{path}:{n}: JSON that cannot be read ({type(e).__name__}: {str(e)[:200]})"
             ) from None
         check_row(row, f"{path}:{n}")
+        key = (row.get("task"), row["image"])
+        if key in seen:
+            raise PredictionsError(
+                f"{path}:{n}: record {row['image']!r} is predicted again (first at line {seen[key]}); each record "
+                "must be scored once"
+            )
+        seen[key] = n
         rows.append(row)
     return rows
 

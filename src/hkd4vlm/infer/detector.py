@@ -15,6 +15,7 @@ be a path, a PIL image or bytes. Bad input raises errors.InputError naming the f
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from ..data.images import DEFAULT_MAX_PIXELS, open_image
 from ..data.records import LETTERS, Choice, Record
 from ..data.tasks import FACT_QUESTIONS, SYSTEM1_QUESTIONS, SYSTEM2_QUESTIONS, TASKS, VERDICTS
 from ..data.text_checks import DEFAULT_CONTROL_TOKENS, TextPolicy
-from ..errors import InputError
+from ..errors import InputError, ModelError, NonFiniteError
 from .msei import AGGREGATES, DEFAULT_SHIFTS, Aggregate, MappingSpec, Shifts, parse_shifts, score_shifts
 
 #: what a request may carry: at least two options, at most one per letter
@@ -229,6 +230,12 @@ class Detector:
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         shifts = parse_shifts(shifts)
+        from ..models.scoring import check_readout
+
+        try:  # here, not at the first request: a readout that cannot work would fail every one
+            check_readout(model, processor)
+        except ValueError as e:
+            raise ModelError(f"{name}: {e}") from None
         self.model, self.processor = model, processor
         self.model.eval()
         self.spec = MappingSpec(shifts)
@@ -341,15 +348,33 @@ class Detector:
     ) -> list[Detection]:
         """Judge many records, ``batch_size`` at a time. Each item is a request dict (``task``, ``image`` and the
         task's fields, as in :func:`request_record`) or a ``(Record, image)`` pair."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+        if isinstance(records, (str, bytes, Mapping, Record)) or not isinstance(records, Iterable):
+            raise InputError(
+                f"records: must be a list of request dicts or (Record, image) pairs, got {type(records).__name__}"
+                + (" (wrap one record in a list)" if isinstance(records, (Mapping, Record)) else ""),
+                field="records",
+            )
         items = list(records)
         prepared: list[tuple[Record, Image.Image]] = []
         for i, item in enumerate(items):
             try:
                 if isinstance(item, tuple):
+                    if len(item) != 2 or not isinstance(item[0], Record):
+                        raise InputError(
+                            f"a tuple must be a (Record, image) pair, got a tuple of {len(item)}"
+                            + ("" if len(item) != 2 else f" starting with {type(item[0]).__name__}"),
+                            field="-",
+                        )
                     record, image = item
                     check_record_text(record, self.text_policy)
-                else:
+                elif isinstance(item, Mapping):
                     record, image = request_record(item, policy=self.text_policy), item["image"]
+                else:
+                    raise InputError(
+                        f"must be a request dict or a (Record, image) pair, got {type(item).__name__}", field="-"
+                    )
                 prepared.append((record, self._image(image)))
             except InputError as e:
                 raise e.in_record(i) from None
@@ -361,7 +386,7 @@ class Detector:
         out: list[Detection] = []
         for start in range(0, len(prepared), batch_size):
             chunk = prepared[start : start + batch_size]
-            out += self._score([r for r, _ in chunk], [im for _, im in chunk])
+            out += self._score([r for r, _ in chunk], [im for _, im in chunk], first=start)
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -382,7 +407,8 @@ class Detector:
     def _image(self, image: ImageInput) -> Image.Image:
         return load_image_input(image, max_pixels=self.max_pixels)
 
-    def _score(self, records: list[Record], images: list[Image.Image]) -> list[Detection]:
+    def _score(self, records: list[Record], images: list[Image.Image], *, first: int = 0) -> list[Detection]:
+        """Detections of a batch (``first``: the index of its first record among the caller's, for messages)."""
         with torch.inference_mode():
             res = score_shifts(
                 self.model,
@@ -396,6 +422,11 @@ class Detector:
         out = []
         for i, r in enumerate(records):
             n = len(r.choices)
+            if not (bool(torch.isfinite(res.probs[i, :n]).all()) and math.isfinite(float(res.agreement[i]))):
+                raise NonFiniteError(
+                    f"model {self.name}: non-finite probabilities {res.probs[i, :n].tolist()} for record #{first + i} "
+                    "(its logits overflow or hold NaN); no answer can be given"
+                )
             w = int(res.winner[i])
             out.append(
                 Detection(

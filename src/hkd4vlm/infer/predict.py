@@ -18,6 +18,7 @@ import torch
 
 from ..data.layout import Split
 from ..data.records import Record
+from ..files import write_text_atomic
 from ..models.scoring import answer_distribution
 from .msei import Aggregate, MappingSpec, score_shifts
 
@@ -79,6 +80,41 @@ def to_prediction(
     )
 
 
+#: the most tokens (the model's tokenizer) a record's text fields may hold together, as the service's
+#: ``--max-request-tokens`` default: the model's time and memory grow with the prompt
+MAX_RECORD_TOKENS = 2_048
+
+
+def check_record_tokens(split: Split, records: list[Record], processor, max_tokens: int) -> None:
+    """DatasetError naming the file, record and field of every record whose text fields pass ``max_tokens``
+    together (the field at which the count passes it)."""
+    from ..data.layout import split_file
+    from ..data.records import DatasetError, Problem
+    from .detector import record_text_fields
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    problems = []
+    for r in records:
+        fields = record_text_fields(r)
+        counts = [len(ids) for ids in tokenizer([t for _, t in fields], add_special_tokens=False)["input_ids"]]
+        total = 0
+        for (name, _), n in zip(fields, counts):
+            total += n
+            if total > max_tokens:
+                problems.append(
+                    Problem(
+                        str(split_file(split.root, split.task, split.name)),
+                        r.image_id,
+                        name,
+                        f"the record's text reaches {sum(counts):,} tokens, over the limit of {max_tokens:,} for "
+                        "all its text fields together (predict --max-record-tokens)",
+                    )
+                )
+                break
+    if problems:
+        raise DatasetError(problems)
+
+
 def predict_split(
     model,
     processor,
@@ -89,15 +125,20 @@ def predict_split(
     progress: bool = False,
     spec: MappingSpec = MappingSpec(1),
     aggregate: Aggregate = "logmean",
+    max_record_tokens: int | None = MAX_RECORD_TOKENS,
 ) -> list[Prediction]:
     """Predictions for every record of ``split`` (in order), scored ``batch_size`` records at a time.
 
     ``spec``: the option→letter mappings to score each record under, aggregated (mapping-shift inference,
     with prefix reuse; the predictions then carry the mappings' agreement). A spec of one mapping
-    (``MappingSpec(1)``, the default) is one plain pass.
+    (``MappingSpec(1)``, the default) is one plain pass. A record whose text passes ``max_record_tokens``
+    (None: no bound) is refused before anything is scored (DatasetError naming it).
     """
-
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     records = split.records[:limit] if limit else split.records
+    if max_record_tokens is not None:
+        check_record_tokens(split, records, processor, max_record_tokens)
     out: list[Prediction] = []
     bar = None
     if progress:
@@ -134,12 +175,8 @@ def predict_split(
 
 
 def write_jsonl(preds: list[Prediction], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(p.to_json() + "\n" for p in preds), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write the predictions JSONL atomically (files.write_text_atomic: no partial file, even on a full disk)."""
+    return write_text_atomic(path, "".join(p.to_json() + "\n" for p in preds))
 
 
 def accuracy(preds: list[Prediction]) -> float:

@@ -36,25 +36,30 @@ def load_model(
     A folder that is missing, lacks its config, weights or tokenizer, holds a corrupt one, or whose weights
     are not all finite raises :class:`~hkd4vlm.errors.ModelError` naming the folder and the file.
     """
-    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .scoring import READOUT_KEY, VERDICT_KEY, check_readout
     from .zoo import is_zoo, resolve
+
+    check_device(device)
 
     if is_zoo(path) and dtype == "auto":
         dtype = "float32"
-    path = resolve(path)
+    torch_dtype = parse_dtype(dtype)
+    path = resolve(path)  # zoo.ZooError for an unknown name, or files that do not match the manifest
     check_model_dir(path)
-    torch_dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
     model: Any  # a transformers model, or the peft model that wraps it (lora)
+    info: dict
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
+        model, info = AutoModelForImageTextToText.from_pretrained(  # type: ignore[misc]
             path,
             dtype=torch_dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported by check_loading_info, naming the weights
         )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(
@@ -65,6 +70,7 @@ def load_model(
         if type(e).__name__ != "SafetensorError":
             raise
         raise ModelError(f"{path}: a *.safetensors file is corrupt or truncated ({e})") from e
+    check_loading_info(path, info)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -79,6 +85,11 @@ def load_model(
             f"{', ...' if len(bad) > 3 else ''}); refusing to use the model (was it trained with a "
             "learning rate that diverged?)"
         )
+    if any(getattr(model.config, key, None) is not None for key in (READOUT_KEY, VERDICT_KEY)):
+        try:  # a readout the config names must work with this tokenizer, before any record is scored
+            check_readout(model, processor)
+        except ValueError as e:
+            raise ModelError(f"{path / 'config.json'}: {e}") from None
     if device and not device_map:
         model.to(device)
     if freeze_vision:
@@ -90,6 +101,63 @@ def load_model(
     return model, processor
 
 
+#: the dtypes a model may be loaded in, by name ("auto": as saved)
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def parse_dtype(dtype):
+    """``"auto"``, a torch dtype, or the torch dtype of one of :data:`DTYPES`; ModelError for anything else."""
+    import torch
+
+    if dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def check_device(device: str | None) -> None:
+    """ModelError for a device this torch build cannot use (an unknown name, CUDA on a CPU-only build, a GPU
+    index that is not there), before the model is loaded."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelError(f"device {device!r}: not a device name (cpu, cuda, cuda:N, mps) ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r}: this torch build has no CUDA device available; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {device!r}: MPS is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"device {device!r}: use cpu, cuda, cuda:N or mps")
+
+
+def check_loading_info(path: Path, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not match its config: a missing weight would be left randomly
+    initialised (and the model would still answer), an unexpected one ignored."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "of the wrong shape"),
+    ):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            problems.append(f"{len(names)} {what} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    if problems:
+        raise ModelError(
+            f"{path}: the *.safetensors weights do not match config.json: weight tensor(s) "
+            + "; ".join(problems)
+            + "; save the model again from the run that trained it"
+        )
+
+
 def check_model_dir(path: Path) -> None:
     """Refuse a folder that cannot be a model before transformers tries (its messages point elsewhere, e.g.
     at installing sentencepiece when tokenizer.json is missing)."""
@@ -98,10 +166,12 @@ def check_model_dir(path: Path) -> None:
     config = path / "config.json"
     if not config.is_file():
         raise ModelError(f"{path} is not a model directory (no config.json); models load from local paths only")
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{config}: not valid JSON ({e})") from None
+    for f in sorted(path.glob("*.json")):  # config, tokenizer, processor: transformers' messages name none of them
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            what = "empty" if f.stat().st_size == 0 else f"not valid JSON ({e})"
+            raise ModelError(f"{f}: {what}; copy it again from the folder the model was saved from") from None
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise ModelError(f"{path}: no *.safetensors weights (models load from safetensors only)")

@@ -9,6 +9,12 @@ feature, in one of two readouts chosen per model and saved in its config (``hkd4
   the mean of the hidden states there. Small models trained from scratch learn it at once, where the
   letter readout needs a long plateau to form its find-and-copy circuit (docs/models.md, "Readouts"; docs/experiments.md).
 
+The option score has one meaning in pretraining and in every task: "this option holds" (a statement is
+true of the image, a verdict fits the claim). A task whose question asks for the option that does *not*
+hold (hallucination detection: "Which option is hallucinated?") answers with the option scored lowest,
+``p(i | x) = softmax_i(-s_i(x))`` (``option_signs``; ``data.tasks.ASKS_FOR_UNSUPPORTED``), so tuning a
+base on it starts from what the base knows instead of driving every score through the uniform point.
+
 A verdict token's logit rather than a separate head: it is a linear head over the last hidden state
 that already lives in the model (the output embedding's row), so it is saved, loaded, LoRA-merged,
 DDP-wrapped and sharded by the model's own code, with no extra weights file that a checkpoint could be
@@ -23,6 +29,7 @@ from functools import lru_cache
 import torch
 
 from ..data.records import Record
+from ..data.tasks import ASKS_FOR_UNSUPPORTED
 from .prompt import prompt_with_option_ends
 
 READOUTS = ("letter", "option")
@@ -59,7 +66,10 @@ def get_readout(model) -> Readout:
     kind = getattr(config, READOUT_KEY, None) or "letter"
     if kind not in READOUTS:
         raise ReadoutError(f"model config has {READOUT_KEY}={kind!r}; expected one of {READOUTS}")
-    return Readout(kind, getattr(config, VERDICT_KEY, None) or DEFAULT_VERDICT_TOKEN)
+    verdict = getattr(config, VERDICT_KEY, None) or DEFAULT_VERDICT_TOKEN
+    if not isinstance(verdict, str):
+        raise ReadoutError(f"model config has {VERDICT_KEY}={verdict!r}; expected a token (a string such as 'Yes')")
+    return Readout(kind, verdict)
 
 
 def set_readout(model, kind: str, verdict_token: str | None = None) -> Readout:
@@ -70,6 +80,19 @@ def set_readout(model, kind: str, verdict_token: str | None = None) -> Readout:
     setattr(config, READOUT_KEY, kind)
     setattr(config, VERDICT_KEY, verdict_token or getattr(config, VERDICT_KEY, None) or DEFAULT_VERDICT_TOKEN)
     return get_readout(model)
+
+
+def check_readout(model, processor) -> Readout:
+    """The model's readout, checked against its tokenizer before any record is scored: a known kind, and the
+    token(s) it reads (the verdict token, or the first two option letters) single known tokens. ReadoutError
+    or LetterTokenError (both ValueError) say what is wrong."""
+    readout = get_readout(model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if readout.kind == "option":
+        verdict_token_id(tokenizer, readout.verdict_token)
+    else:
+        letter_token_ids(tokenizer, ("A", "B"))  # every record has at least two options
+    return readout
 
 
 def _single_token_id(tokenizer, word: str) -> int | None:
@@ -169,11 +192,24 @@ def kept_positions(offsets: list[list[int]], seq_len: int) -> torch.Tensor:
     return torch.tensor(sorted({seq_len - 1 - d for ds in offsets for d in ds} | {seq_len - 1}))
 
 
+def option_signs(records: list[Record]) -> list[float]:
+    """Per record, +1 where its question asks for the option that holds, -1 where it asks for the one that
+    does not (the option readout's score always means "this option holds")."""
+    return [-1.0 if r.task in ASKS_FOR_UNSUPPORTED else 1.0 for r in records]
+
+
 def option_scores(
-    kept: torch.Tensor, positions: torch.Tensor, seq_len: int, offsets: list[list[int]], verdict_id: int, n: int
+    kept: torch.Tensor,
+    positions: torch.Tensor,
+    seq_len: int,
+    offsets: list[list[int]],
+    verdict_id: int,
+    n: int,
+    signs: list[float] | None = None,
 ) -> torch.Tensor:
     """(B, n) verdict-token logits at each option's end from ``kept`` (B, K, V), the logits at ``positions``
-    (K,); a row's options beyond its own count get ``MASKED``; an open question (no options shown) gets a
+    (K,), times the row's sign (``option_signs``: -1 where the question asks for the option that does not
+    hold); a row's options beyond its own count get ``MASKED``; an open question (no options shown) gets a
     row of zeros (nothing to read; its loss does not use it)."""
     col = {int(p): j for j, p in enumerate(positions.tolist())}
     verdict = kept[:, :, verdict_id].float()  # (B, K)
@@ -181,6 +217,8 @@ def option_scores(
     for b, ds in enumerate(offsets):
         idx = [col[seq_len - 1 - d] for d in ds]
         s = verdict[b, idx] if idx else verdict.new_zeros(0)
+        if signs is not None and signs[b] != 1.0:
+            s = s * signs[b]
         fill = MASKED if idx else 0.0
         rows.append(torch.cat([s, s.new_full((n - len(idx),), fill)]))
     return torch.stack(rows)
@@ -238,7 +276,7 @@ def answer_distribution(
     positions = kept_positions(offsets, seq_len)
     out = model(**batch, output_hidden_states=True, logits_to_keep=positions.to(device))
     vid = verdict_token_id(processor.tokenizer, readout.verdict_token)
-    scores = option_scores(out.logits, positions, seq_len, offsets, vid, max(counts))
+    scores = option_scores(out.logits, positions, seq_len, offsets, vid, max(counts), option_signs(records))
     probs = torch.softmax(scores / temperature, dim=-1)
     last_hidden = out.hidden_states[-1]  # (B, T, H)
     hidden = torch.stack(

@@ -138,6 +138,7 @@ def create_app(detector: Detector, config: ServeConfig | None = None, **settings
             "client_errors": counter.client_errors,
             "server_errors": counter.server_errors,
             "disconnected": counter.disconnected,
+            "busy": counter.busy,
             "unauthorized": counter.unauthorized,
             "wrong_host": counter.wrong_host,
             "batches": b.batches,

@@ -57,7 +57,8 @@ def default_allowed_hosts(host: str) -> tuple[str, ...]:
     names are not known here: ``--allowed-host`` sets them)."""
     if is_wildcard(host):
         return ("*",)
-    return LOOPBACK_HOSTS if is_loopback(host) else (*LOOPBACK_HOSTS, host.strip("[]").lower())
+    name = host.strip("[]").lower()  # 127.0.0.2, ::ffff:127.0.0.1 and the like are loopback too, but not listed
+    return LOOPBACK_HOSTS if name in LOOPBACK_HOSTS else (*LOOPBACK_HOSTS, name)
 
 
 class ServeConfig(BaseModel):
@@ -152,7 +153,8 @@ class ServeConfig(BaseModel):
         if self.max_inflight_bytes < largest:
             raise ValueError(
                 f"max_inflight_mb ({self.max_inflight_mb:g} MiB) must hold at least one request of the body and "
-                f"image limits ({largest / MiB:.1f} MiB)"
+                f"image limits ({largest / MiB:.1f} MiB): raise it to {largest / MiB:.1f} or more, or lower "
+                "max_body_mb or max_image_side"
             )
         return self
 

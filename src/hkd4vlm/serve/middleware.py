@@ -60,6 +60,7 @@ class RequestCounts:
     client_errors: int = 0
     server_errors: int = 0
     disconnected: int = 0
+    busy: int = 0  # 503: refused at once because the queue or the memory budget was full (load shedding)
     unauthorized: int = 0  # refused for a missing or wrong API key (serve.access)
     wrong_host: int = 0  # refused for a Host that is not allowed
 
@@ -98,5 +99,13 @@ class RequestCounter:
             outcome = "disconnected"  # swallowed: the connection is gone, there is nothing to send
         finally:
             if status is not None:
-                outcome = "ok" if status < 400 else "client_errors" if status < 500 else "server_errors"
+                outcome = (
+                    "ok"
+                    if status < 400
+                    else "client_errors"
+                    if status < 500
+                    else "busy"
+                    if status == 503  # the server shed the request: nothing went wrong
+                    else "server_errors"
+                )
             setattr(self.counts, outcome, getattr(self.counts, outcome) + 1)

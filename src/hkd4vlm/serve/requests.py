@@ -61,6 +61,8 @@ async def _json_fields(request: Request) -> dict[str, Any]:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"body: malformed JSON ({e})", "body") from None
+    except ValueError as e:  # an integer of more digits than int() reads (4,300): not a request
+        raise RequestError(400, f"body: JSON that cannot be read ({str(e)[:200]})", "body") from None
     except RecursionError:  # the parser recurses per level: a body of 100,000 '[' ends here, not in a 500
         raise RequestError(
             400, "body: JSON nested too deeply (a request is an object of strings and lists of strings)", "body"
@@ -77,8 +79,8 @@ def _form_list(name: str, values: list[str]) -> list[str]:
     if len(values) == 1 and values[0].lstrip().startswith("["):
         try:
             parsed = json.loads(values[0])
-        except json.JSONDecodeError as e:
-            raise RequestError(422, f"field '{name}': not a valid JSON list ({e})", name) from None
+        except ValueError as e:  # malformed (JSONDecodeError), or an integer of too many digits
+            raise RequestError(422, f"field '{name}': not a valid JSON list ({str(e)[:200]})", name) from None
         except RecursionError:
             raise RequestError(
                 422, f"field '{name}': JSON nested too deeply (expected a list of strings)", name
@@ -87,9 +89,34 @@ def _form_list(name: str, values: list[str]) -> list[str]:
     return values
 
 
+def _closing_delimiter(content_type: str) -> bytes | None:
+    """``--BOUNDARY--``, the end of a multipart body, from its Content-Type (None when it names no boundary)."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary" and value.strip().strip('"'):
+            return b"--" + value.strip().strip('"').encode("latin-1", "replace") + b"--"
+    return None
+
+
 async def _form_fields(request: Request) -> dict[str, Any]:
+    closing = _closing_delimiter(request.headers.get("content-type", ""))
+    tail = bytearray()  # the body's last bytes: a multipart body cut short lacks its closing delimiter
+    receive = request.receive
+
+    async def tracked():
+        message = await receive()
+        if message["type"] == "http.request":
+            tail.extend(message.get("body", b""))
+            del tail[: max(0, len(tail) - 256 - len(closing or b""))]
+        return message
+
+    request = Request(request.scope, tracked)
     try:
         async with request.form(max_files=4, max_fields=64) as form:
+            if closing is None or not bytes(tail).rstrip().endswith(closing):
+                raise RequestError(
+                    400, "body: multipart data is truncated (it does not end with its closing boundary)", "body"
+                )
             out: dict[str, Any] = {}
             for name in dict.fromkeys(form.keys()):
                 values = form.getlist(name)
