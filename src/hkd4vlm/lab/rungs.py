@@ -270,6 +270,7 @@ RUNGS: dict[str, Rung] = {
             {
                 "ask-first": ("ask", "context", "scene"),
                 "ask-scene-context": ("ask", "scene", "context"),
+                "scene-first": ("scene", "ask", "context"),
                 "context-first": ("context", "ask", "scene"),
             },
             1 / 4,

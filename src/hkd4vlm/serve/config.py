@@ -173,8 +173,12 @@ class ServeConfig(BaseModel):
         return tuple(self.allowed_hosts) if self.allowed_hosts else default_allowed_hosts(self.host)
 
     def with_settings(self, **settings: Any) -> ServeConfig:
-        """A copy with ``settings`` (field names) changed, validated."""
-        return self if not settings else ServeConfig(**{**self.model_dump(), **settings})
+        """A copy with ``settings`` (field names) changed, validated; the fields neither this config nor
+        ``settings`` set stay unset (so ``model_fields_set`` still tells a given setting from a default)."""
+        if not settings:
+            return self
+        given = {name: getattr(self, name) for name in self.model_fields_set}
+        return ServeConfig(**{**given, **settings})
 
     def public(self) -> dict[str, Any]:
         """What ``GET /v1/model`` reports: every setting, the key only as whether one is set, the sizes in bytes
