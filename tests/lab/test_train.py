@@ -36,7 +36,7 @@ def test_the_cli_writes_the_curve_and_summary(tmp_path):
     "args, message",
     [
         (["nope"], "unknown rung 'nope'"),
-        (["fact", "--layout", "scene-first"], "has no layout 'scene-first'"),
+        (["retrieve", "--layout", "scene-first"], "has no layout 'scene-first'"),
         (["recall", "--hidden", "64", "--heads", "3"], "multiple of heads"),
         (["recall", "--preset", "tiny-nothing"], "unknown preset 'tiny-nothing'"),
     ],
