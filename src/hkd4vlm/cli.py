@@ -830,7 +830,9 @@ def serve(model_dir: Path, device: str | None, dtype: str, **settings) -> None:
         err = e.errors()[0]
         msg = str(err["msg"]).removeprefix("Value error, ")
         # a check across settings has no location: its message starts with the setting at fault
-        name = str(err["loc"][0]) if err["loc"] else next((n for n in ServeConfig.model_fields if msg.startswith(n)), "")
+        name = (
+            str(err["loc"][0]) if err["loc"] else next((n for n in ServeConfig.model_fields if msg.startswith(n)), "")
+        )
         hint = "'--api-key' / HKD4VLM_API_KEY" if name == "api_key" else f"'--{name.replace('_', '-')}'"
         raise click.BadParameter(msg, param_hint=hint) from None
     try:
@@ -890,6 +892,13 @@ def lab_list() -> None:
 )
 @click.option(
     "--lm-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Next-token loss on the prompt."
+)
+@click.option(
+    "--hop-weight",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Loss on the rung's intermediate targets (fact: the claimed shape's colour, the credited name).",
 )
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--held-out", type=click.IntRange(min=1), default=256, show_default=True)

@@ -100,3 +100,39 @@ def test_a_grid_scene_puts_each_object_on_its_patch_as_the_sum_of_its_words():
     table = model.get_input_embeddings().weight
     want = table[vocab.ids[size]] + table[vocab.ids[colour]] + table[vocab.ids[shape]]
     torch.testing.assert_close(seen["inputs_embeds"][0, ask + cell], want)
+
+
+def test_fact_hops_are_read_where_they_are_targeted():
+    """The intermediate targets of the fact rung sit on the claim's shape word and the context's last word,
+    in both scene formats, and their answers agree with the example's verdict."""
+    import random
+
+    from hkd4vlm.lab.rungs import get_rung, words
+    from hkd4vlm.lab.train import Vocabulary, encode_batch
+
+    rng = random.Random(6)
+    examples = [("fact", get_rung("fact").draw(rng)) for _ in range(40)]
+    vocab = Vocabulary(["fact"])
+    inverse = {i: w for w, i in vocab.ids.items()}
+    for scene in ("words", "grid"):
+        batch = encode_batch(examples, "scene-first", vocab, scene=scene)
+        first = batch.ids if batch.ids.dim() == 2 else batch.ids[:, :, 0]
+        for i, (_, ex) in enumerate(examples):
+            colour_hop, name_hop = ex.hops
+            shape_word = inverse[int(first[i, batch.hop_at[i, 0]])]
+            assert shape_word == words(ex.segments["ask"])[colour_hop.index] and shape_word in ex.segments["ask"]
+            assert inverse[int(first[i, batch.hop_at[i, 1]])] == "."  # the context's last word
+            assert batch.hop_at[i, 1] == batch.ids.shape[1] - 1 - len(vocab.encode("Answer :"))
+            assert (colour_hop.answer == "none") == (ex.answer == "image")
+            assert (name_hop.answer == "nobody") == (ex.answer in ("image", "nei"))
+            if ex.answer == "true":
+                assert name_hop.answer in ex.segments["ask"]
+    # the hops' loss is added only when asked for, and every hop is scored
+    from hkd4vlm.lab import LabConfig
+    from hkd4vlm.lab.train import answer_loss, build_lm
+
+    model = build_lm(LabConfig(rung="fact"), len(vocab), vocab.ids["<pad>"])
+    batch = encode_batch(examples, "scene-first", vocab)
+    plain, _, hops = answer_loss(model, batch)
+    with_hops, _, _ = answer_loss(model, batch, hop_weight=1.0)
+    assert with_hops > plain and hops.shape == (40, 2) and (hops >= 0).all()

@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..synth.factuality import NAMES, VERBS
+from ..synth.factuality import NAMES, VERBS, attributions, parse_claim
 from ..synth.factuality import make_record as make_fact_record
 from ..synth.levels import LEVELS
 from ..synth.phrases import NUMBER_WORDS, PLURAL
@@ -48,14 +48,27 @@ GRID = 8
 
 
 @dataclass(frozen=True)
+class Hop:
+    """An intermediate target (``--hop-weight``): at word ``index`` of segment ``segment`` (negative: from its
+    end), the word ``answer`` among ``answers``. One hop of a composed answer, supervised where it happens."""
+
+    segment: str
+    index: int
+    answer: str
+    answers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Example:
     """One rung example: prompt segments by name, the answer word and the answer words to choose among;
-    ``objects`` are the scene's objects with the grid cell of their centre, ``(size, colour, shape, cell)``."""
+    ``objects`` are the scene's objects with the grid cell of their centre, ``(size, colour, shape, cell)``;
+    ``hops`` the intermediate targets of a composed answer."""
 
     segments: dict[str, str]
     answer: str
     answers: tuple[str, ...]
     objects: tuple[tuple[str, str, str, int], ...] = ()
+    hops: tuple[Hop, ...] = ()
 
     def prompt(self, layout: tuple[str, ...], cue: bool = True) -> str:
         """The segments in ``layout``'s order, then the answer cue (without it the answer is read at the
@@ -208,15 +221,28 @@ FACT_KEYS = ("true", "image", "context", "nei")
 
 
 def draw_fact(rng: random.Random) -> Example:
+    """Also two hops: the claimed shape's colour at the claim's shape word (or none), and the person the
+    context credits with that colour at the context's last word (or nobody); with the scene first, each can
+    be read where it is targeted."""
     key = rng.choice(FACT_KEYS)
     record, scene = make_fact_record(rng, LEVELS["medium"], "lab", key, 0)
     context = " ".join(words(record.context or ""))
-    claim = " ".join(words(record.claim or ""))
+    claim = f"Claim : {' '.join(words(record.claim or ''))}"
+    size, shape, _ = parse_claim(record.claim or "")
+    found = scene.find(shape=shape, size=size)
+    colour = found[0].colour if found else "none"
+    credited = attributions(record.context or "").get(colour, "nobody") if found else "nobody"
+    claim_words = words(claim)
+    hops = (
+        Hop("ask", len(claim_words) - 1 - claim_words[::-1].index(shape), colour, (*COLOURS, "none")),
+        Hop("context", -1, credited, (*NAMES, "nobody")),
+    )
     return Example(
-        {"ask": f"Claim : {claim}", "context": f"Context : {context}", "scene": scene_text(scene)},
+        {"ask": claim, "context": f"Context : {context}", "scene": scene_text(scene)},
         key,
         FACT_KEYS,
         grid_objects(scene),
+        hops,
     )
 
 

@@ -59,6 +59,7 @@ class LabConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     init_std: float | None = Field(None, gt=0)  # the config's initializer_range (transformers' default 0.02)
     lm_weight: float = Field(0.0, ge=0)  # a next-token loss on every prompt token, beside the answer's
+    hop_weight: float = Field(0.0, ge=0)  # the intermediate targets' loss (rungs with hops: fact), beside the answer's
     eval_every: int = Field(250, ge=1)
     held_out: int = Field(256, ge=1)
     stop_at: float | None = Field(None, gt=0, le=1)  # stop once held-out accuracy reaches this
@@ -135,6 +136,8 @@ class Vocabulary:
                 for text in ex.segments.values():
                     seen.update(dict.fromkeys(words(text)))
                 seen.update(dict.fromkeys(ex.answers))
+                for hop in ex.hops:
+                    seen.update(dict.fromkeys(hop.answers))
         self.ids = {w: i for i, w in enumerate(seen)}
 
     def __len__(self) -> int:
@@ -184,24 +187,35 @@ class Batch:
     candidates: Tensor  # (B, K) answer word ids, padded with -1
     target: Tensor  # (B,) index of the answer among the candidates
     rungs: list[str]
+    hop_at: Tensor  # (B, H) the position of each intermediate target, -1 where a row has fewer
+    hop_candidates: Tensor  # (B, H, K) its answer word ids, padded with -1
+    hop_target: Tensor  # (B, H) index of its answer among them
 
 
-def _positions(ex: Example, layout: tuple[str, ...], cue: bool, scene: str, vocab: Vocabulary) -> list[tuple[int, ...]]:
+def _positions(
+    ex: Example, layout: tuple[str, ...], cue: bool, scene: str, vocab: Vocabulary
+) -> tuple[list[tuple[int, ...]], list[int]]:
     """The prompt as token positions, each one word id or, for a grid scene's slot, the ids whose embeddings
-    are summed there (an object's size, colour and shape; ``<bg>`` for an empty patch)."""
-    if scene == "words" or "scene" not in layout:
-        return [(i,) for i in vocab.encode(ex.prompt(layout, cue))]
+    are summed there (an object's size, colour and shape; ``<bg>`` for an empty patch); and the position of
+    each of the example's hops (``Example.hops``)."""
     bg = vocab.ids["<bg>"]
     out: list[tuple[int, ...]] = []
-    for name in layout:
-        if name != "scene":
-            out += [(i,) for i in vocab.encode(ex.segments[name])]
+    start: dict[str, tuple[int, int]] = {}
+    for name in layout:  # segment by segment: words() splits the joined prompt the same way
+        if name == "scene" and scene == "grid":
+            slots: list[tuple[int, ...]] = [(bg,)] * (GRID * GRID)
+            for size, colour, shape, cell in ex.objects:
+                slots[cell] = (vocab.ids[size], vocab.ids[colour], vocab.ids[shape])
+            out += [(i,) for i in vocab.encode("Scene :")] + slots
             continue
-        slots: list[tuple[int, ...]] = [(bg,)] * (GRID * GRID)
-        for size, colour, shape, cell in ex.objects:
-            slots[cell] = (vocab.ids[size], vocab.ids[colour], vocab.ids[shape])
-        out += [(i,) for i in vocab.encode("Scene :")] + slots
-    return out + ([(i,) for i in vocab.encode("Answer :")] if cue else [])
+        ids = vocab.encode(ex.segments[name])
+        start[name] = (len(out), len(ids))
+        out += [(i,) for i in ids]
+    hops = []
+    for hop in ex.hops:
+        at, n = start[hop.segment]
+        hops.append(at + (hop.index if hop.index >= 0 else n + hop.index))
+    return out + ([(i,) for i in vocab.encode("Answer :")] if cue else []), hops
 
 
 def encode_batch(
@@ -209,7 +223,8 @@ def encode_batch(
 ) -> Batch:
     import torch
 
-    seqs = [_positions(ex, get_rung(r).layouts[layout], cue, scene, vocab) for r, ex in examples]
+    built = [_positions(ex, get_rung(r).layouts[layout], cue, scene, vocab) for r, ex in examples]
+    seqs = [s for s, _ in built]
     width = max(map(len, seqs))
     depth = max(len(p) for s in seqs for p in s)
     ids = torch.full((len(seqs), width, depth), -1, dtype=torch.long)
@@ -225,7 +240,26 @@ def encode_batch(
     for i, (_, ex) in enumerate(examples):
         candidates[i, : len(ex.answers)] = torch.tensor([vocab.ids[a] for a in ex.answers])
         target[i] = ex.answers.index(ex.answer)
-    return Batch(ids[:, :, 0] if depth == 1 else ids, mask, candidates, target, [r for r, _ in examples])
+    n_hops = max(len(ex.hops) for _, ex in examples)
+    k_hops = max((len(h.answers) for _, ex in examples for h in ex.hops), default=0)
+    hop_at = torch.full((len(seqs), n_hops), -1, dtype=torch.long)
+    hop_candidates = torch.full((len(seqs), n_hops, k_hops), -1, dtype=torch.long)
+    hop_target = torch.zeros((len(seqs), n_hops), dtype=torch.long)
+    for i, ((_, ex), (s, at)) in enumerate(zip(examples, built)):
+        for j, (hop, where) in enumerate(zip(ex.hops, at)):
+            hop_at[i, j] = width - len(s) + where
+            hop_candidates[i, j, : len(hop.answers)] = torch.tensor([vocab.ids[a] for a in hop.answers])
+            hop_target[i, j] = hop.answers.index(hop.answer)
+    return Batch(
+        ids[:, :, 0] if depth == 1 else ids,
+        mask,
+        candidates,
+        target,
+        [r for r, _ in examples],
+        hop_at,
+        hop_candidates,
+        hop_target,
+    )
 
 
 def draw(rng: random.Random, rungs: list[str], n: int) -> list[tuple[str, Example]]:
@@ -236,8 +270,11 @@ def draw(rng: random.Random, rungs: list[str], n: int) -> list[tuple[str, Exampl
     return out
 
 
-def answer_loss(model, batch: Batch, lm_weight: float = 0.0):
-    """(loss, per-example hit tensor): cross-entropy over each example's answer words at the last position."""
+def answer_loss(model, batch: Batch, lm_weight: float = 0.0, hop_weight: float = 0.0):
+    """(loss, hits (B,), hop hits (B, H), -1 where a row has no such hop): cross-entropy over each example's
+    answer words at the last position, plus ``hop_weight`` times that of its intermediate targets at theirs
+    and ``lm_weight`` times a next-token loss on the prompt."""
+    import torch
     import torch.nn.functional as F
 
     if batch.ids.dim() == 3:  # grid slots: the sum of their words' embeddings
@@ -256,7 +293,18 @@ def answer_loss(model, batch: Batch, lm_weight: float = 0.0):
     if lm_weight:
         target = tokens[:, 1:].masked_fill(batch.mask[:, 1:] == 0, -100)
         loss = loss + lm_weight * F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1))
-    return loss, (scores.argmax(-1) == batch.target).float()
+    hop_hits = torch.full(batch.hop_at.shape, -1.0)
+    if batch.hop_at.numel():
+        present = batch.hop_at >= 0  # (B, H)
+        rows = torch.arange(len(batch.hop_at))[:, None].expand_as(batch.hop_at)
+        at = logits[rows, batch.hop_at.clamp(min=0)]  # (B, H, V)
+        hop_scores = at.gather(2, batch.hop_candidates.clamp(min=0)).masked_fill(
+            batch.hop_candidates < 0, float("-inf")
+        )  # (B, H, K)
+        if hop_weight:
+            loss = loss + hop_weight * F.cross_entropy(hop_scores[present], batch.hop_target[present])
+        hop_hits = torch.where(present, (hop_scores.argmax(-1) == batch.hop_target).float(), hop_hits)
+    return loss, (scores.argmax(-1) == batch.target).float(), hop_hits
 
 
 def run_rung(
@@ -296,10 +344,11 @@ def run_rung(
     t0, losses = time.perf_counter(), []
     for step in range(1, config.steps + 1):
         model.train()
-        loss, _ = answer_loss(
+        loss, _, _ = answer_loss(
             model,
             encode_batch(draw(rng, rungs, config.batch_size), config.layout, vocab, config.cue, config.scene),
             config.lm_weight,
+            config.hop_weight,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -320,7 +369,8 @@ def run_rung(
             with curve_file.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(point) + "\n")
         if log is not None:
-            per = " ".join(f"{k} {v:.3f}" for k, v in point["per_rung"].items()) if len(rungs) > 1 else ""
+            per = " ".join(f"{k} {v:.3f}" for k, v in point["per_rung"].items()) + " " if len(rungs) > 1 else ""
+            per += "hops " + " / ".join(f"{v:.3f}" for v in point["hops"]) + " " if "hops" in point else ""
             log(
                 f"step {step} loss {point['loss']:.3f} held-out {point['held_out']:.3f} {per}({point['seconds']:.0f} s)"
             )
@@ -338,16 +388,22 @@ def _evaluate(model, batches: list[Batch], rungs: list[str]) -> dict:
 
     model.eval()
     hits: dict[str, list[float]] = {r: [] for r in rungs}
+    hops: dict[int, list[float]] = {}
     with torch.no_grad():
         for b in batches:
-            _, hit = answer_loss(model, b)
+            _, hit, hop_hits = answer_loss(model, b)
             for r, h in zip(b.rungs, hit.tolist()):
                 hits[r].append(h)
+            for j, column in enumerate(hop_hits.T.tolist()):
+                hops.setdefault(j, []).extend(h for h in column if h >= 0)
     every = [h for v in hits.values() for h in v]
-    return {
+    point = {
         "held_out": round(sum(every) / len(every), 4),
         "per_rung": {r: round(sum(v) / len(v), 4) for r, v in hits.items() if v},
     }
+    if hops:  # accuracy of each intermediate target, whether or not it was trained
+        point["hops"] = [round(sum(v) / len(v), 4) for _, v in sorted(hops.items()) if v]
+    return point
 
 
 def plot_curve(result: LabResult, path: Path) -> None:
