@@ -35,9 +35,9 @@ class StaleCacheError(UserError, ValueError):
 
 
 def _add_file(h, path: Path) -> None:
+    """Stream a file's bytes into the running hash ``h`` (``hashlib.file_digest`` reads in blocks)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        hashlib.file_digest(f, lambda: h)
 
 
 def _hash_files(paths: list[Path]) -> str:

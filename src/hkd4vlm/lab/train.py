@@ -13,7 +13,6 @@ seed, so the two streams never share a generator state.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -327,11 +326,12 @@ def run_rung(
     ]
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
 
+    from ..engine.loop import warmup_cosine  # the one schedule of every training loop
+
     def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
         if config.schedule == "constant":
-            return warm
-        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / config.steps)))
+            return min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
+        return warmup_cosine(step, warmup=config.warmup, total=config.steps)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     curve_file = None

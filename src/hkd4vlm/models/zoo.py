@@ -6,12 +6,13 @@ path is accepted: ``zoo:tiny-llava-l``. Files are checked against the manifest b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
+
+from ..files import file_sha256 as sha256  # the package's one file digest
 
 PREFIX = "zoo:"
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
@@ -31,14 +32,6 @@ def available() -> list[str]:
 
 def is_zoo(path: str | os.PathLike) -> bool:
     return str(path).startswith(PREFIX)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(name: str) -> dict:

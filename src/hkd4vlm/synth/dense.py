@@ -1,7 +1,7 @@
 """Dense vision pretraining: the vision tower alone, with a target for every patch straight from the renderer
 (the colour, shape and size of the object whose centre falls in the patch, or "none"). One question per
 image gives one gradient per image; a target per patch gives one per image token, which is what gets a
-from-scratch tower past its plateau on shape (README, "Pretraining"). The per-patch heads are thrown away;
+from-scratch tower past its plateau on shape (docs/experiments.md, "What each level can see"). The per-patch heads are thrown away;
 the tower's weights go back into the model, which then takes the question curriculum.
 
 Batches depend only on (seed, step), so a resumed run continues exactly where it stopped.

@@ -8,7 +8,7 @@ from-scratch model needs before it can match an image against option texts. A mu
 is answered by letter, with the same answer scoring and loss as the tasks. Scenes are drawn fresh from
 their own seed, never from a dataset's images; every answer is read off the scene, so it is exact.
 
-What we measured on 2 cores (README, "Pretraining"): with objects of the benchmark's size, a tiny
+What we measured on 2 cores (docs/experiments.md, "What was measured on the way"): with objects of the benchmark's size, a tiny
 LLaVA stays at chance even on one-object colour questions for hundreds of steps (the answer position
 must find 1-2 object patches among 64); with objects a third of the image wide it learns them in ~50
 steps. Hence the curriculum shrinks objects as it adds them.

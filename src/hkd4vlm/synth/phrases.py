@@ -100,12 +100,3 @@ def phrase_truth(phrase: Phrase, scene: Scene) -> bool | None:
 def hallucinated_options(options: list[str], scene: Scene) -> list[int]:
     """Indices of the options that the scene does not support."""
     return [i for i, text in enumerate(options) if phrase_truth(parse_phrase(text), scene) is not True]
-
-
-def phrase_keys(phrase: Phrase) -> set[tuple[str, str]]:
-    """(colour, shape) pairs a phrase refers to (empty for counts)."""
-    if isinstance(phrase, Exist):
-        return {(phrase.colour, phrase.shape)}
-    if isinstance(phrase, Relation):
-        return {(phrase.colour_a, phrase.shape_a), (phrase.colour_b, phrase.shape_b)}
-    return set()

@@ -18,14 +18,14 @@ from ..engine.distributed import is_main_process
 from ..engine.loop import train
 from .sources import GroundingSource, VerifySource
 
-#: per preset: dense vision steps, then curriculum steps and learning rate (README, "Pretraining", for what
+#: per preset: dense vision steps, then curriculum steps and learning rate (docs/pretraining.md and docs/experiments.md, for what
 #: was tried). The zoo's manifests record the digest of these; a change here means rebuilding the zoo.
 PRETRAIN_RECIPES = {
     "tiny-llava-s": {"dense_steps": 3000, "steps": 3000, "lr": 2e-3},
     "tiny-llava-m": {"dense_steps": 3000, "steps": 3000, "lr": 2e-3},
     "tiny-llava-l": {"dense_steps": 4000, "steps": 2000, "lr": 2e-3},
 }
-#: learning rate of the verification stage (README, "Pretraining": measured with it)
+#: learning rate of the verification stage (docs/experiments.md, "Why SFT stayed at chance": measured with it)
 VERIFY_LR = 1e-3
 DEFAULT_RECIPE = {"dense_steps": 0, "steps": 3000, "lr": 1e-3, "freeze_vision": True, "dense_word_weight": 1.0}
 
