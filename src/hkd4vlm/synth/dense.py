@@ -10,7 +10,6 @@ Batches depend only on (seed, step), so a resumed run continues exactly where it
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -127,9 +126,12 @@ def dense_pretrain(
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = min(200, steps // 10)
-    # warmup, then cosine to a tenth; plain floats, so that the checkpoint loads with weights_only
+    # warmup, then cosine to a tenth (the engine's one schedule); plain floats, so that the checkpoint loads
+    # with weights_only
+    from ..engine.loop import warmup_cosine
+
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        opt, lambda s: warmup_cosine(s, warmup=warmup, total=steps, min_ratio=0.1)
     )
     ckpt, curve = out / "dense.pt", out / "dense.jsonl"
     step = 0
