@@ -900,6 +900,12 @@ def lab_list() -> None:
     show_default=True,
     help="Loss on the rung's intermediate targets (fact: the claimed shape's colour, the credited name).",
 )
+@click.option(
+    "--sentence-hops/--no-sentence-hops",
+    default=False,
+    show_default=True,
+    help="Also the dense intermediate targets (fact: at each context sentence, its person if its colour is the claimed shape's).",
+)
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--held-out", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(

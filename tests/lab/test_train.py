@@ -118,7 +118,7 @@ def test_fact_hops_are_read_where_they_are_targeted():
         batch = encode_batch(examples, "scene-first", vocab, scene=scene)
         first = batch.ids if batch.ids.dim() == 2 else batch.ids[:, :, 0]
         for i, (_, ex) in enumerate(examples):
-            colour_hop, name_hop = ex.hops
+            colour_hop, name_hop = ex.hops[:2]
             shape_word = inverse[int(first[i, batch.hop_at[i, 0]])]
             assert shape_word == words(ex.segments["ask"])[colour_hop.index] and shape_word in ex.segments["ask"]
             assert inverse[int(first[i, batch.hop_at[i, 1]])] == "."  # the context's last word
@@ -135,4 +135,25 @@ def test_fact_hops_are_read_where_they_are_targeted():
     batch = encode_batch(examples, "scene-first", vocab)
     plain, _, hops = answer_loss(model, batch)
     with_hops, _, _ = answer_loss(model, batch, hop_weight=1.0)
-    assert with_hops > plain and hops.shape == (40, 2) and (hops >= 0).all()
+    assert with_hops > plain and hops.shape[0] == 40 and (hops[:, :2] >= 0).all()
+
+
+def test_sentence_hops_are_drawn_only_when_asked_and_agree_with_the_answer_hop():
+    import random
+
+    from hkd4vlm.lab.rungs import words
+    from hkd4vlm.lab.train import draw
+
+    plain = draw(random.Random(8), ["fact"], 60)
+    dense = draw(random.Random(8), ["fact"], 60, dense_hops=True)
+    assert all(len(ex.hops) == 2 for _, ex in plain)
+    for (_, a), (_, b) in zip(plain, dense):
+        assert b.hops[:2] == a.hops and len(b.hops) > 2
+        context = words(b.segments["context"])
+        name = b.hops[1].answer
+        for hop in b.hops[2:]:
+            assert context[hop.index] == "." and hop.index != len(context) - 1
+        # the person credited with the claimed shape's colour is named at one full stop at most, and the
+        # answer hop names them unless it is the last sentence that credits them
+        named = [h.answer for h in b.hops[2:] if h.answer != "nobody"]
+        assert named in ([], [name])

@@ -56,6 +56,7 @@ class Hop:
     index: int
     answer: str
     answers: tuple[str, ...]
+    dense: bool = False  # one of many per example (``--sentence-hops``), not one of its fixed hops
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,9 @@ FACT_KEYS = ("true", "image", "context", "nei")
 def draw_fact(rng: random.Random) -> Example:
     """Also two hops: the claimed shape's colour at the claim's shape word (or none), and the person the
     context credits with that colour at the context's last word (or nobody); with the scene first, each can
-    be read where it is targeted."""
+    be read where it is targeted. And a dense hop per sentence of the context but the last (whose full stop
+    holds the answer hop), at its full stop: the person it credits if its colour is the claimed shape's,
+    else nobody (the matching, sentence by sentence)."""
     key = rng.choice(FACT_KEYS)
     record, scene = make_fact_record(rng, LEVELS["medium"], "lab", key, 0)
     context = " ".join(words(record.context or ""))
@@ -233,10 +236,20 @@ def draw_fact(rng: random.Random) -> Example:
     colour = found[0].colour if found else "none"
     credited = attributions(record.context or "").get(colour, "nobody") if found else "nobody"
     claim_words = words(claim)
-    hops = (
+    hops: tuple[Hop, ...] = (
         Hop("ask", len(claim_words) - 1 - claim_words[::-1].index(shape), colour, (*COLOURS, "none")),
         Hop("context", -1, credited, (*NAMES, "nobody")),
     )
+    context_words = words(f"Context : {context}")
+    start = 2  # after "Context :"
+    for end, word in enumerate(context_words[:-1]):  # the last full stop holds the answer hop
+        if word != ".":
+            continue
+        sentence = " ".join(context_words[start:end]) + "."
+        start = end + 1
+        credit = attributions(sentence)
+        name = credit.get(colour, "nobody") if found else "nobody"
+        hops += (Hop("context", end, name, (*NAMES, "nobody"), dense=True),)
     return Example(
         {"ask": claim, "context": f"Context : {context}", "scene": scene_text(scene)},
         key,

@@ -16,7 +16,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -59,6 +59,7 @@ class LabConfig(BaseModel):
     init_std: float | None = Field(None, gt=0)  # the config's initializer_range (transformers' default 0.02)
     lm_weight: float = Field(0.0, ge=0)  # a next-token loss on every prompt token, beside the answer's
     hop_weight: float = Field(0.0, ge=0)  # the intermediate targets' loss (rungs with hops: fact), beside the answer's
+    sentence_hops: bool = False  # also the dense hops (fact: one per context sentence)
     eval_every: int = Field(250, ge=1)
     held_out: int = Field(256, ge=1)
     stop_at: float | None = Field(None, gt=0, le=1)  # stop once held-out accuracy reaches this
@@ -261,11 +262,15 @@ def encode_batch(
     )
 
 
-def draw(rng: random.Random, rungs: list[str], n: int) -> list[tuple[str, Example]]:
+def draw(rng: random.Random, rungs: list[str], n: int, dense_hops: bool = False) -> list[tuple[str, Example]]:
+    """``n`` examples of the rungs (drawn uniformly for a mixture); without ``dense_hops`` only the fixed hops."""
     out = []
     for _ in range(n):
         name = rungs[0] if len(rungs) == 1 else rng.choice(rungs)
-        out.append((name, get_rung(name).draw(rng)))
+        ex = get_rung(name).draw(rng)
+        if not dense_hops and any(h.dense for h in ex.hops):
+            ex = replace(ex, hops=tuple(h for h in ex.hops if not h.dense))
+        out.append((name, ex))
     return out
 
 
@@ -319,7 +324,7 @@ def run_rung(
     result = LabResult(config.model_dump(), sum(p.numel() for p in model.parameters()))
     result.steps_to = {t: None for t in THRESHOLDS}
     held_rng = random.Random(f"lab-held-out:{config.rung}")
-    held = draw(held_rng, rungs, config.held_out)
+    held = draw(held_rng, rungs, config.held_out, config.sentence_hops)
     held_batches = [
         encode_batch(held[i : i + 128], config.layout, vocab, config.cue, config.scene)
         for i in range(0, len(held), 128)
@@ -346,7 +351,13 @@ def run_rung(
         model.train()
         loss, _, _ = answer_loss(
             model,
-            encode_batch(draw(rng, rungs, config.batch_size), config.layout, vocab, config.cue, config.scene),
+            encode_batch(
+                draw(rng, rungs, config.batch_size, config.sentence_hops),
+                config.layout,
+                vocab,
+                config.cue,
+                config.scene,
+            ),
             config.lm_weight,
             config.hop_weight,
         )
