@@ -53,6 +53,7 @@ def test_the_cli_writes_the_curve_and_summary(tmp_path):
         (["retrieve", "--layout", "scene-first"], "has no layout 'scene-first'"),
         (["recall", "--hidden", "64", "--heads", "3"], "multiple of heads"),
         (["recall", "--preset", "tiny-nothing"], "unknown preset 'tiny-nothing'"),
+        (["recall", "--lr", "inf"], "finite number"),
     ],
 )
 def test_bad_settings_are_one_message(args, message):

@@ -50,15 +50,21 @@ class LabConfig(BaseModel):
     layers: int = Field(2, ge=1)
     hidden: int = Field(64, ge=8)
     heads: int = Field(2, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     batch_size: int = Field(64, ge=1)
     steps: int = Field(2000, ge=1)
     warmup: int = Field(100, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
-    weight_decay: float = Field(0.01, ge=0)
-    init_std: float | None = Field(None, gt=0)  # the config's initializer_range (transformers' default 0.02)
-    lm_weight: float = Field(0.0, ge=0)  # a next-token loss on every prompt token, beside the answer's
-    hop_weight: float = Field(0.0, ge=0)  # the intermediate targets' loss (rungs with hops: fact), beside the answer's
+    weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
+    init_std: float | None = Field(
+        None, gt=0, allow_inf_nan=False
+    )  # the config's initializer_range (transformers' default 0.02)
+    lm_weight: float = Field(
+        0.0, ge=0, allow_inf_nan=False
+    )  # a next-token loss on every prompt token, beside the answer's
+    hop_weight: float = Field(
+        0.0, ge=0, allow_inf_nan=False
+    )  # the intermediate targets' loss (rungs with hops: fact), beside the answer's
     sentence_hops: bool = False  # also the dense hops (fact: one per context sentence)
     eval_every: int = Field(250, ge=1)
     held_out: int = Field(256, ge=1)
