@@ -81,10 +81,14 @@ class Example:
 class Rung:
     name: str
     draw: Callable[[random.Random], Example]
-    segments: tuple[str, ...]  # the segment names every example has
     layouts: dict[str, tuple[str, ...]]  # layout name -> segment order; the first is the ask-first default
     chance: float
     doc: str
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        """The segment names every example has (each layout orders all of them)."""
+        return next(iter(self.layouts.values()))
 
 
 def _credit_sentence(rng: random.Random, colour: str, name: str) -> str:
@@ -265,7 +269,6 @@ RUNGS: dict[str, Rung] = {
         Rung(
             "recall",
             draw_recall,
-            ("ask", "context"),
             {"ask-first": ("ask", "context"), "context-first": ("context", "ask")},
             0.42,
             "adjacent key-value recall over 2-3 pairs (sanity)",
@@ -273,7 +276,6 @@ RUNGS: dict[str, Rung] = {
         Rung(
             "retrieve",
             draw_retrieve,
-            ("ask", "context"),
             {"ask-first": ("ask", "context"), "context-first": ("context", "ask")},
             0.42,
             "who drew the shapes of a colour (reading)",
@@ -281,7 +283,6 @@ RUNGS: dict[str, Rung] = {
         Rung(
             "verdict",
             draw_verdict,
-            ("ask", "context"),
             {"ask-first": ("ask", "context"), "context-first": ("context", "ask")},
             1 / 3,
             "a claim against the context: true / context / nei (reading)",
@@ -289,7 +290,6 @@ RUNGS: dict[str, Rung] = {
         Rung(
             "verify",
             draw_verify,
-            ("ask", "scene"),
             {"ask-first": ("ask", "scene"), "scene-first": ("scene", "ask")},
             1 / 2,
             "a statement against a written scene: yes / no (statement verification)",
@@ -297,7 +297,6 @@ RUNGS: dict[str, Rung] = {
         Rung(
             "colour",
             draw_colour,
-            ("ask", "scene"),
             {"ask-first": ("ask", "scene"), "scene-first": ("scene", "ask")},
             0.2,
             "the colour of a shape in a written scene, or none (scene lookup)",
@@ -305,7 +304,6 @@ RUNGS: dict[str, Rung] = {
         Rung(
             "fact",
             draw_fact,
-            ("ask", "context", "scene"),
             {
                 "ask-first": ("ask", "context", "scene"),
                 "ask-scene-context": ("ask", "scene", "context"),
