@@ -878,6 +878,19 @@ def lab_list() -> None:
     help="A scene written out, or one token per image patch (8 x 8) holding the sum of its object's words.",
 )
 @click.option("--family", type=click.Choice(["qwen2", "llama", "lfm2"]), default="qwen2", show_default=True)
+@click.option(
+    "--attention",
+    type=click.Choice(["causal", "prefix"]),
+    default="causal",
+    show_default=True,
+    help="prefix: every position attends to the whole prompt, as PaliGemma's over image and prompt.",
+)
+@click.option(
+    "--init-from",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="A finished run's --out: start from its trained model (its sizes replace --layers/--hidden/--heads).",
+)
 @click.option("--preset", default=None, help="Take the text sizes and family of a registered preset (tiny-llava-l).")
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=8), default=64, show_default=True)
@@ -925,7 +938,10 @@ def lab_run(rung: str, out: Path | None, **settings) -> None:
         config = LabConfig(rung=rung, **settings)
     except ValidationError as e:
         raise click.UsageError("; ".join(str(err["msg"]) for err in e.errors())) from None
-    result = run_rung(config, out, log=click.echo)
+    try:
+        result = run_rung(config, out, log=click.echo)
+    except FileNotFoundError as e:  # --init-from a folder that holds no finished run
+        raise click.BadParameter(str(e), param_hint="--init-from") from None
     reached = ", ".join(f"{t:.2f} at {s if s is not None else '-'}" for t, s in result.steps_to.items())
     click.echo(
         f"{config.rung}: best {result.best:.3f}, final {result.final:.3f}; steps to {reached}; {result.seconds:.0f} s"

@@ -158,3 +158,73 @@ def test_sentence_hops_are_drawn_only_when_asked_and_agree_with_the_answer_hop()
         # answer hop names them unless it is the last sentence that credits them
         named = [h.answer for h in b.hops[2:] if h.answer != "nobody"]
         assert named in ([], [name])
+
+
+def test_prefix_attention_lets_a_position_see_the_tokens_after_it():
+    """Causal: a position's output does not depend on what follows it; prefix (PaliGemma's attention over
+    image and prompt): it does, and padding is still ignored."""
+    import random
+
+    import torch
+
+    from hkd4vlm.lab.train import Vocabulary, build_lm, draw, encode_batch, prefix_mask
+
+    vocab = Vocabulary(["retrieve"])
+    model = build_lm(LabConfig(rung="retrieve"), len(vocab), vocab.ids["<pad>"]).eval()
+    batch = encode_batch(draw(random.Random(0), ["retrieve"], 4), "ask-first", vocab)
+    changed = batch.ids.clone()
+    changed[:, -3] = vocab.ids["Answer"]
+    row = int(batch.mask.sum(1).argmin())  # the shortest row: left padding before its first token
+    first = int(batch.mask[row].nonzero()[0])
+    assert first > 0
+    with torch.no_grad():
+        for mask, sees_later in ((batch.mask, False), (prefix_mask(batch.mask), True)):
+            a = model(input_ids=batch.ids, attention_mask=mask).logits[row, first]
+            b = model(input_ids=changed, attention_mask=mask).logits[row, first]
+            assert (not torch.allclose(a, b)) == sees_later
+        padded = batch.ids.clone()
+        padded[row, :first] = vocab.ids["Answer"]  # what the padding holds must not matter
+        for mask in (batch.mask, prefix_mask(batch.mask)):
+            a = model(input_ids=batch.ids, attention_mask=mask).logits[row, -1]
+            b = model(input_ids=padded, attention_mask=mask).logits[row, -1]
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_run_starts_from_a_finished_runs_model(tmp_path):
+    """``init_from``: the saved model and vocabulary come back unchanged (the same held-out accuracy), the
+    vocabulary keeps its ids and grows by the new rung's words."""
+    import json as _json
+
+    from hkd4vlm.lab.train import _evaluate, draw, encode_batch, load_lm
+
+    first = run_rung(
+        LabConfig(rung="recall", layout="context-first", cue=False, steps=150, eval_every=150), tmp_path / "a", log=None
+    )
+    base = _json.loads((tmp_path / "a" / "model" / "vocab.json").read_text())
+    vocab, model = load_lm(tmp_path / "a", ["recall", "retrieve"])
+    assert vocab.words[: len(base)] == base and len(vocab) > len(base)
+    assert model.get_input_embeddings().weight.shape[0] == len(vocab)
+    import random
+
+    held = draw(random.Random("lab-held-out:recall"), ["recall"], 256)
+    batches = [encode_batch(held[i : i + 128], "context-first", vocab, False) for i in range(0, 256, 128)]
+    assert _evaluate(model, batches, ["recall"])["held_out"] == first.final
+    second = run_rung(
+        LabConfig(
+            rung="recall", layout="context-first", cue=False, steps=1, eval_every=1, init_from=str(tmp_path / "a")
+        ),
+        log=None,
+    )
+    assert second.model == first.model and second.parameters == first.parameters
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["recall", "--attention", "prefix", "--lm-weight", "1"], "needs causal attention"),
+        (["recall", "--init-from", "."], "no model of a finished lab run"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused(args, message):
+    res = CliRunner().invoke(main, ["lab", "run", *args, "--steps", "1"])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output

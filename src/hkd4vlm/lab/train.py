@@ -46,6 +46,9 @@ class LabConfig(BaseModel):
     cue: bool = True  # end with "Answer :" (the answer is read there); else at the last segment's last token
     scene: Literal["words", "grid"] = "words"  # a scene written out, or placed on the image's patch grid
     family: Literal["qwen2", "llama", "lfm2"] = "qwen2"
+    # causal, or bidirectional over the whole prompt as PaliGemma attends over image and prompt (a prefix LM)
+    attention: Literal["causal", "prefix"] = "causal"
+    init_from: str | None = None  # a finished run's --out: start from its model (its sizes replace the fields below)
     preset: str | None = None  # a registered preset: its text sizes and family replace the fields below
     layers: int = Field(2, ge=1)
     hidden: int = Field(64, ge=8)
@@ -81,6 +84,10 @@ class LabConfig(BaseModel):
             from ..models.registry import get_preset
 
             get_preset(self.preset)
+        if self.attention == "prefix" and self.lm_weight:
+            raise ValueError(
+                "a next-token loss (lm_weight) needs causal attention: prefix attention sees the next token"
+            )
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         return self
@@ -107,6 +114,7 @@ class LabResult:
     curve: list[dict] = field(default_factory=list)  # {step, loss, held_out, per_rung, seconds}
     steps_to: dict[float, int | None] = field(default_factory=dict)
     seconds: float = 0.0
+    model: dict = field(default_factory=dict)  # the trained model's type and sizes (a started-from model's)
 
     @property
     def best(self) -> float:
@@ -120,6 +128,7 @@ class LabResult:
         return {
             "config": self.config,
             "parameters": self.parameters,
+            "model": self.model,
             "steps_to": {f"{t:.2f}": s for t, s in self.steps_to.items()},
             "best": self.best,
             "final": self.final,
@@ -129,10 +138,12 @@ class LabResult:
 
 
 class Vocabulary:
-    """Word -> id over a rung's words (drawn from a fixed seed) and its answer words."""
+    """Word -> id over a rung's words (drawn from a fixed seed) and its answer words; after ``base`` (the
+    vocabulary of a model a run starts from, whose ids it keeps)."""
 
-    def __init__(self, rungs: list[str]):
-        seen: dict[str, None] = dict.fromkeys(SPECIALS)
+    def __init__(self, rungs: list[str], base: list[str] | None = None):
+        seen: dict[str, None] = dict.fromkeys(base or SPECIALS)
+        seen.update(dict.fromkeys(SPECIALS))
         seen.update(dict.fromkeys(words("Answer :")))
         for name in rungs:
             rung = get_rung(name)
@@ -148,6 +159,10 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def words(self) -> list[str]:
+        return list(self.ids)
 
     def encode(self, text: str) -> list[int]:
         unk = self.ids["<unk>"]
@@ -280,20 +295,30 @@ def draw(rng: random.Random, rungs: list[str], n: int, dense_hops: bool = False)
     return out
 
 
-def answer_loss(model, batch: Batch, lm_weight: float = 0.0, hop_weight: float = 0.0):
+def prefix_mask(mask: Tensor) -> Tensor:
+    """(B, 1, T, T) boolean attention mask, True where attended: every position sees every real token of its
+    row, before it or after it (a prefix LM's attention over its prefix, here the whole prompt)."""
+    return mask.bool()[:, None, None, :].expand(-1, 1, mask.size(1), -1)
+
+
+def answer_loss(model, batch: Batch, lm_weight: float = 0.0, hop_weight: float = 0.0, prefix: bool = False):
     """(loss, hits (B,), hop hits (B, H), -1 where a row has no such hop): cross-entropy over each example's
     answer words at the last position, plus ``hop_weight`` times that of its intermediate targets at theirs
-    and ``lm_weight`` times a next-token loss on the prompt."""
+    and ``lm_weight`` times a next-token loss on the prompt (causal attention only: with ``prefix`` every
+    position sees the whole prompt)."""
     import torch
     import torch.nn.functional as F
 
+    if prefix and lm_weight:
+        raise ValueError("a next-token loss needs causal attention: prefix attention sees the next token")
+    attention = prefix_mask(batch.mask) if prefix else batch.mask
     if batch.ids.dim() == 3:  # grid slots: the sum of their words' embeddings
         slots = batch.ids  # (B, T, 3)
         embedded = model.get_input_embeddings()(slots.clamp(min=0)) * (slots >= 0).unsqueeze(-1)
-        logits = model(inputs_embeds=embedded.sum(2), attention_mask=batch.mask).logits  # (B, T, V)
+        logits = model(inputs_embeds=embedded.sum(2), attention_mask=attention).logits  # (B, T, V)
         tokens = slots[:, :, 0].masked_fill((slots[:, :, 1] >= 0), -100)  # no LM target on slots
     else:
-        logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits  # (B, T, V)
+        logits = model(input_ids=batch.ids, attention_mask=attention).logits  # (B, T, V)
         tokens = batch.ids
     last = logits[:, -1]  # (B, V)
     valid = batch.candidates >= 0
@@ -325,9 +350,20 @@ def run_rung(
     import torch
 
     rungs = config.rungs
-    vocab = Vocabulary(rungs)
-    model = build_lm(config, len(vocab), vocab.ids["<pad>"])
+    if config.init_from is not None:
+        vocab, model = load_lm(config.init_from, rungs)
+    else:
+        vocab = Vocabulary(rungs)
+        model = build_lm(config, len(vocab), vocab.ids["<pad>"])
+    prefix = config.attention == "prefix"
     result = LabResult(config.model_dump(), sum(p.numel() for p in model.parameters()))
+    c = model.config
+    result.model = {
+        "type": c.model_type,
+        "layers": c.num_hidden_layers,
+        "hidden": c.hidden_size,
+        "heads": c.num_attention_heads,
+    }
     result.steps_to = {t: None for t in THRESHOLDS}
     held_rng = random.Random(f"lab-held-out:{config.rung}")
     held = draw(held_rng, rungs, config.held_out, config.sentence_hops)
@@ -366,6 +402,7 @@ def run_rung(
             ),
             config.lm_weight,
             config.hop_weight,
+            prefix,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -375,7 +412,7 @@ def run_rung(
         losses.append(loss.item())
         if step % config.eval_every and step != config.steps:
             continue
-        point = _evaluate(model, held_batches, rungs)
+        point = _evaluate(model, held_batches, rungs, prefix)
         point.update(step=step, loss=round(sum(losses) / len(losses), 4), seconds=round(time.perf_counter() - t0, 1))
         losses = []
         result.curve.append(point)
@@ -395,12 +432,35 @@ def run_rung(
             break
     result.seconds = time.perf_counter() - t0
     if out is not None:
+        save_lm(model, vocab, Path(out) / "model")
         write_text_atomic(Path(out) / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
         plot_curve(result, Path(out) / "curve.png")
     return result
 
 
-def _evaluate(model, batches: list[Batch], rungs: list[str]) -> dict:
+def save_lm(model, vocab: Vocabulary, path: Path) -> None:
+    """The trained model (safetensors) and its vocabulary, for a later run's ``init_from``."""
+    model.save_pretrained(path, safe_serialization=True)
+    write_text_atomic(path / "vocab.json", json.dumps(vocab.words) + "\n")
+
+
+def load_lm(run: str | Path, rungs: list[str]):
+    """(vocabulary, model) of a finished run's ``model/``, the vocabulary extended by ``rungs``' words (the
+    embeddings of new words freshly initialised)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(run) / "model"
+    if not (path / "vocab.json").is_file():
+        raise FileNotFoundError(f"{path}: no model of a finished lab run here (vocab.json missing)")
+    base = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+    vocab = Vocabulary(rungs, base=base)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    if len(vocab) > len(base):
+        model.resize_token_embeddings(len(vocab), mean_resizing=False)
+    return vocab, model
+
+
+def _evaluate(model, batches: list[Batch], rungs: list[str], prefix: bool = False) -> dict:
     import torch
 
     model.eval()
@@ -408,7 +468,7 @@ def _evaluate(model, batches: list[Batch], rungs: list[str]) -> dict:
     hops: dict[int, list[float]] = {}
     with torch.no_grad():
         for b in batches:
-            _, hit, hop_hits = answer_loss(model, b)
+            _, hit, hop_hits = answer_loss(model, b, prefix=prefix)
             for r, h in zip(b.rungs, hit.tolist()):
                 hits[r].append(h)
             for j, column in enumerate(hop_hits.T.tolist()):
