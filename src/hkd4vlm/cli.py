@@ -919,6 +919,12 @@ def lab_list() -> None:
     show_default=True,
     help="Also the dense intermediate targets (fact: at each context sentence, its person if its colour is the claimed shape's).",
 )
+@click.option(
+    "--binding-hops/--no-binding-hops",
+    default=False,
+    show_default=True,
+    help="Also train what each context sentence says (fact: its colour and its person, at its full stop).",
+)
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--held-out", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(

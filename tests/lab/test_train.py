@@ -146,10 +146,11 @@ def test_sentence_hops_are_drawn_only_when_asked_and_agree_with_the_answer_hop()
     from hkd4vlm.lab.train import draw
 
     plain = draw(random.Random(8), ["fact"], 60)
-    dense = draw(random.Random(8), ["fact"], 60, dense_hops=True)
+    dense = draw(random.Random(8), ["fact"], 60, {"match"})
+    every = draw(random.Random(8), ["fact"], 60, None)
     assert all(len(ex.hops) == 2 for _, ex in plain)
-    for (_, a), (_, b) in zip(plain, dense):
-        assert b.hops[:2] == a.hops and len(b.hops) > 2
+    for (_, a), (_, b), (_, c) in zip(plain, dense, every):
+        assert b.hops[:2] == a.hops and len(b.hops) > 2 and {h.kind for h in b.hops[2:]} == {"match"}
         context = words(b.segments["context"])
         name = b.hops[1].answer
         for hop in b.hops[2:]:
@@ -158,6 +159,21 @@ def test_sentence_hops_are_drawn_only_when_asked_and_agree_with_the_answer_hop()
         # answer hop names them unless it is the last sentence that credits them
         named = [h.answer for h in b.hops[2:] if h.answer != "nobody"]
         assert named in ([], [name])
+        # binding hops: at every full stop (the last included), what that sentence says
+        binding = [h for h in c.hops if h.kind.startswith("bind-")]
+        stops = [i for i, w in enumerate(context) if w == "."]
+        assert [h.index for h in binding if h.kind == "bind-colour"] == stops
+        credited = {}
+        for colour_hop, name_hop, begin in zip(binding[::2], binding[1::2], [1, *stops]):
+            assert colour_hop.index == name_hop.index
+            sentence = context[begin + 1 : colour_hop.index + 1]
+            assert (colour_hop.answer == "none") == (name_hop.answer == "nobody")
+            if colour_hop.answer != "none":
+                assert colour_hop.answer in sentence and name_hop.answer in sentence
+                credited[colour_hop.answer] = name_hop.answer
+        # they agree with the name hop: the claimed shape's colour is credited to the answer's person
+        colour = c.hops[0].answer
+        assert credited.get(colour, "nobody") == name
 
 
 def test_prefix_attention_lets_a_position_see_the_tokens_after_it():

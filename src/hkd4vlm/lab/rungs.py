@@ -47,16 +47,26 @@ def words(text: str) -> list[str]:
 GRID = 8
 
 
+#: the dense kinds of intermediate target, each drawn only when asked for (``--sentence-hops``,
+#: ``--binding-hops``); the others are an example's fixed hops
+DENSE_HOPS = {"match": "sentence_hops", "bind-colour": "binding_hops", "bind-name": "binding_hops"}
+
+
 @dataclass(frozen=True)
 class Hop:
     """An intermediate target (``--hop-weight``): at word ``index`` of segment ``segment`` (negative: from its
-    end), the word ``answer`` among ``answers``. One hop of a composed answer, supervised where it happens."""
+    end), the word ``answer`` among ``answers``. One hop of a composed answer, supervised where it happens;
+    ``kind`` names which (its accuracy is reported per kind)."""
 
     segment: str
     index: int
     answer: str
     answers: tuple[str, ...]
-    dense: bool = False  # one of many per example (``--sentence-hops``), not one of its fixed hops
+    kind: str
+
+    @property
+    def dense(self) -> bool:
+        return self.kind in DENSE_HOPS
 
 
 @dataclass(frozen=True)
@@ -226,11 +236,13 @@ FACT_KEYS = ("true", "image", "context", "nei")
 
 
 def draw_fact(rng: random.Random) -> Example:
-    """Also two hops: the claimed shape's colour at the claim's shape word (or none), and the person the
-    context credits with that colour at the context's last word (or nobody); with the scene first, each can
-    be read where it is targeted. And a dense hop per sentence of the context but the last (whose full stop
-    holds the answer hop), at its full stop: the person it credits if its colour is the claimed shape's,
-    else nobody (the matching, sentence by sentence)."""
+    """Also two hops: the claimed shape's colour at the claim's shape word (``colour``, or none), and the
+    person the context credits with that colour at the context's last word (``name``, or nobody); with the
+    scene first, each can be read where it is targeted. Dense hops at each sentence's full stop: the
+    person it credits if its colour is the claimed shape's, else nobody (``match``, the matching sentence by
+    sentence; not at the last full stop, which holds the name hop); and what the sentence itself says, its
+    colour and its person (``bind-colour``, ``bind-name``: none and nobody for a sentence crediting no one),
+    the binding that matching needs."""
     key = rng.choice(FACT_KEYS)
     record, scene = make_fact_record(rng, LEVELS["medium"], "lab", key, 0)
     context = " ".join(words(record.context or ""))
@@ -241,19 +253,25 @@ def draw_fact(rng: random.Random) -> Example:
     credited = attributions(record.context or "").get(colour, "nobody") if found else "nobody"
     claim_words = words(claim)
     hops: tuple[Hop, ...] = (
-        Hop("ask", len(claim_words) - 1 - claim_words[::-1].index(shape), colour, (*COLOURS, "none")),
-        Hop("context", -1, credited, (*NAMES, "nobody")),
+        Hop("ask", len(claim_words) - 1 - claim_words[::-1].index(shape), colour, (*COLOURS, "none"), "colour"),
+        Hop("context", -1, credited, (*NAMES, "nobody"), "name"),
     )
     context_words = words(f"Context : {context}")
     start = 2  # after "Context :"
-    for end, word in enumerate(context_words[:-1]):  # the last full stop holds the answer hop
+    for end, word in enumerate(context_words):
         if word != ".":
             continue
         sentence = " ".join(context_words[start:end]) + "."
         start = end + 1
         credit = attributions(sentence)
-        name = credit.get(colour, "nobody") if found else "nobody"
-        hops += (Hop("context", end, name, (*NAMES, "nobody"), dense=True),)
+        if end != len(context_words) - 1:
+            name = credit.get(colour, "nobody") if found else "nobody"
+            hops += (Hop("context", end, name, (*NAMES, "nobody"), "match"),)
+        [(own_colour, own_name)] = credit.items() or [("none", "nobody")]
+        hops += (
+            Hop("context", end, own_colour, (*COLOURS, "none"), "bind-colour"),
+            Hop("context", end, own_name, (*NAMES, "nobody"), "bind-name"),
+        )
     return Example(
         {"ask": claim, "context": f"Context : {context}", "scene": scene_text(scene)},
         key,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..files import write_text_atomic
-from .rungs import GRID, Example, get_rung, words
+from .rungs import DENSE_HOPS, GRID, Example, get_rung, words
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -68,7 +68,8 @@ class LabConfig(BaseModel):
     hop_weight: float = Field(
         0.0, ge=0, allow_inf_nan=False
     )  # the intermediate targets' loss (rungs with hops: fact), beside the answer's
-    sentence_hops: bool = False  # also the dense hops (fact: one per context sentence)
+    sentence_hops: bool = False  # also train the matching hops (fact: one per context sentence)
+    binding_hops: bool = False  # also train the binding hops (fact: each sentence's own colour and person)
     eval_every: int = Field(250, ge=1)
     held_out: int = Field(256, ge=1)
     stop_at: float | None = Field(None, gt=0, le=1)  # stop once held-out accuracy reaches this
@@ -211,6 +212,7 @@ class Batch:
     hop_at: Tensor  # (B, H) the position of each intermediate target, -1 where a row has fewer
     hop_candidates: Tensor  # (B, H, K) its answer word ids, padded with -1
     hop_target: Tensor  # (B, H) index of its answer among them
+    hop_kinds: list[list[str]]  # each row's hops' kinds (Hop.kind)
 
 
 def _positions(
@@ -280,19 +282,26 @@ def encode_batch(
         hop_at,
         hop_candidates,
         hop_target,
+        [[h.kind for h in ex.hops] for _, ex in examples],
     )
 
 
-def draw(rng: random.Random, rungs: list[str], n: int, dense_hops: bool = False) -> list[tuple[str, Example]]:
-    """``n`` examples of the rungs (drawn uniformly for a mixture); without ``dense_hops`` only the fixed hops."""
+def draw(rng: random.Random, rungs: list[str], n: int, dense: Collection[str] | None = ()) -> list[tuple[str, Example]]:
+    """``n`` examples of the rungs (drawn uniformly for a mixture), with their fixed hops and the dense hops
+    of the kinds in ``dense`` (None: every kind)."""
     out = []
     for _ in range(n):
         name = rungs[0] if len(rungs) == 1 else rng.choice(rungs)
         ex = get_rung(name).draw(rng)
-        if not dense_hops and any(h.dense for h in ex.hops):
-            ex = replace(ex, hops=tuple(h for h in ex.hops if not h.dense))
+        if dense is not None:
+            ex = replace(ex, hops=tuple(h for h in ex.hops if not h.dense or h.kind in dense))
         out.append((name, ex))
     return out
+
+
+def dense_kinds(config: LabConfig) -> set[str]:
+    """The dense hop kinds a config trains."""
+    return {kind for kind, flag in DENSE_HOPS.items() if getattr(config, flag)}
 
 
 def prefix_mask(mask: Tensor) -> Tensor:
@@ -366,7 +375,7 @@ def run_rung(
     }
     result.steps_to = {t: None for t in THRESHOLDS}
     held_rng = random.Random(f"lab-held-out:{config.rung}")
-    held = draw(held_rng, rungs, config.held_out, config.sentence_hops)
+    held = draw(held_rng, rungs, config.held_out, None)  # every hop is scored, trained or not
     held_batches = [
         encode_batch(held[i : i + 128], config.layout, vocab, config.cue, config.scene)
         for i in range(0, len(held), 128)
@@ -394,7 +403,7 @@ def run_rung(
         loss, _, _ = answer_loss(
             model,
             encode_batch(
-                draw(rng, rungs, config.batch_size, config.sentence_hops),
+                draw(rng, rungs, config.batch_size, dense_kinds(config)),
                 config.layout,
                 vocab,
                 config.cue,
@@ -424,7 +433,7 @@ def run_rung(
                 f.write(json.dumps(point) + "\n")
         if log is not None:
             per = " ".join(f"{k} {v:.3f}" for k, v in point["per_rung"].items()) + " " if len(rungs) > 1 else ""
-            per += "hops " + " / ".join(f"{v:.3f}" for v in point["hops"]) + " " if "hops" in point else ""
+            per += "hops " + " ".join(f"{k} {v:.3f}" for k, v in point["hops"].items()) + " " if "hops" in point else ""
             log(
                 f"step {step} loss {point['loss']:.3f} held-out {point['held_out']:.3f} {per}({point['seconds']:.0f} s)"
             )
@@ -465,21 +474,22 @@ def _evaluate(model, batches: list[Batch], rungs: list[str], prefix: bool = Fals
 
     model.eval()
     hits: dict[str, list[float]] = {r: [] for r in rungs}
-    hops: dict[int, list[float]] = {}
+    hops: dict[str, list[float]] = {}
     with torch.no_grad():
         for b in batches:
             _, hit, hop_hits = answer_loss(model, b, prefix=prefix)
             for r, h in zip(b.rungs, hit.tolist()):
                 hits[r].append(h)
-            for j, column in enumerate(hop_hits.T.tolist()):
-                hops.setdefault(j, []).extend(h for h in column if h >= 0)
+            for kinds, row in zip(b.hop_kinds, hop_hits.tolist()):
+                for kind, h in zip(kinds, row):
+                    hops.setdefault(kind, []).append(h)
     every = [h for v in hits.values() for h in v]
     point = {
         "held_out": round(sum(every) / len(every), 4),
         "per_rung": {r: round(sum(v) / len(v), 4) for r, v in hits.items() if v},
     }
-    if hops:  # accuracy of each intermediate target, whether or not it was trained
-        point["hops"] = [round(sum(v) / len(v), 4) for _, v in sorted(hops.items()) if v]
+    if hops:  # accuracy of each kind of intermediate target, whether or not it was trained
+        point["hops"] = {kind: round(sum(v) / len(v), 4) for kind, v in hops.items()}
     return point
 
 
