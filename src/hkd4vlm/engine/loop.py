@@ -182,12 +182,20 @@ def train(
     for m in modules.values():
         m.to(accelerator.device)
 
+    # accelerate checkpoints the prepared model and optimizer and every process's RNG; the rest is registered
+    # (the scheduler is not prepared: accelerate would step it once per process)
+    registered = {"scheduler": scheduler}
+    registered.update({f"module:{name}": m for name, m in modules.items()})
+    registered.update({f"state:{name}": obj for name, obj in (stateful or {}).items()})
+    accelerator.register_for_checkpointing(*registered.values())
+
     step, pos = 0, Position()
     if resume:
         found = resume_latest(
             accelerator,
             ckpt_root,
             log=accelerator.print,
+            registered=list(registered),
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -286,12 +294,8 @@ def train(
                 accelerator,
                 ckpt_root,
                 step,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
                 state={"epoch": pos.epoch, "index": pos.index},
-                extra_modules=modules,
-                stateful=stateful,
+                registered=list(registered),
                 keep=cfg.keep_checkpoints,
             )
         if on_step is not None:
