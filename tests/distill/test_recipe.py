@@ -258,7 +258,8 @@ def test_mutual_ppod_hands_its_teacher_to_later_stages(pyramid, synth_root, tmp_
     s0 = tmp_path / "run" / "stage-0-ppod-level2"
     teacher = json.loads((s0 / "done.json").read_text())["teacher"]
     assert teacher == str(s0 / "mutual_teacher") and final[1] == teacher
-    assert (s0 / "checkpoints").is_dir() and list((s0 / "checkpoints").glob("step-*/mutual.state.pt"))
+    saved = [json.loads(p.read_text()) for p in (s0 / "checkpoints").glob("step-*/state.json")]
+    assert saved and all(s["registered"] == ["scheduler", "state:mutual"] for s in saved)
     before = load_file(f"{pyramid[1]}/model.safetensors")
     after = load_file(f"{teacher}/model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)

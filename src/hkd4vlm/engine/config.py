@@ -126,6 +126,13 @@ class TrainSettings(StrictModel):
     log_every: int = Field(default=10, ge=1)
     eval_every: int = Field(default=0, ge=0, description="0: evaluate only at the end")
     find_unused_parameters: bool = Field(default=True, description="DDP: allow parameters without gradient")
+    num_workers: int = Field(
+        default=0,
+        ge=0,
+        description="DataLoader worker processes that read, augment and encode records (0: the training thread)",
+    )
+    prefetch_factor: int = Field(default=2, ge=1, description="micro-batches each worker loads ahead")
+    pin_memory: bool = Field(default=True, description="page-locked batches, copied to the GPU ahead (CUDA only)")
     skip_nonfinite: int = Field(
         default=0,
         ge=0,
@@ -303,6 +310,9 @@ RESUME_FREE = frozenset(
         "eval_every",
         "data.eval_split",
         "data.eval_limit",
+        "num_workers",
+        "prefetch_factor",
+        "pin_memory",
     }
 )
 

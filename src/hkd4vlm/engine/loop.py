@@ -13,7 +13,6 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +23,9 @@ from ..models.scoring import answer_distribution, set_readout
 from .checkpoint import CheckpointError, checkpoint_dirs, resume_latest, save_checkpoint
 from .config import ConfigError, TrainConfig, resume_changes, save_config
 from .distributed import average_gradients
+from .pipeline import Position, micro_batch_loader, micro_batches, next_global_batch
+
+__all__ = ["Position", "next_global_batch", "previous_run", "save_model", "sft_stage", "train", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -32,31 +34,6 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float = 0.0)
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@dataclass
-class Position:
-    """Where the next global batch starts."""
-
-    epoch: int = 0
-    index: int = 0
-
-
-def next_global_batch(source, pos: Position, size: int, orders: dict) -> tuple[list[tuple[int, int]], Position]:
-    """The next ``size`` (index, epoch) pairs and the position after them; epochs roll over."""
-    out: list[tuple[int, int]] = []
-    epoch, index = pos.epoch, pos.index
-    while len(out) < size:
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = source.order(epoch)
-        order = orders[epoch]
-        take = order[index : index + size - len(out)]
-        out += [(i, epoch) for i in take]
-        index += len(take)
-        if index >= len(order):
-            epoch, index = epoch + 1, 0
-    return out, Position(epoch, index)
 
 
 def sft_stage(scores, items, **_) -> dict[str, torch.Tensor]:
@@ -229,6 +206,23 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=out.name, unit="step", dynamic_ncols=True)
+    # records are read, augmented and encoded by the loader (in its workers with num_workers > 0); which
+    # ones each step takes is next_global_batch's, here as in the loader, so the position is known exactly
+    loader = micro_batch_loader(
+        source,
+        processor,
+        pos,
+        steps=cfg.steps - step,
+        batch_size=cfg.batch_size,
+        processes=world,
+        rank=rank,
+        accum=accum,
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor,
+        pin_memory=cfg.pin_memory and accelerator.device.type == "cuda",
+        seed=cfg.seed,
+    )
+    loaded_batches = micro_batches(loader)
     orders: dict = {}
     t_last, seen, nonfinite = time.perf_counter(), 0, 0
     while step < cfg.steps:
@@ -236,13 +230,14 @@ def train(
         sums: dict[str, float] = {}
         for a in range(accum):
             start = (a * world + rank) * micro
-            pairs = batch[start : start + micro]
-            items, images = zip(*(source.get(i, e) for i, e in pairs))
+            loaded = next(loaded_batches)
+            assert loaded.keys == batch[start : start + micro], "the loader left the training order"
+            items, images = loaded.items, loaded.images
             sync = a == accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else nullcontext()
             with ctx, accelerator.autocast():
-                scores = answer_distribution(model, processor, list(items), list(images))
-                terms = stage(scores, list(items), images=list(images), keys=list(pairs), step=step)
+                scores = answer_distribution(model, processor, items, images, encoded=loaded.encoded)
+                terms = stage(scores, items, images=images, keys=loaded.keys, step=step)
                 accelerator.backward(terms["total"] / accum)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
