@@ -350,3 +350,13 @@ def test_a_finished_stage_whose_settings_changed_is_not_skipped_silently(pyramid
         done.write_text(text)
         with pytest.raises(ConfigError, match=r"done\.json: .*remove"):
             run_recipe(RecipeConfig.model_validate(raw), resume_force=True)
+
+
+def test_a_setting_added_since_a_stage_finished_is_not_a_change():
+    """A finished stage's done.json saved before a setting existed (num_workers, log_with) is not reported as
+    changed in it; a setting it has is compared."""
+    from hkd4vlm.distill.recipe import _changed
+
+    saved = {"kind": "sft", "train": {"steps": 5, "optim": {"lr": 0.1}}}
+    assert _changed(saved, {"kind": "sft", "train": {"steps": 5, "optim": {"lr": 0.1}, "num_workers": 0}}) == {}
+    assert _changed(saved, {"kind": "sft", "train": {"steps": 6, "optim": {"lr": 0.1}}}) == {"train.steps": (5, 6)}

@@ -24,6 +24,7 @@ from .checkpoint import CheckpointError, checkpoint_dirs, resume_latest, save_ch
 from .config import ConfigError, TrainConfig, resume_changes, save_config
 from .distributed import average_gradients
 from .pipeline import Position, micro_batch_loader, micro_batches, next_global_batch
+from .tracking import PROJECT, flat_settings, make_trackers
 
 __all__ = ["Position", "next_global_batch", "previous_run", "save_model", "sft_stage", "train", "warmup_cosine"]
 
@@ -41,14 +42,6 @@ def sft_stage(scores, items, **_) -> dict[str, torch.Tensor]:
     labels = torch.tensor([it.label for it in items], device=scores.logits.device)
     ce = torch.nn.functional.cross_entropy(scores.logits, labels)
     return {"ce": ce, "total": ce}
-
-
-def _make_writer(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:  # pragma: no cover - tensorboard is a dependency
-        raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(str(out / "tb"))
 
 
 def train(
@@ -96,8 +89,12 @@ def train(
         raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; on CPU use no (or bf16)")
     # some families never use a few parameters (LLaVA skips CLIP's post_layernorm): DDP must be told
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
+    trackers = make_trackers(cfg.log_with, Path(cfg.out))
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp]
+        mixed_precision=cfg.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[ddp],
+        log_with=trackers or None,
     )
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
     if cfg.batch_size % (world * accum):
@@ -200,7 +197,7 @@ def train(
         for problem in skipped:
             accelerator.print(f"  {problem}")
 
-    writer = _make_writer(out) if accelerator.is_main_process else None
+    accelerator.init_trackers(PROJECT, config=flat_settings(cfg.model_dump(mode="json")))  # the main process's
     bar = None
     if accelerator.is_main_process and cfg.progress:
         from tqdm.auto import tqdm
@@ -270,19 +267,17 @@ def train(
             now = time.perf_counter()
             rate = seen / max(now - t_last, 1e-9)
             t_last, seen = now, 0
-            if writer is not None:
-                for k, v in logged.items():
-                    writer.add_scalar(f"loss/{k}", v, step)
-                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("throughput/samples_per_s", rate, step)
-                if grad_norm is not None:
-                    writer.add_scalar("grad_norm", float(grad_norm), step)
+            scalars: dict[str, float] = {f"loss/{k}": v for k, v in logged.items()}
+            scalars.update({"lr": float(scheduler.get_last_lr()[0]), "throughput/samples_per_s": rate})
+            if grad_norm is not None:
+                scalars["grad_norm"] = float(grad_norm)
+            accelerator.log(scalars, step=step)
             if bar is not None:
                 bar.set_postfix(loss=f"{logged['total']:.4f}", samples_s=f"{rate:.1f}")
         if bar is not None:
             bar.update(1)
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            _run_eval(accelerator, evaluate, model, processor, writer, step)
+            _run_eval(accelerator, evaluate, model, processor, step)
         if step % cfg.save_every == 0 or step == cfg.steps:
             _refuse_nonfinite_weights(accelerator.unwrap_model(model), f"{out}: step {step}")
             save_checkpoint(
@@ -300,7 +295,7 @@ def train(
 
     final = out / "model"
     if evaluate is not None:
-        metrics = _run_eval(accelerator, evaluate, model, processor, writer, step)
+        metrics = _run_eval(accelerator, evaluate, model, processor, step)
         if accelerator.is_main_process:
             import json
 
@@ -309,8 +304,8 @@ def train(
         save_model(accelerator.unwrap_model(model), processor, final)
         for name, module in modules.items():
             torch.save(accelerator.unwrap_model(module).state_dict(), out / f"{name}.pt")
-        assert writer is not None  # made on the main process
-        writer.close()
+        for tracker in accelerator.trackers:  # not end_training(): it would end the process group too
+            tracker.finish()
     accelerator.wait_for_everyone()
     return final
 
@@ -375,7 +370,7 @@ def _refuse_nonfinite_weights(model, where: str) -> None:
         )
 
 
-def _run_eval(accelerator, evaluate, model, processor, writer, step) -> dict:
+def _run_eval(accelerator, evaluate, model, processor, step) -> dict:
     metrics = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -383,10 +378,7 @@ def _run_eval(accelerator, evaluate, model, processor, writer, step) -> dict:
         with torch.inference_mode():
             metrics = evaluate(unwrapped, processor)
         unwrapped.train()
-        if writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    writer.add_scalar(f"eval/{k}", v, step)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         accelerator.print(
             f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         )
