@@ -284,7 +284,9 @@ def train(
 ) -> None:
     """Fine-tune a model (SFT) from a YAML config; `key.sub=value` arguments override its values.
 
-    Runs on one device as is, or on several with `accelerate launch --num_processes N -m hkd4vlm.cli train ...`.
+    Runs on one device as is, or on several with `accelerate launch --num_processes N -m hkd4vlm.cli train ...`
+    (checkpoints are accelerate's: resume with the same number of processes). `num_workers=N` reads, augments
+    and encodes the records in N DataLoader worker processes.
     """
     from .engine.config import ConfigError, load_config
     from .engine.sft import run_sft
