@@ -29,13 +29,14 @@ def sharpen():
 
 @pytest.fixture(scope="session")
 def launch_two_processes():
-    """``launch_two_processes(*cli_args, timeout=...)``: run ``hkd4vlm CLI_ARGS`` under ``accelerate launch``
+    """``launch_two_processes(*cli_args, timeout=..., script=None)``: run ``hkd4vlm CLI_ARGS`` (or ``script``) under ``accelerate launch``
     with two CPU processes (gloo, one thread each) and return the finished process."""
     import os
     import subprocess
     import sys
 
-    def launch(*cli_args: str, timeout: int) -> subprocess.CompletedProcess:
+    def launch(*cli_args: str, timeout: int, script: str | None = None) -> subprocess.CompletedProcess:
+        # script: a Python file to run instead of the CLI (its arguments are cli_args)
         cmd = [
             sys.executable,
             "-m",
@@ -49,8 +50,7 @@ def launch_two_processes():
             "no",
             "--dynamo_backend",
             "no",
-            "-m",
-            "hkd4vlm.cli",
+            *(["-m", "hkd4vlm.cli"] if script is None else [script]),
             *cli_args,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -29,6 +29,7 @@ TOP = (
     "student_teacher_throughput_ratio",
     "online_kd_vs_sft",
     "offline_kd_vs_sft",
+    "loader_1_worker_vs_0",
     "msei_cost_ratio_batch1",
     "letter_vs_generate_speedup_batch1",
 )
@@ -72,6 +73,7 @@ def test_ratios_are_those_of_the_raw_figures(quick):
         "student_teacher_throughput_ratio": stu["plain"]["records_per_s"] / tea["plain"]["records_per_s"],
         "online_kd_vs_sft": tr["online_kd"]["samples_per_s"] / tr["sft"]["samples_per_s"],
         "offline_kd_vs_sft": tr["offline_kd"]["samples_per_s"] / tr["sft"]["samples_per_s"],
+        "loader_1_worker_vs_0": tr["sft_1_worker"]["samples_per_s"] / tr["sft"]["samples_per_s"],
         "msei_cost_ratio_batch1": stu["msei_prefix"]["latency_ms"]["p50"] / stu["plain"]["latency_ms"]["p50"],
         "letter_vs_generate_speedup_batch1": stu["generate"]["latency_ms"]["p50"] / stu["plain"]["latency_ms"]["p50"],
     }

@@ -266,18 +266,34 @@ def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> 
     is_flag=True,
     help="Replace the run already in the out folder (its checkpoints and model) instead of refusing.",
 )
+@click.option(
+    "--log-with",
+    "log_with",
+    metavar="NAMES",
+    help="Trackers to log to through accelerate, comma-separated: tensorboard (the default; OUT/tb), wandb, "
+    "mlflow (each needs its package installed); none for no logging. Sets log_with.",
+)
 def train(
-    config: Path, overrides: tuple, resume: bool, resume_force: bool, skip_invalid: bool, overwrite: bool
+    config: Path,
+    overrides: tuple,
+    resume: bool,
+    resume_force: bool,
+    skip_invalid: bool,
+    overwrite: bool,
+    log_with: str | None,
 ) -> None:
     """Fine-tune a model (SFT) from a YAML config; `key.sub=value` arguments override its values.
 
-    Runs on one device as is, or on several with `accelerate launch --num_processes N -m hkd4vlm.cli train ...`.
+    Runs on one device as is, or on several with `accelerate launch --num_processes N -m hkd4vlm.cli train ...`
+    (checkpoints are accelerate's: resume with the same number of processes). `num_workers=N` reads, augments
+    and encodes the records in N DataLoader worker processes.
     """
     from .engine.config import ConfigError, load_config
     from .engine.sft import run_sft
 
     try:
-        cfg = load_config(config, (*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])))
+        extra = (["data.skip_invalid=true"] if skip_invalid else []) + ([f"log_with={log_with}"] if log_with else [])
+        cfg = load_config(config, (*overrides, *extra))
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     if resume and overwrite:
@@ -300,7 +316,14 @@ def train(
     is_flag=True,
     help="Leave invalid records out (listed and counted) instead of stopping (data.skip_invalid).",
 )
-def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bool) -> None:
+@click.option(
+    "--log-with",
+    "log_with",
+    metavar="NAMES",
+    help="Trackers to log to through accelerate, comma-separated: tensorboard (the default; OUT/tb), wandb, "
+    "mlflow (each needs its package installed); none for no logging. Sets every stage's train.log_with.",
+)
+def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bool, log_with: str | None) -> None:
     """Run a distillation recipe (ordered sft / ppod / tcrd stages over a pyramid); resumable.
 
     `key.sub=value` arguments override the recipe, e.g. `stages.3.tau=3.0 stages.1.train.steps=200`.
@@ -314,6 +337,14 @@ def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bo
         )
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    if log_with:
+        from pydantic import ValidationError
+
+        try:
+            for st in cfg.stages:
+                st.train.log_with = log_with  # read as a name list on assignment
+        except ValidationError as e:
+            raise click.BadParameter(e.errors()[0]["msg"], param_hint="--log-with") from None
     final = run_recipe(cfg, resume_force=resume_force)
     for level, path in sorted(final.items()):
         click.echo(f"level {level}: {path}")

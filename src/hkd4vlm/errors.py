@@ -15,6 +15,10 @@ class ModelError(UserError, ValueError):
     """A model folder that cannot be loaded (missing, corrupt, or with non-finite weights)."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be resumed from; the message names the folder, the file and what is wrong."""
+
+
 class NonFiniteError(UserError, RuntimeError):
     """A loss, gradient or weight that is NaN or infinite."""
 

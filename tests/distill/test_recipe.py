@@ -258,7 +258,8 @@ def test_mutual_ppod_hands_its_teacher_to_later_stages(pyramid, synth_root, tmp_
     s0 = tmp_path / "run" / "stage-0-ppod-level2"
     teacher = json.loads((s0 / "done.json").read_text())["teacher"]
     assert teacher == str(s0 / "mutual_teacher") and final[1] == teacher
-    assert (s0 / "checkpoints").is_dir() and list((s0 / "checkpoints").glob("step-*/mutual.state.pt"))
+    saved = [json.loads(p.read_text()) for p in (s0 / "checkpoints").glob("step-*/state.json")]
+    assert saved and all(s["registered"] == ["scheduler", "state:mutual"] for s in saved)
     before = load_file(f"{pyramid[1]}/model.safetensors")
     after = load_file(f"{teacher}/model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -349,3 +350,13 @@ def test_a_finished_stage_whose_settings_changed_is_not_skipped_silently(pyramid
         done.write_text(text)
         with pytest.raises(ConfigError, match=r"done\.json: .*remove"):
             run_recipe(RecipeConfig.model_validate(raw), resume_force=True)
+
+
+def test_a_setting_added_since_a_stage_finished_is_not_a_change():
+    """A finished stage's done.json saved before a setting existed (num_workers, log_with) is not reported as
+    changed in it; a setting it has is compared."""
+    from hkd4vlm.distill.recipe import _changed
+
+    saved = {"kind": "sft", "train": {"steps": 5, "optim": {"lr": 0.1}}}
+    assert _changed(saved, {"kind": "sft", "train": {"steps": 5, "optim": {"lr": 0.1}, "num_workers": 0}}) == {}
+    assert _changed(saved, {"kind": "sft", "train": {"steps": 6, "optim": {"lr": 0.1}}}) == {"train.steps": (5, 6)}

@@ -69,15 +69,59 @@ def _weights(run: Path) -> dict:
     return load_file(run / "model" / "model.safetensors")
 
 
-def _legacy_rng(ckpt: Path, payload: dict) -> None:
-    """Turn a checkpoint into the format written before RNG states were JSON: a pickled rng-0.pt, no file list
-    (and no digest of the state file)."""
-    (ckpt / "rng-0.json").unlink(missing_ok=True)
-    torch.save(payload, ckpt / "rng-0.pt")
+def _relist(ckpt: Path, *names: str) -> None:
+    """Write a checkpoint's state file again for files changed on purpose, as a checkpoint written that way
+    would list them: their size and hash, and the digest of the state file's fields."""
+    from hkd4vlm.engine import checkpoint
+
     state = json.loads((ckpt / "state.json").read_text())
-    state.pop("files", None)
-    state.pop("state_sha256", None)  # nor a digest of its own fields
+    for name in names:
+        state["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": checkpoint._digest(ckpt / name)}
+    state["state_sha256"] = checkpoint._state_digest(state)
     (ckpt / "state.json").write_text(json.dumps(state))
+
+
+def _as_old_format(ckpt: Path, rng: str) -> None:
+    """Turn a checkpoint into the format written before checkpoints went through accelerate: model.pt,
+    optimizer.pt, scheduler.pt and the RNG as ``rng-0.json`` (with the list of files) or, older still, a
+    pickled ``rng-0.pt`` with NumPy arrays (no list of files, no digest of the state file)."""
+    import base64
+
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    torch.save(load_file(ckpt / "model.safetensors"), ckpt / "model.pt")
+    torch.save(torch.load(ckpt / "optimizer.bin", weights_only=True), ckpt / "optimizer.pt")
+    torch.save(torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True), ckpt / "scheduler.pt")
+    with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+        states = torch.load(ckpt / "random_states_0.pkl", weights_only=True)
+    for name in ("model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"):
+        (ckpt / name).unlink()
+    state = json.loads((ckpt / "state.json").read_text())
+    old = {k: state[k] for k in ("epoch", "index", "step")}
+    if rng == "rng-0.pt":
+        torch.save(
+            {
+                "python": states["random_state"],
+                "numpy": states["numpy_random_seed"],
+                "torch": states["torch_manual_seed"],
+            },
+            ckpt / "rng-0.pt",
+        )
+        (ckpt / "state.json").write_text(json.dumps(old))
+        return
+    version, internal, gauss = states["random_state"]
+    name, keys, pos, has_gauss, cached = states["numpy_random_seed"]
+    (ckpt / "rng-0.json").write_text(
+        json.dumps(
+            {
+                "python": [version, list(internal), gauss],
+                "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                "torch": base64.b64encode(states["torch_manual_seed"].numpy().tobytes()).decode("ascii"),
+            }
+        )
+    )
+    (ckpt / "state.json").write_text(json.dumps({**old, "files": {}}))
+    _relist(ckpt, "model.pt", "optimizer.pt", "scheduler.pt", "rng-0.json")
 
 
 class _Exploit:
@@ -88,56 +132,101 @@ class _Exploit:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_resume_never_unpickles_code(tmp_path, tiny_model, synth_root):
+@pytest.mark.parametrize("planted", ["random_states_0.pkl", "custom_checkpoint_0.pkl", "optimizer.bin", "rng-0.pt"])
+def test_resume_never_unpickles_code(tmp_path, tiny_model, synth_root, planted):
+    """A pickle that would run a command, planted in any file that accelerate writes with torch.save (and
+    listed in the state file as if it had been written there), is refused without running it; so is one in
+    an old-format checkpoint's pickled RNG."""
     cfg = _cut_run(tmp_path, tiny_model, synth_root, at=2)
     ckpt = checkpoint_dirs(tmp_path / "run" / "checkpoints")[-1]
     marker = tmp_path / "pwned"
-    _legacy_rng(ckpt, {"python": _Exploit(marker), "numpy": None, "torch": torch.get_rng_state()})
+    if planted == "rng-0.pt":
+        _as_old_format(ckpt, "rng-0.pt")
+        torch.save({"python": _Exploit(marker), "numpy": None, "torch": torch.get_rng_state()}, ckpt / planted)
+    else:
+        torch.save({"state": _Exploit(marker)}, ckpt / planted)
+        _relist(ckpt, planted)
     try:
-        with pytest.raises(CheckpointError, match=r"rng-0\.pt"):
+        with pytest.raises(CheckpointError, match=re.escape(planted)):
             run_sft(cfg, resume=True)
     finally:
         assert not marker.exists(), "resuming ran a command planted in the checkpoint"
-    # what a checkpoint holds now: RNG states as JSON, every file listed with its size and hash
-    _cut_run(tmp_path / "new", tiny_model, synth_root, at=2)
-    ckpt = checkpoint_dirs(tmp_path / "new" / "run" / "checkpoints")[-1]
-    listed = json.loads((ckpt / "state.json").read_text())["files"]
-    assert "rng-0.json" in listed and not list(ckpt.glob("rng-*.pt"))
-    assert listed["model.pt"]["bytes"] == (ckpt / "model.pt").stat().st_size
 
 
-def test_old_pickled_rng_state_still_resumes_exactly(tmp_path, tiny_model, synth_root):
-    """A checkpoint from before the JSON RNG format (rng-0.pt with NumPy arrays) is read without unpickling
-    anything but arrays, and the run continues bit for bit."""
+def test_a_checkpoint_is_accelerates_with_the_weights_in_safetensors(tmp_path, tiny_model, synth_root):
+    """What a checkpoint holds: accelerate's files (weights in safetensors, every process's RNG), each listed
+    with its size and hash, and the state that accelerate's own ``load_state`` restores."""
+    from accelerate import Accelerator
+
+    _cut_run(tmp_path, tiny_model, synth_root, at=2)
+    ckpt = checkpoint_dirs(tmp_path / "run" / "checkpoints")[-1]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert set(state["files"]) == {
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "custom_checkpoint_0.pkl",
+    }
+    assert state["files"]["model.safetensors"]["bytes"] == (ckpt / "model.safetensors").stat().st_size
+    assert (state["format"], state["processes"], state["registered"]) == (2, 1, ["scheduler"])
+    assert not list(ckpt.glob("*.pt"))
+    # a plain accelerate program reads it too: the same weights and the scheduler's step
+    from hkd4vlm.models.loading import load_model
+
+    model, _ = load_model(tiny_model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2]}]
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.load_state(str(ckpt))
+    saved = load_file(ckpt / "model.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert scheduler.last_epoch == 2
+
+
+@pytest.mark.parametrize("rng", ["rng-0.json", "rng-0.pt"])
+def test_an_old_format_checkpoint_still_resumes_exactly(tmp_path, tiny_model, synth_root, rng):
+    """A checkpoint from before checkpoints went through accelerate (model.pt, its RNG as JSON or, older,
+    pickled with NumPy arrays) is read without unpickling anything but tensors and arrays, and the run
+    continues bit for bit."""
     import random
-
-    import numpy as np
 
     full = load_config(_config(tmp_path / "a", tiny_model, synth_root))
     run_sft(full)
     cut = _cut_run(tmp_path / "b", tiny_model, synth_root, at=2)
     ckpt = checkpoint_dirs(tmp_path / "b" / "run" / "checkpoints")[-1]
-    saved = json.loads((ckpt / "rng-0.json").read_text())
-    version, internal, gauss = saved["python"]
-    name, keys, pos, has_gauss, cached = saved["numpy"]
-    import base64
-
-    torch_state = torch.frombuffer(bytearray(base64.b64decode(saved["torch"])), dtype=torch.uint8).clone()
-    _legacy_rng(
-        ckpt,
-        {
-            "python": (version, tuple(internal), gauss),
-            "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
-            "torch": torch_state,
-        },
-    )
+    _as_old_format(ckpt, rng)
     random.seed(123)  # the resumed run must not depend on the state this process happens to be in
+    torch.manual_seed(123)
     run_sft(cut, resume=True)
     a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("damaged", ["model.pt", "optimizer.pt", "rng-0.json", "state.json"])
+def test_a_checkpoint_of_another_set_of_checkpointed_objects_is_refused(tmp_path, tiny_model, synth_root):
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    cut = _cut_run(tmp_path, tiny_model, synth_root, at=2)
+    source = RecordSource(synth_root, list(cut.data.tasks), "train", augment=cut.augment, seed=cut.seed)
+    with pytest.raises(CheckpointError, match=r"holds the state of \['scheduler'\], and this run checkpoints "):
+        train(cut, source, resume=True, stateful={"counter": Counter()})
+
+
+@pytest.mark.parametrize(
+    "damaged", ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "state.json"]
+)
 def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(
     tmp_path, tiny_model, synth_root, damaged, capsys
 ):
@@ -159,7 +248,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(
 
 def test_an_altered_checkpoint_file_of_the_same_size_is_caught(tmp_path, tiny_model, synth_root, capsys):
     cut = _cut_run(tmp_path, tiny_model, synth_root, at=4)
-    f = tmp_path / "run" / "checkpoints" / "step-4" / "model.pt"
+    f = tmp_path / "run" / "checkpoints" / "step-4" / "model.safetensors"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
@@ -169,7 +258,7 @@ def test_an_altered_checkpoint_file_of_the_same_size_is_caught(tmp_path, tiny_mo
 
 def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path, tiny_model, synth_root):
     cut = _cut_run(tmp_path, tiny_model, synth_root, at=2)
-    (tmp_path / "run" / "checkpoints" / "step-2" / "model.pt").write_bytes(b"")
+    (tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"no checkpoint under .* can be resumed from(.|\n)*step-2"):
         run_sft(cut, resume=True)
 
@@ -256,7 +345,7 @@ def test_diverging_lr_stops_with_a_clear_error_and_saves_nothing(tmp_path, tiny_
         run_sft(cfg)
     assert not (tmp_path / "run" / "model").exists()
     for ckpt in checkpoint_dirs(tmp_path / "run" / "checkpoints"):
-        weights = torch.load(ckpt / "model.pt", weights_only=True)
+        weights = load_file(ckpt / "model.safetensors")
         assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
     with pytest.raises(ConfigError, match=r"optim\.lr"):
         load_config(_config(tmp_path, tiny_model, synth_root), ["optim.lr=.inf"])
@@ -326,7 +415,7 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_leaves_no_part
     real = torch.save
 
     def disk_full(obj, f, *args, **kwargs):
-        if str(f).endswith("optimizer.pt"):
+        if str(f).endswith("optimizer.bin"):
             Path(f).write_bytes(b"half")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(obj, f, *args, **kwargs)
@@ -339,22 +428,16 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_leaves_no_part
 
 
 def test_a_checkpoint_weight_of_the_wrong_shape_is_a_checkpoint_error(tmp_path, tiny_model, synth_root):
-    from hkd4vlm.engine import checkpoint
+    from safetensors.torch import save_file
 
     cut = _cut_run(tmp_path, tiny_model, synth_root, at=2)
     ckpt = tmp_path / "run" / "checkpoints" / "step-2"
-    weights = torch.load(ckpt / "model.pt", weights_only=True)
+    weights = load_file(ckpt / "model.safetensors")
     key = next(k for k, v in weights.items() if v.ndim == 2)
     weights[key] = torch.zeros(3, 3)
-    torch.save(weights, ckpt / "model.pt")
-    state = json.loads((ckpt / "state.json").read_text())  # re-listed, as a checkpoint of another model would be
-    state["files"]["model.pt"] = {
-        "bytes": (ckpt / "model.pt").stat().st_size,
-        "sha256": checkpoint._digest(ckpt / "model.pt"),
-    }
-    state["state_sha256"] = checkpoint._state_digest(state)
-    (ckpt / "state.json").write_text(json.dumps(state))
-    with pytest.raises(CheckpointError, match=r"step-2/model\.pt: does not fit this run's model") as err:
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    _relist(ckpt, "model.safetensors")  # as a checkpoint of another model would list it
+    with pytest.raises(CheckpointError, match=r"step-2: does not fit this run") as err:
         run_sft(cut, resume=True)
     assert key in str(err.value)
 

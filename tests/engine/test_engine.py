@@ -201,15 +201,56 @@ def test_two_processes_match_one(tmp_path, tiny_model, synth_root, launch_two_pr
     run_sft(load_config(one))
     proc = launch_two_processes("train", str(two), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints" / "step-3").glob("rng-*")) == [
-        "rng-0.json",
-        "rng-1.json",
+    assert sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints" / "step-3").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
     ]
     _assert_same_weights(
         _weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run"), atol=ADAM_TOL * 3e-3 * 3
     )
     l1, l2 = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
     assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-5)
+
+
+_KILL_AT_STEP = """
+import os, signal, sys
+
+from hkd4vlm.engine.config import load_config
+from hkd4vlm.engine.sft import run_sft
+
+
+def on_step(step):
+    if step == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+run_sft(load_config(sys.argv[1]), on_step=on_step)
+"""
+
+
+def test_two_processes_killed_with_sigkill_resume_bit_identical(tmp_path, tiny_model, synth_root, launch_two_processes):
+    """Both processes of a 2-process run are killed (SIGKILL) after step 3, its last checkpoint being step 2;
+    resumed with 2 processes it ends with the same weights, bit for bit, as a run that was never stopped.
+    Resuming it with 1 process is refused: each process restores its own RNG state."""
+    from hkd4vlm.engine.checkpoint import CheckpointError
+
+    full = _config(tmp_path / "full", tiny_model, synth_root, steps=4, save_every=2)
+    cut = _config(tmp_path / "cut", tiny_model, synth_root, steps=4, save_every=2)
+    proc = launch_two_processes("train", str(full), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    script = tmp_path / "kill_at_step.py"
+    script.write_text(_KILL_AT_STEP)
+    proc = launch_two_processes(str(cut), "3", timeout=300, script=str(script))
+    assert proc.returncode != 0 and not (tmp_path / "cut" / "run" / "model").exists()
+    ckpt = checkpoint_dirs(tmp_path / "cut" / "run" / "checkpoints")[-1]
+    assert ckpt.name == "step-2"
+    assert sorted(p.name for p in ckpt.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), and this run has 1"):
+        run_sft(load_config(cut), resume=True)
+    proc = launch_two_processes("train", str(cut), "--resume", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    _assert_same_weights(_weights(tmp_path / "full" / "run"), _weights(tmp_path / "cut" / "run"), atol=0.0)
 
 
 def test_an_empty_task_list_is_a_config_error(tmp_path):

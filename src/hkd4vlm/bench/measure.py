@@ -171,7 +171,8 @@ class _StopTraining(Exception):
 def measure_training(
     kind: str, student_dir: str, teacher_dir: str, data: str, cache: str, work: str, s: BenchSettings
 ) -> dict:
-    """Samples/s of the student's training loop with the SFT, online-KD or offline-KD stage."""
+    """Samples/s of the student's training loop with the SFT (records read on the training thread or by one
+    DataLoader worker), online-KD or offline-KD stage."""
     from ..distill.cache import CachedTeacher
     from ..distill.stages import PPODStage, Teacher
     from ..engine.config import DataConfig, TrainConfig
@@ -183,7 +184,7 @@ def measure_training(
     total = s.train_warmup + s.train_steps
     model, processor = load_model(student_dir)
     stage: Callable[..., dict[str, Any]]
-    if kind == "sft":
+    if kind in ("sft", "sft_1_worker"):
         stage = sft_stage
     elif kind == "online_kd":
         stage = PPODStage([Teacher(*load_model(teacher_dir, device=device), name="teacher")], total_steps=total)
@@ -223,6 +224,7 @@ def measure_training(
         save_every=10**9,
         log_every=10**9,
         progress=False,
+        num_workers=1 if kind == "sft_1_worker" else 0,
     )
     try:
         train(cfg, source, stage=stage, model=model, processor=processor, on_step=on_step)

@@ -51,6 +51,7 @@ def summarize(models: dict, training: dict, student: str, teacher: str) -> dict:
         "student_teacher_throughput_ratio": stu["plain"]["records_per_s"] / tea["plain"]["records_per_s"],
         "online_kd_vs_sft": training["online_kd"]["samples_per_s"] / training["sft"]["samples_per_s"],
         "offline_kd_vs_sft": training["offline_kd"]["samples_per_s"] / training["sft"]["samples_per_s"],
+        "loader_1_worker_vs_0": training["sft_1_worker"]["samples_per_s"] / training["sft"]["samples_per_s"],
     }
 
 
@@ -196,7 +197,12 @@ def format_table(result: dict) -> str:
         f"{'training the student, batch ' + str(st['train_batch_size']):<42}{'samples/s':>10}{'vs SFT':>9}"
         f"{'peak MB':>9}",
     ]
-    kinds = {"sft": "SFT", "online_kd": "online KD (teacher forward)", "offline_kd": "offline KD (cache)"}
+    kinds = {
+        "sft": "SFT (records read on the training thread)",
+        "sft_1_worker": "SFT, 1 DataLoader worker",
+        "online_kd": "online KD (teacher forward)",
+        "offline_kd": "offline KD (cache)",
+    }
     for kind, name in kinds.items():
         r, sft = tr[kind], tr["sft"]["samples_per_s"]
         lines.append(

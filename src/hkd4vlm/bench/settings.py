@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 INFERENCE_VARIANTS = ("plain", "msei_prefix", "msei_naive", "generate")
-TRAINING_VARIANTS = ("sft", "online_kd", "offline_kd")
+#: ``sft_1_worker``: SFT with one DataLoader worker reading and encoding the records (``sft`` reads them on the
+#: training thread, ``num_workers: 0``)
+TRAINING_VARIANTS = ("sft", "sft_1_worker", "online_kd", "offline_kd")
 #: the top-level figures of bench.json, each a ratio of two raw figures in the same file
 FIGURES = (
     "msei_cost_ratio",
@@ -16,6 +18,7 @@ FIGURES = (
     "student_teacher_throughput_ratio",
     "online_kd_vs_sft",
     "offline_kd_vs_sft",
+    "loader_1_worker_vs_0",
     "msei_cost_ratio_batch1",
     "letter_vs_generate_speedup_batch1",
 )

@@ -60,6 +60,9 @@ class DatasetError(UserError, ValueError):
             lines.append(f"... and {len(self.problems) - 50} more problems")
         super().__init__(f"{len(self.problems)} problem(s) in the data:\n" + "\n".join(lines))
 
+    def __reduce__(self):  # pickled as its problems (a DataLoader worker hands it to the training process)
+        return type(self), (self.problems,)
+
 
 @dataclass(frozen=True)
 class Choice:

@@ -344,10 +344,11 @@ def read_done(done: Path) -> dict:
 
 
 def _changed(old, new, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two nested settings dicts: key -> (old, new)."""
+    """Dotted keys whose values differ between two nested settings dicts: key -> (old, new). A key that ``old``
+    lacks (a setting added since it was saved) is not a change."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: dict[str, tuple[Any, Any]] = {}
-        for k in sorted(set(old) | set(new), key=str):
+        for k in sorted(old, key=str):
             out.update(_changed(old.get(k), new.get(k), f"{prefix}{k}."))
         return out
     return {} if old == new else {prefix.rstrip("."): (old, new)}

@@ -1,74 +1,46 @@
-"""Checkpoints of a training run: model, optimizer, scheduler, every process's RNG and the data position,
-written to a temporary folder and renamed into place, so that a killed run never leaves a half-written
-checkpoint that looks complete.
+"""Checkpoints of a training run, written by ``accelerate`` (``Accelerator.save_state``), so that DDP, FSDP
+and DeepSpeed runs checkpoint and resume with the same code: the model (safetensors where accelerate
+allows), the optimizer, every process's RNG for every device type it uses, and the objects the run
+registers with ``Accelerator.register_for_checkpointing`` (the scheduler, modules trained beside the model,
+a stage's own state). The step and the data position are the engine's, in ``state.json``.
 
-The state file lists every other file of the checkpoint with its size and SHA-256; resuming verifies
-them and falls back to the newest checkpoint that is complete (a disk that filled up, a copy cut short).
-Nothing in a checkpoint is unpickled into arbitrary objects: tensors load with ``weights_only=True`` and
-the RNG state is JSON.
+What is ours on top: a checkpoint is written to a temporary folder and renamed into place, so that a
+killed run never leaves a half-written checkpoint that looks complete; ``state.json`` lists every other
+file with its size and SHA-256 and holds a digest of its own fields; resuming verifies them and falls back
+to the newest checkpoint that is complete (a disk that filled up, a copy cut short).
+
+Nothing is unpickled into arbitrary objects. accelerate writes the optimizer, the registered objects and
+the RNG states with ``torch.save``; before ``Accelerator.load_state`` runs, every such file is read here
+with ``weights_only=True`` (tensors, containers and NumPy's RNG arrays only), and a file that needs
+anything else is refused. accelerate then reads the same verified files (the registered objects' without
+``weights_only``, which is why they are checked here first). Checkpoints of the format written before
+(``model.pt``, ``rng-N.json``) still resume (``checkpoint_legacy``).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import random
 import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
 
-import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import CheckpointError
 from ..files import file_sha256 as _digest  # the package's one file digest
+
+__all__ = ["CheckpointError", "checkpoint_dirs", "load_checkpoint", "resume_latest", "save_checkpoint"]
 
 STATE_FILE = "state.json"
 #: the state file's field that holds the SHA-256 of its other fields
 STATE_DIGEST = "state_sha256"
+#: the format of checkpoints written by accelerate (state.json's ``format``; the older format has none)
+FORMAT = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be resumed from; the message names the folder, the file and what is wrong."""
-
-
-def rng_state() -> dict:
-    """This process's Python, NumPy and torch RNG states as plain JSON values."""
-    version, internal, gauss = random.getstate()
-    # legacy=True (the default) gives the tuple form; the stubs also allow a dict
-    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-
-
-def _legacy_rng_state(path: Path) -> dict:
-    """The RNG state of a checkpoint written before the JSON format (``rng-N.pt``, a pickle), read with
-    ``weights_only=True`` and only NumPy's array reconstruction allowed: a crafted file cannot run code."""
-    core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed numpy.core
-    safe = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
-    with torch.serialization.safe_globals(safe):
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    (version, internal, gauss), (name, keys, pos, has_gauss, cached) = raw["python"], raw["numpy"]
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, np.asarray(keys, dtype=np.uint32).tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": base64.b64encode(raw["torch"].numpy().tobytes()).decode("ascii"),
-    }
+#: files that accelerate writes with ``torch.save`` (read here with ``weights_only=True`` before resuming)
+_PICKLED = (".bin", ".pkl")
 
 
 def _state_digest(state: dict) -> str:
@@ -96,19 +68,11 @@ def _step_of(path: Path) -> int:
 
 
 def save_checkpoint(
-    accelerator,
-    root: str | Path,
-    step: int,
-    *,
-    model,
-    optimizer,
-    scheduler,
-    state: dict,
-    extra_modules: dict | None = None,
-    stateful: dict | None = None,
-    keep: int = 2,
+    accelerator, root: str | Path, step: int, *, state: dict, registered: list[str], keep: int = 2
 ) -> Path:
-    """Write ``root/step-{step}`` atomically; every process calls this (each saves its RNG)."""
+    """Write ``root/step-{step}`` atomically with ``accelerator.save_state``; every process calls this (each
+    saves its RNG; sharded models save their shards). ``state`` (the data position) goes into state.json
+    with the step, the number of processes and the names of the objects registered for checkpointing."""
     root = Path(root)
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
@@ -117,23 +81,25 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     with _cleared_on_failure(tmp):
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            torch.save({k: v.detach().cpu() for k, v in unwrapped.state_dict().items()}, tmp / "model.pt")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            for name, module in (extra_modules or {}).items():
-                torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
-            for name, obj in (stateful or {}).items():
-                torch.save(obj.state_dict(), tmp / f"{name}.state.pt")
-        (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with _cleared_on_failure(tmp):
             # the state file goes last: its presence marks the folder complete, its list of files lets a
             # resume tell a truncated or altered file from a good one
-            files = {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in sorted(tmp.iterdir())}
-            full = {**state, "step": step, "files": files}
+            files = {
+                p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            }
+            full = {
+                **state,
+                "step": step,
+                "format": FORMAT,
+                "processes": accelerator.num_processes,
+                "registered": list(registered),
+                "files": files,
+            }
             (tmp / STATE_FILE).write_text(json.dumps({**full, STATE_DIGEST: _state_digest(full)}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -156,6 +122,14 @@ def _cleared_on_failure(tmp: Path):
         ) from e
 
 
+def _listed_name(name: str) -> bool:
+    """Whether ``name`` (a key of state.json's ``files``) is a path inside the checkpoint folder."""
+    parts = name.split("/")
+    return (
+        bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") for p in parts) and name != STATE_FILE
+    )
+
+
 def verify_checkpoint(path: str | Path) -> dict:
     """The checkpoint's state after checking every file it lists (size, then SHA-256); raises
     :class:`CheckpointError` naming the first file that is missing, truncated or altered."""
@@ -176,15 +150,16 @@ def verify_checkpoint(path: str | Path) -> dict:
             raise CheckpointError(f"{path / STATE_FILE}: field '{key}' is {state[key]}; it must be at least 0")
     files = state.get("files")
     if files is None:  # written before checkpoints listed their files: only their presence can be checked
-        needed = ["model.pt", "optimizer.pt", "scheduler.pt"]
-        missing = [n for n in needed if not (path / n).is_file()]
+        from .checkpoint_legacy import LEGACY_FILES
+
+        missing = [n for n in LEGACY_FILES if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{path}: missing {', '.join(missing)}")
         return state
     if not isinstance(files, dict):
         raise CheckpointError(f"{path / STATE_FILE}: field 'files' must map file names to sizes and hashes")
     for name, want in files.items():
-        if Path(name).name != name or name in (".", "..", STATE_FILE):
+        if not _listed_name(name):
             raise CheckpointError(
                 f"{path / STATE_FILE}: field 'files' lists {name!r}, which is not a file of the checkpoint"
             )
@@ -207,75 +182,71 @@ def verify_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def load_checkpoint(
-    accelerator,
-    path: str | Path,
-    *,
-    model,
-    optimizer,
-    scheduler,
-    extra_modules: dict | None = None,
-    stateful: dict | None = None,
-) -> dict:
-    """Restore what :func:`save_checkpoint` wrote; returns the saved state (step, epoch, position ...).
+def _read_safely(path: Path):
+    """A file that accelerate wrote with ``torch.save``, read with ``weights_only=True``: tensors,
+    containers and the NumPy arrays of an RNG state, nothing that runs code. Memory-mapped, so that checking
+    an optimizer state of many gigabytes costs no memory."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # what accelerate's own loader allows, no more
 
-    Every file is verified and read before anything is restored, so a bad checkpoint leaves the model as it was.
+    try:
+        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, a pickle that names anything else: any reason it cannot be read
+        raise CheckpointError(
+            f"{path}: cannot be read safely ({type(e).__name__}: {str(e)[:300]}); a checkpoint is never "
+            "unpickled into arbitrary objects"
+        ) from None
+
+
+def load_checkpoint(accelerator, path: str | Path, *, registered: list[str], **legacy) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into the objects prepared and registered with
+    ``accelerator`` (``registered``: their names, in the order registered); returns the saved state (step,
+    epoch, position ...). A checkpoint of the older format is restored through ``legacy`` (the run's
+    ``model``, ``optimizer``, ``scheduler``, ``extra_modules``, ``stateful``).
+
+    Every file is verified and read before anything is restored, so a bad checkpoint leaves the run as it was.
     """
     path = Path(path)
     state = verify_checkpoint(path)
-    rank = accelerator.process_index
-    rng_file = path / f"rng-{rank}.json"
-    legacy_rng = path / f"rng-{rank}.pt"
-    if not rng_file.is_file() and not legacy_rng.is_file():
+    from .checkpoint_legacy import is_legacy, load_legacy_checkpoint
+
+    if is_legacy(path, state):
+        return load_legacy_checkpoint(accelerator, path, state, **legacy)
+    if state.get("format") != FORMAT:
         raise CheckpointError(
-            f"{rng_file} is missing: the checkpoint was written by fewer processes than this run has; "
-            "resume with the same number of processes"
+            f"{path / STATE_FILE}: field 'format' is {state.get('format')!r}; this version reads format {FORMAT} "
+            "(and the older checkpoints without one). Resume it with the version of hkd4vlm that wrote it"
         )
-
-    def read(name: str):
-        try:
-            return torch.load(path / name, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path / name}: missing") from None
-        except Exception as e:  # truncated zip, foreign pickle: any reason the file cannot be read
-            raise CheckpointError(
-                f"{path / name}: cannot be read safely ({type(e).__name__}: {str(e)[:300]})"
-            ) from None
-
-    weights, optim, sched = read("model.pt"), read("optimizer.pt"), read("scheduler.pt")
-    extras = {name: read(f"{name}.pt") for name in (extra_modules or {})}
-    states = {name: read(f"{name}.state.pt") for name in (stateful or {})}
-    try:
-        rng = json.loads(rng_file.read_text()) if rng_file.is_file() else _legacy_rng_state(legacy_rng)
-    except Exception as e:
+    world = accelerator.num_processes
+    if state.get("processes") != world:
         raise CheckpointError(
-            f"{rng_file if rng_file.is_file() else legacy_rng}: not a valid RNG state ({type(e).__name__}: "
-            f"{str(e)[:300]}); a checkpoint's RNG state is never unpickled into arbitrary objects"
+            f"{path}: written by {state.get('processes')} process(es), and this run has {world}; every process "
+            f"resumes its own RNG state, so resume with {state.get('processes')} (accelerate launch --num_processes)"
+        )
+    if state.get("registered") != list(registered):
+        raise CheckpointError(
+            f"{path / STATE_FILE}: holds the state of {state.get('registered')}, and this run checkpoints "
+            f"{list(registered)}; was it written by another recipe or stage?"
+        )
+    rng = None
+    for name in state["files"]:
+        if name.endswith(_PICKLED):
+            loaded = _read_safely(path / name)
+            if name == f"random_states_{accelerator.process_index}.pkl":
+                rng = loaded
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch_manual_seed"), torch.Tensor):
+        raise CheckpointError(f"{path / f'random_states_{accelerator.process_index}.pkl'}: missing or not an RNG state")
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a weight of another shape or name
+        raise CheckpointError(
+            f"{path}: does not fit this run ({type(e).__name__}: {str(e)[:300]}); was it written for another model?"
         ) from None
-
-    def restore(name: str, load) -> None:
-        try:
-            load()
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a weight of another shape or name
-            raise CheckpointError(
-                f"{path / name}: does not fit this run's model ({type(e).__name__}: {str(e)[:300]}); was it "
-                "written for another model?"
-            ) from None
-
-    restore("model.pt", lambda: accelerator.unwrap_model(model).load_state_dict(weights))
-    restore("optimizer.pt", lambda: optimizer.load_state_dict(optim))
-    restore("scheduler.pt", lambda: scheduler.load_state_dict(sched))
-    for name, module in (extra_modules or {}).items():
-        restore(
-            f"{name}.pt",
-            lambda module=module, name=name: accelerator.unwrap_model(module).load_state_dict(extras[name]),
+    # accelerate says nothing when it cannot restore an RNG state (it logs and carries on): check
+    if not torch.equal(torch.get_rng_state(), rng["torch_manual_seed"]):
+        raise CheckpointError(
+            f"{path / f'random_states_{accelerator.process_index}.pkl'}: its RNG state was not restored"
         )
-    for name, obj in (stateful or {}).items():
-        restore(f"{name}.state.pt", lambda obj=obj, name=name: obj.load_state_dict(states[name]))
-    try:
-        set_rng_state(rng)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{rng_file}: not a valid RNG state ({type(e).__name__}: {e})") from None
     return state
 
 

@@ -28,6 +28,18 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def tracker_names(value: Any) -> Any:
+    """``log_with``: a list of tracker names, or one name or ``name,name`` as a string (``--log-with``);
+    ``none``: no tracker."""
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"]
+    return value
+
+
+#: ``log_with``: the trackers that a run logs to (engine.tracking)
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+TrackerNames = Annotated[list[Tracker], BeforeValidator(tracker_names)]
+
 #: augmentation -> probability; YAML mapping or ``name=prob,...`` string, read by ``data.augment.augment_spec``
 AugmentSpec = Annotated[dict[str, float], BeforeValidator(augment_spec)]
 
@@ -124,8 +136,19 @@ class TrainSettings(StrictModel):
     freeze_vision: bool = False
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
+    log_with: TrackerNames = Field(
+        default=["tensorboard"],
+        description="trackers to log to through accelerate: tensorboard (OUT/tb), wandb, mlflow; [] for none",
+    )
     eval_every: int = Field(default=0, ge=0, description="0: evaluate only at the end")
     find_unused_parameters: bool = Field(default=True, description="DDP: allow parameters without gradient")
+    num_workers: int = Field(
+        default=0,
+        ge=0,
+        description="DataLoader worker processes that read, augment and encode records (0: the training thread)",
+    )
+    prefetch_factor: int = Field(default=2, ge=1, description="micro-batches each worker loads ahead")
+    pin_memory: bool = Field(default=True, description="page-locked batches, copied to the GPU ahead (CUDA only)")
     skip_nonfinite: int = Field(
         default=0,
         ge=0,
@@ -298,11 +321,15 @@ RESUME_FREE = frozenset(
         "out",
         "progress",
         "log_every",
+        "log_with",
         "save_every",
         "keep_checkpoints",
         "eval_every",
         "data.eval_split",
         "data.eval_limit",
+        "num_workers",
+        "prefetch_factor",
+        "pin_memory",
     }
 )
 

@@ -13,7 +13,6 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +23,10 @@ from ..models.scoring import answer_distribution, set_readout
 from .checkpoint import CheckpointError, checkpoint_dirs, resume_latest, save_checkpoint
 from .config import ConfigError, TrainConfig, resume_changes, save_config
 from .distributed import average_gradients
+from .pipeline import Position, micro_batch_loader, micro_batches, next_global_batch
+from .tracking import PROJECT, flat_settings, make_trackers
+
+__all__ = ["Position", "next_global_batch", "previous_run", "save_model", "sft_stage", "train", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -34,44 +37,11 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float = 0.0)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@dataclass
-class Position:
-    """Where the next global batch starts."""
-
-    epoch: int = 0
-    index: int = 0
-
-
-def next_global_batch(source, pos: Position, size: int, orders: dict) -> tuple[list[tuple[int, int]], Position]:
-    """The next ``size`` (index, epoch) pairs and the position after them; epochs roll over."""
-    out: list[tuple[int, int]] = []
-    epoch, index = pos.epoch, pos.index
-    while len(out) < size:
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = source.order(epoch)
-        order = orders[epoch]
-        take = order[index : index + size - len(out)]
-        out += [(i, epoch) for i in take]
-        index += len(take)
-        if index >= len(order):
-            epoch, index = epoch + 1, 0
-    return out, Position(epoch, index)
-
-
 def sft_stage(scores, items, **_) -> dict[str, torch.Tensor]:
     """Stage 0: L_ce = -log p(i* | x) on the answer distribution."""
     labels = torch.tensor([it.label for it in items], device=scores.logits.device)
     ce = torch.nn.functional.cross_entropy(scores.logits, labels)
     return {"ce": ce, "total": ce}
-
-
-def _make_writer(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:  # pragma: no cover - tensorboard is a dependency
-        raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(str(out / "tb"))
 
 
 def train(
@@ -119,8 +89,12 @@ def train(
         raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; on CPU use no (or bf16)")
     # some families never use a few parameters (LLaVA skips CLIP's post_layernorm): DDP must be told
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
+    trackers = make_trackers(cfg.log_with, Path(cfg.out))
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp]
+        mixed_precision=cfg.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[ddp],
+        log_with=trackers or None,
     )
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
     if cfg.batch_size % (world * accum):
@@ -182,12 +156,20 @@ def train(
     for m in modules.values():
         m.to(accelerator.device)
 
+    # accelerate checkpoints the prepared model and optimizer and every process's RNG; the rest is registered
+    # (the scheduler is not prepared: accelerate would step it once per process)
+    registered = {"scheduler": scheduler}
+    registered.update({f"module:{name}": m for name, m in modules.items()})
+    registered.update({f"state:{name}": obj for name, obj in (stateful or {}).items()})
+    accelerator.register_for_checkpointing(*registered.values())
+
     step, pos = 0, Position()
     if resume:
         found = resume_latest(
             accelerator,
             ckpt_root,
             log=accelerator.print,
+            registered=list(registered),
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -215,12 +197,29 @@ def train(
         for problem in skipped:
             accelerator.print(f"  {problem}")
 
-    writer = _make_writer(out) if accelerator.is_main_process else None
+    accelerator.init_trackers(PROJECT, config=flat_settings(cfg.model_dump(mode="json")))  # the main process's
     bar = None
     if accelerator.is_main_process and cfg.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=out.name, unit="step", dynamic_ncols=True)
+    # records are read, augmented and encoded by the loader (in its workers with num_workers > 0); which
+    # ones each step takes is next_global_batch's, here as in the loader, so the position is known exactly
+    loader = micro_batch_loader(
+        source,
+        processor,
+        pos,
+        steps=cfg.steps - step,
+        batch_size=cfg.batch_size,
+        processes=world,
+        rank=rank,
+        accum=accum,
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor,
+        pin_memory=cfg.pin_memory and accelerator.device.type == "cuda",
+        seed=cfg.seed,
+    )
+    loaded_batches = micro_batches(loader)
     orders: dict = {}
     t_last, seen, nonfinite = time.perf_counter(), 0, 0
     while step < cfg.steps:
@@ -228,13 +227,14 @@ def train(
         sums: dict[str, float] = {}
         for a in range(accum):
             start = (a * world + rank) * micro
-            pairs = batch[start : start + micro]
-            items, images = zip(*(source.get(i, e) for i, e in pairs))
+            loaded = next(loaded_batches)
+            assert loaded.keys == batch[start : start + micro], "the loader left the training order"
+            items, images = loaded.items, loaded.images
             sync = a == accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else nullcontext()
             with ctx, accelerator.autocast():
-                scores = answer_distribution(model, processor, list(items), list(images))
-                terms = stage(scores, list(items), images=list(images), keys=list(pairs), step=step)
+                scores = answer_distribution(model, processor, items, images, encoded=loaded.encoded)
+                terms = stage(scores, items, images=images, keys=loaded.keys, step=step)
                 accelerator.backward(terms["total"] / accum)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
@@ -267,31 +267,25 @@ def train(
             now = time.perf_counter()
             rate = seen / max(now - t_last, 1e-9)
             t_last, seen = now, 0
-            if writer is not None:
-                for k, v in logged.items():
-                    writer.add_scalar(f"loss/{k}", v, step)
-                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("throughput/samples_per_s", rate, step)
-                if grad_norm is not None:
-                    writer.add_scalar("grad_norm", float(grad_norm), step)
+            scalars: dict[str, float] = {f"loss/{k}": v for k, v in logged.items()}
+            scalars.update({"lr": float(scheduler.get_last_lr()[0]), "throughput/samples_per_s": rate})
+            if grad_norm is not None:
+                scalars["grad_norm"] = float(grad_norm)
+            accelerator.log(scalars, step=step)
             if bar is not None:
                 bar.set_postfix(loss=f"{logged['total']:.4f}", samples_s=f"{rate:.1f}")
         if bar is not None:
             bar.update(1)
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            _run_eval(accelerator, evaluate, model, processor, writer, step)
+            _run_eval(accelerator, evaluate, model, processor, step)
         if step % cfg.save_every == 0 or step == cfg.steps:
             _refuse_nonfinite_weights(accelerator.unwrap_model(model), f"{out}: step {step}")
             save_checkpoint(
                 accelerator,
                 ckpt_root,
                 step,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
                 state={"epoch": pos.epoch, "index": pos.index},
-                extra_modules=modules,
-                stateful=stateful,
+                registered=list(registered),
                 keep=cfg.keep_checkpoints,
             )
         if on_step is not None:
@@ -301,7 +295,7 @@ def train(
 
     final = out / "model"
     if evaluate is not None:
-        metrics = _run_eval(accelerator, evaluate, model, processor, writer, step)
+        metrics = _run_eval(accelerator, evaluate, model, processor, step)
         if accelerator.is_main_process:
             import json
 
@@ -310,8 +304,8 @@ def train(
         save_model(accelerator.unwrap_model(model), processor, final)
         for name, module in modules.items():
             torch.save(accelerator.unwrap_model(module).state_dict(), out / f"{name}.pt")
-        assert writer is not None  # made on the main process
-        writer.close()
+        for tracker in accelerator.trackers:  # not end_training(): it would end the process group too
+            tracker.finish()
     accelerator.wait_for_everyone()
     return final
 
@@ -376,7 +370,7 @@ def _refuse_nonfinite_weights(model, where: str) -> None:
         )
 
 
-def _run_eval(accelerator, evaluate, model, processor, writer, step) -> dict:
+def _run_eval(accelerator, evaluate, model, processor, step) -> dict:
     metrics = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -384,10 +378,7 @@ def _run_eval(accelerator, evaluate, model, processor, writer, step) -> dict:
         with torch.inference_mode():
             metrics = evaluate(unwrapped, processor)
         unwrapped.train()
-        if writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    writer.add_scalar(f"eval/{k}", v, step)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         accelerator.print(
             f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.augment import AugmentConfig, augment
+from ..data.images import ImageProblem
 from ..data.layout import read_split, split_file
 from ..data.records import DatasetError, Problem
 from ..data.tasks import Task
@@ -70,7 +71,13 @@ class RecordSource:
 
     def get(self, index: int, epoch: int = 0):
         split, record = self.items[index]
-        image = split.load_image(record)
+        try:
+            image = split.load_image(record)
+        except ImageProblem as e:  # changed since the split was read (it checks every image)
+            where = str(split_file(split.root, split.task, split.name))
+            raise DatasetError(
+                [Problem(where, record.image_id, "image_id", f"{split.image_path(record)}: {e}")]
+            ) from None
         if self.augment is not None:
             variant = epoch % self.augment_epochs if self.augment_epochs else epoch
             rng = random.Random(f"augment:{self.seed}:{variant}:{index}")

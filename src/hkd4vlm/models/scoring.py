@@ -150,10 +150,13 @@ class AnswerScores:
 
 def encode(processor, records: list[Record], images: list, options: list[list[str]] | None = None) -> dict:
     """Batch of model inputs, left padded so that the answer position is the last one."""
-    return _encode(processor, records, images, options)[0]
+    return encode_prompts(processor, records, images, options)[0]
 
 
-def _encode(processor, records, images, options=None) -> tuple[dict, list[str], list[list[int]]]:
+def encode_prompts(processor, records, images, options=None) -> tuple[dict, list[str], list[list[int]]]:
+    """What :func:`answer_distribution` feeds the model for these records: the processor's batch (left
+    padded), the prompts and, per prompt, where each option ends. Separate so that it can run ahead, in
+    DataLoader workers (``encoded=``)."""
     built = [
         prompt_with_option_ends(processor, r, None if options is None else options[i]) for i, r in enumerate(records)
     ]
@@ -245,18 +248,19 @@ def answer_distribution(
     *,
     temperature: float = 1.0,
     options: list[list[str]] | None = None,
+    encoded: tuple[dict, list[str], list[list[int]]] | None = None,
 ) -> AnswerScores:
     """p(i | x) over each record's options in the model's readout (``get_readout``); differentiable when
-    called with gradients enabled.
+    called with gradients enabled. ``encoded``: :func:`encode_prompts` of the same arguments, done ahead.
 
     Records may have different option counts: the batch is scored over the letters of the longest
     one, and a record's missing letters get probability 0 (their logits are set to ``MASKED``).
     """
     counts = [len(r.choices) if options is None else len(options[i]) for i, r in enumerate(records)]
     readout = get_readout(model)
-    batch, prompts, ends = _encode(processor, records, images, options)
+    batch, prompts, ends = encode_prompts(processor, records, images, options) if encoded is None else encoded
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # pinned: the copy overlaps
     if readout.kind == "letter":
         out = model(**batch, output_hidden_states=True, logits_to_keep=1)
         last = out.logits[:, -1, :]  # (B, V)
