@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class ModelPathType(click.ParamType):
-    """A model directory that exists, or a shipped base by name (``zoo:tiny-llava-l``)."""
+    """A model directory that exists, a shipped base by name (``zoo:tiny-llava-l``), or a Hugging Face Hub id
+    (``org/name[@revision]``, fetched when loaded; ``HF_HUB_OFFLINE=1`` keeps it to the local cache)."""
 
     name = "model"
 
@@ -35,9 +36,13 @@ class ModelPathType(click.ParamType):
                     ctx,
                 )
             return str(value)
+        from .models.hub import is_hub_id
+
         path = Path(value)
         if not path.is_dir():
-            self.fail(f"model directory {value!r} does not exist (or use zoo:NAME)", param, ctx)
+            if is_hub_id(value):
+                return str(value)
+            self.fail(f"model directory {value!r} does not exist (or use zoo:NAME, or a Hub id org/name)", param, ctx)
         return path
 
 

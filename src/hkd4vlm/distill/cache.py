@@ -50,9 +50,9 @@ def _hash_files(paths: list[Path]) -> str:
 
 def model_hash(model_dir: str | Path) -> str:
     """Hash of a checkpoint's weights and config (what decides its outputs)."""
-    from ..models.zoo import resolve
+    from ..models.loading import resolve_model
 
-    d = resolve(model_dir)
+    d = resolve_model(model_dir)
     files = list(d.glob("*.safetensors")) + [d / "config.json"]
     return _hash_files([f for f in files if f.is_file()])
 
