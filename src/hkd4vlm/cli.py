@@ -47,6 +47,10 @@ class ModelPathType(click.ParamType):
 
 
 MODEL_PATH = ModelPathType()
+MODEL_HELP = (
+    "A model folder, a shipped base (zoo:NAME) or a Hugging Face Hub id (org/name, org/name@revision); "
+    "HF_HUB_OFFLINE=1 uses only the local Hub cache."
+)
 
 
 class ShiftsType(click.ParamType):
@@ -325,7 +329,7 @@ def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bo
 
 
 @main.command("cache-teacher")
-@click.option("--model", "model_dir", type=MODEL_PATH, required=True)
+@click.option("--model", "model_dir", type=MODEL_PATH, required=True, help=MODEL_HELP)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True)
 @click.option("--split", default="train", show_default=True)
@@ -513,7 +517,7 @@ def zoo_publish(run: Path, name: str | None) -> None:
 
 
 @main.command()
-@click.option("--model", "model_dir", type=MODEL_PATH, required=True)
+@click.option("--model", "model_dir", type=MODEL_PATH, required=True, help=MODEL_HELP)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--task", type=click.Choice(TASKS), required=True)
 @click.option("--split", default="test", show_default=True)
@@ -815,7 +819,7 @@ def _serve_options(command):
 
 
 @main.command()
-@click.option("--model", "model_dir", type=MODEL_PATH, required=True)
+@click.option("--model", "model_dir", type=MODEL_PATH, required=True, help=MODEL_HELP)
 @_serve_options
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
