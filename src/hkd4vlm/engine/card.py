@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..data.tasks import Task
 from ..errors import UserError
 from ..files import write_text_atomic
 
@@ -75,7 +76,7 @@ def _is_hub_id(ref: str) -> bool:
     return not Path(ref).is_dir() and is_hub_id(ref)
 
 
-def label_counts(root: str | Path, tasks: list[str], split: str) -> dict | None:
+def label_counts(root: str | Path, tasks: list[Task], split: str) -> dict | None:
     """``{"records": N, "labelled": L}`` of the training split's files (invalid records counted as records,
     not as labelled); None when the data is not there to count."""
     from ..data.layout import read_split
@@ -183,7 +184,7 @@ def _eval_rows(metrics: dict | None, tasks: list[str]) -> list[dict]:
     """One row per task of eval.json (accuracy, records, 95% interval), then their mean."""
     if not metrics:
         return []
-    rows = []
+    rows: list[dict[str, Any]] = []
     for task in tasks:
         acc, n = metrics.get(f"accuracy_{task}"), metrics.get(f"n_{task}")
         if not isinstance(acc, (int, float)):
@@ -234,7 +235,7 @@ def model_card(model_dir: str | Path) -> str:
         for r in facts["eval"]
         if r["task"] != "mean"
     ]
-    header = {
+    header: dict[str, Any] = {
         "hkd4vlm": {
             k: facts[k]
             for k in ("kind", "base", "starts_from", "steps", "batch_size", "seed", "readout", "label_fraction")
@@ -243,6 +244,7 @@ def model_card(model_dir: str | Path) -> str:
         | ({"teachers": [t["model"] for t in facts["teachers"]]} if facts["teachers"] else {}),
     }
     hub_base = _is_hub_id(facts["base"])
+    extra: dict[str, Any] = {"base_model_relation": "finetune"} if hub_base else {}
     card = ModelCardData(
         base_model=facts["base"] if hub_base else None,
         library_name="transformers",
@@ -251,7 +253,7 @@ def model_card(model_dir: str | Path) -> str:
         metrics=["accuracy"] if results else None,
         model_name=facts["name"],
         eval_results=results or None,
-        **({"base_model_relation": "finetune"} if hub_base else {}),
+        **extra,
         **header,
     )
     return f"---\n{card.to_yaml()}\n---\n\n" + _body(facts, Path(model_dir)) + "\n"
