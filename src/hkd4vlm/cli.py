@@ -379,7 +379,7 @@ def cache_teacher(
     build resumes when the same command runs again, scoring only the shards that are missing."""
     from .data.augment import augment_spec
     from .distill.cache import build_cache
-    from .infer.sharding import processes
+    from .infer.sharding import finish, processes
 
     try:
         probs = augment_spec(augment)
@@ -401,6 +401,7 @@ def cache_teacher(
         log=lambda problems: _report_skipped(problems, "the cache"),
         procs=procs,
     )
+    finish(procs)
     if not procs.is_main:
         return
     skipped = json.loads((manifest / "manifest.json").read_text()).get("skipped_records", 0)
@@ -591,7 +592,7 @@ def predict(
     from .data.layout import read_split, split_file
     from .infer.msei import MappingSpec
     from .infer.predict import accuracy, predict_split, write_jsonl
-    from .infer.sharding import processes
+    from .infer.sharding import finish, processes
     from .models.loading import load_model
 
     _refuse_overwriting_input(out, "'--out'", {"split file read": split_file(data, task, split)}, root=data)
@@ -618,9 +619,11 @@ def predict(
         max_record_tokens=max_record_tokens,
         procs=procs,
     )
+    if procs.is_main:
+        write_jsonl(preds, out)
+    finish(procs)
     if not procs.is_main:
         return
-    write_jsonl(preds, out)
     labelled = sum(p.correct is not None for p in preds)
     errors = sum(p.status == "error" for p in preds)
     tail = f"; accuracy {accuracy(preds):.4f} on {labelled} labelled" if labelled else ""

@@ -110,17 +110,22 @@ def test_a_distilled_stage_names_its_teachers(synth_root, tmp_path, tiny_model):
         "progress": False,
         "data": {"root": str(synth_root), "tasks": ["factuality"], "eval_split": None},
         "stages": [
+            {"kind": "sft", "level": 0, "train": {"steps": 1, "batch_size": 4}},
             {"kind": "ppod", "level": 2, "train": {"steps": 1, "batch_size": 4}, "gamma": 0.25},
             {"kind": "tcrd", "level": 2, "train": {"steps": 1, "batch_size": 4}, "teacher": 0, "assistant": 1},
         ],
     }
     final = run_recipe(RecipeConfig.model_validate(raw))
-    s0, s1 = tmp_path / "pyr" / "stage-0-ppod-level2", tmp_path / "pyr" / "stage-1-tcrd-level2"
+    tuned = tmp_path / "pyr" / "stage-0-sft-level0" / "model"
+    s0, s1 = tmp_path / "pyr" / "stage-1-ppod-level2", tmp_path / "pyr" / "stage-2-tcrd-level2"
     assert final[2] == str(s1 / "model")
     first, second = ModelCard.load(s0 / "model" / "README.md"), ModelCard.load(s1 / "model" / "README.md")
     h0, h1 = first.data.to_dict()["hkd4vlm"], second.data.to_dict()["hkd4vlm"]
-    assert h0["kind"] == "ppod" and h0["teachers"] == [str(teacher), str(assistant)]
-    assert h1["kind"] == "tcrd" and h1["teachers"] == [str(teacher), str(assistant)]
+    # the teacher is level 0 as the first stage left it, not the pyramid's untrained folder
+    assert h0["kind"] == "ppod" and h0["teachers"] == [str(tuned), str(assistant)]
+    assert h1["kind"] == "tcrd" and h1["teachers"] == [str(tuned), str(assistant)]
+    tuned_card = ModelCard.load(tuned / "README.md").data.to_dict()["hkd4vlm"]
+    assert tuned_card["kind"] == "sft" and tuned_card["base"] == str(teacher) and "teachers" not in tuned_card
     # both stages trained the pyramid's level 2: the base is that level's model; the second stage continued the first
     assert h0["base"] == h1["base"] == str(tiny_model) and h1["starts_from"] == str(s0 / "model")
     assert h1["tasks"] == ["factuality"] and h1["steps"] == 1

@@ -155,6 +155,16 @@ def run_facts(model_dir: str | Path) -> dict[str, Any]:
         if stage["kind"] == "tcrd":
             levels = [settings.get("teacher", 0), settings.get("assistant", 1)]
         caches = settings.get("cache") or {}
+        # the teachers are the levels' models as this stage found them: earlier stages may have trained them
+        current = dict(enumerate(pyramid))
+        for i, earlier in enumerate((recipe.get("stages") or [])[:index]):
+            record = _read_json(
+                run.parent / f"stage-{i}-{earlier.get('kind')}-level{earlier.get('level')}" / "done.json"
+            )
+            if record and isinstance(earlier.get("level"), int):
+                current[earlier["level"]] = str(record.get("model"))
+                if "teacher" in record:  # a mutual PPOD stage's nearest teacher learned too
+                    current[earlier["level"] - 1] = str(record["teacher"])
         facts.update(
             name=f"{run.parent.name}/{run.name}",
             kind=stage["kind"],
@@ -164,7 +174,7 @@ def run_facts(model_dir: str | Path) -> dict[str, Any]:
             teachers=[
                 {
                     "level": j,
-                    "model": pyramid[j] if j < len(pyramid) else "?",
+                    "model": current.get(j, "?"),
                     "cache": caches.get(j, caches.get(str(j))),
                 }
                 for j in levels

@@ -47,6 +47,17 @@ def barrier(procs: Processes) -> None:
         dist.barrier()
 
 
+def finish(procs: Processes) -> None:
+    """End the processes' work together: wait for all, then close the process group, so that no process exits
+    while another still talks to it (gloo aborts a process whose group is torn down mid-call)."""
+    if procs.world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def gather_parts(procs: Processes, parts: dict[int, Any]) -> list[Any]:
     """Every process's ``{part index: result}`` merged and put in part order (a list of results), on every
     process."""
