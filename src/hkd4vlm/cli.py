@@ -238,7 +238,8 @@ def init_model_cmd(preset: str, data: Path, out: Path, seed: int) -> None:
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> None:
     """The embedded default job: benchmark, pretrained tiny pyramid, teacher tuning, the method and its
-    ablation on both tasks; writes OUT/results.json and OUT/report.md."""
+    ablation on both tasks; writes OUT/results.json and OUT/report.md, and a model card (README.md) into
+    every model folder it trains."""
     from .engine.config import ConfigError, load_config
     from .quickstart import QuickstartConfig, default_config_path, run_quickstart
 
@@ -281,6 +282,8 @@ def train(
     """Fine-tune a model (SFT) from a YAML config; `key.sub=value` arguments override its values.
 
     Runs on one device as is, or on several with `accelerate launch --num_processes N -m hkd4vlm.cli train ...`.
+    The model is saved to OUT/model with its model card (README.md, Hugging Face Hub format; `hkd4vlm card`).
+    `model` may be a folder, zoo:NAME or a Hub id (org/name[@revision]).
     """
     from .engine.config import ConfigError, load_config
     from .engine.sft import run_sft
@@ -312,7 +315,9 @@ def train(
 def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bool) -> None:
     """Run a distillation recipe (ordered sft / ppod / tcrd stages over a pyramid); resumable.
 
-    `key.sub=value` arguments override the recipe, e.g. `stages.3.tau=3.0 stages.1.train.steps=200`.
+    `key.sub=value` arguments override the recipe, e.g. `stages.3.tau=3.0 stages.1.train.steps=200`. The
+    pyramid's models may be folders, zoo:NAME or Hub ids (org/name[@revision]); every stage's model folder
+    gets a model card (README.md, Hugging Face Hub format; `hkd4vlm card`).
     """
     from .distill.recipe import RecipeConfig, run_recipe
     from .engine.config import ConfigError, load_config
