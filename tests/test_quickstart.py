@@ -69,3 +69,11 @@ def test_quickstart_writes_results_and_report(tmp_path):
     )
     hkd = yaml.safe_load((out / "seed0" / "ppod_hkd" / "recipe.yaml").read_text())["stages"]
     assert all(st["train"]["augment"].get("permute_options", 0) > 0 for st in hkd)
+    # every model the quickstart trained carries its card, and the card names the stage that made it
+    from huggingface_hub import ModelCard
+
+    models = sorted(out.glob("seed0/*/stage-*/model"))
+    assert len(models) == 8  # teacher and student SFT, then the plain and full pyramids' three stages each
+    for model in models:
+        card = ModelCard.load(model / "README.md").data.to_dict()["hkd4vlm"]
+        assert model.parent.name.split("-")[2] == card["kind"] and card["steps"] == 2

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class ModelPathType(click.ParamType):
-    """A model directory that exists, or a shipped base by name (``zoo:tiny-llava-l``)."""
+    """A model directory that exists, a shipped base by name (``zoo:tiny-llava-l``), or a Hugging Face Hub id
+    (``org/name[@revision]``, fetched when loaded; ``HF_HUB_OFFLINE=1`` keeps it to the local cache)."""
 
     name = "model"
 
@@ -35,13 +36,21 @@ class ModelPathType(click.ParamType):
                     ctx,
                 )
             return str(value)
+        from .models.hub import is_hub_id
+
         path = Path(value)
         if not path.is_dir():
-            self.fail(f"model directory {value!r} does not exist (or use zoo:NAME)", param, ctx)
+            if is_hub_id(value):
+                return str(value)
+            self.fail(f"model directory {value!r} does not exist (or use zoo:NAME, or a Hub id org/name)", param, ctx)
         return path
 
 
 MODEL_PATH = ModelPathType()
+MODEL_HELP = (
+    "A model folder, a shipped base (zoo:NAME) or a Hugging Face Hub id (org/name, org/name@revision); "
+    "HF_HUB_OFFLINE=1 uses only the local Hub cache."
+)
 
 
 class ShiftsType(click.ParamType):
@@ -229,7 +238,8 @@ def init_model_cmd(preset: str, data: Path, out: Path, seed: int) -> None:
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> None:
     """The embedded default job: benchmark, pretrained tiny pyramid, teacher tuning, the method and its
-    ablation on both tasks; writes OUT/results.json and OUT/report.md."""
+    ablation on both tasks; writes OUT/results.json and OUT/report.md, and a model card (README.md) into
+    every model folder it trains."""
     from .engine.config import ConfigError, load_config
     from .quickstart import QuickstartConfig, default_config_path, run_quickstart
 
@@ -286,7 +296,9 @@ def train(
 
     Runs on one device as is, or on several with `accelerate launch --num_processes N -m hkd4vlm.cli train ...`
     (checkpoints are accelerate's: resume with the same number of processes). `num_workers=N` reads, augments
-    and encodes the records in N DataLoader worker processes.
+    and encodes the records in N DataLoader worker processes. The model is saved to OUT/model with its model
+    card (README.md, Hugging Face Hub format; `hkd4vlm card`). `model` may be a folder, zoo:NAME or a Hub id
+    (org/name[@revision]).
     """
     from .engine.config import ConfigError, load_config
     from .engine.sft import run_sft
@@ -326,7 +338,9 @@ def train(
 def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bool, log_with: str | None) -> None:
     """Run a distillation recipe (ordered sft / ppod / tcrd stages over a pyramid); resumable.
 
-    `key.sub=value` arguments override the recipe, e.g. `stages.3.tau=3.0 stages.1.train.steps=200`.
+    `key.sub=value` arguments override the recipe, e.g. `stages.3.tau=3.0 stages.1.train.steps=200`. The
+    pyramid's models may be folders, zoo:NAME or Hub ids (org/name[@revision]); every stage's model folder
+    gets a model card (README.md, Hugging Face Hub format; `hkd4vlm card`).
     """
     from .distill.recipe import RecipeConfig, run_recipe
     from .engine.config import ConfigError, load_config
@@ -351,7 +365,7 @@ def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bo
 
 
 @main.command("cache-teacher")
-@click.option("--model", "model_dir", type=MODEL_PATH, required=True)
+@click.option("--model", "model_dir", type=MODEL_PATH, required=True, help=MODEL_HELP)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True)
 @click.option("--split", default="train", show_default=True)
@@ -369,6 +383,14 @@ def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bo
 @click.option("--seed", type=int, default=0, show_default=True, help="The recipe's seed.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="(record, variant) entries per shard file (rounded up to whole batches); the unit of work dealt out "
+    "to the processes of accelerate launch and of resuming an interrupted build.",
+)
+@click.option(
     "--skip-invalid",
     is_flag=True,
     help="Leave invalid records out (listed and counted); the recipe that reads the cache must skip them too.",
@@ -383,16 +405,23 @@ def cache_teacher(
     variants: int,
     seed: int,
     batch_size: int,
+    shard_size: int,
     skip_invalid: bool,
 ) -> None:
-    """Precompute a teacher's answer distributions and hidden states per (record, augmentation)."""
+    """Precompute a teacher's answer distributions and hidden states per (record, augmentation).
+
+    Under `accelerate launch --num_processes N -m hkd4vlm.cli cache-teacher ...` the shards are dealt out
+    across the processes (each on its own GPU); the folder is the one a single process writes. An interrupted
+    build resumes when the same command runs again, scoring only the shards that are missing."""
     from .data.augment import augment_spec
     from .distill.cache import build_cache
+    from .infer.sharding import finish, processes
 
     try:
         probs = augment_spec(augment)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--augment") from None
+    procs = processes()  # several under accelerate launch: each scores and writes its share of the shards
     manifest = build_cache(
         model_dir,
         data,
@@ -403,9 +432,14 @@ def cache_teacher(
         seed=seed,
         variants=variants,
         batch_size=batch_size,
+        shard_size=shard_size,
         skip_invalid=skip_invalid,
         log=lambda problems: _report_skipped(problems, "the cache"),
+        procs=procs,
     )
+    finish(procs)
+    if not procs.is_main:
+        return
     skipped = json.loads((manifest / "manifest.json").read_text()).get("skipped_records", 0)
     tail = f"; {skipped} invalid record(s) skipped" if skip_invalid else ""
     click.echo(f"teacher cache written to {out}{tail}")
@@ -539,7 +573,7 @@ def zoo_publish(run: Path, name: str | None) -> None:
 
 
 @main.command()
-@click.option("--model", "model_dir", type=MODEL_PATH, required=True)
+@click.option("--model", "model_dir", type=MODEL_PATH, required=True, help=MODEL_HELP)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--task", type=click.Choice(TASKS), required=True)
 @click.option("--split", default="test", show_default=True)
@@ -587,19 +621,27 @@ def predict(
 ) -> None:
     """Write one JSONL line per record: image, question, answer, choice, pred_ans, pred_letter, status
     ("success", or "error" with the reason in "error"), correct, probs (and the shifts' agreement with
-    mapping-shift inference)."""
+    mapping-shift inference).
+
+    Under `accelerate launch --num_processes N -m hkd4vlm.cli predict ...` the batches are dealt out across the
+    processes (each on its own GPU) and merged: the file is the one a single process writes, line for line."""
     from .data.layout import read_split, split_file
     from .infer.msei import MappingSpec
     from .infer.predict import accuracy, predict_split, write_jsonl
+    from .infer.sharding import finish, processes
     from .models.loading import load_model
 
     _refuse_overwriting_input(out, "'--out'", {"split file read": split_file(data, task, split)}, root=data)
     spec = MappingSpec(shifts, mode="random" if random_mappings else "cyclic")
+    procs = processes()  # several under accelerate launch: each scores its share of the batches
     records = read_split(data, task, split, skip_invalid=skip_invalid)
-    _report_skipped(records.skipped, "the predictions")
+    if procs.is_main:
+        _report_skipped(records.skipped, "the predictions")
     if not records.records:  # validate calls an empty split a problem too
         what = "no valid records" if records.skipped else "no records (an empty list)"
         raise click.ClickException(f"{split_file(data, task, split)}: holds {what}; nothing to predict")
+    if device is None and procs.world > 1:
+        device = procs.device  # each launched process on its own GPU (or the CPU)
     model, processor = load_model(model_dir, dtype=dtype, device=device)
     preds = predict_split(
         model,
@@ -611,14 +653,36 @@ def predict(
         spec=spec,
         aggregate=aggregate,
         max_record_tokens=max_record_tokens,
+        procs=procs,
     )
-    write_jsonl(preds, out)
+    if procs.is_main:
+        write_jsonl(preds, out)
+    finish(procs)
+    if not procs.is_main:
+        return
     labelled = sum(p.correct is not None for p in preds)
     errors = sum(p.status == "error" for p in preds)
     tail = f"; accuracy {accuracy(preds):.4f} on {labelled} labelled" if labelled else ""
     tail += f'; {errors} could not be scored (status "error")' if errors else ""
     tail += f"; {len({(p.file, p.record) for p in records.skipped})} invalid record(s) skipped" if skip_invalid else ""
     click.echo(f"{len(preds)} predictions written to {out}{tail}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--stdout", "to_stdout", is_flag=True, help="Print the card instead of writing MODEL_DIR/README.md.")
+def card(model_dir: Path, to_stdout: bool) -> None:
+    """Write the model card of a trained judge again: MODEL_DIR/README.md in the Hugging Face Hub's card format
+    (YAML header with base_model, tags, pipeline_tag and model-index metrics; then the recipe, data, label
+    fraction, steps, evaluation with 95% intervals, readout and how to load it), read from the run folder
+    around MODEL_DIR (config.yaml, eval.json; a distillation stage's done.json and recipe.yaml). train and
+    distill write it at the end of every run."""
+    from .engine.card import model_card, write_card
+
+    if to_stdout:
+        click.echo(model_card(model_dir), nl=False)
+        return
+    click.echo(f"model card written to {write_card(model_dir)}")
 
 
 @main.command()
@@ -841,7 +905,7 @@ def _serve_options(command):
 
 
 @main.command()
-@click.option("--model", "model_dir", type=MODEL_PATH, required=True)
+@click.option("--model", "model_dir", type=MODEL_PATH, required=True, help=MODEL_HELP)
 @_serve_options
 @click.option("--device", default=None, help="e.g. cuda:0 (default: CPU).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)

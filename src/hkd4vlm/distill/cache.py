@@ -5,6 +5,7 @@ Layout of a cache folder::
 
     manifest.json        model hash, data hash, prompt version, augmentation, seed, variants, shards
     shard-00000.safetensors   index (N,), variant (N,), logits (N, n_options), hidden (N, H)
+    building.json        only while it is built: the plan an interrupted build resumes (build_cache)
 
 A cache is only used for the model, data, prompt layout and augmentation it was computed with; anything
 else is refused with an error that says what differs (a stale cache would silently teach the wrong
@@ -24,6 +25,7 @@ from ..data.augment import augment_spec
 from ..data.tasks import Task
 from ..errors import UserError
 from ..files import atomic_path, write_text_atomic
+from ..infer.sharding import Processes, barrier
 from ..models.prompt import PROMPT_VERSION
 from ..models.scoring import AnswerScores
 
@@ -50,9 +52,9 @@ def _hash_files(paths: list[Path]) -> str:
 
 def model_hash(model_dir: str | Path) -> str:
     """Hash of a checkpoint's weights and config (what decides its outputs)."""
-    from ..models.zoo import resolve
+    from ..models.loading import resolve_model
 
-    d = resolve(model_dir)
+    d = resolve_model(model_dir)
     files = list(d.glob("*.safetensors")) + [d / "config.json"]
     return _hash_files([f for f in files if f.is_file()])
 
@@ -106,80 +108,139 @@ def build_cache(
     progress: bool = True,
     skip_invalid: bool = False,
     log=None,
+    procs: Processes | None = None,
 ) -> Path:
     """Score every record of ``split`` under each of ``variants`` augmentation draws and write the cache.
 
     ``skip_invalid``: invalid records are left out (the cache's record indices are those of the records kept,
     as a run with ``data.skip_invalid`` numbers them) and listed in the manifest's ``skipped``; ``log(problems)``
-    is called with them before scoring starts."""
-    from safetensors.torch import save_file
+    is called with them before scoring starts.
 
+    The (record, variant) keys are scored ``batch_size`` at a time, and every ``ceil(shard_size / batch_size)``
+    batches make one shard. ``procs`` (``infer.sharding.processes()`` under ``accelerate launch``): the shards are
+    dealt out across the processes, each writes its own, and the main one writes the manifest once all are
+    there; the folder is the one a single process writes, byte for byte. While a cache is being built its
+    plan is in ``building.json``: a build that was interrupted resumes, keeping every shard that is there
+    and intact and scoring only the missing ones (a plan that differs starts again from nothing)."""
     from ..engine.sources import RecordSource
     from ..models.loading import load_model
-    from ..models.scoring import answer_distribution
 
+    procs = procs or Processes()
     out = Path(out)
     source = RecordSource(
         root, tasks, split, augment=augment, seed=seed, augment_epochs=variants, skip_invalid=skip_invalid
     )
-    if log is not None:
+    if log is not None and procs.is_main:
         log(source.skipped)
-    out.mkdir(parents=True, exist_ok=True)
-    model, processor = load_model(model_dir)
-    model.eval()
     keys = [(i, v) for v in range(variants) for i in range(len(source))]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    per_shard = -(-shard_size // batch_size) * batch_size  # whole batches: a shard never splits one
+    shards = [keys[s : s + per_shard] for s in range(0, len(keys), per_shard)]
+    names = [f"shard-{j:05d}.safetensors" for j in range(len(shards))]
+    expected = _expected(model_dir, root, tasks, split, augment, seed, variants, skip_invalid)
+    plan = {**expected, "records": len(source), "batch_size": batch_size, "shard_size": shard_size, "shards": names}
+    if procs.is_main:
+        _start_or_resume(out, plan)
+    barrier(procs)
+    todo = [j for j in procs.mine(len(shards)) if not _intact_shard(out / names[j], shards[j])]
+    if todo:
+        device = procs.device if procs.world > 1 else None
+        model, processor = load_model(model_dir, device=device)
+        model.eval()
+        bar = None
+        if progress and procs.is_main:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(keys), desc="cache-teacher", unit="rec")
-    shards: list[str] = []
-    buf: dict[str, list] = {"index": [], "variant": [], "logits": [], "hidden": []}
+            desc = "cache-teacher" + (f" (process 0 of {procs.world})" if procs.world > 1 else "")
+            bar = tqdm(total=sum(len(shards[j]) for j in todo), desc=desc, unit="rec")
+        for j in todo:
+            _write_shard(out / names[j], shards[j], source, model, processor, batch_size, bar)
+        if bar is not None:
+            bar.close()
+    barrier(procs)
+    missing = []
+    if procs.is_main:
+        missing = [n for n, keys_j in zip(names, shards) if not _intact_shard(out / n, keys_j)]
+    if procs.is_main and not missing:
+        manifest = {
+            **expected,
+            "model": str(model_dir),
+            "records": len(source),
+            "shards": names,
+            "skipped_records": len({(p.file, p.record) for p in source.skipped}),
+            "skipped": [str(p) for p in source.skipped],
+        }
+        write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
+        (out / BUILDING).unlink(missing_ok=True)
+    barrier(procs)
+    if missing:  # a process failed to write its shards: what is there stays, and the next run resumes
+        raise StaleCacheError(
+            f"{out}: {len(missing)} shard(s) were not written ({', '.join(missing[:3])}); run the same "
+            "cache-teacher command again to score only those"
+        )
+    return out
 
-    def flush() -> None:
-        if not buf["index"]:
-            return
-        name = f"shard-{len(shards):05d}.safetensors"
-        with atomic_path(out / name) as tmp:
-            save_file(
-                {
-                    "index": torch.tensor(buf["index"]),
-                    "variant": torch.tensor(buf["variant"]),
-                    "logits": torch.cat(buf["logits"]),
-                    "hidden": torch.cat(buf["hidden"]),
-                },
-                str(tmp),
-            )
-        shards.append(name)
-        for v in buf.values():
-            v.clear()
 
+#: the plan of a cache being built (removed when its manifest is written)
+BUILDING = "building.json"
+
+
+def _start_or_resume(out: Path, plan: dict) -> None:
+    """Keep the shards of an interrupted build of the same plan; otherwise clear the folder's cache files
+    and record the plan."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        same = json.loads((out / BUILDING).read_text(encoding="utf-8")) == plan
+    except (OSError, UnicodeDecodeError, ValueError):
+        same = False
+    if same:
+        return
+    (out / MANIFEST).unlink(missing_ok=True)  # a finished cache is rebuilt, as it always was
+    for old in out.glob("shard-*.safetensors"):
+        old.unlink()
+    write_text_atomic(out / BUILDING, json.dumps(plan, indent=2))
+
+
+def _intact_shard(path: Path, keys: list[tuple[int, int]]) -> bool:
+    """Whether ``path`` is a readable shard holding exactly ``keys``, in order (a resumed build keeps it)."""
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            index, variant = f.get_tensor("index").tolist(), f.get_tensor("variant").tolist()
+            rows = {f.get_slice(k).get_shape()[0] for k in ("logits", "hidden")}
+    except Exception:  # safetensors' own error type for a truncated file is not an OSError
+        return False
+    return list(zip(index, variant)) == [tuple(k) for k in keys] and rows == {len(keys)}
+
+
+def _write_shard(path: Path, keys, source, model, processor, batch_size: int, bar) -> None:
+    """Score ``keys`` (record index, variant) ``batch_size`` at a time and write them as one shard."""
+    from safetensors.torch import save_file
+
+    from ..models.scoring import answer_distribution
+
+    logits, hidden = [], []
     with torch.inference_mode():
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
             items, images = zip(*(source.get(i, v) for i, v in chunk))
             scores = answer_distribution(model, processor, list(items), list(images))
-            buf["index"] += [i for i, _ in chunk]
-            buf["variant"] += [v for _, v in chunk]
-            buf["logits"].append(scores.logits.float().cpu())
-            buf["hidden"].append(scores.hidden.float().cpu())
-            if len(buf["index"]) >= shard_size:
-                flush()
+            logits.append(scores.logits.float().cpu())
+            hidden.append(scores.hidden.float().cpu())
             if bar is not None:
                 bar.update(len(chunk))
-    flush()
-    if bar is not None:
-        bar.close()
-    manifest = {
-        **_expected(model_dir, root, tasks, split, augment, seed, variants, skip_invalid),
-        "model": str(model_dir),
-        "records": len(source),
-        "shards": shards,
-        "skipped_records": len({(p.file, p.record) for p in source.skipped}),
-        "skipped": [str(p) for p in source.skipped],
-    }
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
-    return out
+    with atomic_path(path) as tmp:
+        save_file(
+            {
+                "index": torch.tensor([i for i, _ in keys]),
+                "variant": torch.tensor([v for _, v in keys]),
+                "logits": torch.cat(logits),
+                "hidden": torch.cat(hidden),
+            },
+            str(tmp),
+        )
 
 
 class CachedTeacher:

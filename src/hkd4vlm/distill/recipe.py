@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, model_validator
 
+from ..engine.card import write_card
 from ..engine.config import DataConfig, ModelRef, StrictModel, TrainConfig, TrainSettings, save_config
 from ..engine.distributed import barrier, is_main_process
 from ..files import write_text_atomic
@@ -302,6 +303,7 @@ def run_recipe(recipe: RecipeConfig, *, on_step=None, resume_force: bool = False
             current[st.level - 1] = record["teacher"]
         if is_main_process():
             write_text_atomic(done, json.dumps(record, indent=2))
+            write_card(final)  # after done.json: the card names the stage's settings as recorded
         barrier()
         current[st.level] = str(final)
     return current

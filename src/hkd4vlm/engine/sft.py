@@ -7,7 +7,9 @@ from pathlib import Path
 
 from ..data.layout import read_split
 from ..data.tasks import Task
+from .card import write_card
 from .config import TrainConfig
+from .distributed import barrier, is_main_process
 from .loop import train
 from .sources import RecordSource
 
@@ -21,7 +23,8 @@ def split_eval(
     batch_size: int = 64,
     skip_invalid: bool = False,
 ):
-    """An evaluate callback: accuracy on ``split`` of each task (and their mean)."""
+    """An evaluate callback: accuracy on ``split`` of each task (``accuracy_TASK``, over ``n_TASK`` labelled
+    records) and their mean (``accuracy``)."""
     from ..infer.predict import accuracy, predict_split
 
     splits = [read_split(root, task, split, skip_invalid=skip_invalid) for task in tasks]
@@ -36,16 +39,20 @@ def split_eval(
                 print(f"  {p}")
 
     def evaluate(model, processor) -> dict:
-        out = {}
+        out: dict = {}
         for s in splits:
-            out[f"accuracy_{s.task}"] = accuracy(predict_split(model, processor, s, batch_size=batch_size, limit=limit))
-        out["accuracy"] = sum(out.values()) / len(out)
+            preds = predict_split(model, processor, s, batch_size=batch_size, limit=limit)
+            out[f"accuracy_{s.task}"] = accuracy(preds)
+            out[f"n_{s.task}"] = sum(p.correct is not None for p in preds)  # the records accuracy is over
+        out["accuracy"] = sum(out[f"accuracy_{s.task}"] for s in splits) / len(splits)
         return out
 
     return evaluate
 
 
 def run_sft(cfg: TrainConfig, *, resume: bool = False, **kwargs) -> Path:
+    """Train ``cfg.model`` on its data with the cross-entropy stage; returns RUN/model, which holds the model
+    and its card (README.md, engine.card)."""
     source = RecordSource(
         cfg.data.root,
         cfg.data.tasks,
@@ -63,4 +70,8 @@ def run_sft(cfg: TrainConfig, *, resume: bool = False, **kwargs) -> Path:
             limit=cfg.data.eval_limit,
             skip_invalid=cfg.data.skip_invalid,
         )
-    return train(cfg, source, evaluate=evaluate, resume=resume, **kwargs)
+    final = train(cfg, source, evaluate=evaluate, resume=resume, **kwargs)
+    if is_main_process():
+        write_card(final)
+    barrier()
+    return final

@@ -256,12 +256,15 @@ class Detector:
         aggregate: str = "logmean",
         **kwargs,
     ) -> Detector:
-        """A detector from a local model folder (any family ``models.loading.load_model`` reads)."""
+        """A detector from a model folder, ``zoo:NAME`` or Hub id (anything ``models.loading.load_model`` reads)."""
         from ..models.loading import load_model
 
         model, processor = load_model(path, dtype=dtype, device=device)
-        path = Path(path).resolve()
-        name = f"{path.parent.name}/{path.name}" if path.name == "model" else path.name  # run folders end in model/
+        if not Path(path).is_dir():  # zoo:NAME, org/name: the name itself
+            name = str(path)
+        else:
+            path = Path(path).resolve()
+            name = f"{path.parent.name}/{path.name}" if path.name == "model" else path.name  # run folders end in model/
         return cls(model, processor, shifts=shifts, aggregate=aggregate, name=name, **kwargs)
 
     @property

@@ -21,6 +21,7 @@ from ..data.records import Record
 from ..files import write_text_atomic
 from ..models.scoring import answer_distribution
 from .msei import Aggregate, MappingSpec, score_shifts
+from .sharding import Processes, gather_parts
 
 
 @dataclass
@@ -126,8 +127,12 @@ def predict_split(
     spec: MappingSpec = MappingSpec(1),
     aggregate: Aggregate = "logmean",
     max_record_tokens: int | None = MAX_RECORD_TOKENS,
+    procs: Processes | None = None,
 ) -> list[Prediction]:
     """Predictions for every record of ``split`` (in order), scored ``batch_size`` records at a time.
+
+    ``procs`` (``infer.sharding.processes()`` under ``accelerate launch``): this process scores only its
+    share of the batches and every process returns the merged list, the same as one process's.
 
     ``spec``: the option→letter mappings to score each record under, aggregated (mapping-shift inference,
     with prefix reuse; the predictions then carry the mappings' agreement). A spec of one mapping
@@ -139,17 +144,23 @@ def predict_split(
     records = split.records[:limit] if limit else split.records
     if max_record_tokens is not None:
         check_record_tokens(split, records, processor, max_record_tokens)
-    out: list[Prediction] = []
+    procs = procs or Processes()
+    starts = range(0, len(records), batch_size)
+    mine = procs.mine(len(starts))
+    parts: dict[int, list[Prediction]] = {}
     bar = None
-    if progress:
+    if progress and procs.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(records), desc=f"predict {split.task}/{split.name}", unit="rec")
+        desc = f"predict {split.task}/{split.name}" + (f" (process 0 of {procs.world})" if procs.world > 1 else "")
+        bar = tqdm(total=sum(len(records[starts[b] : starts[b] + batch_size]) for b in mine), desc=desc, unit="rec")
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
+        for b in mine:
+            chunk = records[starts[b] : starts[b] + batch_size]
+            out: list[Prediction] = []
+            parts[b] = out
             images = [split.load_image(r) for r in chunk]
             if spec.is_plain:
                 probs = answer_distribution(model, processor, chunk, images).probs
@@ -171,7 +182,7 @@ def predict_split(
     if bar is not None:
         bar.close()
     model.train(was_training)
-    return out
+    return [p for part in gather_parts(procs, parts) for p in part]
 
 
 def write_jsonl(preds: list[Prediction], path: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""Loading any VLM that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load, from a local path."""
+"""Loading any VLM that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load: from a local folder, a
+shipped base (``zoo:NAME``) or a Hugging Face Hub id (``org/name[@revision]``, models.hub)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,14 @@ def load_model(
     trust_remote_code: bool = False,
     lora: dict | None = None,
     freeze_vision: bool = False,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
 ) -> tuple[Any, Any]:
-    """(model, processor) from a local checkpoint directory, or a shipped base by name (``zoo:tiny-llava-l``,
+    """(model, processor) from a local checkpoint directory, a shipped base by name (``zoo:tiny-llava-l``,
     checked against its manifest; stored in half precision, loaded as float32 unless ``dtype`` says
-    otherwise); safetensors only, no hub access.
+    otherwise), or a Hub id (``Qwen/Qwen2.5-VL-3B-Instruct``, ``org/name@revision``; ``revision`` overrides
+    the ``@``), fetched into the Hub cache unless ``local_files_only`` (default: ``HF_HUB_OFFLINE``) keeps
+    it to what is cached; see :func:`resolve_model`. Safetensors only.
 
     ``lora``: keyword arguments of ``peft.LoraConfig`` (e.g. ``{"r": 8, "target_modules": "all-linear"}``).
     ``freeze_vision``: no gradient for the vision tower.
@@ -39,14 +44,14 @@ def load_model(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .scoring import READOUT_KEY, VERDICT_KEY, check_readout
-    from .zoo import is_zoo, resolve
+    from .zoo import is_zoo
 
     check_device(device)
 
     if is_zoo(path) and dtype == "auto":
         dtype = "float32"
     torch_dtype = parse_dtype(dtype)
-    path = resolve(path)  # zoo.ZooError for an unknown name, or files that do not match the manifest
+    path = resolve_model(path, revision=revision, local_files_only=local_files_only)
     check_model_dir(path)
     model: Any  # a transformers model, or the peft model that wraps it (lora)
     info: dict
@@ -99,6 +104,21 @@ def load_model(
 
         model = get_peft_model(model, LoraConfig(**lora))
     return model, processor
+
+
+def resolve_model(ref: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None) -> Path:
+    """The local folder a model reference names: ``zoo:NAME`` is the zoo's folder (zoo.ZooError for an unknown
+    name, or files that do not match the manifest); a local path is itself; anything else that reads as a Hub
+    id is its snapshot in the Hub cache (models.hub.hub_snapshot: downloaded unless offline, ModelError naming
+    the id and how to download it). A path that is neither is returned as is (check_model_dir names it)."""
+    from .hub import hub_snapshot, is_hub_id
+    from .zoo import is_zoo, resolve
+
+    if is_zoo(ref):
+        return resolve(ref)
+    if is_hub_id(ref):
+        return hub_snapshot(ref, revision=revision, local_files_only=local_files_only)
+    return Path(ref)
 
 
 #: the dtypes a model may be loaded in, by name ("auto": as saved)
@@ -162,10 +182,12 @@ def check_model_dir(path: Path) -> None:
     """Refuse a folder that cannot be a model before transformers tries (its messages point elsewhere, e.g.
     at installing sentencepiece when tokenizer.json is missing)."""
     if not path.is_dir():
-        raise ModelError(f"model directory {path} does not exist; models load from local paths (or zoo:NAME)")
+        raise ModelError(
+            f"model directory {path} does not exist; models load from local folders, zoo:NAME or a Hub id (org/name)"
+        )
     config = path / "config.json"
     if not config.is_file():
-        raise ModelError(f"{path} is not a model directory (no config.json); models load from local paths only")
+        raise ModelError(f"{path} is not a model directory (no config.json)")
     for f in sorted(path.glob("*.json")):  # config, tokenizer, processor: transformers' messages name none of them
         try:
             json.loads(f.read_text(encoding="utf-8"))
