@@ -238,11 +238,11 @@ FACT_KEYS = ("true", "image", "context", "nei")
 def draw_fact(rng: random.Random) -> Example:
     """Also two hops: the claimed shape's colour at the claim's shape word (``colour``, or none), and the
     person the context credits with that colour at the context's last word (``name``, or nobody); with the
-    scene first, each can be read where it is targeted. Dense hops at each sentence's full stop: the
-    person it credits if its colour is the claimed shape's, else nobody (``match``, the matching sentence by
-    sentence; not at the last full stop, which holds the name hop); and what the sentence itself says, its
-    colour and its person (``bind-colour``, ``bind-name``: none and nobody for a sentence crediting no one),
-    the binding that matching needs."""
+    scene first, each can be read where it is targeted. Dense hops at each sentence's full stop but the
+    last (which holds the name hop: two targets among the same words at one position would contradict each
+    other): the person it credits if its colour is the claimed shape's, else nobody (``match``, the matching
+    sentence by sentence); and what the sentence itself says, its colour and its person (``bind-colour``,
+    ``bind-name``: none and nobody for a sentence crediting no one), the binding that matching needs."""
     key = rng.choice(FACT_KEYS)
     record, scene = make_fact_record(rng, LEVELS["medium"], "lab", key, 0)
     context = " ".join(words(record.context or ""))
@@ -263,12 +263,13 @@ def draw_fact(rng: random.Random) -> Example:
             continue
         sentence = " ".join(context_words[start:end]) + "."
         start = end + 1
+        if end == len(context_words) - 1:
+            break
         credit = attributions(sentence)
-        if end != len(context_words) - 1:
-            name = credit.get(colour, "nobody") if found else "nobody"
-            hops += (Hop("context", end, name, (*NAMES, "nobody"), "match"),)
+        name = credit.get(colour, "nobody") if found else "nobody"
         [(own_colour, own_name)] = credit.items() or [("none", "nobody")]
         hops += (
+            Hop("context", end, name, (*NAMES, "nobody"), "match"),
             Hop("context", end, own_colour, (*COLOURS, "none"), "bind-colour"),
             Hop("context", end, own_name, (*NAMES, "nobody"), "bind-name"),
         )
