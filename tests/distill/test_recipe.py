@@ -235,7 +235,7 @@ def test_two_stage_recipe_chains_and_resumes(pyramid, synth_root, tmp_path):
 
     assert yaml.safe_load((s1 / "config.yaml").read_text())["model"] == str(s0 / "model")
     assert final[2] == str(s1 / "model") and final[0] == pyramid[0]
-    assert (s1 / "projector.pt").is_file()
+    assert (s1 / "projector.safetensors").is_file() and not list(s1.glob("*.pt"))
     events = EventAccumulator(str(s1 / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -298,9 +298,8 @@ def test_two_processes_match_one_with_mutual_teacher_and_projector(pyramid, synt
         outliers = int((diff > 2e-4).sum())
         assert outliers <= 4 and diff.max() <= 2 * 1e-2, f"{rel}: {outliers} elements differ by more than 2e-4"
         assert diff.mean() <= 1e-6, f"{rel}: mean difference {diff.mean():.3g}"
-    pa = torch.load(tmp_path / "one" / s1 / "projector.pt")
-    pb = torch.load(tmp_path / "two" / s1 / "projector.pt")
-    pa, pb = (p.state_dict() if hasattr(p, "state_dict") else p for p in (pa, pb))
+    pa = load_file(tmp_path / "one" / s1 / "projector.safetensors")
+    pb = load_file(tmp_path / "two" / s1 / "projector.safetensors")
     assert max((pa[k] - pb[k]).abs().max().item() for k in pa) <= 2e-4
     # the mutual teacher and the projector did learn (so equality above is not trivial)
     assert any(

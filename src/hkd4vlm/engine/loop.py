@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import NonFiniteError
 from ..files import write_text_atomic
@@ -303,7 +304,9 @@ def train(
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), processor, final)
         for name, module in modules.items():
-            torch.save(accelerator.unwrap_model(module).state_dict(), out / f"{name}.pt")
+            # safetensors, as the model's weights: a module beside the model (e.g. TCRD's feature projector)
+            state = {k: v.detach().contiguous() for k, v in accelerator.unwrap_model(module).state_dict().items()}
+            save_file(state, out / f"{name}.safetensors")
         for tracker in accelerator.trackers:  # not end_training(): it would end the process group too
             tracker.finish()
     accelerator.wait_for_everyone()
