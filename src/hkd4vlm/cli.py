@@ -972,13 +972,13 @@ def lab_list() -> None:
     show_default=True,
     help="A scene written out, or one token per image patch (8 x 8) holding the sum of its object's words.",
 )
-@click.option("--family", type=click.Choice(["qwen2", "llama", "lfm2"]), default="qwen2", show_default=True)
+@click.option("--family", type=click.Choice(["qwen2", "llama", "lfm2", "gemma"]), default="qwen2", show_default=True)
 @click.option(
     "--attention",
     type=click.Choice(["causal", "prefix"]),
-    default="causal",
-    show_default=True,
-    help="prefix: every position attends to the whole prompt, as PaliGemma's over image and prompt.",
+    default=None,
+    help="prefix: every position attends to the whole prompt, as PaliGemma's over image and prompt "
+    "[default: a preset's family's (prefix for tiny-paligemma-*), else causal].",
 )
 @click.option(
     "--init-from",

@@ -65,6 +65,13 @@ def test_a_preset_gives_its_text_sizes_and_family():
     config = LabConfig(rung="recall", preset="tiny-idefics3-s")
     assert config.sizes() == ("llama", 2, 64, 2)
     assert LabConfig(rung="recall", preset="tiny-llava-l").sizes() == ("qwen2", 4, 192, 4)
+    # PaliGemma's text model, and its attention over the whole prompt unless asked otherwise
+    config = LabConfig(rung="recall", preset="tiny-paligemma-s")
+    assert config.sizes() == ("gemma", 2, 64, 2) and config.prefix
+    assert not LabConfig(rung="recall", preset="tiny-paligemma-s", attention="causal").prefix
+    assert not LabConfig(rung="recall").prefix and LabConfig(rung="recall", attention="prefix").prefix
+    result = run_rung(LabConfig(rung="recall", preset="tiny-paligemma-s", steps=2, eval_every=2, held_out=8), log=None)
+    assert result.model == {"type": "gemma", "layers": 2, "hidden": 64, "heads": 2, "attention": "prefix"}
 
 
 def test_a_grid_scene_puts_each_object_on_its_patch_as_the_sum_of_its_words():

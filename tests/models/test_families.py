@@ -1,5 +1,6 @@
-"""Families other than LLaVA: the tiny Idefics3 preset (mirroring test_models.py), and Qwen2-VL, whose
-processor needs torchvision for its video slot: what needs the real processor is skipped without it."""
+"""Families other than LLaVA: the tiny Idefics3 and PaliGemma presets (mirroring test_models.py), and
+Qwen2-VL, whose processor needs torchvision for its video slot: what needs the real processor is skipped
+without it."""
 
 import pytest
 import torch
@@ -106,6 +107,100 @@ def test_init_model_cli_builds_idefics3(synth_root, tmp_path):
     assert result.exit_code == 0, result.output
     model, _ = load_model(tmp_path / "m")
     assert type(model).__name__ == "Idefics3ForConditionalGeneration"
+
+
+# ---- PaliGemma (bidirectional attention over image and prompt) ----
+
+
+@pytest.fixture(scope="module")
+def paligemma(synth_root, tmp_path_factory):
+    out = init_model("tiny-paligemma-s", synth_root, tmp_path_factory.mktemp("models") / "paligemma-s", seed=0)
+    model, processor = load_model(out)
+    return out, model.eval(), processor
+
+
+def test_paligemma_round_trips_through_auto_classes(paligemma, batch):
+    out, model, processor = paligemma
+    assert type(model).__name__ == "PaliGemmaForConditionalGeneration"
+    assert type(processor).__name__ == "PaliGemmaProcessor"
+    again, processor_again = load_model(out)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    records, images = batch
+    with torch.inference_mode():
+        p1 = answer_distribution(model, processor, records, images).probs
+        p2 = answer_distribution(again.eval(), processor_again, records, images).probs
+    assert torch.equal(p1, p2)
+    p = get_preset("tiny-paligemma-s")
+    assert model.config.text_config.hidden_size == p.text_hidden
+    assert model.config.text_config.num_hidden_layers == p.text_layers
+
+
+def test_paligemma_prompt_tokens_see_what_follows_them(paligemma, batch):
+    """The encoded batch marks the whole prompt as PaliGemma's prefix (token types 0), so in a padded batch
+    too a token before the image attends to the options after it."""
+    from hkd4vlm.models.scoring import encode
+
+    _, model, processor = paligemma
+    records, images = batch
+    enc = encode(processor, records, images)
+    assert "labels" not in enc and (enc["token_type_ids"] == 0).all()
+    assert (enc["attention_mask"] == 0).any()  # a row is padded
+    image = model.config.image_token_index
+    changed = {k: v.clone() for k, v in enc.items()}
+    changed["input_ids"][:, -3] = processor.tokenizer.convert_tokens_to_ids("Z")  # inside the options
+    with torch.inference_mode():
+        a, b = (model(**e, output_hidden_states=True).hidden_states[-1] for e in (enc, changed))
+    for row in range(len(records)):
+        ids = enc["input_ids"][row].tolist()
+        assert processor.tokenizer.unk_token_id not in ids and ids.count(image) == (64 // 8) ** 2
+        early = ids.index(image) - 1  # the last text token before the image
+        assert not torch.allclose(a[row, early], b[row, early])
+
+
+def test_paligemma_batching_with_left_padding_equals_one_at_a_time(paligemma, batch):
+    _, model, processor = paligemma
+    records, images = batch
+    lengths = {len(processor.tokenizer.tokenize(build_prompt(processor, r))) for r in records}
+    assert len(lengths) > 1  # the batch really needs padding
+    with torch.inference_mode():
+        together = answer_distribution(model, processor, records, images)
+        alone = [answer_distribution(model, processor, [r], [im]) for r, im in zip(records, images)]
+    assert torch.allclose(together.probs, torch.cat([a.probs for a in alone]), atol=1e-5)
+    assert torch.allclose(together.hidden, torch.cat([a.hidden for a in alone]), atol=1e-4)
+
+
+def test_paligemma_every_parameter_gets_a_gradient(paligemma, batch):
+    out, _, _ = paligemma
+    model, processor = load_model(out)
+    model.train()
+    records, images = batch
+    labels = torch.tensor([r.label for r in records])
+    answer = answer_distribution(model, processor, records, images)
+    torch.nn.functional.cross_entropy(answer.logits, labels).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_paligemma_mapping_shifts_score_each_mapping_in_full(paligemma, batch):
+    """A prefix encoded alone would not see the options after it: every mapping is scored in one full pass,
+    and each shift equals the record scored with that option order."""
+    from hkd4vlm.infer.msei import MappingSpec, score_shifts
+
+    _, model, processor = paligemma
+    records, images = batch
+    with torch.inference_mode():
+        result = score_shifts(model, processor, records[:2], images[:2], spec=MappingSpec(shifts=2))
+        assert not result.prefix_reused
+        for i, record in enumerate(records[:2]):
+            want = []
+            for perm in result.mappings[i]:
+                shown = [record.options[j] for j in perm]
+                p = answer_distribution(model, processor, [record], [images[i]], options=[shown]).probs[0]
+                back = torch.zeros(len(record.choices))
+                back[list(perm)] = p  # letter j showed option perm[j]
+                want.append(back)
+            torch.testing.assert_close(result.per_shift[i], torch.stack(want), atol=1e-4, rtol=1e-4)
 
 
 def test_build_tiny_names_every_preset_when_the_name_is_unknown():

@@ -41,8 +41,9 @@ from .shifts import DEFAULT_SHIFTS, Shifts, parse_shifts  # noqa: F401  (DEFAULT
 
 Aggregate = Literal["logmean", "mean", "vote"]
 AGGREGATES = ("logmean", "mean", "vote")
-#: model types whose position ids are not a plain running index (prefix reuse would need their own rope deltas)
-_NO_PREFIX_REUSE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"}
+#: model types whose position ids are not a plain running index (prefix reuse would need their own rope deltas),
+#: and those whose prompt attends bidirectionally (a prefix encoded alone would not see the options after it)
+_NO_PREFIX_REUSE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "paligemma"}
 
 
 def cyclic_shifts(n: int, shifts: Shifts | Sequence[int] | None = None) -> list[tuple[int, ...]]:

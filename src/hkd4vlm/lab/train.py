@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
 THRESHOLDS = (0.9, 0.95)
 #: the text model of each registered VLM family
-TEXT_FAMILY = {"llava": "qwen2", "idefics3": "llama"}
+TEXT_FAMILY = {"llava": "qwen2", "idefics3": "llama", "paligemma": "gemma"}
+#: the VLM families whose prompt attends bidirectionally (the lab's prefix attention)
+PREFIX_FAMILIES = {"paligemma"}
 SPECIALS = ("<pad>", "<unk>", "<bg>")
 #: examples drawn (from a fixed seed) to build a rung's vocabulary, beside its answer words
 VOCAB_DRAWS = 3000
@@ -45,9 +47,10 @@ class LabConfig(BaseModel):
     layout: str = "ask-first"
     cue: bool = True  # end with "Answer :" (the answer is read there); else at the last segment's last token
     scene: Literal["words", "grid"] = "words"  # a scene written out, or placed on the image's patch grid
-    family: Literal["qwen2", "llama", "lfm2"] = "qwen2"
-    # causal, or bidirectional over the whole prompt as PaliGemma attends over image and prompt (a prefix LM)
-    attention: Literal["causal", "prefix"] = "causal"
+    family: Literal["qwen2", "llama", "lfm2", "gemma"] = "qwen2"
+    # causal, or bidirectional over the whole prompt as PaliGemma attends over image and prompt (a prefix LM);
+    # None: a preset's family's (prefix for PaliGemma), else causal
+    attention: Literal["causal", "prefix"] | None = None
     init_from: str | None = None  # a finished run's --out: start from its model (its sizes replace the fields below)
     preset: str | None = None  # a registered preset: its text sizes and family replace the fields below
     layers: int = Field(2, ge=1)
@@ -85,7 +88,7 @@ class LabConfig(BaseModel):
             from ..models.registry import get_preset
 
             get_preset(self.preset)
-        if self.attention == "prefix" and self.lm_weight:
+        if self.prefix and self.lm_weight:
             raise ValueError(
                 "a next-token loss (lm_weight) needs causal attention: prefix attention sees the next token"
             )
@@ -96,6 +99,17 @@ class LabConfig(BaseModel):
     @property
     def rungs(self) -> list[str]:
         return self.rung.split("+")
+
+    @property
+    def prefix(self) -> bool:
+        """Whether every position attends to the whole prompt."""
+        if self.attention is not None:
+            return self.attention == "prefix"
+        if self.preset is None:
+            return False
+        from ..models.registry import preset_family
+
+        return preset_family(self.preset) in PREFIX_FAMILIES
 
     def sizes(self) -> tuple[str, int, int, int]:
         """(family, layers, hidden, heads), a preset's where one is named."""
@@ -193,6 +207,10 @@ def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
 
         types = ["conv" if i % 2 == 0 else "full_attention" for i in range(layers)]
         return Lfm2ForCausalLM(Lfm2Config(**sizes, layer_types=types, block_auto_adjust_ff_dim=False))
+    if family == "gemma":  # PaliGemma's text model
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        return GemmaForCausalLM(GemmaConfig(**sizes, head_dim=hidden // heads))
     if family == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -364,7 +382,7 @@ def run_rung(
     else:
         vocab = Vocabulary(rungs)
         model = build_lm(config, len(vocab), vocab.ids["<pad>"])
-    prefix = config.attention == "prefix"
+    prefix = config.prefix
     result = LabResult(config.model_dump(), sum(p.numel() for p in model.parameters()))
     c = model.config
     result.model = {
@@ -372,6 +390,7 @@ def run_rung(
         "layers": c.num_hidden_layers,
         "hidden": c.hidden_size,
         "heads": c.num_attention_heads,
+        "attention": "prefix" if config.prefix else "causal",
     }
     result.steps_to = {t: None for t in THRESHOLDS}
     held_rng = random.Random(f"lab-held-out:{config.rung}")

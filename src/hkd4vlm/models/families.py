@@ -1,5 +1,6 @@
-"""Model families at tiny sizes, built from config: LLaVA (CLIP vision + Qwen2 text) and Idefics3 (the
-SmolVLM architecture: SigLIP-style vision, pixel-shuffle connector, Llama text), each with a word-level
+"""Model families at tiny sizes, built from config: LLaVA (CLIP vision + Qwen2 text), Idefics3 (the
+SmolVLM architecture: SigLIP-style vision, pixel-shuffle connector, Llama text) and PaliGemma (SigLIP
+vision, Gemma text, bidirectional attention over the image and the prompt), each with a word-level
 tokenizer trained on the dataset's text and a real processor, saved with ``save_pretrained`` so that
 they load through the same path as a real checkpoint. Which sizes exist, by name, is the registry's
 business (``models.registry``); a builder here takes the sizes.
@@ -188,4 +189,49 @@ def build_idefics3(p: TinyPreset, texts: list[str], *, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
+    return model, processor
+
+
+def build_paligemma(p: TinyPreset, texts: list[str], *, seed: int = 0):
+    """(model, processor) of a tiny PaliGemma (SigLIP vision, Gemma text) of sizes ``p``, randomly initialised
+    with ``seed``.
+
+    PaliGemma attends bidirectionally over its prefix, the image and the whole prompt (the processor marks
+    it with ``token_type_ids`` 0, and the model reads them): every prompt token sees what comes after it,
+    which is what the lab measured to help reading a context against a claim (docs/lab.md). The processor
+    adds PaliGemma's location and segmentation tokens to the vocabulary, as it does for every checkpoint.
+    """
+    import torch
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.siglip import SiglipImageProcessorPil
+
+    # resize to a square without cropping, as the other families do
+    image_processor = SiglipImageProcessorPil(size={"height": p.image_size, "width": p.image_size})
+    # one token per patch, no CLS; the processor reads this attribute
+    image_processor.image_seq_length = (p.image_size // p.patch_size) ** 2  # type: ignore[attr-defined]
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(texts))
+    tokenizer = processor.tokenizer
+    vision, text = config_sizes(p)
+    config = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(**vision, vision_use_head=False),  # PaliGemma reads the patches only
+        text_config=GemmaConfig(
+            **text,
+            head_dim=p.text_hidden // p.heads,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projection_dim=p.text_hidden,
+        hidden_size=p.text_hidden,
+    )
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config)
     return model, processor

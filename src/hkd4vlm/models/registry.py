@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..data.layout import available_splits, read_split
 from ..data.tasks import TASKS
-from .families import TinyPreset, build_idefics3, build_llava
+from .families import TinyPreset, build_idefics3, build_llava, build_paligemma
 
 #: tiny presets are trained from scratch, and only the option readout is learnt at their size in
 #: practice (docs/models.md, "Readouts"); real checkpoints keep the letter readout unless told otherwise
@@ -113,6 +113,7 @@ def init_model(
 
 register_family("llava", build_llava)
 register_family("idefics3", build_idefics3)
+register_family("paligemma", build_paligemma)
 # the LLaVA presets see 64 px through 8 px patches (64 image tokens): shape is not learnt at 16 px
 # (docs/experiments.md, "What each level can see"); Idefics3 pixel-shuffles its 8 px patches to 16 tokens
 register_preset(
@@ -134,4 +135,20 @@ register_preset(
     "tiny-idefics3-s",
     "idefics3",
     TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=2, patch_size=8),
+)
+# the LLaVA presets' sizes, with PaliGemma's bidirectional attention over image and prompt
+register_preset(
+    "tiny-paligemma-s",
+    "paligemma",
+    TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=2, patch_size=8),
+)
+register_preset(
+    "tiny-paligemma-m",
+    "paligemma",
+    TinyPreset(vision_hidden=96, vision_layers=2, text_hidden=128, text_layers=3, heads=4, patch_size=8),
+)
+register_preset(
+    "tiny-paligemma-l",
+    "paligemma",
+    TinyPreset(vision_hidden=128, vision_layers=3, text_hidden=192, text_layers=4, heads=4, patch_size=8),
 )

@@ -163,7 +163,9 @@ def encode_prompts(processor, records, images, options=None) -> tuple[dict, list
     texts = [t for t, _ in built]
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    return processor(images=images, text=texts, return_tensors="pt", padding=True), texts, [e for _, e in built]
+    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    batch.pop("labels", None)  # PaliGemma's processor adds them (all ignored: no suffix); the readout is ours
+    return batch, texts, [e for _, e in built]
 
 
 def option_end_offsets(
