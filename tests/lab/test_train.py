@@ -247,9 +247,21 @@ def test_a_run_starts_from_a_finished_runs_model(tmp_path):
     "args, message",
     [
         (["recall", "--attention", "prefix", "--lm-weight", "1"], "needs causal attention"),
+        (["fact", "--sentence-hops", "--binding-hops"], "choose one"),
         (["recall", "--init-from", "."], "no model of a finished lab run"),
     ],
 )
 def test_settings_that_cannot_work_together_are_refused(args, message):
     res = CliRunner().invoke(main, ["lab", "run", *args, "--steps", "1"])
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+
+
+def test_hop_accuracy_is_reported_per_kind():
+    """Every kind when no dense kind is trained; beside a trained dense kind, not the kinds that share its
+    positions (they would only read its answer)."""
+    base = dict(rung="fact", layout="scene-first", scene="grid", hop_weight=1.0, steps=2, eval_every=2, held_out=16)
+    plain = run_rung(LabConfig(**base), log=None).curve[-1]["hops"]
+    assert set(plain) == {"colour", "name", "match", "bind-colour", "bind-name"}
+    bound = run_rung(LabConfig(**base, binding_hops=True), log=None).curve[-1]["hops"]
+    assert set(bound) == {"colour", "name", "bind-colour", "bind-name"}
+    assert all(0 <= v <= 1 for v in (*plain.values(), *bound.values()))

@@ -88,6 +88,10 @@ class LabConfig(BaseModel):
             from ..models.registry import get_preset
 
             get_preset(self.preset)
+        if self.sentence_hops and self.binding_hops:
+            raise ValueError(
+                "sentence hops and binding hops sit at the same full stops among the same names: choose one"
+            )
         if self.prefix and self.lm_weight:
             raise ValueError(
                 "a next-token loss (lm_weight) needs causal attention: prefix attention sees the next token"
@@ -440,7 +444,7 @@ def run_rung(
         losses.append(loss.item())
         if step % config.eval_every and step != config.steps:
             continue
-        point = _evaluate(model, held_batches, rungs, prefix)
+        point = _evaluate(model, held_batches, rungs, prefix, dense_kinds(config))
         point.update(step=step, loss=round(sum(losses) / len(losses), 4), seconds=round(time.perf_counter() - t0, 1))
         losses = []
         result.curve.append(point)
@@ -488,7 +492,12 @@ def load_lm(run: str | Path, rungs: list[str]):
     return vocab, model
 
 
-def _evaluate(model, batches: list[Batch], rungs: list[str], prefix: bool = False) -> dict:
+def _evaluate(
+    model, batches: list[Batch], rungs: list[str], prefix: bool = False, trained: Collection[str] = ()
+) -> dict:
+    """Held-out accuracy, overall and per rung, and per kind of hop: the fixed hops, and the dense kinds
+    trained (``trained``) or, where none is, every dense kind (they share positions, so an untrained kind
+    beside a trained one would only read the trained one's answer)."""
     import torch
 
     model.eval()
@@ -501,7 +510,8 @@ def _evaluate(model, batches: list[Batch], rungs: list[str], prefix: bool = Fals
                 hits[r].append(h)
             for kinds, row in zip(b.hop_kinds, hop_hits.tolist()):
                 for kind, h in zip(kinds, row):
-                    hops.setdefault(kind, []).append(h)
+                    if kind not in DENSE_HOPS or not trained or kind in trained:
+                        hops.setdefault(kind, []).append(h)
     every = [h for v in hits.values() for h in v]
     point = {
         "held_out": round(sum(every) / len(every), 4),
