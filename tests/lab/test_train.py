@@ -276,3 +276,21 @@ def test_hop_accuracy_is_reported_per_kind():
     bound = run_rung(LabConfig(**base, binding_hops=True), log=None).curve[-1]["hops"]
     assert set(bound) == {"colour", "name", "bind-colour", "bind-name"}
     assert all(0 <= v <= 1 for v in (*plain.values(), *bound.values()))
+
+
+def test_retrieve_binding_hops_say_what_each_sentence_credits():
+    import random
+
+    from hkd4vlm.lab.rungs import words
+    from hkd4vlm.lab.train import draw
+
+    for _, ex in draw(random.Random(4), ["retrieve"], 40, None):
+        context = words(ex.segments["context"])
+        stops = [i for i, w in enumerate(context) if w == "."]
+        colours = [h for h in ex.hops if h.kind == "bind-colour"]
+        names = [h for h in ex.hops if h.kind == "bind-name"]
+        assert [h.index for h in colours] == [h.index for h in names] == stops
+        asked = words(ex.segments["ask"])[-3]  # "Who drew the COLOUR shapes ?"
+        credited = {c.answer: n.answer for c, n in zip(colours, names) if c.answer != "none"}
+        assert credited[asked] == ex.answer and len(credited) in (2, 3)
+    assert not any(ex.hops for _, ex in draw(random.Random(4), ["retrieve"], 5))  # only when asked

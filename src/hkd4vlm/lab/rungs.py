@@ -11,7 +11,7 @@ Rungs (chance in brackets):
 - ``recall``   adjacent key-value recall over 2-3 pairs, the setup's sanity check (~0.42 among the
   pairs' values);
 - ``retrieve`` "Who drew the red shapes?" over a context of 2-3 credits -> the name (~0.42 among the
-  credited names);
+  credited names); binding hops at each sentence's full stop;
 - ``verdict``  a claim naming a person, a colour and a shape -> true / context / nei (1/3);
 - ``verify``   a statement of the hallucination task's kinds (existence, count) checked against a
   written scene -> yes / no (1/2);
@@ -136,13 +136,38 @@ def draw_recall(rng: random.Random) -> Example:
     )
 
 
+def _sentence_stops(context: str) -> list[tuple[int, str]]:
+    """(index of its full stop among the segment's words, the sentence) for each sentence of a context
+    segment ("Context : ...")."""
+    out, start = [], 2  # after "Context :"
+    ws = words(context)
+    for end, word in enumerate(ws):
+        if word == ".":
+            out.append((end, " ".join(ws[start:end]) + "."))
+            start = end + 1
+    return out
+
+
+def _binding(index: int, sentence: str) -> tuple[Hop, Hop]:
+    """What a context sentence says, at its full stop: its colour and its person (none and nobody for a
+    sentence that credits no one)."""
+    [(colour, name)] = attributions(sentence).items() or [("none", "nobody")]
+    return (
+        Hop("context", index, colour, (*COLOURS, "none"), "bind-colour"),
+        Hop("context", index, name, (*NAMES, "nobody"), "bind-name"),
+    )
+
+
 def draw_retrieve(rng: random.Random) -> Example:
+    """Also the binding hops (``bind-colour``, ``bind-name``): what each sentence says, at its full stop."""
     credits, _ = _credits(rng)
     colour = rng.choice(list(credits))
+    context = _context(rng, credits)
     return Example(
-        {"ask": f"Question : Who drew the {colour} shapes ?", "context": _context(rng, credits)},
+        {"ask": f"Question : Who drew the {colour} shapes ?", "context": context},
         credits[colour],
         NAMES,
+        hops=tuple(h for index, sentence in _sentence_stops(context) for h in _binding(index, sentence)),
     )
 
 
@@ -256,23 +281,9 @@ def draw_fact(rng: random.Random) -> Example:
         Hop("ask", len(claim_words) - 1 - claim_words[::-1].index(shape), colour, (*COLOURS, "none"), "colour"),
         Hop("context", -1, credited, (*NAMES, "nobody"), "name"),
     )
-    context_words = words(f"Context : {context}")
-    start = 2  # after "Context :"
-    for end, word in enumerate(context_words):
-        if word != ".":
-            continue
-        sentence = " ".join(context_words[start:end]) + "."
-        start = end + 1
-        if end == len(context_words) - 1:
-            break
-        credit = attributions(sentence)
-        name = credit.get(colour, "nobody") if found else "nobody"
-        [(own_colour, own_name)] = credit.items() or [("none", "nobody")]
-        hops += (
-            Hop("context", end, name, (*NAMES, "nobody"), "match"),
-            Hop("context", end, own_colour, (*COLOURS, "none"), "bind-colour"),
-            Hop("context", end, own_name, (*NAMES, "nobody"), "bind-name"),
-        )
+    for end, sentence in _sentence_stops(f"Context : {context}")[:-1]:  # the last full stop: the name hop's
+        name = attributions(sentence).get(colour, "nobody") if found else "nobody"
+        hops += (Hop("context", end, name, (*NAMES, "nobody"), "match"), *_binding(end, sentence))
     return Example(
         {"ask": claim, "context": f"Context : {context}", "scene": scene_text(scene)},
         key,
