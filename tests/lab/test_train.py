@@ -31,6 +31,18 @@ def test_a_fast_setting_of_each_scene_skill_leaves_chance(rung, steps, floor):
     assert result.best >= floor, result.curve
 
 
+def test_reading_learns_with_binding_targets():
+    """Reading: "Who drew the red shapes?" over the context, the question first, with what each sentence
+    says supervised at its full stop (docs/lab.md: 0.95 at step 750, 0.98 at 1,000; without those targets
+    the same model stays at chance for 1,500 steps)."""
+    result = run_rung(
+        LabConfig(rung="retrieve", hop_weight=1.0, binding_hops=True, steps=1000, eval_every=250, stop_at=0.95),
+        log=None,
+    )
+    assert result.steps_to[0.9] is not None, result.curve
+    assert result.curve[0]["held_out"] < 0.6  # it starts near chance (0.42)
+
+
 def test_the_image_lookup_of_fact_checking_learns_on_the_grid():
     """The fact check's first hop: with the scene on the image's patch grid, the claim's shape word finds its
     patch and names its colour (or none); measured 1.00 at step 500 in every run of docs/lab.md."""
@@ -278,19 +290,28 @@ def test_hop_accuracy_is_reported_per_kind():
     assert all(0 <= v <= 1 for v in (*plain.values(), *bound.values()))
 
 
-def test_retrieve_binding_hops_say_what_each_sentence_credits():
+def test_reading_binding_hops_say_what_each_sentence_credits():
     import random
 
     from hkd4vlm.lab.rungs import words
     from hkd4vlm.lab.train import draw
+    from hkd4vlm.synth.scene import COLOURS
 
-    for _, ex in draw(random.Random(4), ["retrieve"], 40, None):
+    for rung, ex in draw(random.Random(4), ["retrieve", "verdict"], 60, None):
         context = words(ex.segments["context"])
         stops = [i for i, w in enumerate(context) if w == "."]
         colours = [h for h in ex.hops if h.kind == "bind-colour"]
         names = [h for h in ex.hops if h.kind == "bind-name"]
         assert [h.index for h in colours] == [h.index for h in names] == stops
-        asked = words(ex.segments["ask"])[-3]  # "Who drew the COLOUR shapes ?"
         credited = {c.answer: n.answer for c, n in zip(colours, names) if c.answer != "none"}
-        assert credited[asked] == ex.answer and len(credited) in (2, 3)
+        assert len(credited) in (2, 3)
+        if rung == "retrieve":
+            asked = words(ex.segments["ask"])[-3]  # "Who drew the COLOUR shapes ?"
+            assert credited[asked] == ex.answer
+        else:  # the claim names a colour and a person: true, context (someone else) or nei (nobody)
+            ask = words(ex.segments["ask"])
+            colour = next(w for w in ask if w in COLOURS)
+            person = ask[-2] if ask[-3] == "by" else ask[2]
+            want = "nei" if colour not in credited else ("true" if credited[colour] == person else "context")
+            assert want == ex.answer
     assert not any(ex.hops for _, ex in draw(random.Random(4), ["retrieve"], 5))  # only when asked

@@ -12,7 +12,8 @@ Rungs (chance in brackets):
   pairs' values);
 - ``retrieve`` "Who drew the red shapes?" over a context of 2-3 credits -> the name (~0.42 among the
   credited names); binding hops at each sentence's full stop;
-- ``verdict``  a claim naming a person, a colour and a shape -> true / context / nei (1/3);
+- ``verdict``  a claim naming a person, a colour and a shape -> true / context / nei (1/3); binding hops
+  as ``retrieve``'s;
 - ``verify``   a statement of the hallucination task's kinds (existence, count) checked against a
   written scene -> yes / no (1/2);
 - ``colour``   "What colour is the diamond?" over a written scene -> the colour, or none (the scene
@@ -188,7 +189,13 @@ def draw_verdict(rng: random.Random) -> Example:
         if rng.random() < 0.5
         else f"The {colour} {shape} was {part} by {name} ."
     )
-    return Example({"ask": f"Claim : {claim}", "context": _context(rng, credits)}, key, ("true", "context", "nei"))
+    context = _context(rng, credits)
+    return Example(
+        {"ask": f"Claim : {claim}", "context": context},
+        key,
+        ("true", "context", "nei"),
+        hops=tuple(h for index, sentence in _sentence_stops(context) for h in _binding(index, sentence)),
+    )
 
 
 def scene_text(scene: Scene) -> str:
