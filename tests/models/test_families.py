@@ -22,21 +22,6 @@ def idefics3(synth_root, tmp_path_factory):
 # ---- Idefics3 (SmolVLM architecture) ----
 
 
-def test_idefics3_round_trips_through_auto_classes(idefics3, batch):
-    out, model, processor = idefics3
-    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
-    assert type(processor).__name__ == "Idefics3Processor"
-    assert (out / "model.safetensors").is_file()
-    again, processor_again = load_model(out)
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), name
-    records, images = batch
-    with torch.inference_mode():
-        p1 = answer_distribution(model, processor, records, images).probs
-        p2 = answer_distribution(again.eval(), processor_again, records, images).probs
-    assert torch.equal(p1, p2)
-
-
 def test_idefics3_preset_is_tiny(idefics3):
     _, model, _ = idefics3
     p = get_preset("tiny-idefics3-s")
@@ -62,20 +47,6 @@ def test_idefics3_prompt_goes_through_its_chat_template(idefics3, batch):
     assert ids.count(tokenizer.convert_tokens_to_ids("<global-img>")) == 1
     assert ids.count(tokenizer.convert_tokens_to_ids("<fake_token_around_image>")) == 2
     assert len(letter_token_ids(tokenizer, list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))) == 26
-
-
-def test_idefics3_batching_with_left_padding_equals_one_at_a_time(idefics3, batch):
-    _, model, processor = idefics3
-    records, images = batch
-    lengths = {len(processor.tokenizer.tokenize(build_prompt(processor, r))) for r in records}
-    assert len(lengths) > 1  # the batch really needs padding
-    with torch.inference_mode():
-        together = answer_distribution(model, processor, records, images)
-        alone = [answer_distribution(model, processor, [r], [im]) for r, im in zip(records, images)]
-    assert together.probs.shape == (4, 4) and together.hidden.shape == (4, model.config.text_config.hidden_size)
-    assert torch.allclose(together.probs.sum(-1), torch.ones(4))
-    assert torch.allclose(together.probs, torch.cat([a.probs for a in alone]), atol=1e-5)
-    assert torch.allclose(together.hidden, torch.cat([a.hidden for a in alone]), atol=1e-4)
 
 
 def test_idefics3_every_parameter_gets_a_gradient_and_changes(idefics3, batch):
@@ -119,20 +90,10 @@ def paligemma(synth_root, tmp_path_factory):
     return out, model.eval(), processor
 
 
-def test_paligemma_round_trips_through_auto_classes(paligemma, batch):
-    out, model, processor = paligemma
-    assert type(model).__name__ == "PaliGemmaForConditionalGeneration"
-    assert type(processor).__name__ == "PaliGemmaProcessor"
-    again, processor_again = load_model(out)
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), name
-    records, images = batch
-    with torch.inference_mode():
-        p1 = answer_distribution(model, processor, records, images).probs
-        p2 = answer_distribution(again.eval(), processor_again, records, images).probs
-    assert torch.equal(p1, p2)
+def test_paligemma_preset_has_the_llava_presets_text_sizes(paligemma):
+    _, model, _ = paligemma
     p = get_preset("tiny-paligemma-s")
-    assert model.config.text_config.hidden_size == p.text_hidden
+    assert model.config.text_config.hidden_size == p.text_hidden == get_preset("tiny-llava-s").text_hidden
     assert model.config.text_config.num_hidden_layers == p.text_layers
 
 
@@ -156,18 +117,6 @@ def test_paligemma_prompt_tokens_see_what_follows_them(paligemma, batch):
         assert processor.tokenizer.unk_token_id not in ids and ids.count(image) == (64 // 8) ** 2
         early = ids.index(image) - 1  # the last text token before the image
         assert not torch.allclose(a[row, early], b[row, early])
-
-
-def test_paligemma_batching_with_left_padding_equals_one_at_a_time(paligemma, batch):
-    _, model, processor = paligemma
-    records, images = batch
-    lengths = {len(processor.tokenizer.tokenize(build_prompt(processor, r))) for r in records}
-    assert len(lengths) > 1  # the batch really needs padding
-    with torch.inference_mode():
-        together = answer_distribution(model, processor, records, images)
-        alone = [answer_distribution(model, processor, [r], [im]) for r, im in zip(records, images)]
-    assert torch.allclose(together.probs, torch.cat([a.probs for a in alone]), atol=1e-5)
-    assert torch.allclose(together.hidden, torch.cat([a.hidden for a in alone]), atol=1e-4)
 
 
 def test_paligemma_every_parameter_gets_a_gradient(paligemma, batch):
@@ -203,6 +152,45 @@ def test_paligemma_mapping_shifts_score_each_mapping_in_full(paligemma, batch):
             torch.testing.assert_close(result.per_shift[i], torch.stack(want), atol=1e-4, rtol=1e-4)
 
 
+# ---- what every family here must do ----
+
+
+@pytest.mark.parametrize(
+    "family, model_class, processor_class",
+    [
+        ("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Processor"),
+        ("paligemma", "PaliGemmaForConditionalGeneration", "PaliGemmaProcessor"),
+    ],
+)
+def test_a_tiny_preset_round_trips_through_auto_classes(request, batch, family, model_class, processor_class):
+    out, model, processor = request.getfixturevalue(family)
+    assert type(model).__name__ == model_class and type(processor).__name__ == processor_class
+    assert (out / "model.safetensors").is_file()
+    again, processor_again = load_model(out)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    records, images = batch
+    with torch.inference_mode():
+        p1 = answer_distribution(model, processor, records, images).probs
+        p2 = answer_distribution(again.eval(), processor_again, records, images).probs
+    assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("family", ["idefics3", "paligemma"])
+def test_batching_with_left_padding_equals_one_at_a_time(request, batch, family):
+    _, model, processor = request.getfixturevalue(family)
+    records, images = batch
+    lengths = {len(processor.tokenizer.tokenize(build_prompt(processor, r))) for r in records}
+    assert len(lengths) > 1  # the batch really needs padding
+    with torch.inference_mode():
+        together = answer_distribution(model, processor, records, images)
+        alone = [answer_distribution(model, processor, [r], [im]) for r, im in zip(records, images)]
+    assert together.probs.shape == (4, 4) and together.hidden.shape == (4, model.config.text_config.hidden_size)
+    assert torch.allclose(together.probs.sum(-1), torch.ones(4))
+    assert torch.allclose(together.probs, torch.cat([a.probs for a in alone]), atol=1e-5)
+    assert torch.allclose(together.hidden, torch.cat([a.hidden for a in alone]), atol=1e-4)
+
+
 def test_build_tiny_names_every_preset_when_the_name_is_unknown():
     assert {"tiny-llava-s", "tiny-idefics3-s"} <= set(preset_names())
     with pytest.raises(ValueError, match="unknown preset 'tiny-nope'.*tiny-idefics3-s"):
@@ -213,7 +201,12 @@ def test_build_tiny_names_every_preset_when_the_name_is_unknown():
 
 
 @pytest.mark.parametrize(
-    "preset, prefix", [("tiny-llava-s", "model.vision_tower."), ("tiny-idefics3-s", "model.vision_model.")]
+    "preset, prefix",
+    [
+        ("tiny-llava-s", "model.vision_tower."),
+        ("tiny-idefics3-s", "model.vision_model."),
+        ("tiny-paligemma-s", "model.vision_tower."),
+    ],
 )
 def test_freeze_vision_freezes_exactly_the_vision_tower(synth_root, tmp_path, preset, prefix):
     out = init_model(preset, synth_root, tmp_path / preset)
