@@ -295,6 +295,7 @@ def test_reading_binding_hops_say_what_each_sentence_credits():
 
     from hkd4vlm.lab.rungs import words
     from hkd4vlm.lab.train import draw
+    from hkd4vlm.synth.factuality import NAMES
     from hkd4vlm.synth.scene import COLOURS
 
     for rung, ex in draw(random.Random(4), ["retrieve", "verdict"], 60, None):
@@ -302,16 +303,25 @@ def test_reading_binding_hops_say_what_each_sentence_credits():
         stops = [i for i, w in enumerate(context) if w == "."]
         colours = [h for h in ex.hops if h.kind == "bind-colour"]
         names = [h for h in ex.hops if h.kind == "bind-name"]
-        assert [h.index for h in colours] == [h.index for h in names] == stops
         credited = {c.answer: n.answer for c, n in zip(colours, names) if c.answer != "none"}
-        assert len(credited) in (2, 3)
         if rung == "retrieve":
+            assert [h.index for h in colours] == [h.index for h in names] == stops
+            assert len(credited) in (2, 3)
             asked = words(ex.segments["ask"])[-3]  # "Who drew the COLOUR shapes ?"
             assert credited[asked] == ex.answer
         else:  # the claim names a colour and a person: true, context (someone else) or nei (nobody)
+            assert [h.index for h in colours] == [h.index for h in names] == stops[:-1]
+            [name_hop] = [h for h in ex.hops if h.kind == "name"]  # the last full stop's
+            assert name_hop.index == -1 and context[-1] == "."
+            last = context[stops[-2] + 1 if len(stops) > 1 else 2 :]
+            for person in NAMES:  # the last sentence, which has no binding hop of its own
+                for colour in COLOURS:
+                    if person in last and colour in last:
+                        credited[colour] = person
             ask = words(ex.segments["ask"])
             colour = next(w for w in ask if w in COLOURS)
             person = ask[-2] if ask[-3] == "by" else ask[2]
+            assert name_hop.answer == credited.get(colour, "nobody")
             want = "nei" if colour not in credited else ("true" if credited[colour] == person else "context")
             assert want == ex.answer
     assert not any(ex.hops for _, ex in draw(random.Random(4), ["retrieve"], 5))  # only when asked

@@ -12,8 +12,9 @@ Rungs (chance in brackets):
   pairs' values);
 - ``retrieve`` "Who drew the red shapes?" over a context of 2-3 credits -> the name (~0.42 among the
   credited names); binding hops at each sentence's full stop;
-- ``verdict``  a claim naming a person, a colour and a shape -> true / context / nei (1/3); binding hops
-  as ``retrieve``'s;
+- ``verdict``  a claim naming a person, a colour and a shape -> true / context / nei (1/3); as ``fact``,
+  the person credited with the claimed colour at the context's last word (``name``), binding hops at the
+  other full stops;
 - ``verify``   a statement of the hallucination task's kinds (existence, count) checked against a
   written scene -> yes / no (1/2);
 - ``colour``   "What colour is the diamond?" over a written scene -> the colour, or none (the scene
@@ -190,11 +191,14 @@ def draw_verdict(rng: random.Random) -> Example:
         else f"The {colour} {shape} was {part} by {name} ."
     )
     context = _context(rng, credits)
+    stops = _sentence_stops(context)
+    # as fact's: the person credited with the claimed colour at the last full stop, binding at the others
+    hops = (Hop("context", -1, credits.get(colour, "nobody"), (*NAMES, "nobody"), "name"),)
     return Example(
         {"ask": f"Claim : {claim}", "context": context},
         key,
         ("true", "context", "nei"),
-        hops=tuple(h for index, sentence in _sentence_stops(context) for h in _binding(index, sentence)),
+        hops=hops + tuple(h for index, sentence in stops[:-1] for h in _binding(index, sentence)),
     )
 
 
