@@ -150,10 +150,10 @@ def _sentence_stops(context: str) -> list[tuple[int, str]]:
     return out
 
 
-def _binding(index: int, sentence: str) -> tuple[Hop, Hop]:
-    """What a context sentence says, at its full stop: its colour and its person (none and nobody for a
-    sentence that credits no one)."""
-    [(colour, name)] = attributions(sentence).items() or [("none", "nobody")]
+def _binding(index: int, credit: dict[str, str]) -> tuple[Hop, Hop]:
+    """What a context sentence says (``credit``: its ``attributions``), at its full stop: its colour and its
+    person (none and nobody for a sentence that credits no one)."""
+    [(colour, name)] = credit.items() or [("none", "nobody")]
     return (
         Hop("context", index, colour, (*COLOURS, "none"), "bind-colour"),
         Hop("context", index, name, (*NAMES, "nobody"), "bind-name"),
@@ -169,7 +169,7 @@ def draw_retrieve(rng: random.Random) -> Example:
         {"ask": f"Question : Who drew the {colour} shapes ?", "context": context},
         credits[colour],
         NAMES,
-        hops=tuple(h for index, sentence in _sentence_stops(context) for h in _binding(index, sentence)),
+        hops=tuple(h for index, sentence in _sentence_stops(context) for h in _binding(index, attributions(sentence))),
     )
 
 
@@ -198,7 +198,7 @@ def draw_verdict(rng: random.Random) -> Example:
         {"ask": f"Claim : {claim}", "context": context},
         key,
         ("true", "context", "nei"),
-        hops=hops + tuple(h for index, sentence in stops[:-1] for h in _binding(index, sentence)),
+        hops=hops + tuple(h for index, sentence in stops[:-1] for h in _binding(index, attributions(sentence))),
     )
 
 
@@ -293,8 +293,9 @@ def draw_fact(rng: random.Random) -> Example:
         Hop("context", -1, credited, (*NAMES, "nobody"), "name"),
     )
     for end, sentence in _sentence_stops(f"Context : {context}")[:-1]:  # the last full stop: the name hop's
-        name = attributions(sentence).get(colour, "nobody") if found else "nobody"
-        hops += (Hop("context", end, name, (*NAMES, "nobody"), "match"), *_binding(end, sentence))
+        credit = attributions(sentence)
+        name = credit.get(colour, "nobody") if found else "nobody"
+        hops += (Hop("context", end, name, (*NAMES, "nobody"), "match"), *_binding(end, credit))
     return Example(
         {"ask": claim, "context": f"Context : {context}", "scene": scene_text(scene)},
         key,

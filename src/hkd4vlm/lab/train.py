@@ -394,7 +394,7 @@ def run_rung(
         "layers": c.num_hidden_layers,
         "hidden": c.hidden_size,
         "heads": c.num_attention_heads,
-        "attention": "prefix" if config.prefix else "causal",
+        "attention": "prefix" if prefix else "causal",
     }
     result.steps_to = {t: None for t in THRESHOLDS}
     held_rng = random.Random(f"lab-held-out:{config.rung}")

@@ -137,18 +137,6 @@ register_preset(
     TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=2, patch_size=8),
 )
 # the LLaVA presets' sizes, with PaliGemma's bidirectional attention over image and prompt
-register_preset(
-    "tiny-paligemma-s",
-    "paligemma",
-    TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=2, patch_size=8),
-)
-register_preset(
-    "tiny-paligemma-m",
-    "paligemma",
-    TinyPreset(vision_hidden=96, vision_layers=2, text_hidden=128, text_layers=3, heads=4, patch_size=8),
-)
-register_preset(
-    "tiny-paligemma-l",
-    "paligemma",
-    TinyPreset(vision_hidden=128, vision_layers=3, text_hidden=192, text_layers=4, heads=4, patch_size=8),
-)
+register_preset("tiny-paligemma-s", "paligemma", get_preset("tiny-llava-s"))
+register_preset("tiny-paligemma-m", "paligemma", get_preset("tiny-llava-m"))
+register_preset("tiny-paligemma-l", "paligemma", get_preset("tiny-llava-l"))
