@@ -13,10 +13,8 @@ from hkd4vlm.models.scoring import answer_distribution, letter_token_ids
 
 
 @pytest.fixture(scope="module")
-def idefics3(synth_root, tmp_path_factory):
-    out = init_model("tiny-idefics3-s", synth_root, tmp_path_factory.mktemp("models") / "idefics3-s", seed=0)
-    model, processor = load_model(out)
-    return out, model.eval(), processor
+def idefics3(loaded_preset):
+    return loaded_preset("tiny-idefics3-s")
 
 
 # ---- Idefics3 (SmolVLM architecture) ----
@@ -84,10 +82,8 @@ def test_init_model_cli_builds_idefics3(synth_root, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def paligemma(synth_root, tmp_path_factory):
-    out = init_model("tiny-paligemma-s", synth_root, tmp_path_factory.mktemp("models") / "paligemma-s", seed=0)
-    model, processor = load_model(out)
-    return out, model.eval(), processor
+def paligemma(loaded_preset):
+    return loaded_preset("tiny-paligemma-s")
 
 
 def test_paligemma_preset_has_the_llava_presets_text_sizes(paligemma):

@@ -4,15 +4,13 @@ import torch
 from hkd4vlm.models.families import build_tokenizer
 from hkd4vlm.models.loading import count_parameters, load_model
 from hkd4vlm.models.prompt import build_prompt
-from hkd4vlm.models.registry import get_preset, init_model
+from hkd4vlm.models.registry import get_preset
 from hkd4vlm.models.scoring import LetterTokenError, answer_distribution, letter_token_ids
 
 
 @pytest.fixture(scope="module")
-def tiny(synth_root, tmp_path_factory):
-    out = init_model("tiny-llava-s", synth_root, tmp_path_factory.mktemp("models") / "s", seed=0)
-    model, processor = load_model(out)
-    return out, model.eval(), processor
+def tiny(loaded_preset):
+    return loaded_preset("tiny-llava-s")
 
 
 def test_load_model_takes_a_torch_dtype(tiny):
