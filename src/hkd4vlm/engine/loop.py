@@ -59,6 +59,7 @@ def train(
     on_step: Callable[[int], None] | None = None,
     extra_modules: dict | None = None,
     stateful: dict | None = None,
+    image_features: Callable | None = None,
 ) -> Path:
     """Run ``cfg.steps`` optimizer steps on ``source``; returns the folder of the saved final model.
 
@@ -70,7 +71,8 @@ def train(
     after each optimizer step (tests use it to interrupt a run). ``extra_modules`` are trained
     alongside the model (e.g. a feature projector) and checkpointed with it; ``stateful`` objects (with
     ``state_dict`` / ``load_state_dict``, e.g. a mutual-learning teacher and its optimizer) are only
-    checkpointed.
+    checkpointed. ``image_features(model, items)`` -> (B, image tokens, hidden): what the image tokens
+    hold instead of the vision tower's output (the text stage, synth.textstage), from the unwrapped model.
 
     ``resume``: continue from the newest intact checkpoint; a config that differs from the run's saved one in
     a setting that breaks an exact resume is refused (naming the settings) unless ``resume_force``. A NaN or
@@ -234,7 +236,10 @@ def train(
             sync = a == accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else nullcontext()
             with ctx, accelerator.autocast():
-                scores = answer_distribution(model, processor, items, images, encoded=loaded.encoded)
+                given = None if image_features is None else image_features(accelerator.unwrap_model(model), items)
+                scores = answer_distribution(
+                    model, processor, items, images, encoded=loaded.encoded, image_features=given
+                )
                 terms = stage(scores, items, images=images, keys=loaded.keys, step=step)
                 accelerator.backward(terms["total"] / accum)
             for k, v in terms.items():

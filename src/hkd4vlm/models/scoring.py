@@ -242,6 +242,16 @@ def masked_letter_logits(last: torch.Tensor, tokenizer, records: list[Record], c
     return letter_logits
 
 
+def given_image_features(batch: dict, features: torch.Tensor) -> dict:
+    """Model inputs that hand ``features`` to the language model at the image tokens in place of the
+    vision tower's output (transformers' ``mm_encoder_outputs``); the pixels are dropped."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    batch = {k: v for k, v in batch.items() if k != "pixel_values"}
+    batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+    return batch
+
+
 def answer_distribution(
     model,
     processor,
@@ -251,9 +261,12 @@ def answer_distribution(
     temperature: float = 1.0,
     options: list[list[str]] | None = None,
     encoded: tuple[dict, list[str], list[list[int]]] | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> AnswerScores:
     """p(i | x) over each record's options in the model's readout (``get_readout``); differentiable when
     called with gradients enabled. ``encoded``: :func:`encode_prompts` of the same arguments, done ahead.
+    ``image_features`` (B, image tokens, text hidden): what the image tokens hold, given instead of the
+    vision tower's output (the text stage puts words there, synth.textstage); the pixels are not read.
 
     Records may have different option counts: the batch is scored over the letters of the longest
     one, and a record's missing letters get probability 0 (their logits are set to ``MASKED``).
@@ -263,6 +276,8 @@ def answer_distribution(
     batch, prompts, ends = encode_prompts(processor, records, images, options) if encoded is None else encoded
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # pinned: the copy overlaps
+    if image_features is not None:
+        batch = given_image_features(batch, image_features)
     if readout.kind == "letter":
         out = model(**batch, output_hidden_states=True, logits_to_keep=1)
         last = out.logits[:, -1, :]  # (B, V)

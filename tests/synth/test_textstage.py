@@ -1,0 +1,145 @@
+"""The text stage (synth.textstage): fresh records with the image given as a word grid, the hops of fact
+checking, and the loss."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from hkd4vlm.models.loading import load_model
+from hkd4vlm.models.prompt import build_prompt
+from hkd4vlm.models.registry import init_model
+from hkd4vlm.models.scoring import answer_distribution
+from hkd4vlm.synth import textstage
+from hkd4vlm.synth.dense import patch_targets
+from hkd4vlm.synth.factuality import NAMES, parse_claim
+from hkd4vlm.synth.scene import COLOURS, SHAPES, SIZES, Scene
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, synth_root):
+    out = tmp_path_factory.mktemp("ts") / "init"
+    return init_model("tiny-paligemma-s", synth_root, out, extra_texts=textstage.vocabulary_texts(n=60))
+
+
+def test_source_is_deterministic_alternates_tasks_and_is_disjoint_from_the_splits(synth_root):
+    source = textstage.TextStageSource(8, 64, seed=3)  # the splits' seed
+    a = [source.get(i, 0)[0] for i in range(8)]
+    b = [source.get(i, 0)[0] for i in range(8)]
+    assert [r.to_dict() for r in a] == [r.to_dict() for r in b]
+    assert [r.task for r in a] == ["hallucination", "factuality"] * 4
+    assert source.get(0, 1)[0].to_dict() != a[0].to_dict()  # a new epoch draws new records
+    split_scenes = set()
+    for task in ("HallucinationDetection", "FactChecking"):
+        for split in ("train", "val", "test"):
+            for r in json.loads((synth_root / task / "json" / f"{split}.json").read_text()):
+                split_scenes.add(r["synth"]["scene"]["seed"])
+    drawn = {source.get(i, e)[0].extra["synth"]["scene"]["seed"] for i in range(8) for e in range(4)}
+    assert len(drawn) == 32 and not drawn & split_scenes
+
+
+def test_word_grid_sums_each_objects_words(base):
+    model, processor = load_model(base)
+    record = textstage.TextStageSource(2, 64, seed=0).get(0, 0)[0]
+    scene = Scene.from_dict(record.extra["synth"]["scene"])
+    feats = textstage.WordGrid(processor.tokenizer)(model, [record])
+    emb = model.get_input_embeddings()  # as the model embeds a word (Gemma scales its rows by sqrt(hidden))
+    tok = processor.tokenizer
+    row = {w: emb(torch.tensor(textstage.word_id(tok, w))) for w in [*COLOURS, *SHAPES, *SIZES, textstage.BACKGROUND]}
+    patches = patch_targets(scene, 8)
+    occupied = 0
+    for cell, (c, s, z) in enumerate(patches):
+        if c == len(COLOURS):
+            expected = row[textstage.BACKGROUND]
+        else:
+            expected = row[list(COLOURS)[c]] + row[SHAPES[s]] + row[SIZES[z]]
+            occupied += 1
+        assert torch.allclose(feats[0, cell], expected, atol=1e-6)
+    assert occupied == len(
+        {(min(7, int(o.y / scene.height * 8)), min(7, int(o.x / scene.width * 8))) for o in scene.objects}
+    )
+
+
+def test_fact_hops_follow_the_verdict_and_sit_on_their_words(base):
+    _, processor = load_model(base)
+    seen = set()
+    for i in range(40):
+        record, scene = textstage.draw_record(random.Random(f"hops:{i}"), "factuality")
+        prompt = build_prompt(processor, record)
+        hops = textstage.fact_hops(record, prompt)
+        by_kind = {h.kind: h for h in hops}
+        size, shape, person = parse_claim(record.claim)
+        verdict = record.extra["synth"]["verdict"]
+        seen.add(verdict)
+        assert prompt[: by_kind["colour"].end].endswith(shape)
+        if verdict == "image":
+            assert by_kind["colour"].answer == "none" and by_kind["name"].answer == "nobody"
+        else:
+            assert by_kind["colour"].answer == scene.find(shape=shape, size=size)[0].colour
+        assert (by_kind["name"].answer == person) == (verdict == "true")
+        assert (by_kind["name"].answer == "nobody") == (verdict in ("image", "nei"))
+        stops = [h for h in hops if h.kind in ("bind-colour", "name")]
+        assert all(prompt[h.end - 1] == "." for h in stops)
+        assert len(stops) == record.context.count(". ") + 1
+        names = [h.answer for h in hops if h.kind == "bind-name"]
+        assert all(n in (*NAMES, "nobody") for n in names)
+    assert seen == {"true", "image", "context", "nei"}
+
+
+def test_text_stage_loss_against_a_hand_computation(base):
+    model, processor = load_model(base)
+    source = textstage.TextStageSource(6, 64, seed=1)
+    items = [source.get(i, 0)[0] for i in range(6)]
+    grid = textstage.WordGrid(processor.tokenizer)
+    scores = answer_distribution(model, processor, items, [source.blank] * 6, image_features=grid(model, items))
+    terms = textstage.text_stage(model, processor, hop_weight=0.5, option_weight=2.0)(scores, items)
+
+    labels = torch.tensor([r.label for r in items])
+    assert torch.allclose(terms["ce"], torch.nn.functional.cross_entropy(scores.logits, labels))
+    bce = []
+    for r, row in zip(items, scores.logits):
+        for j, s in enumerate(row):
+            holds = (j != r.label) if r.task == "hallucination" else (j == r.label)
+            raw = -s if r.task == "hallucination" else s  # the readout's score before the task's sign
+            bce.append(torch.nn.functional.softplus(-raw) if holds else torch.nn.functional.softplus(raw))
+    assert torch.allclose(terms["bce_options"], torch.stack(bce).mean(), atol=1e-5)
+
+    head, tok = model.get_output_embeddings(), processor.tokenizer
+    per_kind: dict[str, list] = {}
+    for b, r in enumerate(items):
+        prompt = build_prompt(processor, r)
+        ids = scores.input_ids[b].tolist()
+        for hop in textstage.record_hops(r, prompt):
+            word = tok(prompt[: hop.end], add_special_tokens=False)["input_ids"][-1]
+            lead = next(t for t, x in enumerate(ids) if x != tok.pad_token_id)
+            pos = lead + len(tok(prompt[: hop.end], add_special_tokens=False)["input_ids"]) - 1
+            assert ids[pos] == word
+            cand = [textstage.word_id(tok, w) for w in hop.answers]
+            logp = torch.log_softmax(head(scores.last_hidden[b, pos])[cand], -1)
+            per_kind.setdefault(hop.kind, []).append(-logp[hop.answers.index(hop.answer)])
+    assert set(per_kind) == set(textstage.HOP_KINDS)
+    hop_mean = sum(torch.stack(v).mean() for v in per_kind.values()) / len(per_kind)
+    for kind, v in per_kind.items():
+        assert torch.allclose(terms[f"hop_{kind}"], torch.stack(v).mean(), atol=1e-5)
+    assert torch.allclose(terms["total"], terms["ce"] + 2.0 * terms["bce_options"] + 0.5 * hop_mean, atol=1e-5)
+    terms["total"].backward()
+    assert model.get_input_embeddings().weight.grad is not None
+
+
+def test_image_features_replace_the_vision_tower(base):
+    """Given features, the pixels are not read: two different images score alike, and the tower gets no
+    gradient."""
+    from PIL import Image
+
+    model, processor = load_model(base)
+    record = textstage.TextStageSource(2, 64, seed=2).get(1, 0)[0]
+    feats = textstage.WordGrid(processor.tokenizer)(model, [record])
+    black, white = Image.new("RGB", (64, 64)), Image.new("RGB", (64, 64), (255, 255, 255))
+    a = answer_distribution(model, processor, [record], [black], image_features=feats)
+    b = answer_distribution(model, processor, [record], [white], image_features=feats)
+    assert torch.equal(a.logits, b.logits)
+    c = answer_distribution(model, processor, [record], [black], image_features=feats * 0)
+    assert not torch.allclose(a.logits, c.logits)
+    a.logits.sum().backward()
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())
