@@ -53,7 +53,9 @@ def test_word_grid_sums_each_objects_words(base):
         if c == len(COLOURS):
             expected = row[textstage.BACKGROUND]
         else:
-            expected = row[list(COLOURS)[c]] + row[SHAPES[s]] + row[SIZES[z]]
+            place = emb(torch.tensor(textstage.word_id(tok, f"row{cell // 8}")))
+            place = place + emb(torch.tensor(textstage.word_id(tok, f"column{cell % 8}")))
+            expected = row[list(COLOURS)[c]] + row[SHAPES[s]] + row[SIZES[z]] + place
             occupied += 1
         assert torch.allclose(feats[0, cell], expected, atol=1e-6)
     assert occupied == len(
@@ -143,3 +145,66 @@ def test_image_features_replace_the_vision_tower(base):
     assert not torch.allclose(a.logits, c.logits)
     a.logits.sum().backward()
     assert all(p.grad is None for p in model.model.vision_tower.parameters())
+
+
+def test_alignment_trains_the_tower_and_projector_towards_the_word_grid(base, tmp_path):
+    model, processor = load_model(base)
+    lm_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
+    tower_before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    first = textstage.align_vision(
+        model, processor, tmp_path / "a", steps=1, batch_size=8, n_eval=16, log=lambda *_: None
+    )
+    last = textstage.align_vision(
+        model,
+        processor,
+        tmp_path / "b",
+        steps=60,
+        batch_size=16,
+        lr=3e-3,
+        n_eval=16,
+        eval_every=60,
+        log=lambda *_: None,
+    )
+    assert last["relative_error"] < 0.8 * first["relative_error"]
+    assert all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm_before.items())
+    assert any(not torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower_before.items())
+
+
+def test_alignment_resumes_exactly(base, tmp_path):
+    def run(out, steps, stop=None):
+        model, processor = load_model(base)
+
+        def interrupt(step):
+            if step == stop:
+                raise KeyboardInterrupt
+
+        try:
+            textstage.align_vision(
+                model,
+                processor,
+                out,
+                steps=steps,
+                batch_size=4,
+                n_eval=8,
+                save_every=2,
+                log=lambda *_: None,
+                on_step=interrupt,
+            )
+        except KeyboardInterrupt:
+            pass
+        return model
+
+    whole = run(tmp_path / "whole", 6)
+    run(tmp_path / "cut", 6, stop=4)
+    resumed = run(tmp_path / "cut", 6)
+    for k, v in whole.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(v, resumed.model.multi_modal_projector.state_dict()[k])
+
+
+def test_the_held_out_check_reads_pixels_or_words(base, sharpen):
+    model, processor = load_model(base)
+    sharpen(model, 0)  # a fresh model answers nearly alike whatever its image tokens hold
+    words = textstage.text_stage_eval(n=16)(model, processor)
+    pixels = textstage.text_stage_eval(n=16, pixels=True)(model, processor)
+    assert set(words) == set(pixels) and "accuracy_hop_name" in words
+    assert words != pixels  # a fresh tower's image tokens are not the word grid

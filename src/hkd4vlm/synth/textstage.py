@@ -2,7 +2,8 @@
 as words, before it ever sees a pixel.
 
 Every image token holds the sum of the input embeddings of the words naming the object whose centre
-falls in its patch (its size, colour and shape), or of ``background`` where none does: the *word grid*,
+falls in its patch (its size, colour and shape) and its place (``rowI``, ``columnJ``), or of
+``background`` where none does: the *word grid*,
 what a vision tower aligned to the language model's embeddings hands it (docs/lab.md, "Scene formats").
 A step costs what the language model costs (no vision tower runs), so the many steps the tasks'
 composition needs are spent where they are cheap; alignment then trains the tower and projector to emit
@@ -37,8 +38,14 @@ from PIL import Image
 BACKGROUND = "background"
 #: answer words of the hops that name no colour or no person
 NO_COLOUR, NOBODY = "none", "nobody"
+#: the largest patch grid whose rows and columns have words of their own
+MAX_GRID = 8
+#: an object's row and column on the patch grid (relations compare them: a position along the image
+#: tokens' sequence alone does not say which of two patches is further left)
+ROWS = tuple(f"row{i}" for i in range(MAX_GRID))
+COLUMNS = tuple(f"column{i}" for i in range(MAX_GRID))
 #: words the text stage needs in the tokenizer beyond the benchmark's own
-TEXT_STAGE_WORDS = (BACKGROUND, NO_COLOUR, NOBODY)
+TEXT_STAGE_WORDS = (BACKGROUND, NO_COLOUR, NOBODY, *ROWS, *COLUMNS)
 HOP_KINDS = ("colour", "name", "bind-colour", "bind-name")
 
 
@@ -149,7 +156,8 @@ def with_grid(record, scene, grid: int):
 
 class WordGrid:
     """The word grid of a batch of records (``image_features`` of engine.loop.train): per patch, the sum of
-    the model's input embeddings of its object's size, colour and shape words, or of ``background``."""
+    the model's input embeddings of its object's size, colour and shape words and of its row and column
+    words, or of ``background`` alone."""
 
     def __init__(self, tokenizer):
         from .dense import DENSE_TARGETS, _classes
@@ -158,11 +166,24 @@ class WordGrid:
         self.ids = [torch.tensor([word_id(tokenizer, w) for w in classes[k]]) for k in DENSE_TARGETS]
         self.none = [len(classes[k]) for k in DENSE_TARGETS]
         self.background = word_id(tokenizer, BACKGROUND)
+        self.rows = torch.tensor([word_id(tokenizer, w) for w in ROWS])
+        self.columns = torch.tensor([word_id(tokenizer, w) for w in COLUMNS])
 
     def __call__(self, model, items) -> torch.Tensor:
         patches = torch.as_tensor(np.stack([r.extra["textstage"]["patches"] for r in items])).long()  # (B, N, 3)
+        return self.from_patches(model, patches)
+
+    def from_patches(self, model, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, H) from (B, N, 3) colour / shape / size classes per patch (synth.dense.patch_targets)."""
+        n = patches.shape[1]
+        grid = int(round(n**0.5))
+        if grid * grid != n or grid > MAX_GRID:
+            raise ValueError(f"text stage: {n} image tokens are not a square grid of at most {MAX_GRID} x {MAX_GRID}")
         empty = patches[..., 0] == self.none[0]  # (B, N)
         ids = torch.stack([self.ids[k][patches[..., k].clamp(max=len(self.ids[k]) - 1)] for k in range(3)], -1)
+        cells = torch.arange(n)
+        place = torch.stack([self.rows[cells // grid], self.columns[cells % grid]], -1).expand(len(patches), n, 2)
+        ids = torch.cat([ids, place], -1)  # (B, N, 5)
         ids[..., 0] = ids[..., 0].masked_fill(empty, self.background)
         use = torch.ones_like(ids, dtype=torch.bool)
         use[..., 1:] = ~empty[..., None]
@@ -274,28 +295,36 @@ def text_stage(model, processor, *, hop_weight: float = 1.0, option_weight: floa
     return stage
 
 
-def text_stage_eval(n: int = 256, seed: int = 30_000, grid: int = 8, level: str = "medium"):
-    """An evaluate callback: held-out accuracy per task on ``n`` fresh records of each, with the word grid,
-    per fact-checking verdict and per hallucination type, and each hop's accuracy."""
+def text_stage_eval(
+    n: int = 256, seed: int = 30_000, grid: int = 8, level: str = "medium", pixels: bool = False, image_size: int = 64
+):
+    """An evaluate callback: held-out accuracy per task on ``n`` fresh records of each, with the word grid
+    (or, with ``pixels``, the rendered image through the vision tower), per fact-checking verdict and per
+    hallucination type, and each hop's accuracy."""
     from ..models.scoring import answer_distribution
+    from .levels import LEVELS
+    from .scene import render
 
-    records = []
+    records, images = [], []
+    blank = Image.new("RGB", (image_size, image_size), (128, 128, 128))
     for task in ("hallucination", "factuality"):
         for i in range(n):
             record, scene = draw_record(random.Random(f"textstage-held:{seed}:{task}:{i}"), task, level)
             records.append(with_grid(record, scene, grid))
+            if pixels:
+                images.append(render(scene, LEVELS[level]).resize((image_size, image_size), Image.Resampling.BICUBIC))
+            else:
+                images.append(blank)
 
     def evaluate(model, processor) -> dict:
         words = WordGrid(processor.tokenizer)
         hits: collections.Counter[str] = collections.Counter()
         counts: collections.Counter[str] = collections.Counter()
-        blank = Image.new("RGB", (64, 64), (128, 128, 128))
         with torch.no_grad():
             for s in range(0, len(records), 64):
                 chunk = records[s : s + 64]
-                scores = answer_distribution(
-                    model, processor, chunk, [blank] * len(chunk), image_features=words(model, chunk)
-                )
+                given = None if pixels else words(model, chunk)
+                scores = answer_distribution(model, processor, chunk, images[s : s + 64], image_features=given)
                 for r, p in zip(chunk, scores.probs.argmax(-1).tolist()):
                     synth = r.extra["synth"]
                     kind = synth.get("verdict") or synth.get("hallucination_type")
@@ -325,6 +354,7 @@ def run_text_stage(
     option_weight: float = 1.0,
     seed: int = 0,
     eval_every: int = 250,
+    save_every: int = 250,
     held_out: int = 256,
     init: str | None = None,
     progress: bool = True,
@@ -357,7 +387,7 @@ def run_text_stage(
         steps=steps,
         batch_size=batch_size,
         seed=seed,
-        save_every=max(1, min(500, steps // 4)),
+        save_every=save_every,
         log_every=10,
         progress=progress,
         eval_every=eval_every,
@@ -372,3 +402,146 @@ def run_text_stage(
         resume=resume,
         image_features=WordGrid(processor.tokenizer),
     )
+
+
+def align_vision(
+    model,
+    processor,
+    out,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_every: int = 250,
+    save_every: int = 250,
+    n_eval: int = 256,
+    log=print,
+    on_step=None,
+) -> dict:
+    """Alignment: train ``model``'s vision tower and projector in place so that the image tokens it hands the
+    language model are the word grid of the scene (``WordGrid``, from the frozen input embeddings), on
+    freshly rendered scenes of the benchmark's kind; the language model is not touched. The loss is the
+    squared error relative to the grid's mean square. Returns the last held-out metrics: that relative
+    error and, on the patches holding an object's centre, how often the nearest colour, shape and size word
+    (by dot product with the patch's vector) is the object's.
+
+    Checkpoints (tower, projector, optimizer, step) go to ``out/align.pt`` and a run resumes from them; the
+    curve goes to ``out/align.jsonl``.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from ..engine.loop import warmup_cosine
+    from .dense import DENSE_TARGETS, patch_grid, render_batch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    inner = model.model
+    trained = [inner.vision_tower, inner.multi_modal_projector]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for m in trained for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    words = WordGrid(processor.tokenizer)
+    grid = patch_grid(model)
+    image_size = model.config.vision_config.image_size
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = min(200, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, warmup=warmup, total=steps, min_ratio=0.1)
+    )
+    ckpt, curve = out / "align.pt", out / "align.jsonl"
+    step = 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        inner.vision_tower.load_state_dict(state["tower"])
+        inner.multi_modal_projector.load_state_dict(state["projector"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step = int(state["step"])
+        log(f"align: resumed at step {step}")
+
+    def batch(rng: random.Random, n: int):
+        images, targets = render_batch(rng, n, image_size, grid)
+        patches = torch.stack([targets[k] for k in DENSE_TARGETS], -1).long()  # (n, N, 3)
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            goal = words.from_patches(model, patches)
+        return pixels, patches, goal
+
+    from .dense import _classes
+
+    classes = _classes()
+
+    def predict(pixels):
+        return inner.get_image_features(pixel_values=pixels).pooler_output
+
+    def loss_of(pred, goal, patches):
+        # the patches holding an object and the background weigh alike (most patches are background)
+        err = (pred - goal).pow(2).mean(-1)  # (B, N)
+        occupied = patches[..., 0] != len(classes["colour"])
+        scale = goal.pow(2).mean()
+        return (err[occupied].mean() + err[~occupied].mean()) / (2 * scale)
+
+    eval_pixels, eval_patches, eval_goal = batch(random.Random(f"align-eval:{seed}"), n_eval)
+    embedding = model.get_input_embeddings()
+    class_vectors = {
+        k: embedding(torch.tensor([word_id(processor.tokenizer, w) for w in classes[k]])).detach()
+        for k in DENSE_TARGETS
+    }
+
+    def evaluate() -> dict:
+        for m in trained:
+            m.eval()
+        with torch.inference_mode():
+            pred = torch.cat([predict(eval_pixels[i : i + 64]) for i in range(0, n_eval, 64)])
+        for m in trained:
+            m.train()
+        occupied = eval_patches[..., 0] != len(classes["colour"])
+        metrics = {"relative_error": float(loss_of(pred, eval_goal, eval_patches))}
+        for k, name in enumerate(DENSE_TARGETS):
+            guess = (pred[occupied] @ class_vectors[name].T).argmax(-1)
+            metrics[f"word_{name}"] = float((guess == eval_patches[occupied][:, k]).float().mean())
+        return metrics
+
+    for m in trained:
+        m.train()
+    t0, metrics = time.perf_counter(), {}
+    while step < steps:
+        pixels, patches, goal = batch(random.Random(f"align:{seed}:{step}"), batch_size)
+        loss = loss_of(predict(pixels), goal, patches)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % eval_every == 0 or step == steps:
+            metrics = {
+                "step": step,
+                "loss": float(loss.detach()),
+                **evaluate(),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            log(f"align step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "step"))
+            with curve.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if step % save_every == 0 or step == steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(
+                {
+                    "tower": inner.vision_tower.state_dict(),
+                    "projector": inner.multi_modal_projector.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step,
+                },
+                tmp,
+            )
+            tmp.replace(ckpt)
+        if on_step is not None:
+            on_step(step)
+    return metrics or {"step": step, **evaluate()}
