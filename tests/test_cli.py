@@ -9,6 +9,8 @@ COMMANDS = {
     "validate",
     "init-model",
     "pretrain",
+    "text-stage",
+    "align",
     "train",
     "distill",
     "cache-teacher",

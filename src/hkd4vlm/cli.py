@@ -543,6 +543,97 @@ def pretrain(
     click.echo(f"base checkpoint: {final}")
 
 
+@main.command("text-stage")
+@click.option("--preset", required=True, help="Tiny preset to build (a PaliGemma one: tiny-paligemma-l).")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Dataset root whose text trains the tokenizer (its records and images are not used).",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option(
+    "--init",
+    "init",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Start from this model folder instead of a fresh build (it must have the text stage's words).",
+)
+@click.option("--steps", type=click.IntRange(min=1), required=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), required=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option(
+    "--hop-weight",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Weight of the fact-checking hops (0 trains the answers alone).",
+)
+@click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option(
+    "--held-out", type=click.IntRange(min=1), default=256, show_default=True, help="Held-out records per task."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def text_stage_cmd(
+    preset: str,
+    data: Path,
+    out: Path,
+    init: Path | None,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    warmup: int,
+    hop_weight: float,
+    eval_every: int,
+    held_out: int,
+    seed: int,
+) -> None:
+    """Train a preset's language model on both tasks with the image given as words (docs/pretraining.md,
+    "The text stage"); resumes an interrupted run in --out."""
+    from .synth.textstage import run_text_stage
+
+    final = run_text_stage(
+        preset,
+        data,
+        out,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        warmup=warmup,
+        hop_weight=hop_weight,
+        seed=seed,
+        eval_every=eval_every,
+        held_out=held_out,
+        init=None if init is None else str(init),
+    )
+    click.echo(f"text stage model: {final}")
+
+
+@main.command("align")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--steps", type=click.IntRange(min=1), required=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--held-out", type=click.IntRange(min=1), default=256, show_default=True, help="Held-out records per task."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def align_cmd(model: Path, out: Path, steps: int, lr: float, batch_size: int, held_out: int, seed: int) -> None:
+    """Train MODEL's vision tower and projector to hand its language model the word grid of the text stage,
+    from pixels; then check both tasks through pixels and through words (OUT/eval.json)."""
+    from .synth.textstage import run_alignment
+
+    report = run_alignment(model, out, steps=steps, lr=lr, batch_size=batch_size, seed=seed, held_out=held_out)
+    for name in ("pixels", "words"):
+        r = report[name]
+        click.echo(
+            f"{name}: hallucination {r['accuracy_hallucination']:.3f}, factuality {r['accuracy_factuality']:.3f}"
+        )
+    click.echo(f"aligned model: {out / 'model'}")
+
+
 @main.group()
 def zoo() -> None:
     """The shipped pretrained bases (load them anywhere a model is accepted as zoo:NAME)."""

@@ -208,3 +208,48 @@ def test_the_held_out_check_reads_pixels_or_words(base, sharpen):
     pixels = textstage.text_stage_eval(n=16, pixels=True)(model, processor)
     assert set(words) == set(pixels) and "accuracy_hop_name" in words
     assert words != pixels  # a fresh tower's image tokens are not the word grid
+
+
+def test_text_stage_then_alignment_from_the_command_line(tmp_path, synth_root):
+    from click.testing import CliRunner
+
+    from hkd4vlm.cli import main
+
+    out = tmp_path / "ts"
+    res = CliRunner().invoke(
+        main,
+        ["text-stage", "--preset", "tiny-paligemma-s", "--data", str(synth_root), "--out", str(out), "--steps", "3",
+         "--lr", "1e-3", "--batch-size", "4", "--eval-every", "3", "--held-out", "4"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (out / "model" / "config.json").is_file() and (out / "checkpoints").is_dir()
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert {"accuracy_hallucination", "accuracy_factuality", "accuracy_hop_name"} <= set(evaluated)
+    aligned = tmp_path / "al"
+    res = CliRunner().invoke(
+        main,
+        ["align", str(out / "model"), "--out", str(aligned), "--steps", "2", "--batch-size", "4", "--held-out", "4"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "pixels: hallucination" in res.output and (aligned / "model" / "config.json").is_file()
+    report = json.loads((aligned / "eval.json").read_text())
+    assert set(report) == {"alignment", "pixels", "words"} and report["alignment"]["step"] == 2
+    model, _ = load_model(aligned / "model")
+    trained, _ = load_model(out / "model")
+    lm = trained.model.language_model.state_dict()
+    assert all(torch.equal(v, lm[k]) for k, v in model.model.language_model.state_dict().items())
+
+
+def test_text_stage_refuses_a_base_without_its_words(tmp_path, synth_root):
+    bare = init_model("tiny-paligemma-s", synth_root, tmp_path / "bare")
+    with pytest.raises(ValueError, match="'row0' is not one token of this tokenizer"):
+        textstage.run_text_stage(
+            "tiny-paligemma-s",
+            synth_root,
+            tmp_path / "ts",
+            steps=1,
+            lr=1e-3,
+            batch_size=2,
+            init=str(bare),
+            progress=False,
+        )

@@ -545,3 +545,46 @@ def align_vision(
         if on_step is not None:
             on_step(step)
     return metrics or {"step": step, **evaluate()}
+
+
+def run_alignment(
+    model_dir,
+    out,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    eval_every: int = 250,
+    held_out: int = 256,
+    log=print,
+) -> dict:
+    """Align the vision tower of the text-stage model ``model_dir`` (``align_vision``), save it to
+    ``out/model`` and check it on the text stage's held-out records through pixels and through the word
+    grid (``out/eval.json``: ``pixels`` and ``words``, each ``text_stage_eval``'s metrics, and
+    ``alignment``, the last alignment metrics). Resumes from ``out/align.pt``."""
+    import json
+    from pathlib import Path
+
+    from ..engine.loop import save_model
+    from ..files import write_text_atomic
+    from ..models.loading import load_model
+    from .dense import patch_grid
+
+    out = Path(out)
+    model, processor = load_model(model_dir)
+    metrics = align_vision(
+        model, processor, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every, log=log
+    )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    grid, size = patch_grid(model), model.config.vision_config.image_size
+    report = {
+        "alignment": metrics,
+        "pixels": text_stage_eval(n=held_out, grid=grid, pixels=True, image_size=size)(model, processor),
+        "words": text_stage_eval(n=held_out, grid=grid, image_size=size)(model, processor),
+    }
+    save_model(model, processor, out / "model")
+    write_text_atomic(out / "eval.json", json.dumps(report, indent=2))
+    return report
