@@ -416,15 +416,19 @@ def align_vision(
     eval_every: int = 250,
     save_every: int = 250,
     n_eval: int = 256,
+    word_weight: float = 1.0,
     log=print,
     on_step=None,
 ) -> dict:
     """Alignment: train ``model``'s vision tower and projector in place so that the image tokens it hands the
     language model are the word grid of the scene (``WordGrid``, from the frozen input embeddings), on
     freshly rendered scenes of the benchmark's kind; the language model is not touched. The loss is the
-    squared error relative to the grid's mean square. Returns the last held-out metrics: that relative
-    error and, on the patches holding an object's centre, how often the nearest colour, shape and size word
-    (by dot product with the patch's vector) is the object's.
+    squared error relative to the grid's mean square (objects' patches and background weighted alike), plus
+    ``word_weight`` x a cross-entropy per attribute at the objects' patches: the patch vector's dot product
+    with each colour (shape, size) word's embedding, over the mean squared norm of those embeddings, times
+    4, as logits (the word grid itself scores its own words about 4 above the others). Returns the last
+    held-out metrics: the relative error and, on the patches holding an object's centre, how often the
+    word with the largest dot product is the object's colour, shape and size.
 
     Checkpoints (tower, projector, optimizer, step) go to ``out/align.pt`` and a run resumes from them; the
     curve goes to ``out/align.jsonl``.
@@ -486,12 +490,26 @@ def align_vision(
         scale = goal.pow(2).mean()
         return (err[occupied].mean() + err[~occupied].mean()) / (2 * scale)
 
+    def word_loss(pred, patches):
+        occupied = patches[..., 0] != len(classes["colour"])
+        if not occupied.any():
+            return pred.sum() * 0
+        terms = [
+            torch.nn.functional.cross_entropy(word_logits(pred[occupied], name), patches[occupied][:, k])
+            for k, name in enumerate(DENSE_TARGETS)
+        ]
+        return sum(terms) / len(terms)
+
     eval_pixels, eval_patches, eval_goal = batch(random.Random(f"align-eval:{seed}"), n_eval)
     embedding = model.get_input_embeddings()
-    class_vectors = {
-        k: embedding(torch.tensor([word_id(processor.tokenizer, w) for w in classes[k]])).detach()
-        for k in DENSE_TARGETS
-    }
+    with torch.no_grad():
+        class_vectors = {
+            k: embedding(torch.tensor([word_id(processor.tokenizer, w) for w in classes[k]])) for k in DENSE_TARGETS
+        }
+
+    def word_logits(vectors, name):
+        words = class_vectors[name]
+        return 4 * vectors @ words.T / words.pow(2).sum(-1).mean()
 
     def evaluate() -> dict:
         for m in trained:
@@ -503,7 +521,7 @@ def align_vision(
         occupied = eval_patches[..., 0] != len(classes["colour"])
         metrics = {"relative_error": float(loss_of(pred, eval_goal, eval_patches))}
         for k, name in enumerate(DENSE_TARGETS):
-            guess = (pred[occupied] @ class_vectors[name].T).argmax(-1)
+            guess = word_logits(pred[occupied], name).argmax(-1)
             metrics[f"word_{name}"] = float((guess == eval_patches[occupied][:, k]).float().mean())
         return metrics
 
@@ -512,7 +530,10 @@ def align_vision(
     t0, metrics = time.perf_counter(), {}
     while step < steps:
         pixels, patches, goal = batch(random.Random(f"align:{seed}:{step}"), batch_size)
-        loss = loss_of(predict(pixels), goal, patches)
+        pred = predict(pixels)
+        loss = loss_of(pred, goal, patches)
+        if word_weight:
+            loss = loss + word_weight * word_loss(pred, patches)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -557,6 +578,7 @@ def run_alignment(
     seed: int = 0,
     eval_every: int = 250,
     held_out: int = 256,
+    word_weight: float = 1.0,
     log=print,
 ) -> dict:
     """Align the vision tower of the text-stage model ``model_dir`` (``align_vision``), save it to
@@ -574,7 +596,16 @@ def run_alignment(
     out = Path(out)
     model, processor = load_model(model_dir)
     metrics = align_vision(
-        model, processor, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every, log=log
+        model,
+        processor,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every,
+        word_weight=word_weight,
+        log=log,
     )
     model.eval()
     for p in model.parameters():
