@@ -570,6 +570,12 @@ def pretrain(
     show_default=True,
     help="Weight of the fact-checking hops (0 trains the answers alone).",
 )
+@click.option(
+    "--statement-hops/--no-statement-hops",
+    default=False,
+    show_default=True,
+    help="Also the hallucination statements' hops (how many objects match, where a relation's objects are).",
+)
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option(
     "--held-out", type=click.IntRange(min=1), default=256, show_default=True, help="Held-out records per task."
@@ -585,6 +591,7 @@ def text_stage_cmd(
     batch_size: int,
     warmup: int,
     hop_weight: float,
+    statement_hops: bool,
     eval_every: int,
     held_out: int,
     seed: int,
@@ -602,6 +609,7 @@ def text_stage_cmd(
         batch_size=batch_size,
         warmup=warmup,
         hop_weight=hop_weight,
+        statement_hops=statement_hops,
         seed=seed,
         eval_every=eval_every,
         held_out=held_out,

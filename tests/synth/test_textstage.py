@@ -89,13 +89,64 @@ def test_fact_hops_follow_the_verdict_and_sit_on_their_words(base):
     assert seen == {"true", "image", "context", "nei"}
 
 
+def test_statement_hops_read_the_scene_at_each_statement(base):
+    from hkd4vlm.synth.phrases import Count, Exist, Relation, parse_phrase
+
+    _, processor = load_model(base)
+    kinds = set()
+    for i in range(30):
+        record, scene = textstage.draw_record(random.Random(f"st:{i}"), "hallucination")
+        prompt = build_prompt(processor, record)
+        hops = textstage.statement_hops(record, prompt)
+        listing = prompt.index("\n- ")
+        assert all(listing < h.end < prompt.index("Caption:") for h in hops)
+        k = 0
+        for text in record.options:
+            phrase = parse_phrase(text)
+            if isinstance(phrase, Relation):
+                a, b = hops[k], hops[k + 1]
+                k += 2
+                assert prompt[: a.end].endswith(f"- {phrase.colour_a} {phrase.shape_a}")
+                assert prompt[: b.end].endswith(text)
+                for hop, colour, shape in ((a, phrase.colour_a, phrase.shape_a), (b, phrase.colour_b, phrase.shape_b)):
+                    objs = scene.find(colour, shape)
+                    kinds.add(hop.kind)
+                    if len(objs) != 1:
+                        assert hop.answer == "none"
+                    elif hop.kind == "column":
+                        assert hop.answer == f"column{min(7, int(objs[0].x / scene.width * 8))}"
+                    else:
+                        assert hop.answer == f"row{min(7, int(objs[0].y / scene.height * 8))}"
+                # where both objects are single, the places agree with the relation whenever they differ
+                if "none" not in (a.answer, b.answer) and a.answer != b.answer:
+                    before = a.answer < b.answer
+                    holds = phrase.rel in ("left of", "above")
+                    assert before == holds or text == record.correct_answer
+                continue
+            hop = hops[k]
+            k += 1
+            assert prompt[: hop.end].endswith(f"- {text}")
+            kinds.add(hop.kind)
+            if isinstance(phrase, Exist):
+                assert hop.kind == "found"
+                assert hop.answer == textstage.COUNT_WORDS[len(scene.find(phrase.colour, phrase.shape, phrase.size))]
+                assert (hop.answer == "zero") == (text == record.correct_answer)  # the oracle: no such object
+            else:
+                assert isinstance(phrase, Count) and hop.kind == "count"
+                found = scene.find(shape=phrase.value) if phrase.by == "shape" else scene.find(colour=phrase.value)
+                assert hop.answer == textstage.COUNT_WORDS[len(found)]
+                assert (hop.answer == textstage.COUNT_WORDS[phrase.n]) == (text != record.correct_answer)
+        assert k == len(hops)
+    assert kinds == {"found", "count", "column", "row"}
+
+
 def test_text_stage_loss_against_a_hand_computation(base):
     model, processor = load_model(base)
     source = textstage.TextStageSource(6, 64, seed=1)
     items = [source.get(i, 0)[0] for i in range(6)]
     grid = textstage.WordGrid(processor.tokenizer)
     scores = answer_distribution(model, processor, items, [source.blank] * 6, image_features=grid(model, items))
-    terms = textstage.text_stage(model, processor, hop_weight=0.5, option_weight=2.0)(scores, items)
+    terms = textstage.text_stage(model, processor, hop_weight=0.5, option_weight=2.0, statements=True)(scores, items)
 
     labels = torch.tensor([r.label for r in items])
     assert torch.allclose(terms["ce"], torch.nn.functional.cross_entropy(scores.logits, labels))
@@ -112,7 +163,7 @@ def test_text_stage_loss_against_a_hand_computation(base):
     for b, r in enumerate(items):
         prompt = build_prompt(processor, r)
         ids = scores.input_ids[b].tolist()
-        for hop in textstage.record_hops(r, prompt):
+        for hop in textstage.record_hops(r, prompt, statements=True):
             word = tok(prompt[: hop.end], add_special_tokens=False)["input_ids"][-1]
             lead = next(t for t, x in enumerate(ids) if x != tok.pad_token_id)
             pos = lead + len(tok(prompt[: hop.end], add_special_tokens=False)["input_ids"]) - 1

@@ -44,9 +44,13 @@ MAX_GRID = 8
 #: tokens' sequence alone does not say which of two patches is further left)
 ROWS = tuple(f"row{i}" for i in range(MAX_GRID))
 COLUMNS = tuple(f"column{i}" for i in range(MAX_GRID))
+#: how many objects a statement's hop counts (``found``, ``count``)
+COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 #: words the text stage needs in the tokenizer beyond the benchmark's own
-TEXT_STAGE_WORDS = (BACKGROUND, NO_COLOUR, NOBODY, *ROWS, *COLUMNS)
-HOP_KINDS = ("colour", "name", "bind-colour", "bind-name")
+TEXT_STAGE_WORDS = (BACKGROUND, NO_COLOUR, NOBODY, *ROWS, *COLUMNS, *COUNT_WORDS)
+FACT_HOP_KINDS = ("colour", "name", "bind-colour", "bind-name")
+STATEMENT_HOP_KINDS = ("found", "count", "column", "row")
+HOP_KINDS = FACT_HOP_KINDS + STATEMENT_HOP_KINDS
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,51 @@ def _located(prompt: str, text: str, field: str) -> int:
     return at
 
 
-def record_hops(record, prompt: str) -> list[HopTarget]:
-    return fact_hops(record, prompt) if record.task == "factuality" else []
+def statement_hops(record, prompt: str, grid: int = MAX_GRID) -> list[HopTarget]:
+    """The hallucination task's hops at the first listing of its statements (``- TEXT`` lines), read off
+    the scene: at an existence statement's last word, how many objects have its size, colour and shape
+    (``found``); at a count's last word, how many objects have its shape or colour (``count``); at each
+    object word of a relation, that object's column on the patch grid for left / right (``column``), its
+    row for above / below (``row``), or ``none`` where the scene has no single such object."""
+    from .phrases import Count, Exist, parse_phrase
+    from .scene import Scene
+
+    scene = Scene.from_dict(record.extra["synth"]["scene"])
+    counts = COUNT_WORDS
+    hops = []
+    for text in record.options:
+        at = _located(prompt, f"\n- {text}\n", "statement") + 3
+        phrase = parse_phrase(text)
+        if isinstance(phrase, Exist):
+            n = len(scene.find(phrase.colour, phrase.shape, phrase.size))
+            hops.append(HopTarget(at + len(text), counts[min(n, len(counts) - 1)], counts, "found"))
+        elif isinstance(phrase, Count):
+            found = scene.find(shape=phrase.value) if phrase.by == "shape" else scene.find(colour=phrase.value)
+            hops.append(HopTarget(at + len(text), counts[min(len(found), len(counts) - 1)], counts, "count"))
+        else:
+            across = phrase.rel in ("left of", "right of")
+            words = (*(COLUMNS if across else ROWS)[:grid], NO_COLOUR)
+            first = f"{phrase.colour_a} {phrase.shape_a}"
+            for end, colour, shape in (
+                (at + len(first), phrase.colour_a, phrase.shape_a),
+                (at + len(text), phrase.colour_b, phrase.shape_b),
+            ):
+                objs = scene.find(colour, shape)
+                if len(objs) != 1:
+                    place = NO_COLOUR
+                elif across:
+                    place = words[min(grid - 1, int(objs[0].x / scene.width * grid))]
+                else:
+                    place = words[min(grid - 1, int(objs[0].y / scene.height * grid))]
+                hops.append(HopTarget(end, place, words, "column" if across else "row"))
+    return hops
+
+
+def record_hops(record, prompt: str, statements: bool = False) -> list[HopTarget]:
+    """A record's hops: fact checking's, and with ``statements`` the hallucination task's."""
+    if record.task == "factuality":
+        return fact_hops(record, prompt)
+    return statement_hops(record, prompt) if statements else []
 
 
 class TextStageSource:
@@ -206,6 +253,12 @@ def word_id(tokenizer, word: str) -> int:
     return found
 
 
+def _known(tokenizer, word: str) -> bool:
+    from ..models.scoring import _single_token_id
+
+    return _single_token_id(tokenizer, word) is not None
+
+
 def vocabulary_texts(n: int = 400, seed: int = 0) -> list[str]:
     """Texts that put every word the text stage writes or reads into a tokenizer: fresh records of both
     tasks (from seeds of their own) and the hops' answer words."""
@@ -220,7 +273,9 @@ def vocabulary_texts(n: int = 400, seed: int = 0) -> list[str]:
     return [t for t in texts if t]
 
 
-def hop_logits(scores, items, processor, head) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def hop_logits(
+    scores, items, processor, head, statements: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per hop kind: (logits over its answer words (M, K), the answers' indices (M,)), read through the
     output head ``head`` at each hop's token. A hop whose token is not where the prompt puts it is an
     error."""
@@ -232,7 +287,7 @@ def hop_logits(scores, items, processor, head) -> dict[str, tuple[torch.Tensor, 
     pad = tokenizer.pad_token_id
     for b, record in enumerate(items):
         prompt = build_prompt(processor, record)
-        hops = record_hops(record, prompt)
+        hops = record_hops(record, prompt, statements)
         if not hops:
             continue
         lead = int((ids[b] == pad).long().cumprod(0).sum())  # left padding
@@ -263,10 +318,11 @@ def option_truths(items, n: int, device) -> torch.Tensor:
     return truth
 
 
-def text_stage(model, processor, *, hop_weight: float = 1.0, option_weight: float = 1.0):
+def text_stage(model, processor, *, hop_weight: float = 1.0, option_weight: float = 1.0, statements: bool = False):
     """The loss of the text stage (``stage`` of engine.loop.train): the option readout's cross-entropy,
     ``option_weight`` x each option's binary cross-entropy against whether it holds, and ``hop_weight`` x
-    the hops' cross-entropies (their mean over kinds), read through ``model``'s output head."""
+    the hops' cross-entropies (their mean over kinds; with ``statements``, also the hallucination task's
+    statement hops), read through ``model``'s output head."""
     from ..models.scoring import option_signs
 
     head = model.get_output_embeddings()
@@ -284,7 +340,7 @@ def text_stage(model, processor, *, hop_weight: float = 1.0, option_weight: floa
         terms = {"ce": ce, "bce_options": (bce * shown).sum() / shown.sum()}
         total = ce + option_weight * terms["bce_options"]
         if hop_weight:
-            hops = hop_logits(scores, items, processor, head)
+            hops = hop_logits(scores, items, processor, head, statements)
             for kind, (z, t) in hops.items():
                 terms[f"hop_{kind}"] = torch.nn.functional.cross_entropy(z, t)
             if hops:
@@ -300,7 +356,8 @@ def text_stage_eval(
 ):
     """An evaluate callback: held-out accuracy per task on ``n`` fresh records of each, with the word grid
     (or, with ``pixels``, the rendered image through the vision tower), per fact-checking verdict and per
-    hallucination type, and each hop's accuracy."""
+    hallucination type, and each hop's accuracy (the statement hops' too, trained or not, where the
+    tokenizer has their words)."""
     from ..models.scoring import answer_distribution
     from .levels import LEVELS
     from .scene import render
@@ -318,6 +375,8 @@ def text_stage_eval(
 
     def evaluate(model, processor) -> dict:
         words = WordGrid(processor.tokenizer)
+        # the statement hops' words are in every base built since they were added
+        statements = all(_known(processor.tokenizer, w) for w in (*COUNT_WORDS, *ROWS, *COLUMNS, NO_COLOUR))
         hits: collections.Counter[str] = collections.Counter()
         counts: collections.Counter[str] = collections.Counter()
         with torch.no_grad():
@@ -331,7 +390,8 @@ def text_stage_eval(
                     for key in (r.task, f"{r.task}_{kind}"):
                         hits[key] += p == r.label
                         counts[key] += 1
-                for kind, (z, t) in hop_logits(scores, chunk, processor, model.get_output_embeddings()).items():
+                head = model.get_output_embeddings()
+                for kind, (z, t) in hop_logits(scores, chunk, processor, head, statements).items():
                     hits[f"hop_{kind}"] += int((z.argmax(-1) == t).sum())
                     counts[f"hop_{kind}"] += len(t)
         out = {f"accuracy_{k}": hits[k] / counts[k] for k in sorted(counts)}
@@ -352,6 +412,7 @@ def run_text_stage(
     warmup: int = 100,
     hop_weight: float = 1.0,
     option_weight: float = 1.0,
+    statement_hops: bool = False,
     seed: int = 0,
     eval_every: int = 250,
     save_every: int = 250,
@@ -395,7 +456,9 @@ def run_text_stage(
     return train(
         cfg,
         TextStageSource(steps * batch_size, sizes.image_size, seed=seed, grid=grid),
-        stage=text_stage(model, processor, hop_weight=hop_weight, option_weight=option_weight),
+        stage=text_stage(
+            model, processor, hop_weight=hop_weight, option_weight=option_weight, statements=statement_hops
+        ),
         model=model,
         processor=processor,
         evaluate=text_stage_eval(n=held_out, grid=grid),
