@@ -571,6 +571,12 @@ def pretrain(
     help="Weight of the fact-checking hops (0 trains the answers alone).",
 )
 @click.option(
+    "--pixels",
+    is_flag=True,
+    help="Read the rendered images through the (frozen, aligned) vision tower instead of the word grid "
+    "(after `hkd4vlm align`, with --init the aligned model).",
+)
+@click.option(
     "--statement-hops/--no-statement-hops",
     default=False,
     show_default=True,
@@ -591,6 +597,7 @@ def text_stage_cmd(
     batch_size: int,
     warmup: int,
     hop_weight: float,
+    pixels: bool,
     statement_hops: bool,
     eval_every: int,
     held_out: int,
@@ -610,6 +617,7 @@ def text_stage_cmd(
         warmup=warmup,
         hop_weight=hop_weight,
         statement_hops=statement_hops,
+        pixels=pixels,
         seed=seed,
         eval_every=eval_every,
         held_out=held_out,

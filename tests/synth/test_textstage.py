@@ -304,3 +304,20 @@ def test_text_stage_refuses_a_base_without_its_words(tmp_path, synth_root):
             init=str(bare),
             progress=False,
         )
+
+
+def test_the_text_stage_through_pixels_renders_and_keeps_the_tower(base, tmp_path, synth_root):
+    source = textstage.TextStageSource(2, 64, seed=0, pixels=True)
+    record, image = source.get(0, 0)
+    assert image.size == (64, 64) and image.getextrema() != ((128, 128), (128, 128), (128, 128))  # a rendered scene, not the blank
+    assert record.to_dict() == textstage.TextStageSource(2, 64, seed=0).get(0, 0)[0].to_dict()
+    before, _ = load_model(base)
+    final = textstage.run_text_stage(
+        "tiny-paligemma-s", synth_root, tmp_path / "px", steps=2, lr=1e-2, batch_size=4, held_out=4,
+        init=str(base), pixels=True, progress=False,
+    )  # fmt: skip
+    after, _ = load_model(final)
+    tower = before.model.vision_tower.state_dict()
+    assert all(torch.equal(v, tower[k]) for k, v in after.model.vision_tower.state_dict().items())
+    lm = before.model.language_model.state_dict()
+    assert any(not torch.equal(v, lm[k]) for k, v in after.model.language_model.state_dict().items())

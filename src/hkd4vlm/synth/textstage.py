@@ -167,7 +167,8 @@ def record_hops(record, prompt: str, statements: bool = False) -> list[HopTarget
 class TextStageSource:
     """Fresh records of the tasks for every draw (alternating tasks), each with its word grid's classes
     per patch (``record.extra["textstage"]["patches"]``, synth.dense's classes) and a blank image (the
-    pixels are not read). An item depends only on (seed, epoch, index), so runs resume exactly."""
+    pixels are not read), or with ``pixels`` the rendered scene at ``image_size``. An item depends only on
+    (seed, epoch, index), so runs resume exactly."""
 
     def __init__(
         self,
@@ -178,8 +179,10 @@ class TextStageSource:
         level: str = "medium",
         seed: int = 0,
         grid: int = 8,
+        pixels: bool = False,
     ):
         self.draws, self.tasks, self.level, self.seed, self.grid = draws, tasks, level, seed, grid
+        self.image_size, self.pixels = image_size, pixels
         self.blank = Image.new("RGB", (image_size, image_size), (128, 128, 128))
 
     def __len__(self) -> int:
@@ -191,7 +194,15 @@ class TextStageSource:
     def get(self, index: int, epoch: int = 0):
         rng = random.Random(f"textstage:{self.seed}:{epoch}:{index}")
         record, scene = draw_record(rng, self.tasks[index % len(self.tasks)], self.level)
-        return with_grid(record, scene, self.grid), self.blank
+        if not self.pixels:
+            return with_grid(record, scene, self.grid), self.blank
+        from .levels import LEVELS
+        from .scene import render
+
+        size = (self.image_size, self.image_size)
+        return with_grid(record, scene, self.grid), render(scene, LEVELS[self.level]).resize(
+            size, Image.Resampling.BICUBIC
+        )
 
 
 def with_grid(record, scene, grid: int):
@@ -413,6 +424,7 @@ def run_text_stage(
     hop_weight: float = 1.0,
     option_weight: float = 1.0,
     statement_hops: bool = False,
+    pixels: bool = False,
     seed: int = 0,
     eval_every: int = 250,
     save_every: int = 250,
@@ -423,7 +435,9 @@ def run_text_stage(
 ):
     """Build ``preset`` (tokenizer from ``data_root``'s text and the text stage's words; or start from the
     model folder ``init``) and train it ``steps`` steps on the text stage; returns ``out/model``. The held-out
-    curve is ``out/eval.jsonl``-style TensorBoard scalars and ``out/eval.json`` at the end."""
+    curve is TensorBoard scalars (``eval/...``) and ``out/eval.json`` at the end. With ``pixels`` the
+    records' images are rendered and read through the (frozen) vision tower instead of the word grid: the
+    same stage after alignment, so that the language model learns to read what the tower hands it."""
     from pathlib import Path
 
     from ..engine.config import DataConfig, OptimConfig, TrainConfig
@@ -436,7 +450,7 @@ def run_text_stage(
     start = Path(init) if init else out / "init"
     if init is None and not (start / "config.json").is_file():
         init_model(preset, data_root, start, seed=seed, extra_texts=vocabulary_texts())
-    model, processor = load_model(start)
+    model, processor = load_model(start, freeze_vision=pixels)  # after alignment the tower stays as aligned
     set_readout(model, TINY_READOUT)
     sizes = get_preset(preset)
     grid = sizes.image_size // sizes.patch_size
@@ -452,18 +466,19 @@ def run_text_stage(
         log_every=10,
         progress=progress,
         eval_every=eval_every,
+        freeze_vision=pixels,
     )
     return train(
         cfg,
-        TextStageSource(steps * batch_size, sizes.image_size, seed=seed, grid=grid),
+        TextStageSource(steps * batch_size, sizes.image_size, seed=seed, grid=grid, pixels=pixels),
         stage=text_stage(
             model, processor, hop_weight=hop_weight, option_weight=option_weight, statements=statement_hops
         ),
         model=model,
         processor=processor,
-        evaluate=text_stage_eval(n=held_out, grid=grid),
+        evaluate=text_stage_eval(n=held_out, grid=grid, pixels=pixels, image_size=sizes.image_size),
         resume=resume,
-        image_features=WordGrid(processor.tokenizer),
+        image_features=None if pixels else WordGrid(processor.tokenizer),
     )
 
 
