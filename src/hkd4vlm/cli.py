@@ -636,6 +636,12 @@ def text_stage_cmd(
     "--held-out", type=click.IntRange(min=1), default=256, show_default=True, help="Held-out records per task."
 )
 @click.option(
+    "--tower-from",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Start from this model's vision tower and projector (an earlier alignment) instead of MODEL's.",
+)
+@click.option(
     "--word-weight",
     type=click.FloatRange(min=0),
     default=1.0,
@@ -644,14 +650,30 @@ def text_stage_cmd(
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 def align_cmd(
-    model: Path, out: Path, steps: int, lr: float, batch_size: int, held_out: int, word_weight: float, seed: int
+    model: Path,
+    out: Path,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    held_out: int,
+    tower_from: Path | None,
+    word_weight: float,
+    seed: int,
 ) -> None:
     """Train MODEL's vision tower and projector to hand its language model the word grid of the text stage,
     from pixels; then check both tasks through pixels and through words (OUT/eval.json)."""
     from .synth.textstage import run_alignment
 
     report = run_alignment(
-        model, out, steps=steps, lr=lr, batch_size=batch_size, seed=seed, held_out=held_out, word_weight=word_weight
+        model,
+        out,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        held_out=held_out,
+        word_weight=word_weight,
+        tower_from=tower_from,
     )
     for name in ("pixels", "words"):
         r = report[name]

@@ -309,7 +309,11 @@ def test_text_stage_refuses_a_base_without_its_words(tmp_path, synth_root):
 def test_the_text_stage_through_pixels_renders_and_keeps_the_tower(base, tmp_path, synth_root):
     source = textstage.TextStageSource(2, 64, seed=0, pixels=True)
     record, image = source.get(0, 0)
-    assert image.size == (64, 64) and image.getextrema() != ((128, 128), (128, 128), (128, 128))  # a rendered scene, not the blank
+    assert image.size == (64, 64) and image.getextrema() != (
+        (128, 128),
+        (128, 128),
+        (128, 128),
+    )  # a rendered scene, not the blank
     assert record.to_dict() == textstage.TextStageSource(2, 64, seed=0).get(0, 0)[0].to_dict()
     before, _ = load_model(base)
     final = textstage.run_text_stage(
@@ -321,3 +325,29 @@ def test_the_text_stage_through_pixels_renders_and_keeps_the_tower(base, tmp_pat
     assert all(torch.equal(v, tower[k]) for k, v in after.model.vision_tower.state_dict().items())
     lm = before.model.language_model.state_dict()
     assert any(not torch.equal(v, lm[k]) for k, v in after.model.language_model.state_dict().items())
+
+
+def test_alignment_can_start_from_another_models_tower(base, tmp_path, synth_root):
+    donor, processor = load_model(base)
+    with torch.no_grad():
+        for p in donor.model.vision_tower.parameters():
+            p.add_(1.0)
+    donor.save_pretrained(tmp_path / "donor")
+    processor.save_pretrained(tmp_path / "donor")
+    report = textstage.run_alignment(
+        base,
+        tmp_path / "al",
+        steps=1,
+        lr=1e-9,
+        batch_size=2,
+        held_out=2,
+        tower_from=tmp_path / "donor",
+        log=lambda *_: None,
+    )
+    assert report["alignment"]["step"] == 1
+    aligned, _ = load_model(tmp_path / "al" / "model")
+    theirs = donor.model.vision_tower.state_dict()
+    assert all(torch.allclose(v, theirs[k], atol=1e-6) for k, v in aligned.model.vision_tower.state_dict().items())
+    other = init_model("tiny-paligemma-m", synth_root, tmp_path / "m", extra_texts=textstage.vocabulary_texts(n=20))
+    with pytest.raises(ValueError, match="does not have .* shapes"):
+        textstage.run_alignment(base, tmp_path / "al2", steps=1, held_out=2, tower_from=other, log=lambda *_: None)

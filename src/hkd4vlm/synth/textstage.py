@@ -657,12 +657,15 @@ def run_alignment(
     eval_every: int = 250,
     held_out: int = 256,
     word_weight: float = 1.0,
+    tower_from=None,
     log=print,
 ) -> dict:
     """Align the vision tower of the text-stage model ``model_dir`` (``align_vision``), save it to
     ``out/model`` and check it on the text stage's held-out records through pixels and through the word
     grid (``out/eval.json``: ``pixels`` and ``words``, each ``text_stage_eval``'s metrics, and
-    ``alignment``, the last alignment metrics). Resumes from ``out/align.pt``."""
+    ``alignment``, the last alignment metrics). Resumes from ``out/align.pt``. ``tower_from``: a model folder
+    whose tower and projector (of the same shapes) to start from, e.g. an alignment made before more text
+    stage training moved the word embeddings."""
     import json
     from pathlib import Path
 
@@ -673,6 +676,14 @@ def run_alignment(
 
     out = Path(out)
     model, processor = load_model(model_dir)
+    if tower_from is not None:  # start from an earlier alignment's tower and projector (e.g. before more text stage)
+        donor, _ = load_model(tower_from)
+        for name in ("vision_tower", "multi_modal_projector"):
+            mine, theirs = getattr(model.model, name), getattr(donor.model, name).state_dict()
+            shapes = {k: tuple(v.shape) for k, v in mine.state_dict().items()}
+            if shapes != {k: tuple(v.shape) for k, v in theirs.items()}:
+                raise ValueError(f"{tower_from}: its {name} does not have {model_dir}'s shapes; align from scratch")
+            mine.load_state_dict(theirs)
     metrics = align_vision(
         model,
         processor,
