@@ -3,11 +3,11 @@ as words, before it ever sees a pixel.
 
 Every image token holds the sum of the input embeddings of the words naming the object whose centre
 falls in its patch (its size, colour and shape) and its place (``rowI``, ``columnJ``), or of
-``background`` where none does: the *word grid*,
-what a vision tower aligned to the language model's embeddings hands it (docs/lab.md, "Scene formats").
-A step costs what the language model costs (no vision tower runs), so the many steps the tasks'
-composition needs are spent where they are cheap; alignment then trains the tower and projector to emit
-this grid from pixels (``align``), and task SFT finishes the model.
+``background`` where none does: the *word grid*, what a vision tower aligned to the language model's
+embeddings hands it (docs/lab.md, "Scene formats"). A step costs what the language model costs (no
+vision tower runs), so the many steps the tasks' composition needs are spent where they are cheap;
+alignment then trains the tower and projector to emit this grid from pixels (``align_vision``), the same
+stage can run again through the aligned tower (``pixels``), and task SFT finishes the model.
 
 The records are the benchmark generator's, drawn fresh for every step from seeds disjoint from every
 split (``textstage:SEED:EPOCH:INDEX``; the splits are drawn from ``SEED:TASK:SPLIT:I``), in the project's
@@ -19,7 +19,8 @@ prompt (models.prompt). Besides the option readout's cross-entropy the loss has:
   the claimed shape's colour (or ``none``) at the claim's shape word (``colour``), the person the context
   credits with that colour (or ``nobody``) at the context's last full stop (``name``), and what each
   other context sentence says at its full stop, its colour and its person (``bind-colour``,
-  ``bind-name``; ``none`` and ``nobody`` for a sentence crediting no one). They are read through the
+  ``bind-name``; ``none`` and ``nobody`` for a sentence crediting no one); and, asked for
+  (``statements``), the hallucination statements' hops (``statement_hops``). They are read through the
   language model's output head over their answer words.
 """
 
@@ -296,6 +297,7 @@ def hop_logits(
     rows: dict[str, list] = collections.defaultdict(list)
     ids = scores.input_ids
     pad = tokenizer.pad_token_id
+    image_token = getattr(processor, "image_token", "<image>")
     for b, record in enumerate(items):
         prompt = build_prompt(processor, record)
         hops = record_hops(record, prompt, statements)
@@ -306,7 +308,7 @@ def hop_logits(
             prefix = prompt[: hop.end]
             toks = tokenizer(prefix, add_special_tokens=False)["input_ids"]
             pos = lead + len(toks) - 1
-            if "<image>" in prefix or int(ids[b, pos]) != toks[-1]:
+            if image_token in prefix or int(ids[b, pos]) != toks[-1]:
                 raise ValueError(f"text stage: the {hop.kind} hop's token is not at position {pos} of the prompt")
             rows[hop.kind].append((b, pos, hop.answers.index(hop.answer), hop.answers))
     out = {}
