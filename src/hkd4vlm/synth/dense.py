@@ -160,14 +160,60 @@ def dense_pretrain(
         return dense_accuracy(logits, eval_targets)
 
     tower.train()
-    t0, metrics = time.perf_counter(), {}
-    while step < steps:
+
+    def loss_at(step: int) -> torch.Tensor:
         images, targets = render_batch(random.Random(f"dense:{seed}:{step}"), batch_size, image_size, grid)
         logits = heads(patch_features(tower, pixels(images), grid))
-        loss = cast(
+        return cast(
             torch.Tensor,
             sum(torch.nn.functional.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten()) for k in targets),
         )
+
+    return vision_steps(
+        "dense",
+        loss_at,
+        params=params,
+        opt=opt,
+        sched=sched,
+        step=step,
+        steps=steps,
+        evaluate=evaluate,
+        eval_every=eval_every,
+        save_every=save_every,
+        ckpt=ckpt,
+        curve=curve,
+        state=lambda: {"tower": tower.state_dict(), "heads": heads.state_dict()},
+        log=log,
+        on_step=on_step,
+    )
+
+
+def vision_steps(
+    name: str,
+    loss_at,
+    *,
+    params,
+    opt,
+    sched,
+    step: int,
+    steps: int,
+    evaluate,
+    eval_every: int,
+    save_every: int,
+    ckpt: Path,
+    curve: Path,
+    state,
+    log,
+    on_step,
+) -> dict:
+    """The loop of the vision-only stages (dense pretraining, alignment), from optimizer step ``step`` to
+    ``steps``: ``loss_at(step)`` draws the step's batch and returns its loss; clipping at 1; every
+    ``eval_every`` steps ``evaluate()`` is logged and appended to ``curve``; every ``save_every`` steps
+    ``state()`` (the trained modules' state dicts) with the optimizer, schedule and step goes atomically to
+    ``ckpt``. Returns the last metrics."""
+    t0, metrics = time.perf_counter(), {}
+    while step < steps:
+        loss = loss_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -181,21 +227,12 @@ def dense_pretrain(
                 **evaluate(),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
-            log(f"dense step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "step"))
+            log(f"{name} step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "step"))
             with curve.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
         if step % save_every == 0 or step == steps:
             tmp = ckpt.with_suffix(".tmp")
-            torch.save(
-                {
-                    "tower": tower.state_dict(),
-                    "heads": heads.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "step": step,
-                },
-                tmp,
-            )
+            torch.save({**state(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, tmp)
             tmp.replace(ckpt)
         if on_step is not None:
             on_step(step)

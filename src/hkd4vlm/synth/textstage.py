@@ -513,12 +513,10 @@ def align_vision(
     Checkpoints (tower, projector, optimizer, step) go to ``out/align.pt`` and a run resumes from them; the
     curve goes to ``out/align.jsonl``.
     """
-    import json
-    import time
     from pathlib import Path
 
     from ..engine.loop import warmup_cosine
-    from .dense import DENSE_TARGETS, patch_grid, render_batch
+    from .dense import DENSE_TARGETS, patch_grid, render_batch, vision_steps
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -607,45 +605,30 @@ def align_vision(
 
     for m in trained:
         m.train()
-    t0, metrics = time.perf_counter(), {}
-    while step < steps:
+
+    def loss_at(step: int) -> torch.Tensor:
         pixels, patches, goal = batch(random.Random(f"align:{seed}:{step}"), batch_size)
         pred = predict(pixels)
         loss = loss_of(pred, goal, patches)
-        if word_weight:
-            loss = loss + word_weight * word_loss(pred, patches)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        if step % eval_every == 0 or step == steps:
-            metrics = {
-                "step": step,
-                "loss": float(loss.detach()),
-                **evaluate(),
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
-            log(f"align step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "step"))
-            with curve.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        if step % save_every == 0 or step == steps:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(
-                {
-                    "tower": inner.vision_tower.state_dict(),
-                    "projector": inner.multi_modal_projector.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "step": step,
-                },
-                tmp,
-            )
-            tmp.replace(ckpt)
-        if on_step is not None:
-            on_step(step)
-    return metrics or {"step": step, **evaluate()}
+        return loss + word_weight * word_loss(pred, patches) if word_weight else loss
+
+    return vision_steps(
+        "align",
+        loss_at,
+        params=params,
+        opt=opt,
+        sched=sched,
+        step=step,
+        steps=steps,
+        evaluate=evaluate,
+        eval_every=eval_every,
+        save_every=save_every,
+        ckpt=ckpt,
+        curve=curve,
+        state=lambda: {"tower": inner.vision_tower.state_dict(), "projector": inner.multi_modal_projector.state_dict()},
+        log=log,
+        on_step=on_step,
+    )
 
 
 def run_alignment(
