@@ -123,26 +123,6 @@ def dense_pretrain(
     with torch.random.fork_rng():  # the heads' init depends on the seed only, not on what ran before
         torch.manual_seed(seed)
         heads = DenseHeads(model.config.vision_config.hidden_size)
-    params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = min(200, steps // 10)
-    # warmup, then cosine to a tenth (the engine's one schedule); plain floats, so that the checkpoint loads
-    # with weights_only
-    from ..engine.loop import warmup_cosine
-
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, warmup=warmup, total=steps, min_ratio=0.1)
-    )
-    ckpt, curve = out / "dense.pt", out / "dense.jsonl"
-    step = 0
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
-        tower.load_state_dict(state["tower"])
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = int(state["step"])
-        log(f"dense: resumed at step {step}")
 
     def pixels(images):
         return processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -172,17 +152,13 @@ def dense_pretrain(
     return vision_steps(
         "dense",
         loss_at,
-        params=params,
-        opt=opt,
-        sched=sched,
-        step=step,
+        {"tower": tower, "heads": heads},
+        out=out,
+        lr=lr,
         steps=steps,
         evaluate=evaluate,
         eval_every=eval_every,
         save_every=save_every,
-        ckpt=ckpt,
-        curve=curve,
-        state=lambda: {"tower": tower.state_dict(), "heads": heads.state_dict()},
         log=log,
         on_step=on_step,
     )
@@ -191,26 +167,42 @@ def dense_pretrain(
 def vision_steps(
     name: str,
     loss_at,
+    modules: dict,
     *,
-    params,
-    opt,
-    sched,
-    step: int,
+    out: Path,
+    lr: float,
     steps: int,
     evaluate,
     eval_every: int,
     save_every: int,
-    ckpt: Path,
-    curve: Path,
-    state,
     log,
     on_step,
 ) -> dict:
-    """The loop of the vision-only stages (dense pretraining, alignment), from optimizer step ``step`` to
-    ``steps``: ``loss_at(step)`` draws the step's batch and returns its loss; clipping at 1; every
-    ``eval_every`` steps ``evaluate()`` is logged and appended to ``curve``; every ``save_every`` steps
-    ``state()`` (the trained modules' state dicts) with the optimizer, schedule and step goes atomically to
-    ``ckpt``. Returns the last metrics."""
+    """The loop of the vision-only stages (dense pretraining, alignment): AdamW over ``modules``' parameters
+    (weight decay 0.01), warmup then cosine to a tenth (the engine's one schedule), clipping at 1, for
+    ``steps`` optimizer steps; ``loss_at(step)`` draws the step's batch and returns its loss. Every
+    ``eval_every`` steps ``evaluate()`` is logged and appended to ``out/NAME.jsonl``; every ``save_every``
+    steps the modules, optimizer, schedule and step go atomically to ``out/NAME.pt``, and a run resumes
+    from there. Returns the last metrics."""
+    from ..engine.loop import warmup_cosine
+
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = min(200, steps // 10)
+    # plain floats in the schedule's state, so that the checkpoint loads with weights_only
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, warmup=warmup, total=steps, min_ratio=0.1)
+    )
+    ckpt, curve = out / f"{name}.pt", out / f"{name}.jsonl"
+    step = 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step = int(state["step"])
+        log(f"{name}: resumed at step {step}")
     t0, metrics = time.perf_counter(), {}
     while step < steps:
         loss = loss_at(step)
@@ -232,7 +224,8 @@ def vision_steps(
                 f.write(json.dumps(metrics) + "\n")
         if step % save_every == 0 or step == steps:
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({**state(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, tmp)
+            modules_state = {key: module.state_dict() for key, module in modules.items()}
+            torch.save({**modules_state, "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, tmp)
             tmp.replace(ckpt)
         if on_step is not None:
             on_step(step)

@@ -515,7 +515,6 @@ def align_vision(
     """
     from pathlib import Path
 
-    from ..engine.loop import warmup_cosine
     from .dense import DENSE_TARGETS, patch_grid, render_batch, vision_steps
 
     out = Path(out)
@@ -530,21 +529,6 @@ def align_vision(
     words = WordGrid(processor.tokenizer)
     grid = patch_grid(model)
     image_size = model.config.vision_config.image_size
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = min(200, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, warmup=warmup, total=steps, min_ratio=0.1)
-    )
-    ckpt, curve = out / "align.pt", out / "align.jsonl"
-    step = 0
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
-        inner.vision_tower.load_state_dict(state["tower"])
-        inner.multi_modal_projector.load_state_dict(state["projector"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = int(state["step"])
-        log(f"align: resumed at step {step}")
 
     def batch(rng: random.Random, n: int):
         images, targets = render_batch(rng, n, image_size, grid)
@@ -615,17 +599,13 @@ def align_vision(
     return vision_steps(
         "align",
         loss_at,
-        params=params,
-        opt=opt,
-        sched=sched,
-        step=step,
+        {"tower": inner.vision_tower, "projector": inner.multi_modal_projector},
+        out=out,
+        lr=lr,
         steps=steps,
         evaluate=evaluate,
         eval_every=eval_every,
         save_every=save_every,
-        ckpt=ckpt,
-        curve=curve,
-        state=lambda: {"tower": inner.vision_tower.state_dict(), "projector": inner.multi_modal_projector.state_dict()},
         log=log,
         on_step=on_step,
     )
