@@ -34,7 +34,7 @@ from ..synth.factuality import NAMES, VERBS, attributions, parse_claim
 from ..synth.factuality import make_record as make_fact_record
 from ..synth.levels import LEVELS
 from ..synth.phrases import NUMBER_WORDS, PLURAL
-from ..synth.scene import COLOURS, SHAPES, SIZES, Scene, sample_scene
+from ..synth.scene import COLOURS, SHAPES, SIZES, Scene, grid_cell, sample_scene
 
 _TOKEN = re.compile(r"[A-Za-z0-9']+|[^\sA-Za-z0-9]")
 
@@ -212,8 +212,7 @@ def grid_objects(scene: Scene) -> tuple[tuple[str, str, str, int], ...]:
     the image is resized to a square; where two centres share a cell the first keeps it."""
     out, taken = [], set()
     for o in scene.objects:
-        row = min(GRID - 1, int(o.y / scene.height * GRID))
-        col = min(GRID - 1, int(o.x / scene.width * GRID))
+        row, col = grid_cell(o, scene, GRID)
         if row * GRID + col not in taken:
             taken.add(row * GRID + col)
             out.append((o.size, o.colour, o.shape, row * GRID + col))

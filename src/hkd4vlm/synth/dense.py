@@ -38,11 +38,12 @@ def patch_grid(model) -> int:
 def patch_targets(scene, grid: int) -> np.ndarray:
     """(grid * grid, 3) class indices (colour, shape, size) of the object centred in each patch, or each set's
     "none" index (its size) where no object's centre falls."""
+    from .scene import grid_cell
+
     classes = _classes()
     out = np.array([[len(classes[k]) for k in DENSE_TARGETS]] * (grid * grid))
     for o in scene.objects:
-        i = min(grid - 1, int(o.y / scene.height * grid))
-        j = min(grid - 1, int(o.x / scene.width * grid))
+        i, j = grid_cell(o, scene, grid)
         out[i * grid + j] = [
             classes["colour"].index(o.colour),
             classes["shape"].index(o.shape),

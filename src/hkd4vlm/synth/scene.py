@@ -83,6 +83,12 @@ class Scene:
         ]
 
 
+def grid_cell(o: Obj, scene: Scene, grid: int) -> tuple[int, int]:
+    """(row, column) of the cell of a ``grid`` x ``grid`` patch grid that ``o``'s centre falls in, as the image
+    is resized to a square."""
+    return min(grid - 1, int(o.y / scene.height * grid)), min(grid - 1, int(o.x / scene.width * grid))
+
+
 def relation_holds(a: Obj, b: Obj, rel: str) -> bool:
     """Whether ``a`` is clearly ``rel`` ``b`` (scale- and crop-invariant, mirrored by a flip)."""
     margin = RELATION_FACTOR * (a.r + b.r) / 2

@@ -125,7 +125,7 @@ def statement_hops(record, prompt: str, grid: int = MAX_GRID) -> list[HopTarget]
     object word of a relation, that object's column on the patch grid for left / right (``column``), its
     row for above / below (``row``), or ``none`` where the scene has no single such object."""
     from .phrases import Count, Exist, parse_phrase
-    from .scene import Scene
+    from .scene import Scene, grid_cell
 
     scene = Scene.from_dict(record.extra["synth"]["scene"])
     counts = COUNT_WORDS
@@ -150,10 +150,9 @@ def statement_hops(record, prompt: str, grid: int = MAX_GRID) -> list[HopTarget]
                 objs = scene.find(colour, shape)
                 if len(objs) != 1:
                     place = NO_COLOUR
-                elif across:
-                    place = words[min(grid - 1, int(objs[0].x / scene.width * grid))]
                 else:
-                    place = words[min(grid - 1, int(objs[0].y / scene.height * grid))]
+                    row, column = grid_cell(objs[0], scene, grid)
+                    place = words[column if across else row]
                 hops.append(HopTarget(end, place, words, "column" if across else "row"))
     return hops
 
@@ -289,8 +288,9 @@ def hop_logits(
     scores, items, processor, head, statements: bool = False
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per hop kind: (logits over its answer words (M, K), the answers' indices (M,)), read through the
-    output head ``head`` at each hop's token. A hop whose token is not where the prompt puts it is an
-    error."""
+    output head ``head`` at each hop's token. The prompt is tokenized once per record: its text before the
+    image must be the model input's (after the left padding) token for token, and every hop must end a
+    token there; anything else is an error."""
     from ..models.prompt import build_prompt
 
     tokenizer = processor.tokenizer
@@ -304,13 +304,17 @@ def hop_logits(
         if not hops:
             continue
         lead = int((ids[b] == pad).long().cumprod(0).sum())  # left padding
+        encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        image_at = prompt.find(image_token)
+        before = [end <= image_at or image_at < 0 for _, end in encoded["offset_mapping"]]
+        text_ids = encoded["input_ids"][: before.index(False) if False in before else len(before)]
+        if ids[b, lead : lead + len(text_ids)].tolist() != text_ids:
+            raise ValueError("text stage: the prompt's text before the image is not the model input's tokens")
+        token_at = {end: i for i, (_, end) in enumerate(encoded["offset_mapping"][: len(text_ids)])}
         for hop in hops:
-            prefix = prompt[: hop.end]
-            toks = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-            pos = lead + len(toks) - 1
-            if image_token in prefix or int(ids[b, pos]) != toks[-1]:
-                raise ValueError(f"text stage: the {hop.kind} hop's token is not at position {pos} of the prompt")
-            rows[hop.kind].append((b, pos, hop.answers.index(hop.answer), hop.answers))
+            if hop.end not in token_at:
+                raise ValueError(f"text stage: the {hop.kind} hop does not end a token before the image")
+            rows[hop.kind].append((b, lead + token_at[hop.end], hop.answers.index(hop.answer), hop.answers))
     out = {}
     for kind, found in rows.items():
         answers = found[0][3]
@@ -564,10 +568,8 @@ def align_vision(
 
     eval_pixels, eval_patches, eval_goal = batch(random.Random(f"align-eval:{seed}"), n_eval)
     embedding = model.get_input_embeddings()
-    with torch.no_grad():
-        class_vectors = {
-            k: embedding(torch.tensor([word_id(processor.tokenizer, w) for w in classes[k]])) for k in DENSE_TARGETS
-        }
+    with torch.no_grad():  # the words' vectors as the word grid sums them
+        class_vectors = {name: embedding(words.ids[k]) for k, name in enumerate(DENSE_TARGETS)}
 
     def word_logits(vectors, name):
         words = class_vectors[name]
