@@ -582,6 +582,13 @@ def pretrain(
     show_default=True,
     help="Also the hallucination statements' hops (how many objects match, where a relation's objects are).",
 )
+@click.option(
+    "--task",
+    "tasks",
+    type=click.Choice(TASKS),
+    multiple=True,
+    help="Train on this task only (repeatable; default both, in turn). The held-out check reports both.",
+)
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option(
     "--held-out", type=click.IntRange(min=1), default=256, show_default=True, help="Held-out records per task."
@@ -599,6 +606,7 @@ def text_stage_cmd(
     hop_weight: float,
     pixels: bool,
     statement_hops: bool,
+    tasks: tuple,
     eval_every: int,
     held_out: int,
     seed: int,
@@ -618,6 +626,7 @@ def text_stage_cmd(
         hop_weight=hop_weight,
         statement_hops=statement_hops,
         pixels=pixels,
+        tasks=tuple(tasks) or TASKS,
         seed=seed,
         eval_every=eval_every,
         held_out=held_out,

@@ -37,6 +37,8 @@ def test_source_is_deterministic_alternates_tasks_and_is_disjoint_from_the_split
                 split_scenes.add(r["synth"]["scene"]["seed"])
     drawn = {source.get(i, e)[0].extra["synth"]["scene"]["seed"] for i in range(8) for e in range(4)}
     assert len(drawn) == 32 and not drawn & split_scenes
+    one = textstage.TextStageSource(4, 64, seed=3, tasks=("factuality",))
+    assert [one.get(i, 0)[0].task for i in range(4)] == ["factuality"] * 4
 
 
 def test_word_grid_sums_each_objects_words(base):
@@ -289,6 +291,14 @@ def test_text_stage_then_alignment_from_the_command_line(tmp_path, synth_root):
     trained, _ = load_model(out / "model")
     lm = trained.model.language_model.state_dict()
     assert all(torch.equal(v, lm[k]) for k, v in model.model.language_model.state_dict().items())
+
+
+def test_text_stage_refuses_an_unknown_task(tmp_path, synth_root):
+    with pytest.raises(ValueError, match="tasks \\('captioning',\\) must be among"):
+        textstage.run_text_stage(
+            "tiny-paligemma-s", synth_root, tmp_path / "ts", steps=1, lr=1e-3, tasks=("captioning",), progress=False
+        )
+    assert not (tmp_path / "ts").exists()
 
 
 def test_text_stage_refuses_a_base_without_its_words(tmp_path, synth_root):

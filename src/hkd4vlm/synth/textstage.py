@@ -431,6 +431,7 @@ def run_text_stage(
     option_weight: float = 1.0,
     statement_hops: bool = False,
     pixels: bool = False,
+    tasks: tuple[str, ...] = ("hallucination", "factuality"),
     seed: int = 0,
     eval_every: int = 250,
     save_every: int = 250,
@@ -443,15 +444,19 @@ def run_text_stage(
     model folder ``init``) and train it ``steps`` steps on the text stage; returns ``out/model``. The held-out
     curve is TensorBoard scalars (``eval/...``) and ``out/eval.json`` at the end. With ``pixels`` the
     records' images are rendered and read through the (frozen) vision tower instead of the word grid: the
-    same stage after alignment, so that the language model learns to read what the tower hands it."""
+    same stage after alignment, so that the language model learns to read what the tower hands it. ``tasks``:
+the tasks drawn, in turn (the held-out evaluation reports both)."""
     from pathlib import Path
 
     from ..engine.config import DataConfig, OptimConfig, TrainConfig
     from ..engine.loop import train
     from ..models.loading import load_model
     from ..models.registry import TINY_READOUT, get_preset, init_model
+    from ..data.tasks import TASKS
     from ..models.scoring import set_readout
 
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ValueError(f"text stage: tasks {tasks!r} must be among {TASKS}")
     out = Path(out)
     start = Path(init) if init else out / "init"
     if init is None and not (start / "config.json").is_file():
@@ -476,7 +481,7 @@ def run_text_stage(
     )
     return train(
         cfg,
-        TextStageSource(steps * batch_size, sizes.image_size, seed=seed, grid=grid, pixels=pixels),
+        TextStageSource(steps * batch_size, sizes.image_size, tasks=tasks, seed=seed, grid=grid, pixels=pixels),
         stage=text_stage(
             model, processor, hop_weight=hop_weight, option_weight=option_weight, statements=statement_hops
         ),
