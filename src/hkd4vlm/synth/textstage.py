@@ -448,11 +448,11 @@ def run_text_stage(
 the tasks drawn, in turn (the held-out evaluation reports both)."""
     from pathlib import Path
 
+    from ..data.tasks import TASKS
     from ..engine.config import DataConfig, OptimConfig, TrainConfig
     from ..engine.loop import train
     from ..models.loading import load_model
     from ..models.registry import TINY_READOUT, get_preset, init_model
-    from ..data.tasks import TASKS
     from ..models.scoring import set_readout
 
     if not tasks or any(t not in TASKS for t in tasks):
