@@ -564,6 +564,13 @@ def pretrain(
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
 @click.option(
+    "--beta2",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=0.95,
+    show_default=True,
+    help="AdamW's second-moment decay (the engine's default is 0.999; the text stage's composed hops need 0.95).",
+)
+@click.option(
     "--hop-weight",
     type=click.FloatRange(min=0),
     default=1.0,
@@ -603,6 +610,7 @@ def text_stage_cmd(
     lr: float,
     batch_size: int,
     warmup: int,
+    beta2: float,
     hop_weight: float,
     pixels: bool,
     statement_hops: bool,
@@ -627,6 +635,7 @@ def text_stage_cmd(
         statement_hops=statement_hops,
         pixels=pixels,
         tasks=tuple(tasks) or TASKS,
+        beta2=beta2,
         seed=seed,
         eval_every=eval_every,
         held_out=held_out,

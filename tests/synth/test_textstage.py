@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import yaml
 
 from hkd4vlm.models.loading import load_model
 from hkd4vlm.models.prompt import build_prompt
@@ -272,10 +273,11 @@ def test_text_stage_then_alignment_from_the_command_line(tmp_path, synth_root):
     res = CliRunner().invoke(
         main,
         ["text-stage", "--preset", "tiny-paligemma-s", "--data", str(synth_root), "--out", str(out), "--steps", "3",
-         "--lr", "1e-3", "--batch-size", "4", "--eval-every", "3", "--held-out", "4"],
+         "--lr", "1e-3", "--batch-size", "4", "--eval-every", "3", "--held-out", "4", "--beta2", "0.9"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert (out / "model" / "config.json").is_file() and (out / "checkpoints").is_dir()
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["betas"] == [0.9, 0.9]
     evaluated = json.loads((out / "eval.json").read_text())
     assert {"accuracy_hallucination", "accuracy_factuality", "accuracy_hop_name"} <= set(evaluated)
     aligned = tmp_path / "al"
