@@ -1,4 +1,4 @@
-"""The prompt's layout (version 4): what is asked comes before what is read, all text before the image,
+"""The prompt's layout (version 5): what is asked comes before what is read, all text before the image,
 the lettered options last; the part before the options does not change with their order."""
 
 from hkd4vlm.data.layout import read_split
@@ -10,13 +10,14 @@ def _processor(root):
     return build_tiny("tiny-llava-s", corpus(root))[1]
 
 
-def test_factuality_reads_the_claim_and_question_before_the_context_and_the_image(synth_root):
+def test_factuality_reads_the_question_and_claim_before_the_context_and_the_image(synth_root):
     processor = _processor(synth_root)
     r = read_split(synth_root, "factuality", "test").records[0]
     prompt = build_prompt(processor, r)
-    at = [prompt.index(s) for s in (r.claim, r.question, r.context, "<image>", INSTRUCTION)]
+    at = [prompt.index(s) for s in (r.question, r.claim, r.context, "<image>", INSTRUCTION)]
     assert at == sorted(at), prompt
-    assert PROMPT_VERSION == 4
+    assert f"Claim: {r.claim}\nContext: {r.context}" in prompt  # the claim ends where the context begins
+    assert PROMPT_VERSION == 5
 
 
 def test_hallucination_lists_the_statements_before_the_image_and_the_letters_after_it(synth_root):

@@ -2,9 +2,10 @@
 the options last, so that shifted option mappings share everything up to the first option line
 (mapping-shift inference encodes that prefix once, infer.msei).
 
-What is asked comes before what is read (prompt version 4): the claim and the question before the
-context; the question and the statements to check (the options' texts in the record's own order, without
-letters) before the caption; all of the text before the image. (Pretraining questions keep their
+What is asked comes before what is read (prompt version 4): the question and the claim before the
+context (version 5: the question first, so that the claim ends where the context begins); the question
+and the statements to check (the options' texts in the record's own order, without letters) before the
+caption; all of the text before the image. (Pretraining questions keep their
 version-3 layout, context first, until the zoo is rebuilt.) Under causal attention a token can only
 use what came before it: a context read before the question must bind every name to its colour without
 knowing which will be asked, a circuit tiny decoders did not form in the lab (docs/lab.md: the reading
@@ -17,7 +18,7 @@ from __future__ import annotations
 from ..data.records import Record
 
 #: bump when the tasks' prompt layout changes: cached teacher outputs are keyed by it
-PROMPT_VERSION = 4
+PROMPT_VERSION = 5
 #: the layout of the pretraining questions (synth.grounding), unchanged since version 3: pretraining runs
 #: and the zoo's bases are keyed by it, so a new task layout does not make the shipped bases stale
 GROUNDING_PROMPT_VERSION = 3
@@ -32,7 +33,9 @@ def shared_text(record: Record) -> str:
         return f"{record.system2_question}\n{statements}\nCaption: {record.system1_answer}"
     if record.task == "grounding":  # pretraining questions (synth.grounding)
         return (f"Context: {record.context}\n" if record.context else "") + f"Question: {record.question}"
-    return f"Claim: {record.claim}\n{record.question}\nContext: {record.context}"
+    # the question first: with it between the claim and the context (version 4) the project's VLM did not
+    # learn to find the person the context credits (docs/pretraining.md, "The name hop in the project's form")
+    return f"{record.question}\nClaim: {record.claim}\nContext: {record.context}"
 
 
 def option_line(letter: str, text: str) -> str:
