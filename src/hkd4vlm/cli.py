@@ -110,6 +110,11 @@ class _Commands(click.Group):
             raise click.ClickException(str(e)) from None
 
 
+def task_option(help: str | None = None):
+    """``--task`` (repeatable) as ``tasks``, a tuple of task names; empty means every task."""
+    return click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True, help=help)
+
+
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hkd4vlm")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error (also: HKD4VLM_DEBUG=1).")
@@ -135,13 +140,7 @@ def _report_skipped(problems: list, what: str) -> None:
 @click.option("--val", "n_val", type=click.IntRange(min=0), default=500, show_default=True)
 @click.option("--test", "n_test", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--task",
-    "tasks",
-    type=click.Choice(TASKS),
-    multiple=True,
-    help="Generate only this task (repeatable); default both.",
-)
+@task_option("Generate only this task (repeatable); default both.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: CPU count, at most 4).")
 @click.option("--no-baselines", is_flag=True, help="Skip the text-only baselines in stats.json.")
 def synth(
@@ -173,7 +172,7 @@ def synth(
 
 @main.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True)
+@task_option()
 @click.option("--split", "splits", multiple=True, help="Check only this split (repeatable); default all found.")
 @click.option(
     "--max-pixels",
@@ -367,7 +366,7 @@ def distill(recipe: Path, overrides: tuple, resume_force: bool, skip_invalid: bo
 @main.command("cache-teacher")
 @click.option("--model", "model_dir", type=MODEL_PATH, required=True, help=MODEL_HELP)
 @click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True)
+@task_option()
 @click.option("--split", default="train", show_default=True)
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option(
@@ -589,13 +588,7 @@ def pretrain(
     show_default=True,
     help="Also the hallucination statements' hops (how many objects match, where a relation's objects are).",
 )
-@click.option(
-    "--task",
-    "tasks",
-    type=click.Choice(TASKS),
-    multiple=True,
-    help="Train on this task only (repeatable; default both, in turn). The held-out check reports both.",
-)
+@task_option("Train on this task only (repeatable; default both, in turn). The held-out check reports both.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option(
     "--held-out", type=click.IntRange(min=1), default=256, show_default=True, help="Held-out records per task."
