@@ -442,11 +442,13 @@ def run_text_stage(
     resume: bool = True,
 ):
     """Build ``preset`` (tokenizer from ``data_root``'s text and the text stage's words; or start from the
-        model folder ``init``) and train it ``steps`` steps on the text stage; returns ``out/model``. The held-out
-        curve is TensorBoard scalars (``eval/...``) and ``out/eval.json`` at the end. With ``pixels`` the
-        records' images are rendered and read through the (frozen) vision tower instead of the word grid: the
-        same stage after alignment, so that the language model learns to read what the tower hands it. ``tasks``:
-    the tasks drawn, in turn (the held-out evaluation reports both)."""
+    model folder ``init``) and train it ``steps`` steps on the text stage; returns ``out/model``. The held-out
+    curve is TensorBoard scalars (``eval/...``) and ``out/eval.json`` at the end. With ``pixels`` the
+    records' images are rendered and read through the (frozen) vision tower instead of the word grid: the
+    same stage after alignment, so that the language model learns to read what the tower hands it.
+    ``tasks``: the tasks drawn, in turn (the held-out evaluation reports both). ``beta2``: AdamW's
+    second-moment decay; 0.95, the lab's, where the engine's default 0.999 kept the name hop on its plateau
+    (docs/pretraining.md, "The name hop in the project's form")."""
     from pathlib import Path
 
     from ..data.tasks import TASKS
