@@ -588,6 +588,13 @@ def pretrain(
     show_default=True,
     help="Also the hallucination statements' hops (how many objects match, where a relation's objects are).",
 )
+@click.option(
+    "--claimed-hop/--no-claimed-hop",
+    default=False,
+    show_default=True,
+    help="Also the claim's person, at the token of the person the context credits (docs/pretraining.md, "
+    '"The comparison"): after the name hop is learnt.',
+)
 @task_option("Train on this task only (repeatable; default both, in turn). The held-out check reports both.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option(
@@ -607,6 +614,7 @@ def text_stage_cmd(
     hop_weight: float,
     pixels: bool,
     statement_hops: bool,
+    claimed_hop: bool,
     tasks: tuple,
     eval_every: int,
     held_out: int,
@@ -626,6 +634,7 @@ def text_stage_cmd(
         warmup=warmup,
         hop_weight=hop_weight,
         statement_hops=statement_hops,
+        claimed_hop=claimed_hop,
         pixels=pixels,
         tasks=tuple(tasks) or TASKS,
         beta2=beta2,

@@ -73,6 +73,8 @@ def test_fact_hops_follow_the_verdict_and_sit_on_their_words(base):
         record, scene = textstage.draw_record(random.Random(f"hops:{i}"), "factuality")
         prompt = build_prompt(processor, record)
         hops = textstage.fact_hops(record, prompt)
+        assert textstage.fact_hops(record, prompt, claimed=False) == hops
+        claimed = [h for h in textstage.fact_hops(record, prompt, claimed=True) if h not in hops]
         by_kind = {h.kind: h for h in hops}
         size, shape, person = parse_claim(record.claim)
         verdict = record.extra["synth"]["verdict"]
@@ -84,6 +86,9 @@ def test_fact_hops_follow_the_verdict_and_sit_on_their_words(base):
             assert by_kind["colour"].answer == scene.find(shape=shape, size=size)[0].colour
         assert (by_kind["name"].answer == person) == (verdict == "true")
         assert (by_kind["name"].answer == "nobody") == (verdict in ("image", "nei"))
+        # the claim's person, on the credited person's token: the two agree exactly when the claim is true
+        assert [(h.kind, h.answer, h.end) for h in claimed] == [("claimed", person, by_kind["name"].end)]
+        assert (claimed[0].answer == by_kind["name"].answer) == (verdict == "true")
         stops = [h for h in hops if h.kind in ("bind-colour", "name")]
         assert all(prompt[h.end - 1] == "." for h in stops)
         assert len(stops) == record.context.count(". ") + 1
@@ -149,7 +154,8 @@ def test_text_stage_loss_against_a_hand_computation(base):
     items = [source.get(i, 0)[0] for i in range(6)]
     grid = textstage.WordGrid(processor.tokenizer)
     scores = answer_distribution(model, processor, items, [source.blank] * 6, image_features=grid(model, items))
-    terms = textstage.text_stage(model, processor, hop_weight=0.5, option_weight=2.0, statements=True)(scores, items)
+    stage = textstage.text_stage(model, processor, hop_weight=0.5, option_weight=2.0, statements=True, claimed=True)
+    terms = stage(scores, items)
 
     labels = torch.tensor([r.label for r in items])
     assert torch.allclose(terms["ce"], torch.nn.functional.cross_entropy(scores.logits, labels))
@@ -166,7 +172,7 @@ def test_text_stage_loss_against_a_hand_computation(base):
     for b, r in enumerate(items):
         prompt = build_prompt(processor, r)
         ids = scores.input_ids[b].tolist()
-        for hop in textstage.record_hops(r, prompt, statements=True):
+        for hop in textstage.record_hops(r, prompt, statements=True, claimed=True):
             word = tok(prompt[: hop.end], add_special_tokens=False)["input_ids"][-1]
             lead = next(t for t, x in enumerate(ids) if x != tok.pad_token_id)
             pos = lead + len(tok(prompt[: hop.end], add_special_tokens=False)["input_ids"]) - 1
@@ -179,6 +185,7 @@ def test_text_stage_loss_against_a_hand_computation(base):
     for kind, v in per_kind.items():
         assert torch.allclose(terms[f"hop_{kind}"], torch.stack(v).mean(), atol=1e-5)
     assert torch.allclose(terms["total"], terms["ce"] + 2.0 * terms["bce_options"] + 0.5 * hop_mean, atol=1e-5)
+    assert "hop_claimed" not in textstage.text_stage(model, processor, statements=True)(scores, items)
     terms["total"].backward()
     assert model.get_input_embeddings().weight.grad is not None
 
@@ -260,7 +267,7 @@ def test_the_held_out_check_reads_pixels_or_words(base, sharpen):
     sharpen(model, 0)  # a fresh model answers nearly alike whatever its image tokens hold
     words = textstage.text_stage_eval(n=16)(model, processor)
     pixels = textstage.text_stage_eval(n=16, pixels=True)(model, processor)
-    assert set(words) == set(pixels) and "accuracy_hop_name" in words
+    assert set(words) == set(pixels) and {"accuracy_hop_name", "accuracy_hop_claimed"} <= set(words)
     assert words != pixels  # a fresh tower's image tokens are not the word grid
 
 
@@ -273,11 +280,14 @@ def test_text_stage_then_alignment_from_the_command_line(tmp_path, synth_root):
     res = CliRunner().invoke(
         main,
         ["text-stage", "--preset", "tiny-paligemma-s", "--data", str(synth_root), "--out", str(out), "--steps", "3",
-         "--lr", "1e-3", "--batch-size", "4", "--eval-every", "3", "--held-out", "4", "--beta2", "0.9"],
+         "--lr", "1e-3", "--batch-size", "4", "--eval-every", "3", "--held-out", "4", "--beta2", "0.9",
+         "--claimed-hop", "--task", "factuality"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert (out / "model" / "config.json").is_file() and (out / "checkpoints").is_dir()
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["betas"] == [0.9, 0.9]
+    settings = json.loads((out / "text_stage.json").read_text())
+    assert settings["claimed_hop"] is True and settings["tasks"] == ["factuality"] and settings["init"] is None
     evaluated = json.loads((out / "eval.json").read_text())
     assert {"accuracy_hallucination", "accuracy_factuality", "accuracy_hop_name"} <= set(evaluated)
     aligned = tmp_path / "al"

@@ -19,14 +19,17 @@ prompt (models.prompt). Besides the option readout's cross-entropy the loss has:
   the claimed shape's colour (or ``none``) at the claim's shape word (``colour``), the person the context
   credits with that colour (or ``nobody``) at the context's last full stop (``name``), and what each
   other context sentence says at its full stop, its colour and its person (``bind-colour``,
-  ``bind-name``; ``none`` and ``nobody`` for a sentence crediting no one); and, asked for
-  (``statements``), the hallucination statements' hops (``statement_hops``). They are read through the
+  ``bind-name``; ``none`` and ``nobody`` for a sentence crediting no one); asked for (``claimed``), the
+  claim's own person at that same last full stop (``claimed``), so that the two persons the verdict
+  compares sit in one place; and, asked for (``statements``), the hallucination statements' hops
+  (``statement_hops``). They are read through the
   language model's output head over their answer words.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -50,8 +53,10 @@ COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 #: words the text stage needs in the tokenizer beyond the benchmark's own
 TEXT_STAGE_WORDS = (BACKGROUND, NO_COLOUR, NOBODY, *ROWS, *COLUMNS, *COUNT_WORDS)
 FACT_HOP_KINDS = ("colour", "name", "bind-colour", "bind-name")
+#: the claim's person, at the same token as the credited one (``name``)
+CLAIMED_HOP = "claimed"
 STATEMENT_HOP_KINDS = ("found", "count", "column", "row")
-HOP_KINDS = FACT_HOP_KINDS + STATEMENT_HOP_KINDS
+HOP_KINDS = (*FACT_HOP_KINDS, CLAIMED_HOP, *STATEMENT_HOP_KINDS)
 
 
 @dataclass(frozen=True)
@@ -78,14 +83,16 @@ def draw_record(rng: random.Random, task: str, level_name: str = "medium"):
     return factuality.make_record(rng, level, "textstage.jpg", key, rng.randrange(4))
 
 
-def fact_hops(record, prompt: str) -> list[HopTarget]:
-    """The fact-checking hops of ``record`` in ``prompt`` (its rendering, models.prompt)."""
+def fact_hops(record, prompt: str, claimed: bool = False) -> list[HopTarget]:
+    """The fact-checking hops of ``record`` in ``prompt`` (its rendering, models.prompt); with ``claimed``
+    also the claim's person at the context's last full stop, the token of the credited person (``name``):
+    where the two agree the claim is true, where they differ it is not."""
     from .factuality import NAMES, attributions, parse_claim
     from .scene import COLOURS, Scene
 
     scene = Scene.from_dict(record.extra["synth"]["scene"])
     colours, names = (*COLOURS, NO_COLOUR), (*NAMES, NOBODY)
-    size, shape, _ = parse_claim(record.claim)
+    size, shape, person = parse_claim(record.claim)
     found = scene.find(shape=shape, size=size)
     colour = found[0].colour if found else NO_COLOUR
     credits = attributions(record.context)
@@ -101,6 +108,8 @@ def fact_hops(record, prompt: str) -> list[HopTarget]:
         if k == len(stops) - 1:
             credited = credits.get(colour, NOBODY) if found else NOBODY
             hops.append(HopTarget(context_at + stop, credited, names, "name"))
+            if claimed:
+                hops.append(HopTarget(context_at + stop, person, names, CLAIMED_HOP))
             continue
         said = attributions(sentence)
         c, n = next(iter(said.items())) if said else (NO_COLOUR, NOBODY)
@@ -157,10 +166,11 @@ def statement_hops(record, prompt: str, grid: int = MAX_GRID) -> list[HopTarget]
     return hops
 
 
-def record_hops(record, prompt: str, statements: bool = False) -> list[HopTarget]:
-    """A record's hops: fact checking's, and with ``statements`` the hallucination task's."""
+def record_hops(record, prompt: str, statements: bool = False, claimed: bool = False) -> list[HopTarget]:
+    """A record's hops: fact checking's (with ``claimed``, the claim's person too), and with ``statements``
+    the hallucination task's."""
     if record.task == "factuality":
-        return fact_hops(record, prompt)
+        return fact_hops(record, prompt, claimed)
     return statement_hops(record, prompt) if statements else []
 
 
@@ -285,7 +295,7 @@ def vocabulary_texts(n: int = 400, seed: int = 0) -> list[str]:
 
 
 def hop_logits(
-    scores, items, processor, head, statements: bool = False
+    scores, items, processor, head, statements: bool = False, claimed: bool = False
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per hop kind: (logits over its answer words (M, K), the answers' indices (M,)), read through the
     output head ``head`` at each hop's token. The prompt is tokenized once per record: its text before the
@@ -300,7 +310,7 @@ def hop_logits(
     image_token = getattr(processor, "image_token", "<image>")
     for b, record in enumerate(items):
         prompt = build_prompt(processor, record)
-        hops = record_hops(record, prompt, statements)
+        hops = record_hops(record, prompt, statements, claimed)
         if not hops:
             continue
         lead = int((ids[b] == pad).long().cumprod(0).sum())  # left padding
@@ -335,11 +345,19 @@ def option_truths(items, n: int, device) -> torch.Tensor:
     return truth
 
 
-def text_stage(model, processor, *, hop_weight: float = 1.0, option_weight: float = 1.0, statements: bool = False):
+def text_stage(
+    model,
+    processor,
+    *,
+    hop_weight: float = 1.0,
+    option_weight: float = 1.0,
+    statements: bool = False,
+    claimed: bool = False,
+):
     """The loss of the text stage (``stage`` of engine.loop.train): the option readout's cross-entropy,
     ``option_weight`` x each option's binary cross-entropy against whether it holds, and ``hop_weight`` x
-    the hops' cross-entropies (their mean over kinds; with ``statements``, also the hallucination task's
-    statement hops), read through ``model``'s output head."""
+    the hops' cross-entropies (their mean over kinds; with ``claimed``, also the claim's person; with
+    ``statements``, also the hallucination task's statement hops), read through ``model``'s output head."""
     from ..models.scoring import option_signs
 
     head = model.get_output_embeddings()
@@ -357,7 +375,7 @@ def text_stage(model, processor, *, hop_weight: float = 1.0, option_weight: floa
         terms = {"ce": ce, "bce_options": (bce * shown).sum() / shown.sum()}
         total = ce + option_weight * terms["bce_options"]
         if hop_weight:
-            hops = hop_logits(scores, items, processor, head, statements)
+            hops = hop_logits(scores, items, processor, head, statements, claimed)
             for kind, (z, t) in hops.items():
                 terms[f"hop_{kind}"] = torch.nn.functional.cross_entropy(z, t)
             if hops:
@@ -373,8 +391,9 @@ def text_stage_eval(
 ):
     """An evaluate callback: held-out accuracy per task on ``n`` fresh records of each, with the word grid
     (or, with ``pixels``, the rendered image through the vision tower), per fact-checking verdict and per
-    hallucination type, and each hop's accuracy (the statement hops' too, trained or not, where the
-    tokenizer has their words)."""
+    hallucination type, and each hop's accuracy (the claimed person's, and the statement hops' where the
+    tokenizer has their words, trained or not). Where the claimed person is trained too, ``name`` and
+    ``claimed`` share a token and, when the two persons differ, at most one of them can be its top word."""
     from ..models.scoring import answer_distribution
     from .levels import LEVELS
     from .scene import render
@@ -408,7 +427,7 @@ def text_stage_eval(
                         hits[key] += p == r.label
                         counts[key] += 1
                 head = model.get_output_embeddings()
-                for kind, (z, t) in hop_logits(scores, chunk, processor, head, statements).items():
+                for kind, (z, t) in hop_logits(scores, chunk, processor, head, statements, True).items():
                     hits[f"hop_{kind}"] += int((z.argmax(-1) == t).sum())
                     counts[f"hop_{kind}"] += len(t)
         out = {f"accuracy_{k}": hits[k] / counts[k] for k in sorted(counts)}
@@ -430,6 +449,7 @@ def run_text_stage(
     hop_weight: float = 1.0,
     option_weight: float = 1.0,
     statement_hops: bool = False,
+    claimed_hop: bool = False,
     pixels: bool = False,
     tasks: tuple[str, ...] = ("hallucination", "factuality"),
     beta2: float = 0.95,
@@ -448,7 +468,9 @@ def run_text_stage(
     same stage after alignment, so that the language model learns to read what the tower hands it.
     ``tasks``: the tasks drawn, in turn (the held-out evaluation reports both). ``beta2``: AdamW's
     second-moment decay; 0.95, the lab's, where the engine's default 0.999 kept the name hop on its plateau
-    (docs/pretraining.md, "The name hop in the project's form")."""
+    (docs/pretraining.md, "The name hop in the project's form"). ``claimed_hop``: also the claim's person
+    at the credited person's token (docs/pretraining.md, "The comparison"). The stage's own settings go to
+    ``out/text_stage.json`` (the engine's go to ``out/config.yaml``)."""
     from pathlib import Path
 
     from ..data.tasks import TASKS
@@ -468,6 +490,19 @@ def run_text_stage(
     set_readout(model, TINY_READOUT)
     sizes = get_preset(preset)
     grid = sizes.image_size // sizes.patch_size
+    settings = {
+        "preset": preset,
+        "init": None if init is None else str(init),
+        "tasks": list(tasks),
+        "hop_weight": hop_weight,
+        "option_weight": option_weight,
+        "claimed_hop": claimed_hop,
+        "statement_hops": statement_hops,
+        "pixels": pixels,
+        "held_out": held_out,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "text_stage.json").write_text(json.dumps(settings, indent=2) + "\n")
     cfg = TrainConfig(
         model=str(start),
         out=out,
@@ -486,7 +521,12 @@ def run_text_stage(
         cfg,
         TextStageSource(steps * batch_size, sizes.image_size, tasks=tasks, seed=seed, grid=grid, pixels=pixels),
         stage=text_stage(
-            model, processor, hop_weight=hop_weight, option_weight=option_weight, statements=statement_hops
+            model,
+            processor,
+            hop_weight=hop_weight,
+            option_weight=option_weight,
+            statements=statement_hops,
+            claimed=claimed_hop,
         ),
         model=model,
         processor=processor,
