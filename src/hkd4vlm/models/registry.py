@@ -140,3 +140,10 @@ register_preset(
 register_preset("tiny-paligemma-s", "paligemma", get_preset("tiny-llava-s"))
 register_preset("tiny-paligemma-m", "paligemma", get_preset("tiny-llava-m"))
 register_preset("tiny-paligemma-l", "paligemma", get_preset("tiny-llava-l"))
+# the lab's size (4 layers x 64): where the text stage's recipes are found before they run at L
+# (docs/pretraining.md, "The name hop in the project's form")
+register_preset(
+    "tiny-paligemma-4x64",
+    "paligemma",
+    TinyPreset(vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=4, heads=2, patch_size=8),
+)
