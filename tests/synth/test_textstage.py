@@ -190,6 +190,16 @@ def test_text_stage_loss_against_a_hand_computation(base):
     assert model.get_input_embeddings().weight.grad is not None
 
 
+def test_the_persons_hop_reads_the_shared_token_top_one_or_top_two():
+    logits = torch.tensor([[3.0, 2.0, 0.0], [3.0, 2.0, 0.0], [3.0, 2.0, 0.0], [0.0, 3.0, 2.0], [0.0, 3.0, 2.0]])
+    credited = torch.tensor([0, 0, 1, 2, 1])
+    claimed = torch.tensor([0, 1, 0, 2, 1])
+    # one person: the top word; two persons: the top two words, in either order
+    assert textstage.persons_hits(logits, credited, claimed).tolist() == [True, True, True, False, True]
+    # the top word right, the second wrong
+    assert textstage.persons_hits(logits[:1], torch.tensor([0]), torch.tensor([2])).tolist() == [False]
+
+
 def test_image_features_replace_the_vision_tower(base):
     """Given features, the pixels are not read: two different images score alike, and the tower gets no
     gradient."""
@@ -267,7 +277,9 @@ def test_the_held_out_check_reads_pixels_or_words(base, sharpen):
     sharpen(model, 0)  # a fresh model answers nearly alike whatever its image tokens hold
     words = textstage.text_stage_eval(n=16)(model, processor)
     pixels = textstage.text_stage_eval(n=16, pixels=True)(model, processor)
-    assert set(words) == set(pixels) and {"accuracy_hop_name", "accuracy_hop_claimed"} <= set(words)
+    assert set(words) == set(pixels) and {"accuracy_hop_name", "accuracy_hop_claimed", "accuracy_hop_persons"} <= set(
+        words
+    )
     assert words != pixels  # a fresh tower's image tokens are not the word grid
 
 

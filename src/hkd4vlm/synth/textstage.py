@@ -335,6 +335,16 @@ def hop_logits(
     return out
 
 
+def persons_hits(logits: torch.Tensor, credited: torch.Tensor, claimed: torch.Tensor) -> torch.Tensor:
+    """(M,) bool, over the shared token's logits (M, K): its top word is the one person where the credited
+    and the claimed person are one, its top two words are the two persons where they differ (the name and
+    claimed hops read together)."""
+    top = logits.topk(2, dim=-1).indices
+    same = credited == claimed
+    both = ((top[:, 0] == credited) & (top[:, 1] == claimed)) | ((top[:, 0] == claimed) & (top[:, 1] == credited))
+    return torch.where(same, top[:, 0] == credited, both)
+
+
 def option_truths(items, n: int, device) -> torch.Tensor:
     """(B, n) 1 where an option holds: fact checking's correct verdict; every hallucination option but the
     hallucinated one."""
@@ -393,7 +403,8 @@ def text_stage_eval(
     (or, with ``pixels``, the rendered image through the vision tower), per fact-checking verdict and per
     hallucination type, and each hop's accuracy (the claimed person's, and the statement hops' where the
     tokenizer has their words, trained or not). Where the claimed person is trained too, ``name`` and
-    ``claimed`` share a token and, when the two persons differ, at most one of them can be its top word."""
+    ``claimed`` share a token and, when the two persons differ, at most one of them can be its top word;
+    ``persons`` reads the two together (``persons_hits``)."""
     from ..models.scoring import answer_distribution
     from .levels import LEVELS
     from .scene import render
@@ -427,9 +438,14 @@ def text_stage_eval(
                         hits[key] += p == r.label
                         counts[key] += 1
                 head = model.get_output_embeddings()
-                for kind, (z, t) in hop_logits(scores, chunk, processor, head, statements, True).items():
+                hops = hop_logits(scores, chunk, processor, head, statements, True)
+                for kind, (z, t) in hops.items():
                     hits[f"hop_{kind}"] += int((z.argmax(-1) == t).sum())
                     counts[f"hop_{kind}"] += len(t)
+                if CLAIMED_HOP in hops:  # one name and one claimed hop per fact-checking record, in order
+                    (z, credited), (_, claimed) = hops["name"], hops[CLAIMED_HOP]
+                    hits["hop_persons"] += int(persons_hits(z, credited, claimed).sum())
+                    counts["hop_persons"] += len(credited)
         out = {f"accuracy_{k}": hits[k] / counts[k] for k in sorted(counts)}
         out["accuracy"] = (out["accuracy_hallucination"] + out["accuracy_factuality"]) / 2
         return out
