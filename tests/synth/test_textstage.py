@@ -300,6 +300,10 @@ def test_text_stage_then_alignment_from_the_command_line(tmp_path, synth_root):
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["betas"] == [0.9, 0.9]
     settings = json.loads((out / "text_stage.json").read_text())
     assert settings["claimed_hop"] is True and settings["tasks"] == ["factuality"] and settings["init"] is None
+    with pytest.raises(ValueError, match=r"other settings \(claimed_hop, tasks\)"):
+        textstage.run_text_stage(
+            "tiny-paligemma-s", synth_root, out, steps=3, lr=1e-3, batch_size=4, held_out=4, progress=False
+        )
     evaluated = json.loads((out / "eval.json").read_text())
     assert {"accuracy_hallucination", "accuracy_factuality", "accuracy_hop_name"} <= set(evaluated)
     aligned = tmp_path / "al"

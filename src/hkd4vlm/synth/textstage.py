@@ -22,8 +22,7 @@ prompt (models.prompt). Besides the option readout's cross-entropy the loss has:
   ``bind-name``; ``none`` and ``nobody`` for a sentence crediting no one); asked for (``claimed``), the
   claim's own person at that same last full stop (``claimed``), so that the two persons the verdict
   compares sit in one place; and, asked for (``statements``), the hallucination statements' hops
-  (``statement_hops``). They are read through the
-  language model's output head over their answer words.
+  (``statement_hops``). They are read through the language model's output head over their answer words.
 """
 
 from __future__ import annotations
@@ -486,7 +485,7 @@ def run_text_stage(
     second-moment decay; 0.95, the lab's, where the engine's default 0.999 kept the name hop on its plateau
     (docs/pretraining.md, "The name hop in the project's form"). ``claimed_hop``: also the claim's person
     at the credited person's token (docs/pretraining.md, "The comparison"). The stage's own settings go to
-    ``out/text_stage.json`` (the engine's go to ``out/config.yaml``)."""
+    ``out/text_stage.json`` (the engine's go to ``out/config.yaml``); resuming with other ones is refused."""
     from pathlib import Path
 
     from ..data.tasks import TASKS
@@ -517,8 +516,18 @@ def run_text_stage(
         "pixels": pixels,
         "held_out": held_out,
     }
+    recorded = out / "text_stage.json"
+    checkpoints = out / "checkpoints"
+    if resume and recorded.is_file() and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        before = json.loads(recorded.read_text())
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise ValueError(
+                f"{recorded}: the run to resume was started with other settings ({', '.join(changed)}); "
+                "give the same ones, or another --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "text_stage.json").write_text(json.dumps(settings, indent=2) + "\n")
+    recorded.write_text(json.dumps(settings, indent=2) + "\n")
     cfg = TrainConfig(
         model=str(start),
         out=out,
