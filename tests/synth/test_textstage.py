@@ -304,6 +304,7 @@ def test_text_stage_then_alignment_from_the_command_line(tmp_path, synth_root):
         textstage.run_text_stage(
             "tiny-paligemma-s", synth_root, out, steps=3, lr=1e-3, batch_size=4, held_out=4, progress=False
         )
+    assert json.loads((out / "text_stage.json").read_text()) == settings  # the refused run's record stays
     evaluated = json.loads((out / "eval.json").read_text())
     assert {"accuracy_hallucination", "accuracy_factuality", "accuracy_hop_name"} <= set(evaluated)
     aligned = tmp_path / "al"

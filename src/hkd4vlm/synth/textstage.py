@@ -489,8 +489,10 @@ def run_text_stage(
     from pathlib import Path
 
     from ..data.tasks import TASKS
-    from ..engine.config import DataConfig, OptimConfig, TrainConfig
+    from ..engine.checkpoint import checkpoint_dirs
+    from ..engine.config import ConfigError, DataConfig, OptimConfig, TrainConfig
     from ..engine.loop import train
+    from ..files import write_text_atomic
     from ..models.loading import load_model
     from ..models.registry import TINY_READOUT, get_preset, init_model
     from ..models.scoring import set_readout
@@ -498,13 +500,6 @@ def run_text_stage(
     if not tasks or any(t not in TASKS for t in tasks):
         raise ValueError(f"text stage: tasks {tasks!r} must be among {TASKS}")
     out = Path(out)
-    start = Path(init) if init else out / "init"
-    if init is None and not (start / "config.json").is_file():
-        init_model(preset, data_root, start, seed=seed, extra_texts=vocabulary_texts())
-    model, processor = load_model(start, freeze_vision=pixels)  # after alignment the tower stays as aligned
-    set_readout(model, TINY_READOUT)
-    sizes = get_preset(preset)
-    grid = sizes.image_size // sizes.patch_size
     settings = {
         "preset": preset,
         "init": None if init is None else str(init),
@@ -516,18 +511,26 @@ def run_text_stage(
         "pixels": pixels,
         "held_out": held_out,
     }
+    # checked before anything is built or written; the engine checks its own settings (config.yaml) the same way
     recorded = out / "text_stage.json"
-    checkpoints = out / "checkpoints"
-    if resume and recorded.is_file() and checkpoints.is_dir() and any(checkpoints.iterdir()):
-        before = json.loads(recorded.read_text())
+    started = bool(checkpoint_dirs(out / "checkpoints"))
+    if started and resume and recorded.is_file():
+        before = json.loads(recorded.read_text(encoding="utf-8"))
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
-            raise ValueError(
+            raise ConfigError(
                 f"{recorded}: the run to resume was started with other settings ({', '.join(changed)}); "
                 "give the same ones, or another --out"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(settings, indent=2) + "\n")
+    if resume or not started:  # else the engine refuses to start over a run, and its record stays
+        write_text_atomic(recorded, json.dumps(settings, indent=2) + "\n")
+    start = Path(init) if init else out / "init"
+    if init is None and not (start / "config.json").is_file():
+        init_model(preset, data_root, start, seed=seed, extra_texts=vocabulary_texts())
+    model, processor = load_model(start, freeze_vision=pixels)  # after alignment the tower stays as aligned
+    set_readout(model, TINY_READOUT)
+    sizes = get_preset(preset)
+    grid = sizes.image_size // sizes.patch_size
     cfg = TrainConfig(
         model=str(start),
         out=out,
