@@ -595,6 +595,13 @@ def pretrain(
     help="Also the claim's person, at the token of the person the context credits (docs/pretraining.md, "
     '"The comparison"): after the name hop is learnt.',
 )
+@click.option(
+    "--verdict-hop/--no-verdict-hop",
+    default=False,
+    show_default=True,
+    help="Also the verdict's own word at that same token, where the two persons sit (docs/pretraining.md, "
+    '"The comparison at L").',
+)
 @task_option("Train on this task only (repeatable; default both, in turn). The held-out check reports both.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option(
@@ -615,6 +622,7 @@ def text_stage_cmd(
     pixels: bool,
     statement_hops: bool,
     claimed_hop: bool,
+    verdict_hop: bool,
     tasks: tuple,
     eval_every: int,
     held_out: int,
@@ -635,6 +643,7 @@ def text_stage_cmd(
         hop_weight=hop_weight,
         statement_hops=statement_hops,
         claimed_hop=claimed_hop,
+        verdict_hop=verdict_hop,
         pixels=pixels,
         tasks=tuple(tasks) or TASKS,
         beta2=beta2,

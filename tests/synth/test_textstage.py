@@ -3,6 +3,7 @@ checking, and the loss."""
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -89,6 +90,13 @@ def test_fact_hops_follow_the_verdict_and_sit_on_their_words(base):
         # the claim's person, on the credited person's token: the two agree exactly when the claim is true
         assert [(h.kind, h.answer, h.end) for h in claimed] == [("claimed", person, by_kind["name"].end)]
         assert (claimed[0].answer == by_kind["name"].answer) == (verdict == "true")
+        # the verdict's own word, on that token too
+        *rest, told = textstage.fact_hops(record, prompt, claimed=True, verdict=True)
+        assert rest == textstage.fact_hops(record, prompt, claimed=True)
+        assert (told.kind, told.end) == ("verdict", by_kind["name"].end)
+        assert told.answers == ("True", "image", "context", "information")
+        assert told.answer == {"true": "True", "image": "image", "context": "context", "nei": "information"}[verdict]
+        assert re.search(rf"\b{told.answer}\b", record.options[record.label])  # the correct verdict's own word
         stops = [h for h in hops if h.kind in ("bind-colour", "name")]
         assert all(prompt[h.end - 1] == "." for h in stops)
         assert len(stops) == record.context.count(". ") + 1
@@ -154,7 +162,9 @@ def test_text_stage_loss_against_a_hand_computation(base):
     items = [source.get(i, 0)[0] for i in range(6)]
     grid = textstage.WordGrid(processor.tokenizer)
     scores = answer_distribution(model, processor, items, [source.blank] * 6, image_features=grid(model, items))
-    stage = textstage.text_stage(model, processor, hop_weight=0.5, option_weight=2.0, statements=True, claimed=True)
+    stage = textstage.text_stage(
+        model, processor, hop_weight=0.5, option_weight=2.0, statements=True, claimed=True, verdict=True
+    )
     terms = stage(scores, items)
 
     labels = torch.tensor([r.label for r in items])
@@ -172,7 +182,7 @@ def test_text_stage_loss_against_a_hand_computation(base):
     for b, r in enumerate(items):
         prompt = build_prompt(processor, r)
         ids = scores.input_ids[b].tolist()
-        for hop in textstage.record_hops(r, prompt, statements=True, claimed=True):
+        for hop in textstage.record_hops(r, prompt, statements=True, claimed=True, verdict=True):
             word = tok(prompt[: hop.end], add_special_tokens=False)["input_ids"][-1]
             lead = next(t for t, x in enumerate(ids) if x != tok.pad_token_id)
             pos = lead + len(tok(prompt[: hop.end], add_special_tokens=False)["input_ids"]) - 1
@@ -185,7 +195,9 @@ def test_text_stage_loss_against_a_hand_computation(base):
     for kind, v in per_kind.items():
         assert torch.allclose(terms[f"hop_{kind}"], torch.stack(v).mean(), atol=1e-5)
     assert torch.allclose(terms["total"], terms["ce"] + 2.0 * terms["bce_options"] + 0.5 * hop_mean, atol=1e-5)
-    assert "hop_claimed" not in textstage.text_stage(model, processor, statements=True)(scores, items)
+    assert not {"hop_claimed", "hop_verdict"} & set(
+        textstage.text_stage(model, processor, statements=True)(scores, items)
+    )
     terms["total"].backward()
     assert model.get_input_embeddings().weight.grad is not None
 
@@ -277,9 +289,8 @@ def test_the_held_out_check_reads_pixels_or_words(base, sharpen):
     sharpen(model, 0)  # a fresh model answers nearly alike whatever its image tokens hold
     words = textstage.text_stage_eval(n=16)(model, processor)
     pixels = textstage.text_stage_eval(n=16, pixels=True)(model, processor)
-    assert set(words) == set(pixels) and {"accuracy_hop_name", "accuracy_hop_claimed", "accuracy_hop_persons"} <= set(
-        words
-    )
+    held = {"accuracy_hop_name", "accuracy_hop_claimed", "accuracy_hop_persons", "accuracy_hop_verdict"}
+    assert set(words) == set(pixels) and held <= set(words)
     assert words != pixels  # a fresh tower's image tokens are not the word grid
 
 
@@ -293,18 +304,28 @@ def test_text_stage_then_alignment_from_the_command_line(tmp_path, synth_root):
         main,
         ["text-stage", "--preset", "tiny-paligemma-s", "--data", str(synth_root), "--out", str(out), "--steps", "3",
          "--lr", "1e-3", "--batch-size", "4", "--eval-every", "3", "--held-out", "4", "--beta2", "0.9",
-         "--claimed-hop", "--task", "factuality"],
+         "--claimed-hop", "--verdict-hop", "--task", "factuality"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert (out / "model" / "config.json").is_file() and (out / "checkpoints").is_dir()
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["betas"] == [0.9, 0.9]
     settings = json.loads((out / "text_stage.json").read_text())
-    assert settings["claimed_hop"] is True and settings["tasks"] == ["factuality"] and settings["init"] is None
-    with pytest.raises(ValueError, match=r"other settings \(claimed_hop, tasks\)"):
+    assert settings["claimed_hop"] is True and settings["verdict_hop"] is True
+    assert settings["tasks"] == ["factuality"] and settings["init"] is None
+    with pytest.raises(ValueError, match=r"other settings \(claimed_hop, tasks, verdict_hop\)"):
         textstage.run_text_stage(
             "tiny-paligemma-s", synth_root, out, steps=3, lr=1e-3, batch_size=4, held_out=4, progress=False
         )
     assert json.loads((out / "text_stage.json").read_text()) == settings  # the refused run's record stays
+    # a record written before the verdict hop existed had it off: that run resumes without it, not with it
+    older = {k: v for k, v in settings.items() if k != "verdict_hop"}
+    (out / "text_stage.json").write_text(json.dumps(older))
+    again = dict(steps=3, lr=1e-3, batch_size=4, beta2=0.9, held_out=4, progress=False, claimed_hop=True)
+    again["tasks"] = ("factuality",)
+    with pytest.raises(ValueError, match=r"other settings \(verdict_hop\)"):
+        textstage.run_text_stage("tiny-paligemma-s", synth_root, out, verdict_hop=True, **again)
+    textstage.run_text_stage("tiny-paligemma-s", synth_root, out, **again)
+    assert json.loads((out / "text_stage.json").read_text()) == {**older, "verdict_hop": False}
     evaluated = json.loads((out / "eval.json").read_text())
     assert {"accuracy_hallucination", "accuracy_factuality", "accuracy_hop_name"} <= set(evaluated)
     aligned = tmp_path / "al"

@@ -21,7 +21,8 @@ prompt (models.prompt). Besides the option readout's cross-entropy the loss has:
   other context sentence says at its full stop, its colour and its person (``bind-colour``,
   ``bind-name``; ``none`` and ``nobody`` for a sentence crediting no one); asked for (``claimed``), the
   claim's own person at that same last full stop (``claimed``), so that the two persons the verdict
-  compares sit in one place; and, asked for (``statements``), the hallucination statements' hops
+  compares sit in one place; asked for (``verdict``), the verdict's own word at that token too, so that
+  the comparison is made where the two persons sit; and, asked for (``statements``), the hallucination statements' hops
   (``statement_hops``). They are read through the language model's output head over their answer words.
 """
 
@@ -54,8 +55,12 @@ TEXT_STAGE_WORDS = (BACKGROUND, NO_COLOUR, NOBODY, *ROWS, *COLUMNS, *COUNT_WORDS
 FACT_HOP_KINDS = ("colour", "name", "bind-colour", "bind-name")
 #: the claim's person, at the same token as the credited one (``name``)
 CLAIMED_HOP = "claimed"
+#: the verdict itself, at that same token: the comparison made where the two persons sit
+VERDICT_HOP = "verdict"
+#: the verdict hop's answer word per verdict key (synth.factuality.VERDICT_KEYS): each verdict's own word
+VERDICT_WORDS = {"true": "True", "image": "image", "context": "context", "nei": "information"}
 STATEMENT_HOP_KINDS = ("found", "count", "column", "row")
-HOP_KINDS = (*FACT_HOP_KINDS, CLAIMED_HOP, *STATEMENT_HOP_KINDS)
+HOP_KINDS = (*FACT_HOP_KINDS, CLAIMED_HOP, VERDICT_HOP, *STATEMENT_HOP_KINDS)
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,13 @@ def draw_record(rng: random.Random, task: str, level_name: str = "medium"):
     return factuality.make_record(rng, level, "textstage.jpg", key, rng.randrange(4))
 
 
-def fact_hops(record, prompt: str, claimed: bool = False) -> list[HopTarget]:
+def fact_hops(record, prompt: str, claimed: bool = False, verdict: bool = False) -> list[HopTarget]:
     """The fact-checking hops of ``record`` in ``prompt`` (its rendering, models.prompt); with ``claimed``
     also the claim's person at the context's last full stop, the token of the credited person (``name``):
-    where the two agree the claim is true, where they differ it is not."""
-    from .factuality import NAMES, attributions, parse_claim
+    where the two agree the claim is true, where they differ it is not; with ``verdict`` also the
+    record's verdict at that token (its word, VERDICT_WORDS)."""
+    from .factuality import NAMES, VERDICT_KEYS, attributions, parse_claim
+    from .factuality import verdict as verdict_of
     from .scene import COLOURS, Scene
 
     scene = Scene.from_dict(record.extra["synth"]["scene"])
@@ -109,6 +116,10 @@ def fact_hops(record, prompt: str, claimed: bool = False) -> list[HopTarget]:
             hops.append(HopTarget(context_at + stop, credited, names, "name"))
             if claimed:
                 hops.append(HopTarget(context_at + stop, person, names, CLAIMED_HOP))
+            if verdict:
+                words = tuple(VERDICT_WORDS[k] for k in VERDICT_KEYS)
+                key = verdict_of(record.context, record.claim, scene)
+                hops.append(HopTarget(context_at + stop, VERDICT_WORDS[key], words, VERDICT_HOP))
             continue
         said = attributions(sentence)
         c, n = next(iter(said.items())) if said else (NO_COLOUR, NOBODY)
@@ -165,11 +176,13 @@ def statement_hops(record, prompt: str, grid: int = MAX_GRID) -> list[HopTarget]
     return hops
 
 
-def record_hops(record, prompt: str, statements: bool = False, claimed: bool = False) -> list[HopTarget]:
-    """A record's hops: fact checking's (with ``claimed``, the claim's person too), and with ``statements``
-    the hallucination task's."""
+def record_hops(
+    record, prompt: str, statements: bool = False, claimed: bool = False, verdict: bool = False
+) -> list[HopTarget]:
+    """A record's hops: fact checking's (with ``claimed``, the claim's person too; with ``verdict``, the
+    verdict), and with ``statements`` the hallucination task's."""
     if record.task == "factuality":
-        return fact_hops(record, prompt, claimed)
+        return fact_hops(record, prompt, claimed, verdict)
     return statement_hops(record, prompt) if statements else []
 
 
@@ -294,7 +307,7 @@ def vocabulary_texts(n: int = 400, seed: int = 0) -> list[str]:
 
 
 def hop_logits(
-    scores, items, processor, head, statements: bool = False, claimed: bool = False
+    scores, items, processor, head, statements: bool = False, claimed: bool = False, verdict: bool = False
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per hop kind: (logits over its answer words (M, K), the answers' indices (M,)), read through the
     output head ``head`` at each hop's token. The prompt is tokenized once per record: its text before the
@@ -309,7 +322,7 @@ def hop_logits(
     image_token = getattr(processor, "image_token", "<image>")
     for b, record in enumerate(items):
         prompt = build_prompt(processor, record)
-        hops = record_hops(record, prompt, statements, claimed)
+        hops = record_hops(record, prompt, statements, claimed, verdict)
         if not hops:
             continue
         lead = int((ids[b] == pad).long().cumprod(0).sum())  # left padding
@@ -362,11 +375,13 @@ def text_stage(
     option_weight: float = 1.0,
     statements: bool = False,
     claimed: bool = False,
+    verdict: bool = False,
 ):
     """The loss of the text stage (``stage`` of engine.loop.train): the option readout's cross-entropy,
     ``option_weight`` x each option's binary cross-entropy against whether it holds, and ``hop_weight`` x
     the hops' cross-entropies (their mean over kinds; with ``claimed``, also the claim's person; with
-    ``statements``, also the hallucination task's statement hops), read through ``model``'s output head."""
+    ``verdict``, also the verdict at that token; with ``statements``, also the hallucination task's
+    statement hops), read through ``model``'s output head."""
     from ..models.scoring import option_signs
 
     head = model.get_output_embeddings()
@@ -384,7 +399,7 @@ def text_stage(
         terms = {"ce": ce, "bce_options": (bce * shown).sum() / shown.sum()}
         total = ce + option_weight * terms["bce_options"]
         if hop_weight:
-            hops = hop_logits(scores, items, processor, head, statements, claimed)
+            hops = hop_logits(scores, items, processor, head, statements, claimed, verdict)
             for kind, (z, t) in hops.items():
                 terms[f"hop_{kind}"] = torch.nn.functional.cross_entropy(z, t)
             if hops:
@@ -400,8 +415,8 @@ def text_stage_eval(
 ):
     """An evaluate callback: held-out accuracy per task on ``n`` fresh records of each, with the word grid
     (or, with ``pixels``, the rendered image through the vision tower), per fact-checking verdict and per
-    hallucination type, and each hop's accuracy (the claimed person's, and the statement hops' where the
-    tokenizer has their words, trained or not). Where the claimed person is trained too, ``name`` and
+    hallucination type, and each hop's accuracy (the claimed person's and the verdict's, and the statement
+    hops' where the tokenizer has their words, trained or not). Where the claimed person is trained too, ``name`` and
     ``claimed`` share a token and, when the two persons differ, at most one of them can be its top word;
     ``persons`` reads the two together (``persons_hits``)."""
     from ..models.scoring import answer_distribution
@@ -437,7 +452,7 @@ def text_stage_eval(
                         hits[key] += p == r.label
                         counts[key] += 1
                 head = model.get_output_embeddings()
-                hops = hop_logits(scores, chunk, processor, head, statements, True)
+                hops = hop_logits(scores, chunk, processor, head, statements, True, True)
                 for kind, (z, t) in hops.items():
                     hits[f"hop_{kind}"] += int((z.argmax(-1) == t).sum())
                     counts[f"hop_{kind}"] += len(t)
@@ -450,6 +465,10 @@ def text_stage_eval(
         return out
 
     return evaluate
+
+
+#: stage settings added after runs had recorded theirs, with the value those runs had
+_ADDED_SETTINGS = {"verdict_hop": False}
 
 
 def run_text_stage(
@@ -465,6 +484,7 @@ def run_text_stage(
     option_weight: float = 1.0,
     statement_hops: bool = False,
     claimed_hop: bool = False,
+    verdict_hop: bool = False,
     pixels: bool = False,
     tasks: tuple[str, ...] = ("hallucination", "factuality"),
     beta2: float = 0.95,
@@ -484,7 +504,8 @@ def run_text_stage(
     ``tasks``: the tasks drawn, in turn (the held-out evaluation reports both). ``beta2``: AdamW's
     second-moment decay; 0.95, the lab's, where the engine's default 0.999 kept the name hop on its plateau
     (docs/pretraining.md, "The name hop in the project's form"). ``claimed_hop``: also the claim's person
-    at the credited person's token (docs/pretraining.md, "The comparison"). The stage's own settings go to
+    at the credited person's token (docs/pretraining.md, "The comparison"); ``verdict_hop``: also the
+    verdict at that token (docs/pretraining.md, "The comparison at L"). The stage's own settings go to
     ``out/text_stage.json`` (the engine's go to ``out/config.yaml``); resuming with other ones is refused."""
     from pathlib import Path
 
@@ -507,6 +528,7 @@ def run_text_stage(
         "hop_weight": hop_weight,
         "option_weight": option_weight,
         "claimed_hop": claimed_hop,
+        "verdict_hop": verdict_hop,
         "statement_hops": statement_hops,
         "pixels": pixels,
         "held_out": held_out,
@@ -516,7 +538,7 @@ def run_text_stage(
     started = bool(checkpoint_dirs(out / "checkpoints"))
     if started and resume and recorded.is_file():
         before = json.loads(recorded.read_text(encoding="utf-8"))
-        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        changed = sorted(k for k in settings if before.get(k, _ADDED_SETTINGS.get(k)) != settings[k])
         if changed:
             raise ConfigError(
                 f"{recorded}: the run to resume was started with other settings ({', '.join(changed)}); "
@@ -555,6 +577,7 @@ def run_text_stage(
             option_weight=option_weight,
             statements=statement_hops,
             claimed=claimed_hop,
+            verdict=verdict_hop,
         ),
         model=model,
         processor=processor,
