@@ -22,8 +22,8 @@ prompt (models.prompt). Besides the option readout's cross-entropy the loss has:
   ``bind-name``; ``none`` and ``nobody`` for a sentence crediting no one); asked for (``claimed``), the
   claim's own person at that same last full stop (``claimed``), so that the two persons the verdict
   compares sit in one place; asked for (``verdict``), the verdict's own word at that token too, so that
-  the comparison is made where the two persons sit; and, asked for (``statements``), the hallucination statements' hops
-  (``statement_hops``). They are read through the language model's output head over their answer words.
+  the comparison is made where the two persons sit; and, asked for (``statements``), the hallucination
+  statements' hops (``statement_hops``). They are read through the language model's output head over their answer words.
 """
 
 from __future__ import annotations
@@ -415,10 +415,10 @@ def text_stage_eval(
 ):
     """An evaluate callback: held-out accuracy per task on ``n`` fresh records of each, with the word grid
     (or, with ``pixels``, the rendered image through the vision tower), per fact-checking verdict and per
-    hallucination type, and each hop's accuracy (the claimed person's and the verdict's, and the statement
-    hops' where the tokenizer has their words, trained or not). Where the claimed person is trained too, ``name`` and
-    ``claimed`` share a token and, when the two persons differ, at most one of them can be its top word;
-    ``persons`` reads the two together (``persons_hits``)."""
+    hallucination type, and each hop's accuracy (the claimed person's, and the verdict's and the statement
+    hops' where the tokenizer has their words, trained or not). Where the claimed person is trained too,
+    ``name`` and ``claimed`` share a token and, when the two persons differ, at most one of them can be its
+    top word; ``persons`` reads the two together (``persons_hits``)."""
     from ..models.scoring import answer_distribution
     from .levels import LEVELS
     from .scene import render
@@ -438,6 +438,7 @@ def text_stage_eval(
         words = WordGrid(processor.tokenizer)
         # the statement hops' words are in every base built since they were added
         statements = all(_known(processor.tokenizer, w) for w in (*COUNT_WORDS, *ROWS, *COLUMNS, NO_COLOUR))
+        verdicts = all(_known(processor.tokenizer, w) for w in VERDICT_WORDS.values())
         hits: collections.Counter[str] = collections.Counter()
         counts: collections.Counter[str] = collections.Counter()
         with torch.no_grad():
@@ -452,7 +453,7 @@ def text_stage_eval(
                         hits[key] += p == r.label
                         counts[key] += 1
                 head = model.get_output_embeddings()
-                hops = hop_logits(scores, chunk, processor, head, statements, True, True)
+                hops = hop_logits(scores, chunk, processor, head, statements, True, verdicts)
                 for kind, (z, t) in hops.items():
                     hits[f"hop_{kind}"] += int((z.argmax(-1) == t).sum())
                     counts[f"hop_{kind}"] += len(t)
