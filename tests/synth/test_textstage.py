@@ -294,6 +294,15 @@ def test_the_held_out_check_reads_pixels_or_words(base, sharpen):
     assert words != pixels  # a fresh tower's image tokens are not the word grid
 
 
+def test_the_held_out_check_leaves_out_the_verdict_hop_where_the_tokenizer_lacks_its_words(base, monkeypatch):
+    model, processor = load_model(base)
+    assert "accuracy_hop_verdict" in textstage.text_stage_eval(n=4)(model, processor)
+    known = textstage._known
+    monkeypatch.setattr(textstage, "_known", lambda tok, w: w != "information" and known(tok, w))
+    held = textstage.text_stage_eval(n=4)(model, processor)
+    assert "accuracy_hop_verdict" not in held and {"accuracy_hop_name", "accuracy_hop_claimed"} <= set(held)
+
+
 def test_text_stage_then_alignment_from_the_command_line(tmp_path, synth_root):
     from click.testing import CliRunner
 
@@ -320,8 +329,9 @@ def test_text_stage_then_alignment_from_the_command_line(tmp_path, synth_root):
     # a record written before the verdict hop existed had it off: that run resumes without it, not with it
     older = {k: v for k, v in settings.items() if k != "verdict_hop"}
     (out / "text_stage.json").write_text(json.dumps(older))
-    again = dict(steps=3, lr=1e-3, batch_size=4, beta2=0.9, held_out=4, progress=False, claimed_hop=True)
-    again["tasks"] = ("factuality",)
+    again = dict(
+        steps=3, lr=1e-3, batch_size=4, beta2=0.9, held_out=4, progress=False, claimed_hop=True, tasks=("factuality",)
+    )
     with pytest.raises(ValueError, match=r"other settings \(verdict_hop\)"):
         textstage.run_text_stage("tiny-paligemma-s", synth_root, out, verdict_hop=True, **again)
     textstage.run_text_stage("tiny-paligemma-s", synth_root, out, **again)

@@ -23,7 +23,8 @@ prompt (models.prompt). Besides the option readout's cross-entropy the loss has:
   claim's own person at that same last full stop (``claimed``), so that the two persons the verdict
   compares sit in one place; asked for (``verdict``), the verdict's own word at that token too, so that
   the comparison is made where the two persons sit; and, asked for (``statements``), the hallucination
-  statements' hops (``statement_hops``). They are read through the language model's output head over their answer words.
+  statements' hops (``statement_hops``). They are read through the language model's output head over
+  their answer words.
 """
 
 from __future__ import annotations
