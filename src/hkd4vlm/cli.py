@@ -514,7 +514,10 @@ def pretrain(
 
         if not model_zoo.is_zoo(like):
             raise click.BadParameter(f"expected zoo:NAME, got {like!r}", param_hint="--like")
-        rec = model_zoo.read_manifest(like[len(model_zoo.PREFIX) :])["recipe"]
+        shipped = model_zoo.read_manifest(like[len(model_zoo.PREFIX) :])
+        if shipped.get("kind") == "judge":
+            raise click.BadParameter(f"{like} is a judge: `hkd4vlm judge build --like {like}`", param_hint="--like")
+        rec = shipped["recipe"]
         preset, batch_size, pool_size, seed = rec["preset"], rec["batch_size"], rec["pool_size"], rec["seed"]
         steps, lr, dense_steps = (
             steps or rec["steps"],
@@ -559,6 +562,12 @@ def pretrain(
     help="Start from this model folder instead of a fresh build (it must have the text stage's words).",
 )
 @click.option("--steps", type=click.IntRange(min=1), required=True)
+@click.option(
+    "--stop-after",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many of the --steps steps (the lr schedule still spans --steps); the model is saved there.",
+)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), required=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
@@ -614,6 +623,7 @@ def text_stage_cmd(
     out: Path,
     init: Path | None,
     steps: int,
+    stop_after: int | None,
     lr: float,
     batch_size: int,
     warmup: int,
@@ -632,11 +642,14 @@ def text_stage_cmd(
     "The text stage"); resumes an interrupted run in --out."""
     from .synth.textstage import run_text_stage
 
+    if stop_after is not None and stop_after > steps:
+        raise click.BadParameter(f"{stop_after} is past --steps {steps}", param_hint="--stop-after")
     final = run_text_stage(
         preset,
         data,
         out,
         steps=steps,
+        stop_after=stop_after,
         lr=lr,
         batch_size=batch_size,
         warmup=warmup,
@@ -714,16 +727,25 @@ def align_cmd(
 
 @main.group()
 def zoo() -> None:
-    """The shipped pretrained bases (load them anywhere a model is accepted as zoo:NAME)."""
+    """The shipped pretrained bases and task-tuned judges (load them anywhere a model is accepted as
+    zoo:NAME)."""
 
 
 @zoo.command("list")
 def zoo_list() -> None:
-    """Each shipped base, its preset, steps and held-out accuracy."""
+    """Each shipped base (its preset, steps and held-out accuracy) and judge (its test accuracy)."""
     from .models import zoo as model_zoo
 
     for name in model_zoo.available():
         m = model_zoo.read_manifest(name)
+        if m.get("kind") == "judge":
+            test = m["accuracy"]["test"]
+            click.echo(
+                f"zoo:{name}  judge ({m.get('role')})  preset {m.get('preset')}  test accuracy "
+                + ", ".join(f"{t} {test[t]:.3f}" for t in TASKS)
+                + f"  recipe {m.get('recipe_digest')}"
+            )
+            continue
         acc = m.get("held_out", {}).get("accuracy")
         click.echo(
             f"zoo:{name}  preset {m.get('preset')}  steps {m.get('steps')}  held-out accuracy "
@@ -739,6 +761,56 @@ def zoo_publish(run: Path, name: str | None) -> None:
     from .synth.pretrain import publish_base
 
     click.echo(f"published {publish_base(run, name)}")
+
+
+@main.group()
+def judge() -> None:
+    """Task-tuned judges made by a chain of stages (text stage, alignment, SFT) and shipped in the zoo."""
+
+
+@judge.command("build")
+@click.argument("recipe", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--like", default=None, metavar="zoo:NAME", help="Replay a shipped judge's recipe.")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Dataset root: its text builds the tokenizer, its training split tunes the judge (SFT).",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--stage", "only", default=None, help="Run only this stage (its inputs finished), e.g. beside another.")
+def judge_build(recipe: Path | None, like: str | None, data: Path, out: Path, only: str | None) -> None:
+    """Run a judge recipe (a YAML file, or --like zoo:NAME) stage by stage into OUT/<stage>/; finished stages
+    are kept and an interrupted one resumes (docs/pretraining.md, "Shipped judges")."""
+    from .synth.judge import load_recipe, run_judge
+
+    source = recipe if recipe is not None else like
+    if source is None or (recipe is not None and like is not None):
+        raise click.UsageError("give a RECIPE file or --like zoo:NAME (one of them)")
+    chain = load_recipe(source)
+    click.echo(f"judge model: {run_judge(chain, data, out, only=only)}")
+
+
+@judge.command("publish")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="The dataset the chain was built with: its test and validation splits are scored into the manifest.",
+)
+@click.option("--name", required=True, help="Zoo name.")
+@click.option("--role", type=click.Choice(["teacher", "assistant", "student"]), default="teacher", show_default=True)
+def judge_publish(run: Path, recipe: Path, data: Path, name: str, role: str) -> None:
+    """Publish RUN (a finished `hkd4vlm judge build` of RECIPE) into the zoo as NAME, scored on the data's test
+    and validation splits from the half-precision weights it ships."""
+    from .models import zoo as model_zoo
+    from .synth.judge import load_recipe, publish_judge
+
+    folder = publish_judge(run, data, name, load_recipe(recipe), role=role)
+    acc = model_zoo.read_manifest(name)["accuracy"]["test"]
+    click.echo(f"published {folder}: test accuracy " + ", ".join(f"{t} {acc[t]:.3f}" for t in TASKS))
 
 
 @main.command()

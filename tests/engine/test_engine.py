@@ -7,7 +7,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hkd4vlm.engine.checkpoint import checkpoint_dirs
+from hkd4vlm.engine.checkpoint import CheckpointError, checkpoint_dirs
 from hkd4vlm.engine.config import ConfigError, TrainConfig, load_config, parse_overrides
 from hkd4vlm.engine.loop import Position, next_global_batch, warmup_cosine
 from hkd4vlm.engine.sft import run_sft
@@ -184,6 +184,32 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_mode
     assert checkpoint_dirs(tmp_path / "b" / "run" / "checkpoints")[-1].name == "step-2"
     run_sft(cut, resume=True)
     _assert_same_weights(_weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run"), atol=0.0)
+
+
+def _lrs(run: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return [e.value for e in events.Scalars("lr")]
+
+
+def test_stop_after_stops_on_the_full_schedule_and_the_run_continues_exactly(tmp_path, tiny_model, synth_root):
+    full = load_config(_config(tmp_path / "a", tiny_model, synth_root, steps=5, save_every=1))
+    run_sft(full)
+    stopped = load_config(_config(tmp_path / "b", tiny_model, synth_root, steps=5, save_every=2, stop_after=3))
+    final = run_sft(stopped)
+    run = tmp_path / "b" / "run"
+    assert (final / "model.safetensors").is_file()
+    assert checkpoint_dirs(run / "checkpoints")[-1].name == "step-3"
+    assert _lrs(run) == pytest.approx(_lrs(tmp_path / "a" / "run")[:3])  # the 5-step schedule, cut at 3
+    assert _lrs(run)[-1] > 0.5 * 3e-3  # not a 3-step cosine, which ends near 0
+    with pytest.raises(CheckpointError, match="at step 3, past stop_after 2"):
+        run_sft(stopped.model_copy(update={"stop_after": 2}), resume=True)
+    run_sft(stopped.model_copy(update={"stop_after": None}), resume=True)  # the same run, on to its end
+    _assert_same_weights(_weights(tmp_path / "a" / "run"), _weights(run), atol=0.0)
+    with pytest.raises(ConfigError, match="stop_after 6 is past the schedule's 5 steps"):
+        load_config(_config(tmp_path / "c", tiny_model, synth_root, steps=5, stop_after=6))
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, tiny_model, synth_root):

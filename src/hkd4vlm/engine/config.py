@@ -125,6 +125,14 @@ class TrainSettings(StrictModel):
 
     optim: OptimConfig = OptimConfig()
     steps: int = Field(default=1000, ge=1, description="optimizer steps")
+    stop_after: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "stop after this many of the `steps` steps, with the model saved there (the lr schedule still "
+            "spans `steps`: a run stopped early, replayable); None: run them all"
+        ),
+    )
     batch_size: int = Field(default=32, ge=1, description="global batch: per device x processes x grad_accum")
     grad_accum: int = Field(default=1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -162,7 +170,14 @@ class TrainSettings(StrictModel):
     def _batch_divides(self) -> TrainSettings:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+        if self.stop_after is not None and self.stop_after > self.steps:
+            raise ValueError(f"stop_after {self.stop_after} is past the schedule's {self.steps} steps")
         return self
+
+    @property
+    def end(self) -> int:
+        """The step training stops at: ``stop_after``, or the schedule's last."""
+        return self.steps if self.stop_after is None else self.stop_after
 
 
 class TrainConfig(TrainSettings):
@@ -319,6 +334,7 @@ def load_config(
 RESUME_FREE = frozenset(
     {
         "out",
+        "stop_after",
         "progress",
         "log_every",
         "log_with",

@@ -61,7 +61,8 @@ def train(
     stateful: dict | None = None,
     image_features: Callable | None = None,
 ) -> Path:
-    """Run ``cfg.steps`` optimizer steps on ``source``; returns the folder of the saved final model.
+    """Run ``cfg.steps`` optimizer steps on ``source`` (only the first ``cfg.stop_after`` where set, the
+    schedule unchanged); returns the folder of the saved final model.
 
     ``stage(scores, items, images=..., keys=..., step=...)`` returns the loss terms (default: SFT);
     ``step`` counts optimizer steps done before this one (for schedules), ``images`` are the augmented
@@ -188,6 +189,11 @@ def train(
                     "records; the checkpoint does not belong to this data"
                 )
             accelerator.print(f"resumed from {last} at step {step} (epoch {pos.epoch}, item {pos.index})")
+            if step > cfg.end:
+                raise CheckpointError(
+                    f"{last}: the run is at step {step}, past stop_after {cfg.end}; its model there cannot be "
+                    "made again from it (a new out folder replays the run up to that step)"
+                )
         elif (out / "model").is_dir():
             raise CheckpointError(
                 f"{out}: holds a finished model but no checkpoint to resume from; use --overwrite to train it "
@@ -205,14 +211,14 @@ def train(
     if accelerator.is_main_process and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc=out.name, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.end, initial=step, desc=out.name, unit="step", dynamic_ncols=True)
     # records are read, augmented and encoded by the loader (in its workers with num_workers > 0); which
     # ones each step takes is next_global_batch's, here as in the loader, so the position is known exactly
     loader = micro_batch_loader(
         source,
         processor,
         pos,
-        steps=cfg.steps - step,
+        steps=cfg.end - step,
         batch_size=cfg.batch_size,
         processes=world,
         rank=rank,
@@ -225,7 +231,7 @@ def train(
     loaded_batches = micro_batches(loader)
     orders: dict = {}
     t_last, seen, nonfinite = time.perf_counter(), 0, 0
-    while step < cfg.steps:
+    while step < cfg.end:
         batch, pos = next_global_batch(source, pos, cfg.batch_size, orders)
         sums: dict[str, float] = {}
         for a in range(accum):
@@ -268,7 +274,7 @@ def train(
         step += 1
         seen += cfg.batch_size
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == cfg.end:
             logged = {k: _mean_over_processes(accelerator, v) for k, v in sums.items()}
             now = time.perf_counter()
             rate = seen / max(now - t_last, 1e-9)
@@ -282,9 +288,9 @@ def train(
                 bar.set_postfix(loss=f"{logged['total']:.4f}", samples_s=f"{rate:.1f}")
         if bar is not None:
             bar.update(1)
-        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.end:
             _run_eval(accelerator, evaluate, model, processor, step)
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == cfg.end:
             _refuse_nonfinite_weights(accelerator.unwrap_model(model), f"{out}: step {step}")
             save_checkpoint(
                 accelerator,

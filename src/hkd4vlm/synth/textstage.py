@@ -480,6 +480,7 @@ def run_text_stage(
     *,
     steps: int,
     lr: float,
+    stop_after: int | None = None,
     batch_size: int = 64,
     warmup: int = 100,
     hop_weight: float = 1.0,
@@ -499,7 +500,8 @@ def run_text_stage(
     resume: bool = True,
 ):
     """Build ``preset`` (tokenizer from ``data_root``'s text and the text stage's words; or start from the
-    model folder ``init``) and train it ``steps`` steps on the text stage; returns ``out/model``. The held-out
+    model folder ``init``) and train it ``steps`` steps on the text stage (``stop_after``: only that many of
+    them, the schedule unchanged); returns ``out/model``. The held-out
     curve is TensorBoard scalars (``eval/...``) and ``out/eval.json`` at the end. With ``pixels`` the
     records' images are rendered and read through the (frozen) vision tower instead of the word grid: the
     same stage after alignment, so that the language model learns to read what the tower hands it.
@@ -522,6 +524,8 @@ def run_text_stage(
 
     if not tasks or any(t not in TASKS for t in tasks):
         raise ValueError(f"text stage: tasks {tasks!r} must be among {TASKS}")
+    if stop_after is not None and not 1 <= stop_after <= steps:
+        raise ValueError(f"text stage: stop_after {stop_after} must be within the schedule's 1..{steps} steps")
     out = Path(out)
     settings = {
         "preset": preset,
@@ -561,6 +565,7 @@ def run_text_stage(
         data=DataConfig(root=Path(data_root), eval_split=None),
         optim=OptimConfig(lr=lr, warmup_steps=warmup, betas=(0.9, beta2)),
         steps=steps,
+        stop_after=stop_after,
         batch_size=batch_size,
         seed=seed,
         save_every=save_every,

@@ -1,0 +1,327 @@
+"""A judge's recipe: the chain of stages that makes a task-tuned model from nothing (docs/pretraining.md,
+"Shipped judges"), run in order and resumable, and the zoo entry that ships the result with it.
+
+A recipe names a preset and its stages, each writing ``OUT/<name>/``: the text stage
+(``synth.textstage.run_text_stage``, through words or, after alignment, through pixels), alignment
+(``run_alignment``) and task SFT on a dataset's training split (``engine.sft.run_sft``). A stage starts from
+an earlier stage's model (``init`` / ``model``; an alignment may take its tower from another alignment,
+``tower_from``), so a chain is a small graph run in the listed order. A finished stage is kept as long as
+its settings are the recipe's (``OUT/<name>/judge_stage.json``); ``only`` runs one stage whose inputs are
+finished, so that independent stages can run side by side."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..data.tasks import TASKS, Task
+from ..engine.config import ConfigError, StrictModel, TrainSettings
+
+STAGE_FILE = "judge_stage.json"
+JUDGE_KIND = "judge"
+
+
+class TextStageSpec(StrictModel):
+    kind: Literal["text_stage"]
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    init: str | None = Field(default=None, description="an earlier stage's name; none: the preset built fresh")
+    steps: int = Field(ge=1)
+    stop_after: int | None = Field(default=None, ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(default=64, ge=1)
+    warmup: int = Field(default=100, ge=0)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    hop_weight: float = Field(default=1.0, ge=0)
+    pixels: bool = False
+    statement_hops: bool = False
+    claimed_hop: bool = False
+    verdict_hop: bool = False
+    tasks: list[Task] = Field(default=list(TASKS), min_length=1)
+    eval_every: int = Field(default=250, ge=1)
+    held_out: int = Field(default=256, ge=1)
+    seed: int = 0
+
+    def inputs(self) -> list[str]:
+        return [self.init] if self.init else []
+
+
+class AlignSpec(StrictModel):
+    kind: Literal["align"]
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    model: str = Field(description="the text stage whose vision tower is aligned")
+    tower_from: str | None = Field(default=None, description="an earlier alignment whose tower to start from")
+    steps: int = Field(ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    word_weight: float = Field(default=1.0, ge=0)
+    held_out: int = Field(default=256, ge=1)
+    seed: int = 0
+
+    def inputs(self) -> list[str]:
+        return [self.model] + ([self.tower_from] if self.tower_from else [])
+
+
+class SftSpec(StrictModel):
+    kind: Literal["sft"]
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    model: str
+    tasks: list[Task] = Field(default=list(TASKS), min_length=1)
+    split: str = "train"
+    eval_split: str | None = "val"
+    seed: int = 0
+    train: TrainSettings
+
+    def inputs(self) -> list[str]:
+        return [self.model]
+
+
+StageSpec = Annotated[TextStageSpec | AlignSpec | SftSpec, Field(discriminator="kind")]
+
+
+class JudgeRecipe(StrictModel):
+    """A preset and the chain of stages that turns it into a task-tuned judge."""
+
+    preset: str
+    prompt_version: int = Field(description="the prompt version the chain was run with (models.prompt)")
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _chain(self) -> JudgeRecipe:
+        seen: dict[str, str] = {}
+        for i, st in enumerate(self.stages):
+            if st.name in seen:
+                raise ValueError(f"stages.{i}: the name {st.name!r} is taken by an earlier stage")
+            for ref in st.inputs():
+                if ref not in seen:
+                    raise ValueError(f"stages.{i} ({st.name}): {ref!r} is not an earlier stage")
+            if isinstance(st, AlignSpec):
+                if seen[st.model] != "text_stage":
+                    raise ValueError(f"stages.{i} ({st.name}): model {st.model!r} is not a text stage")
+                if st.tower_from and seen[st.tower_from] != "align":
+                    raise ValueError(f"stages.{i} ({st.name}): tower_from {st.tower_from!r} is not an alignment")
+            if isinstance(st, TextStageSpec) and st.pixels and (not st.init or seen[st.init] != "align"):
+                raise ValueError(f"stages.{i} ({st.name}): a text stage through pixels starts from an alignment")
+            seen[st.name] = st.kind
+        if not isinstance(self.stages[0], TextStageSpec) or self.stages[0].init is not None:
+            raise ValueError("stages.0: a chain starts with a text stage built fresh (no init)")
+        return self
+
+
+def recipe_digest(recipe: JudgeRecipe) -> str:
+    """A short digest of the recipe (16 hex digits of the sha256 of its canonical JSON)."""
+    text = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_recipe(source: str | Path) -> JudgeRecipe:
+    """A judge recipe from a YAML file or from a shipped judge's manifest (``zoo:NAME``); ConfigError names the
+    file and what is wrong."""
+    from ..models import zoo
+
+    if zoo.is_zoo(source):
+        manifest = zoo.read_manifest(str(source)[len(zoo.PREFIX) :])
+        if manifest.get("kind") != JUDGE_KIND:
+            raise ConfigError(f"{source}: a base, not a judge (its recipe is `hkd4vlm pretrain --like`'s)")
+        data, where = manifest["recipe"], f"{source} (manifest)"
+    else:
+        import yaml
+
+        from ..engine.config import check_expansion
+
+        try:
+            data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{source}: cannot be read as YAML ({e})") from None
+        check_expansion(data, str(source))
+        where = str(source)
+    from pydantic import ValidationError
+
+    try:
+        return JudgeRecipe.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{where}: {problems}") from None
+
+
+def shortened(recipe: JudgeRecipe, steps: int, held_out: int = 4) -> JudgeRecipe:
+    """The same chain with every stage cut to ``steps`` steps and ``held_out`` held-out records (a smoke run:
+    every stage of a shipped recipe runs, in tests)."""
+    stages: list[Any] = []
+    for st in recipe.stages:
+        if isinstance(st, SftSpec):
+            train = st.train.model_copy(
+                update={
+                    "steps": steps,
+                    "stop_after": None,
+                    "eval_every": 0,
+                    "optim": st.train.optim.model_copy(
+                        update={"warmup_steps": min(st.train.optim.warmup_steps, steps)}
+                    ),
+                }
+            )
+            stages.append(st.model_copy(update={"train": train}))
+        elif isinstance(st, TextStageSpec):
+            update = {"steps": steps, "stop_after": None, "held_out": held_out, "warmup": min(st.warmup, steps)}
+            stages.append(st.model_copy(update=update))
+        else:
+            stages.append(st.model_copy(update={"steps": steps, "held_out": held_out}))
+    return JudgeRecipe(preset=recipe.preset, prompt_version=recipe.prompt_version, stages=stages)
+
+
+def _spec_json(spec) -> dict:
+    return spec.model_dump(mode="json")
+
+
+def stage_done(out: Path, spec) -> bool:
+    """Whether ``out/<name>`` holds the stage's finished model, made with ``spec``'s settings; ConfigError
+    where it holds one made with others."""
+    folder = out / spec.name
+    marker = folder / STAGE_FILE
+    if not marker.is_file():
+        return False
+    if json.loads(marker.read_text(encoding="utf-8")) != _spec_json(spec):
+        raise ConfigError(
+            f"{marker}: stage {spec.name!r} was made with other settings than the recipe's; use a new out "
+            "folder or remove that stage's folder"
+        )
+    return (folder / "model" / "config.json").is_file()
+
+
+def run_judge(
+    recipe: JudgeRecipe, data_root, out, *, only: str | None = None, progress: bool = True, log=print
+) -> Path:
+    """Run ``recipe``'s stages in order into ``out/<stage>/`` (finished ones are kept, interrupted ones
+    resume) and return the last stage's model folder. ``only``: run just that stage (its inputs must be
+    finished). ``data_root``: the dataset whose text builds the tokenizer and whose splits SFT reads."""
+    from ..engine.config import DataConfig, TrainConfig
+    from ..engine.sft import run_sft
+    from ..files import write_text_atomic
+    from ..models.prompt import PROMPT_VERSION
+    from .textstage import run_alignment, run_text_stage
+
+    if recipe.prompt_version != PROMPT_VERSION:
+        raise ConfigError(
+            f"the recipe was run with prompt version {recipe.prompt_version}, the code's is {PROMPT_VERSION}: "
+            "its stages would train another prompt; update the recipe's prompt_version to make a new judge"
+        )
+    names = [st.name for st in recipe.stages]
+    if only is not None and only not in names:
+        raise ConfigError(f"no stage {only!r} in the recipe; its stages: {', '.join(names)}")
+    out = Path(out)
+
+    def model_of(name: str) -> Path:
+        return out / name / "model"
+
+    for st in recipe.stages:
+        if only is not None and st.name != only:
+            continue
+        if stage_done(out, st):
+            log(f"{st.name}: finished ({model_of(st.name)})")
+            continue
+        missing = [ref for ref in st.inputs() if not (model_of(ref) / "config.json").is_file()]
+        if missing:  # only with ``only``: in order, every input was made before
+            raise ConfigError(f"stage {st.name!r} needs stage(s) {', '.join(missing)} finished first")
+        folder = out / st.name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / STAGE_FILE, json.dumps(_spec_json(st), indent=2) + "\n")
+        log(f"{st.name}: {st.kind}")
+        if isinstance(st, TextStageSpec):
+            run_text_stage(
+                recipe.preset,
+                data_root,
+                folder,
+                steps=st.steps,
+                stop_after=st.stop_after,
+                lr=st.lr,
+                batch_size=st.batch_size,
+                warmup=st.warmup,
+                beta2=st.beta2,
+                hop_weight=st.hop_weight,
+                pixels=st.pixels,
+                statement_hops=st.statement_hops,
+                claimed_hop=st.claimed_hop,
+                verdict_hop=st.verdict_hop,
+                tasks=tuple(st.tasks),
+                eval_every=st.eval_every,
+                held_out=st.held_out,
+                seed=st.seed,
+                init=None if st.init is None else str(model_of(st.init)),
+                progress=progress,
+            )
+        elif isinstance(st, AlignSpec):
+            run_alignment(
+                model_of(st.model),
+                folder,
+                steps=st.steps,
+                lr=st.lr,
+                batch_size=st.batch_size,
+                seed=st.seed,
+                held_out=st.held_out,
+                word_weight=st.word_weight,
+                tower_from=None if st.tower_from is None else model_of(st.tower_from),
+                log=log,
+            )
+        else:
+            settings = {k: getattr(st.train, k) for k in TrainSettings.model_fields}
+            cfg = TrainConfig(
+                model=str(model_of(st.model)),
+                out=folder,
+                data=DataConfig(root=Path(data_root), tasks=st.tasks, split=st.split, eval_split=st.eval_split),
+                seed=st.seed,
+                save_every=100,
+                progress=progress,
+                **settings,
+            )
+            run_sft(cfg, resume=True)
+    return model_of(recipe.stages[-1].name)
+
+
+def publish_judge(run, data_root, name: str, recipe: JudgeRecipe, *, role: str = "teacher") -> Path:
+    """Publish the finished chain in ``run`` (``run_judge``'s ``out``) into the zoo as ``name``: the last
+    stage's model in half precision and a manifest with the recipe and its digest, each stage's held-out
+    check, and the accuracy per task on ``data_root``'s test and validation splits, measured here from the
+    half-precision weights that ship."""
+    import torch
+
+    from ..engine.sft import split_eval
+    from ..models import zoo
+    from ..models.loading import load_model
+
+    run = Path(run)
+    for st in recipe.stages:
+        if not stage_done(run, st):
+            raise ConfigError(f"{run / st.name}: stage {st.name!r} is not finished; run the recipe first")
+    stats_file = Path(data_root) / "stats.json"
+    stats = json.loads(stats_file.read_text(encoding="utf-8")) if stats_file.is_file() else {}
+    held_out = {}
+    for st in recipe.stages:
+        report = run / st.name / "eval.json"
+        if report.is_file():
+            held_out[st.name] = json.loads(report.read_text(encoding="utf-8"))
+    model, processor = load_model(run / recipe.stages[-1].name / "model", dtype="float32")
+    # scored as it ships: the weights stored in half precision load as float32
+    model = model.to(torch.float16).to(torch.float32).eval()
+    scores = {split: split_eval(data_root, list(TASKS), split)(model, processor) for split in ("test", "val")}
+    accuracy = {
+        split: {t: s[f"accuracy_{t}"] for t in TASKS} | {f"n_{t}": s[f"n_{t}"] for t in TASKS}
+        for split, s in scores.items()
+    }
+    return zoo.publish(
+        model,
+        processor,
+        name,
+        manifest={
+            "kind": JUDGE_KIND,
+            "role": role,
+            "preset": recipe.preset,
+            "recipe": recipe.model_dump(mode="json"),
+            "recipe_digest": recipe_digest(recipe),
+            "accuracy": accuracy,
+            "stages_held_out": held_out,
+            "data": {k: stats[k] for k in ("level", "seed", "sizes") if k in stats},
+        },
+    )

@@ -1,0 +1,142 @@
+"""Judge recipes (synth.judge): a chain of stages checked before it runs, run in order into one folder per
+stage, kept or refused on a rerun, and published into the zoo with its recipe and its test accuracy."""
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from hkd4vlm.cli import main
+from hkd4vlm.engine.config import ConfigError
+from hkd4vlm.models import zoo
+from hkd4vlm.models.loading import load_model
+from hkd4vlm.models.prompt import PROMPT_VERSION
+from hkd4vlm.synth import judge
+
+FACT = {"kind": "text_stage", "name": "fact", "steps": 4, "stop_after": 2, "lr": 1e-3, "batch_size": 4,
+        "warmup": 1, "tasks": ["factuality"], "held_out": 4}  # fmt: skip
+CHAIN = [
+    FACT,
+    {"kind": "text_stage", "name": "compare", "init": "fact", "steps": 2, "lr": 1e-3, "batch_size": 4, "warmup": 1,
+     "claimed_hop": True, "verdict_hop": True, "held_out": 4},
+    {"kind": "align", "name": "align", "model": "compare", "steps": 2, "batch_size": 4, "held_out": 4},
+    {"kind": "text_stage", "name": "pixels", "init": "align", "pixels": True, "steps": 2, "lr": 3e-4,
+     "batch_size": 4, "warmup": 1, "held_out": 4},
+    {"kind": "sft", "name": "sft", "model": "pixels",
+     "train": {"steps": 2, "batch_size": 4, "freeze_vision": True, "log_with": [],
+               "optim": {"lr": 5e-5, "betas": [0.9, 0.95], "warmup_steps": 1}}},
+]  # fmt: skip
+
+
+def _recipe(stages=CHAIN, **extra) -> judge.JudgeRecipe:
+    return judge.JudgeRecipe.model_validate(
+        {"preset": "tiny-paligemma-s", "prompt_version": PROMPT_VERSION, "stages": stages, **extra}
+    )
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ([{**FACT, "init": "nothing"}], r"stages.0 \(fact\): 'nothing' is not an earlier stage"),
+        ([FACT, FACT], "stages.1: the name 'fact' is taken"),
+        ([{**CHAIN[2], "model": "fact"}], "stages.0 .align.: 'fact' is not an earlier stage"),
+        ([FACT, {**CHAIN[1], "init": "fact", "pixels": True}], "a text stage through pixels starts from an alignment"),
+        ([FACT, {**CHAIN[2], "model": "fact", "tower_from": "fact"}], "tower_from 'fact' is not an alignment"),
+        ([FACT, {**CHAIN[4], "model": "fact"}, {**CHAIN[2], "model": "sft"}], "model 'sft' is not a text stage"),
+    ],
+)
+def test_a_broken_chain_is_refused_before_anything_runs(stages, message):
+    with pytest.raises(ValueError, match=message):
+        _recipe(stages)
+
+
+def test_a_recipe_file_error_names_the_file_and_the_field(tmp_path):
+    path = tmp_path / "judge.yaml"
+    path.write_text(yaml.safe_dump({"preset": "p", "prompt_version": 5, "stages": [{**FACT, "lr": -1}]}))
+    with pytest.raises(ConfigError, match=r"judge.yaml: stages.0.text_stage.lr: Input should be greater than 0"):
+        judge.load_recipe(path)
+    path.write_text(yaml.safe_dump({"preset": "p", "prompt_version": 5, "stages": [{**FACT, "lr_": 1}]}))
+    with pytest.raises(ConfigError, match=r"judge.yaml: stages.0.text_stage.lr_: Extra inputs are not permitted"):
+        judge.load_recipe(path)
+
+
+def test_a_recipe_for_another_prompt_version_is_refused(tmp_path, synth_root):
+    with pytest.raises(ConfigError, match=f"prompt version {PROMPT_VERSION - 1}, the code's is {PROMPT_VERSION}"):
+        judge.run_judge(_recipe(prompt_version=PROMPT_VERSION - 1), synth_root, tmp_path / "j", progress=False)
+    assert not (tmp_path / "j").exists()
+
+
+def test_shortened_cuts_every_stage_and_keeps_the_rest():
+    short = judge.shortened(_recipe(), steps=1, held_out=2)
+    assert [st.name for st in short.stages] == [st["name"] for st in CHAIN]
+    assert short.stages[0].steps == 1 and short.stages[0].stop_after is None and short.stages[0].held_out == 2
+    assert short.stages[0].tasks == ["factuality"] and short.stages[1].verdict_hop is True
+    assert short.stages[4].train.steps == 1 and short.stages[4].train.optim.betas == (0.9, 0.95)
+
+
+@pytest.fixture
+def own_zoo(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path / "zoo")
+    return tmp_path / "zoo"
+
+
+@pytest.mark.slow
+def test_the_chain_runs_in_order_keeps_finished_stages_and_ships(tmp_path, synth_root, own_zoo):
+    recipe, out, said = _recipe(), tmp_path / "judge", []
+    with pytest.raises(ConfigError, match="stage 'align' needs stage.s. compare finished first"):
+        judge.run_judge(recipe, synth_root, out, only="align", progress=False, log=said.append)
+    final = judge.run_judge(recipe, synth_root, out, progress=False, log=said.append)
+    assert final == out / "sft" / "model" and (final / "config.json").is_file()
+    for st in recipe.stages:
+        assert json.loads((out / st.name / judge.STAGE_FILE).read_text()) == st.model_dump(mode="json")
+    fact = json.loads((out / "fact" / "text_stage.json").read_text())
+    assert fact["tasks"] == ["factuality"] and fact["init"] is None
+    assert [p.name for p in (out / "fact" / "checkpoints").iterdir()] == ["step-2"]  # stopped after 2 of 4
+    compare = json.loads((out / "compare" / "text_stage.json").read_text())
+    assert compare["init"] == str(out / "fact" / "model") and compare["verdict_hop"] is True
+    pixels = json.loads((out / "pixels" / "text_stage.json").read_text())
+    assert pixels["pixels"] is True and pixels["init"] == str(out / "align" / "model")
+    sft = yaml.safe_load((out / "sft" / "config.yaml").read_text())
+    assert sft["model"] == str(out / "pixels" / "model") and sft["optim"]["betas"] == [0.9, 0.95]
+    assert sft["freeze_vision"] is True and sft["data"]["split"] == "train"
+
+    said.clear()  # a rerun keeps every finished stage
+    assert judge.run_judge(recipe, synth_root, out, progress=False, log=said.append) == final
+    assert said == [f"{st.name}: finished ({out / st.name / 'model'})" for st in recipe.stages]
+    changed = _recipe([CHAIN[0], {**CHAIN[1], "lr": 2e-3}, *CHAIN[2:]])
+    with pytest.raises(ConfigError, match="stage 'compare' was made with other settings"):
+        judge.run_judge(changed, synth_root, out, progress=False, log=said.append)
+
+    folder = judge.publish_judge(out, synth_root, "mine", recipe)
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["kind"] == "judge" and m["role"] == "teacher" and m["preset"] == "tiny-paligemma-s"
+    assert m["recipe_digest"] == judge.recipe_digest(recipe) and zoo.verify("mine") == []
+    assert judge.load_recipe("zoo:mine") == recipe  # what `judge build --like zoo:mine` replays
+    assert m["accuracy"]["test"]["n_hallucination"] == 16 and m["accuracy"]["val"]["n_factuality"] == 8
+    assert all(0 <= m["accuracy"][s][t] <= 1 for s in ("test", "val") for t in ("hallucination", "factuality"))
+    assert set(m["stages_held_out"]) == {"fact", "compare", "align", "pixels", "sft"}
+    assert m["data"] == {"level": "medium", "seed": 3, "sizes": {"train": 48, "val": 8, "test": 16}}
+    model, _ = load_model("zoo:mine")
+    assert type(model).__name__ == "PaliGemmaForConditionalGeneration"
+    listed = CliRunner().invoke(main, ["zoo", "list"])
+    assert listed.exit_code == 0 and "zoo:mine  judge (teacher)  preset tiny-paligemma-s  test accuracy" in listed.output
+    res = CliRunner().invoke(main, ["pretrain", "--like", "zoo:mine", "--data", str(synth_root), "--out", "x"])
+    assert res.exit_code != 0 and "zoo:mine is a judge: `hkd4vlm judge build --like zoo:mine`" in res.output
+
+
+def test_judge_build_takes_a_recipe_or_a_shipped_judge(tmp_path, synth_root):
+    runner = CliRunner()
+    args = ["judge", "build", "--data", str(synth_root), "--out", str(tmp_path / "j")]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 2 and "give a RECIPE file or --like zoo:NAME" in res.output
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"preset": "tiny-paligemma-s", "prompt_version": PROMPT_VERSION, "stages": CHAIN}))
+    res = runner.invoke(main, [*args, str(path), "--like", "zoo:tiny-llava-l"])
+    assert res.exit_code == 2 and "give a RECIPE file or --like zoo:NAME" in res.output
+    res = runner.invoke(main, [*args, "--like", "zoo:tiny-llava-l"])
+    assert res.exit_code != 0 and "zoo:tiny-llava-l: a base, not a judge" in res.output
+    res = runner.invoke(main, [*args, str(path), "--stage", "nope"])
+    assert res.exit_code != 0 and "no stage 'nope' in the recipe; its stages: fact, compare, align, pixels, sft" in (
+        res.output
+    )
