@@ -120,7 +120,9 @@ def test_the_chain_runs_in_order_keeps_finished_stages_and_ships(tmp_path, synth
     model, _ = load_model("zoo:mine")
     assert type(model).__name__ == "PaliGemmaForConditionalGeneration"
     listed = CliRunner().invoke(main, ["zoo", "list"])
-    assert listed.exit_code == 0 and "zoo:mine  judge (teacher)  preset tiny-paligemma-s  test accuracy" in listed.output
+    assert (
+        listed.exit_code == 0 and "zoo:mine  judge (teacher)  preset tiny-paligemma-s  test accuracy" in listed.output
+    )
     res = CliRunner().invoke(main, ["pretrain", "--like", "zoo:mine", "--data", str(synth_root), "--out", "x"])
     assert res.exit_code != 0 and "zoo:mine is a judge: `hkd4vlm judge build --like zoo:mine`" in res.output
 
