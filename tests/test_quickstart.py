@@ -77,3 +77,21 @@ def test_quickstart_writes_results_and_report(tmp_path):
     for model in models:
         card = ModelCard.load(model / "README.md").data.to_dict()["hkd4vlm"]
         assert model.parent.name.split("-")[2] == card["kind"] and card["steps"] == 2
+
+
+def test_quickstart_starts_from_a_shipped_teacher(tmp_path, synth_root):
+    from hkd4vlm.models.loading import count_parameters, load_model
+    from hkd4vlm.models.registry import init_model
+
+    judge = init_model("tiny-paligemma-s", synth_root, tmp_path / "judge", seed=1)  # another family than the students
+    out = tmp_path / "qs"
+    args = ["quickstart", "--out", str(out), "--seeds", "0", "sizes={train: 16, val: 4, test: 4}",
+            f"teacher_judge={judge}", "sft_steps=2", "ppod_steps=2", "tcrd_steps=2", "batch_size=4", "progress=false"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher"] == str(judge) and not (out / "seed0" / "teacher_sft").exists()  # not tuned again
+    for task in ("hallucination", "factuality"):
+        assert results["tasks"][task]["rows"]["teacher_sft"]["params"] == count_parameters(load_model(judge)[0])
+    pyramid = yaml.safe_load((out / "seed0" / "ppod_plain" / "recipe.yaml").read_text())["pyramid"]
+    assert pyramid == [str(judge), "zoo:tiny-llava-m", "zoo:tiny-llava-s"]  # it teaches the student's pyramid

@@ -1,7 +1,8 @@
 """The quickstart: the whole method and its ablation on the synthetic benchmark, on a CPU.
 
 Reads top to bottom: generate the medium benchmark, take the tiny pyramid's pretrained bases from the
-zoo (or pretrain them, cached, when ``pretrain: true``), tune the teacher, then for each seed train the
+zoo (or pretrain them, cached, when ``pretrain: true``), take the task-tuned teacher from the zoo
+(``teacher_judge``; or tune the teacher's base here), then for each seed train the
 student directly (SFT), by PPOD down the pyramid, by PPOD then
 TCRD, and by PPOD then TCRD with augmentation (the full method); evaluate every model on the test split
 of both tasks, the full method also with mapping-shift inference; write ``results.json`` and
@@ -49,6 +50,10 @@ class QuickstartConfig(StrictModel):
     student: str
     bases: dict[str, str] = Field(
         description="role -> base checkpoint (a zoo name or a folder); used unless pretrain is true"
+    )
+    teacher_judge: str | None = Field(
+        description="a task-tuned teacher (zoo:NAME or a folder): evaluated as teacher_sft and level 0 of the "
+        "pyramid; null: tune the teacher's base here for sft_steps"
     )
     pretrain: bool = Field(description="pretrain the presets here instead of using the bases")
     pretrain_steps: dict[str, int]
@@ -127,6 +132,9 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
     bases = {}
     for role in ("teacher", "assistant", "student"):
         preset = getattr(cfg, role)
+        if role == "teacher" and cfg.teacher_judge is not None:  # shipped tuned: its base is not needed
+            bases[role] = cfg.teacher_judge
+            continue
         if not cfg.pretrain:
             bases[role] = cfg.bases[role]
             continue
@@ -172,10 +180,19 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
 
     from .models.zoo import code_commit
 
-    results: dict = {"commit": code_commit(), "seeds": seeds, "tasks": {t: {"rows": {}} for t in TASKS}}
+    results: dict = {
+        "commit": code_commit(),
+        "seeds": seeds,
+        "teacher": cfg.teacher_judge or f"{bases['teacher']}, tuned here ({cfg.sft_steps} SFT steps)",
+        "tasks": {t: {"rows": {}} for t in TASKS},
+    }
     rows: dict[str, list[dict]] = {r: [] for r in ROWS}
     for seed in seeds:
-        teacher = recipe("teacher_sft", seed, [bases["teacher"]], [stage("sft", 0, cfg.sft_steps, cfg.sft_augment)])[0]
+        if cfg.teacher_judge is not None:
+            teacher = cfg.teacher_judge
+        else:
+            teacher_sft = [stage("sft", 0, cfg.sft_steps, cfg.sft_augment)]
+            teacher = recipe("teacher_sft", seed, [bases["teacher"]], teacher_sft)[0]
         student_sft = recipe(
             "student_sft", seed, [bases["student"]], [stage("sft", 0, cfg.sft_steps, cfg.sft_augment)]
         )[0]
