@@ -788,7 +788,8 @@ def judge_build(recipe: Path | None, like: str | None, data: Path, out: Path, on
     if source is None or (recipe is not None and like is not None):
         raise click.UsageError("give a RECIPE file or --like zoo:NAME (one of them)")
     chain = load_recipe(source)
-    click.echo(f"judge model: {run_judge(chain, data, out, only=only)}")
+    final = run_judge(chain, data, out, only=only)
+    click.echo(f"stage {only}: {final}" if only else f"judge model: {final}")
 
 
 @judge.command("publish")

@@ -153,7 +153,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
                 ),
             )
         )
-    params = {role: count_parameters(load_model(path)[0]) for role, path in bases.items()}
+    params: dict[str, int] = {role: count_parameters(load_model(path)[0]) for role, path in bases.items()}
 
     def recipe(name: str, seed: int, pyramid: list[str], stages: list[dict]) -> dict[int, str]:
         rc = RecipeConfig.model_validate(

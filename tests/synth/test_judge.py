@@ -86,6 +86,8 @@ def test_the_chain_runs_in_order_keeps_finished_stages_and_ships(tmp_path, synth
     recipe, out, said = _recipe(), tmp_path / "judge", []
     with pytest.raises(ConfigError, match="stage 'align' needs stage.s. compare finished first"):
         judge.run_judge(recipe, synth_root, out, only="align", progress=False, log=said.append)
+    first = judge.run_judge(recipe, synth_root, out, only="fact", progress=False, log=said.append)
+    assert first == out / "fact" / "model" and sorted(p.name for p in out.iterdir()) == ["fact"]
     final = judge.run_judge(recipe, synth_root, out, progress=False, log=said.append)
     assert final == out / "sft" / "model" and (final / "config.json").is_file()
     for st in recipe.stages:
