@@ -95,6 +95,9 @@ def test_the_chain_runs_in_order_keeps_finished_stages_and_ships(tmp_path, synth
     fact = json.loads((out / "fact" / "text_stage.json").read_text())
     assert fact["tasks"] == ["factuality"] and fact["init"] is None
     assert [p.name for p in (out / "fact" / "checkpoints").iterdir()] == ["step-2"]  # stopped after 2 of 4
+    assert json.loads((out / "align" / "eval.json").read_text())["alignment"]["step"] == 2
+    engine = yaml.safe_load((out / "compare" / "config.yaml").read_text())
+    assert engine["optim"]["lr"] == 1e-3 and engine["optim"]["betas"] == [0.9, 0.95] and engine["batch_size"] == 4
     compare = json.loads((out / "compare" / "text_stage.json").read_text())
     assert compare["init"] == str(out / "fact" / "model") and compare["verdict_hop"] is True
     pixels = json.loads((out / "pixels" / "text_stage.json").read_text())

@@ -229,26 +229,14 @@ def run_judge(
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / STAGE_FILE, json.dumps(_spec_json(st), indent=2) + "\n")
         log(f"{st.name}: {st.kind}")
+        # a stage's own fields are the keyword arguments of the function that runs it, by name
         if isinstance(st, TextStageSpec):
             run_text_stage(
                 recipe.preset,
                 data_root,
                 folder,
-                steps=st.steps,
-                stop_after=st.stop_after,
-                lr=st.lr,
-                batch_size=st.batch_size,
-                warmup=st.warmup,
-                beta2=st.beta2,
-                hop_weight=st.hop_weight,
-                pixels=st.pixels,
-                statement_hops=st.statement_hops,
-                claimed_hop=st.claimed_hop,
-                verdict_hop=st.verdict_hop,
+                **st.model_dump(exclude={"kind", "name", "init", "tasks"}),
                 tasks=tuple(st.tasks),
-                eval_every=st.eval_every,
-                held_out=st.held_out,
-                seed=st.seed,
                 init=None if st.init is None else str(model_of(st.init)),
                 progress=progress,
             )
@@ -256,12 +244,7 @@ def run_judge(
             run_alignment(
                 model_of(st.model),
                 folder,
-                steps=st.steps,
-                lr=st.lr,
-                batch_size=st.batch_size,
-                seed=st.seed,
-                held_out=st.held_out,
-                word_weight=st.word_weight,
+                **st.model_dump(exclude={"kind", "name", "model", "tower_from"}),
                 tower_from=None if st.tower_from is None else model_of(st.tower_from),
                 log=log,
             )
