@@ -147,3 +147,13 @@ def test_judge_build_takes_a_recipe_or_a_shipped_judge(tmp_path, synth_root):
     assert res.exit_code != 0 and "no stage 'nope' in the recipe; its stages: fact, compare, align, pixels, sft" in (
         res.output
     )
+
+
+def test_the_recipes_in_configs_are_valid_chains():
+    from pathlib import Path
+
+    found = sorted((Path(__file__).resolve().parents[2] / "configs" / "judges").glob("*.yaml"))
+    assert found, "configs/judges/ holds the judges' recipes"
+    for path in found:
+        recipe = judge.load_recipe(path)
+        assert recipe.prompt_version == PROMPT_VERSION and recipe.preset == path.stem
