@@ -49,7 +49,8 @@ def test_a_trained_folder_has_a_card_that_the_hub_reads(tiny_model, synth_root, 
                 "model": "acme/tiny-judge",
                 "out": str(tmp_path / "run"),
                 "data": {"root": str(synth_root), "eval_split": "val", "eval_limit": 6},
-                "steps": 2,
+                "steps": 4,
+                "stop_after": 2,  # stopped early: the card gives the steps run and the schedule's
                 "batch_size": 4,
                 "seed": 11,
                 "progress": False,
@@ -89,6 +90,7 @@ def test_a_trained_folder_has_a_card_that_the_hub_reads(tiny_model, synth_root, 
         low, high = wilson_interval(evals[f"accuracy_{task}"], 6)
         assert f"| {task} | 6 | {evals[f'accuracy_{task}']:.3f} | {low:.3f} – {high:.3f} |" in card.text
     assert "## How to load it" in card.text and "## Readout" in card.text and "label fraction 100.00%" in card.text
+    assert "| steps | 2 |" in card.text and "(warmup 1 steps, cosine over 4 steps, stopped after 2) |" in card.text
 
     # hkd4vlm card writes the same card again
     written = (model_dir / "README.md").read_text()

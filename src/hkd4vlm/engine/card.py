@@ -119,7 +119,8 @@ def run_facts(model_dir: str | Path) -> dict[str, Any]:
         "kind": "sft",
         "base": str(cfg.get("model")),
         "starts_from": str(cfg.get("model")),
-        "steps": cfg.get("steps"),
+        "steps": cfg.get("stop_after") or cfg.get("steps"),  # the steps run (a run stopped early: stop_after)
+        "schedule_steps": cfg.get("steps"),
         "batch_size": cfg.get("batch_size"),
         "grad_accum": cfg.get("grad_accum"),
         "lr": (cfg.get("optim") or {}).get("lr"),
@@ -328,7 +329,12 @@ def _body(f: dict, model_dir: Path) -> str:
         f"| base model | `{f['base']}` |",
         f"| steps | {f['steps']} |",
         f"| batch size | {f['batch_size']} (gradient accumulation {f['grad_accum']}) |",
-        f"| learning rate | {f['lr']} (warmup {f['warmup_steps']} steps, cosine) |",
+        f"| learning rate | {f['lr']} (warmup {f['warmup_steps']} steps, cosine"
+        + (
+            f" over {f['schedule_steps']} steps, stopped after {f['steps']}) |"
+            if f["schedule_steps"] != f["steps"]
+            else ") |"
+        ),
         f"| seed | {f['seed']} |",
         f"| mixed precision | {f['mixed_precision']} |",
         f"| augmentation | {_fmt(f['augment'])} |",

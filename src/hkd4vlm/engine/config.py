@@ -167,7 +167,7 @@ class TrainSettings(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> TrainSettings:
+    def _consistent(self) -> TrainSettings:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         if self.stop_after is not None and self.stop_after > self.steps:
