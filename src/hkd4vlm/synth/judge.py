@@ -196,7 +196,8 @@ def run_judge(
 ) -> Path:
     """Run ``recipe``'s stages in order into ``out/<stage>/`` (finished ones are kept, interrupted ones
     resume) and return the last stage's model folder. ``only``: run just that stage (its inputs must be
-    finished) and return its model folder. ``data_root``: the dataset whose text builds the tokenizer and whose splits SFT reads."""
+    finished) and return its model folder. ``data_root``: the dataset whose text builds the tokenizer and
+    whose splits SFT reads."""
     from ..engine.config import DataConfig, TrainConfig
     from ..engine.sft import run_sft
     from ..files import write_text_atomic
