@@ -54,11 +54,20 @@ def test_a_broken_chain_is_refused_before_anything_runs(stages, message):
 def test_a_recipe_file_error_names_the_file_and_the_field(tmp_path):
     path = tmp_path / "judge.yaml"
     path.write_text(yaml.safe_dump({"preset": "p", "prompt_version": 5, "stages": [{**FACT, "lr": -1}]}))
-    with pytest.raises(ConfigError, match=r"judge.yaml: stages.0.text_stage.lr: Input should be greater than 0"):
+    with pytest.raises(ConfigError, match=r"judge.yaml:\n  stages.0.lr: Input should be greater than 0"):
         judge.load_recipe(path)
     path.write_text(yaml.safe_dump({"preset": "p", "prompt_version": 5, "stages": [{**FACT, "lr_": 1}]}))
-    with pytest.raises(ConfigError, match=r"judge.yaml: stages.0.text_stage.lr_: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"judge.yaml:\n  stages.0.lr_: unknown key \(not a setting here\)"):
         judge.load_recipe(path)
+
+
+def test_a_shipped_judges_broken_recipe_names_its_manifest(own_zoo):
+    (own_zoo / "bad").mkdir(parents=True)
+    stages = [{**FACT, "steps": 0}]
+    manifest = {"kind": "judge", "recipe": {"preset": "p", "prompt_version": PROMPT_VERSION, "stages": stages}}
+    (own_zoo / "bad" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"zoo:bad \(manifest\):\n  stages.0.steps: Input should be greater than"):
+        judge.load_recipe("zoo:bad")
 
 
 def test_a_recipe_for_another_prompt_version_is_refused(tmp_path, synth_root):

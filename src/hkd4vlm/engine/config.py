@@ -307,10 +307,12 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     schema: type[BaseModel] = TrainConfig,
     base: dict | None = None,
+    base_source: str = "(defaults)",
 ):
-    """Read a YAML file (or start from ``base``), apply overrides, validate against ``schema``."""
+    """Read a YAML file (or start from ``base``, named ``base_source`` in errors), apply overrides, validate
+    against ``schema``."""
     raw: dict = dict(base or {})
-    source = "(defaults)"
+    source = base_source
     if path is not None:
         source = str(path)
         try:

@@ -119,32 +119,16 @@ def recipe_digest(recipe: JudgeRecipe) -> str:
 
 def load_recipe(source: str | Path) -> JudgeRecipe:
     """A judge recipe from a YAML file or from a shipped judge's manifest (``zoo:NAME``); ConfigError names the
-    file and what is wrong."""
+    file and what is wrong (``engine.config.load_config``)."""
+    from ..engine.config import load_config
     from ..models import zoo
 
     if zoo.is_zoo(source):
         manifest = zoo.read_manifest(str(source)[len(zoo.PREFIX) :])
         if manifest.get("kind") != JUDGE_KIND:
             raise ConfigError(f"{source}: a base, not a judge (its recipe is `hkd4vlm pretrain --like`'s)")
-        data, where = manifest["recipe"], f"{source} (manifest)"
-    else:
-        import yaml
-
-        from ..engine.config import check_expansion
-
-        try:
-            data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"{source}: cannot be read as YAML ({e})") from None
-        check_expansion(data, str(source))
-        where = str(source)
-    from pydantic import ValidationError
-
-    try:
-        return JudgeRecipe.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{where}: {problems}") from None
+        return load_config(None, schema=JudgeRecipe, base=manifest["recipe"], base_source=f"{source} (manifest)")
+    return load_config(source, schema=JudgeRecipe)
 
 
 def shortened(recipe: JudgeRecipe, steps: int, held_out: int = 4) -> JudgeRecipe:
