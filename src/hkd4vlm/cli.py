@@ -1241,6 +1241,13 @@ def lab_list() -> None:
     "--init-std", type=click.FloatRange(min=0, min_open=True), default=None, help="initializer_range (default 0.02)."
 )
 @click.option(
+    "--embed-scale/--no-embed-scale",
+    default=True,
+    show_default=True,
+    help="Gemma only: its input embeddings times the square root of its width, as Gemma does "
+    '(--no-embed-scale: times 1; docs/lab.md, "The teacher\'s language model").',
+)
+@click.option(
     "--lm-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Next-token loss on the prompt."
 )
 @click.option(

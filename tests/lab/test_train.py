@@ -84,6 +84,23 @@ def test_bad_settings_are_one_message(args, message):
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
 
 
+def test_gemma_without_its_embedding_scale():
+    """--no-embed-scale feeds Gemma its embedding rows as they are; elsewhere it is refused (nothing to undo)."""
+    import torch
+
+    from hkd4vlm.lab.train import build_lm
+
+    ids = torch.tensor([[3, 4]])
+    for scale, expect in ((True, 64**0.5), (False, 1.0)):
+        model = build_lm(LabConfig(rung="recall", family="gemma", embed_scale=scale), 20, 0)
+        emb = model.get_input_embeddings()
+        torch.testing.assert_close(emb(ids), emb.weight[ids] * expect)
+    with pytest.raises(ValueError, match="no-embed-scale is Gemma's"):
+        LabConfig(rung="recall", embed_scale=False)  # Qwen2
+    res = CliRunner().invoke(main, ["lab", "run", "recall", "--preset", "tiny-llava-s", "--no-embed-scale"])
+    assert res.exit_code == 2 and "no-embed-scale is Gemma's" in res.output, res.output
+
+
 def test_a_preset_gives_its_text_sizes_and_family():
     config = LabConfig(rung="recall", preset="tiny-idefics3-s")
     assert config.sizes() == ("llama", 2, 64, 2)
@@ -93,6 +110,9 @@ def test_a_preset_gives_its_text_sizes_and_family():
     assert config.sizes() == ("gemma", 2, 64, 2) and config.prefix
     assert not LabConfig(rung="recall", preset="tiny-paligemma-s", attention="causal").prefix
     assert not LabConfig(rung="recall").prefix and LabConfig(rung="recall", attention="prefix").prefix
+    # PaliGemma with Qwen2 in Gemma's place: Qwen2's text model, PaliGemma's prefix attention
+    config = LabConfig(rung="recall", preset="tiny-paligemma-qwen2-l")
+    assert config.sizes() == ("qwen2", 4, 192, 4) and config.prefix
     result = run_rung(LabConfig(rung="recall", preset="tiny-paligemma-s", steps=2, eval_every=2, held_out=8), log=None)
     assert result.model == {"type": "gemma", "layers": 2, "hidden": 64, "heads": 2, "attention": "prefix"}
 

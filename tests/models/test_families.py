@@ -86,6 +86,26 @@ def paligemma(loaded_preset):
     return loaded_preset("tiny-paligemma-s")
 
 
+@pytest.fixture(scope="module")
+def paligemma_qwen2(loaded_preset):
+    """PaliGemma with a Qwen2 language model in Gemma's place (the L teacher's; models.families)."""
+    return loaded_preset("tiny-paligemma-qwen2-l")
+
+
+def test_paligemma_qwen2_reads_its_embeddings_unscaled(paligemma_qwen2, paligemma):
+    """The language model is Qwen2, of L's sizes, and a token's input is its embedding row as it is, where
+    Gemma multiplies it by the square root of the width."""
+    _, model, _ = paligemma_qwen2
+    text = model.config.text_config
+    assert type(model.model.language_model).__name__ == "Qwen2Model" and text.model_type == "qwen2"
+    p = get_preset("tiny-paligemma-qwen2-l")
+    assert (text.hidden_size, text.num_hidden_layers) == (p.text_hidden, p.text_layers) == (192, 4)
+    ids = torch.tensor([[3, 4]])
+    for (_, m, _), scale in ((paligemma_qwen2, 1.0), (paligemma, get_preset("tiny-paligemma-s").text_hidden ** 0.5)):
+        emb = m.get_input_embeddings()
+        torch.testing.assert_close(emb(ids), emb.weight[ids] * scale)
+
+
 def test_paligemma_preset_has_the_llava_presets_text_sizes(paligemma):
     _, model, _ = paligemma
     p = get_preset("tiny-paligemma-s")
@@ -93,12 +113,13 @@ def test_paligemma_preset_has_the_llava_presets_text_sizes(paligemma):
     assert model.config.text_config.num_hidden_layers == p.text_layers
 
 
-def test_paligemma_prompt_tokens_see_what_follows_them(paligemma, batch):
+@pytest.mark.parametrize("family", ["paligemma", "paligemma_qwen2"])
+def test_paligemma_prompt_tokens_see_what_follows_them(request, family, batch):
     """The encoded batch marks the whole prompt as PaliGemma's prefix (token types 0), so in a padded batch
-    too a token before the image attends to the options after it."""
+    too a token before the image attends to the options after it (with either language model)."""
     from hkd4vlm.models.scoring import encode
 
-    _, model, processor = paligemma
+    _, model, processor = request.getfixturevalue(family)
     records, images = batch
     enc = encode(processor, records, images)
     assert "labels" not in enc and (enc["token_type_ids"] == 0).all()
@@ -115,8 +136,9 @@ def test_paligemma_prompt_tokens_see_what_follows_them(paligemma, batch):
         assert not torch.allclose(a[row, early], b[row, early])
 
 
-def test_paligemma_every_parameter_gets_a_gradient(paligemma, batch):
-    out, _, _ = paligemma
+@pytest.mark.parametrize("family", ["paligemma", "paligemma_qwen2"])
+def test_paligemma_every_parameter_gets_a_gradient(request, family, batch):
+    out, _, _ = request.getfixturevalue(family)
     model, processor = load_model(out)
     model.train()
     records, images = batch
@@ -156,6 +178,7 @@ def test_paligemma_mapping_shifts_score_each_mapping_in_full(paligemma, batch):
     [
         ("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Processor"),
         ("paligemma", "PaliGemmaForConditionalGeneration", "PaliGemmaProcessor"),
+        ("paligemma_qwen2", "PaliGemmaForConditionalGeneration", "PaliGemmaProcessor"),
     ],
 )
 def test_a_tiny_preset_round_trips_through_auto_classes(request, batch, family, model_class, processor_class):
@@ -172,7 +195,7 @@ def test_a_tiny_preset_round_trips_through_auto_classes(request, batch, family, 
     assert torch.equal(p1, p2)
 
 
-@pytest.mark.parametrize("family", ["idefics3", "paligemma"])
+@pytest.mark.parametrize("family", ["idefics3", "paligemma", "paligemma_qwen2"])
 def test_batching_with_left_padding_equals_one_at_a_time(request, batch, family):
     _, model, processor = request.getfixturevalue(family)
     records, images = batch

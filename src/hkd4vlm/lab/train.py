@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 
 THRESHOLDS = (0.9, 0.95)
 #: the text model of each registered VLM family
-TEXT_FAMILY = {"llava": "qwen2", "idefics3": "llama", "paligemma": "gemma"}
+TEXT_FAMILY = {"llava": "qwen2", "idefics3": "llama", "paligemma": "gemma", "paligemma-qwen2": "qwen2"}
 #: the VLM families whose prompt attends bidirectionally (the lab's prefix attention)
-PREFIX_FAMILIES = {"paligemma"}
+PREFIX_FAMILIES = {"paligemma", "paligemma-qwen2"}
 SPECIALS = ("<pad>", "<unk>", "<bg>")
 #: examples drawn (from a fixed seed) to build a rung's vocabulary, beside its answer words
 VOCAB_DRAWS = 3000
@@ -65,6 +65,8 @@ class LabConfig(BaseModel):
     init_std: float | None = Field(
         None, gt=0, allow_inf_nan=False
     )  # the config's initializer_range (transformers' default 0.02)
+    # Gemma only: its input embeddings times the square root of its width, as Gemma does (False: times 1)
+    embed_scale: bool = True
     lm_weight: float = Field(
         0.0, ge=0, allow_inf_nan=False
     )  # a next-token loss on every prompt token, beside the answer's
@@ -96,6 +98,8 @@ class LabConfig(BaseModel):
             raise ValueError(
                 "a next-token loss (lm_weight) needs causal attention: prefix attention sees the next token"
             )
+        if not self.embed_scale and (self.init_from is not None or self.sizes()[0] != "gemma"):
+            raise ValueError("--no-embed-scale is Gemma's (a fresh gemma family or preset): others do not scale")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         return self
@@ -214,7 +218,10 @@ def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
     if family == "gemma":  # PaliGemma's text model
         from transformers import GemmaConfig, GemmaForCausalLM
 
-        return GemmaForCausalLM(GemmaConfig(**sizes, head_dim=hidden // heads))
+        model = GemmaForCausalLM(GemmaConfig(**sizes, head_dim=hidden // heads))
+        if not config.embed_scale:  # a buffer, not saved: such a run cannot be an --init-from (checked above)
+            model.model.embed_tokens.embed_scale.fill_(1.0)
+        return model
     if family == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import Any
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<image>", "<bos>", "<eos>"]
 #: always in the vocabulary: option letters, digits, punctuation and the prompt's own words
@@ -192,9 +193,14 @@ def build_idefics3(p: TinyPreset, texts: list[str], *, seed: int = 0):
     return model, processor
 
 
-def build_paligemma(p: TinyPreset, texts: list[str], *, seed: int = 0):
+def build_paligemma(p: TinyPreset, texts: list[str], *, seed: int = 0, text_model: str = "gemma"):
     """(model, processor) of a tiny PaliGemma (SigLIP vision, Gemma text) of sizes ``p``, randomly initialised
-    with ``seed``.
+    with ``seed``; ``text_model="qwen2"`` puts a Qwen2 language model in Gemma's place (PaliGemma builds
+    whichever text config it is given; the processor, the prefix attention and the weights' layout stay).
+
+    Gemma multiplies its input embeddings by the square root of its width. At the teacher's width that
+    stalled reading in the lab: Gemma at 4 x 192 stays at "any credited name" where the same model without
+    the multiplier, or Qwen2, reads by step 500 (docs/lab.md, "The teacher's language model").
 
     PaliGemma attends bidirectionally over its prefix, the image and the whole prompt (the processor marks
     it with ``token_type_ids`` 0, and the model reads them): every prompt token sees what comes after it,
@@ -207,6 +213,8 @@ def build_paligemma(p: TinyPreset, texts: list[str], *, seed: int = 0):
         PaliGemmaConfig,
         PaliGemmaForConditionalGeneration,
         PaliGemmaProcessor,
+        PretrainedConfig,
+        Qwen2Config,
         SiglipVisionConfig,
     )
     from transformers.models.siglip import SiglipImageProcessorPil
@@ -218,16 +226,24 @@ def build_paligemma(p: TinyPreset, texts: list[str], *, seed: int = 0):
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(texts))
     tokenizer = processor.tokenizer
     vision, text = config_sizes(p)
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if text_model == "gemma":
+        text_config: PretrainedConfig = GemmaConfig(**text, head_dim=p.text_hidden // p.heads, **ids)
+    elif text_model == "qwen2":
+        # PaliGemma's config reads this flag of its text config (Gemma's own, not a Qwen2Config field, so
+        # it goes in as an extra attribute): True, attention over the prefix
+        prefix: dict[str, Any] = {"use_bidirectional_attention": True}
+        text_config = Qwen2Config(**text, **ids, **prefix)
+    else:
+        raise ValueError(f"PaliGemma text model {text_model!r}: gemma or qwen2")
     config = PaliGemmaConfig(
         vision_config=SiglipVisionConfig(**vision, vision_use_head=False),  # PaliGemma reads the patches only
-        text_config=GemmaConfig(
-            **text,
-            head_dim=p.text_hidden // p.heads,
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ),
+        text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         projection_dim=p.text_hidden,
         hidden_size=p.text_hidden,

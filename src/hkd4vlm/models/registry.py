@@ -8,6 +8,7 @@ here only; a new size or family is one ``register_preset`` / ``register_family``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,8 @@ def init_model(
 register_family("llava", build_llava)
 register_family("idefics3", build_idefics3)
 register_family("paligemma", build_paligemma)
+# PaliGemma with a Qwen2 language model: Gemma's embedding multiplier stalls reading at L (build_paligemma)
+register_family("paligemma-qwen2", functools.partial(build_paligemma, text_model="qwen2"))
 # the LLaVA presets see 64 px through 8 px patches (64 image tokens): shape is not learnt at 16 px
 # (docs/experiments.md, "What each level can see"); Idefics3 pixel-shuffles its 8 px patches to 16 tokens
 register_preset(
@@ -140,6 +143,7 @@ register_preset(
 register_preset("tiny-paligemma-s", "paligemma", get_preset("tiny-llava-s"))
 register_preset("tiny-paligemma-m", "paligemma", get_preset("tiny-llava-m"))
 register_preset("tiny-paligemma-l", "paligemma", get_preset("tiny-llava-l"))
+register_preset("tiny-paligemma-qwen2-l", "paligemma-qwen2", get_preset("tiny-llava-l"))
 # the lab's size (4 layers x 64): where the text stage's recipes are found before they run at L
 # (docs/pretraining.md, "The name hop in the project's form")
 register_preset(
