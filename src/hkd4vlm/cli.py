@@ -546,7 +546,7 @@ def pretrain(
 
 
 @main.command("text-stage")
-@click.option("--preset", required=True, help="Tiny preset to build (a PaliGemma one: tiny-paligemma-l).")
+@click.option("--preset", required=True, help="Tiny preset to build (a PaliGemma one: tiny-paligemma-qwen2-l).")
 @click.option(
     "--data",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
