@@ -515,8 +515,9 @@ def pretrain(
         if not model_zoo.is_zoo(like):
             raise click.BadParameter(f"expected zoo:NAME, got {like!r}", param_hint="--like")
         shipped = model_zoo.read_manifest(like[len(model_zoo.PREFIX) :])
-        if shipped.get("kind") == "judge":
-            raise click.BadParameter(f"{like} is a judge: `hkd4vlm judge build --like {like}`", param_hint="--like")
+        if shipped.get("kind") in ("judge", "judge-stage"):
+            what = "a judge" if shipped["kind"] == "judge" else "a judge's stage"
+            raise click.BadParameter(f"{like} is {what}: `hkd4vlm judge build --like {like}`", param_hint="--like")
         rec = shipped["recipe"]
         preset, batch_size, pool_size, seed = rec["preset"], rec["batch_size"], rec["pool_size"], rec["seed"]
         steps, lr, dense_steps = (
@@ -746,6 +747,18 @@ def zoo_list() -> None:
                 + f"  recipe {m.get('recipe_digest')}"
             )
             continue
+        if m.get("kind") == "judge-stage":
+            held = m.get("stages_held_out", {}).get(m.get("stage"), {})
+            held = held.get("pixels", held)  # an alignment's check: the text stage's through pixels
+            click.echo(
+                f"zoo:{name}  judge stage ({m.get('stage')}, {m.get('stage_kind')})  preset {m.get('preset')}  "
+                "held-out accuracy "
+                + ", ".join(
+                    f"{t} {held[f'accuracy_{t}']:.3f}" if f"accuracy_{t}" in held else f"{t} n/a" for t in TASKS
+                )
+                + f"  recipe {m.get('recipe_digest')}"
+            )
+            continue
         acc = m.get("held_out", {}).get("accuracy")
         click.echo(
             f"zoo:{name}  preset {m.get('preset')}  steps {m.get('steps')}  held-out accuracy "
@@ -803,12 +816,22 @@ def judge_build(recipe: Path | None, like: str | None, data: Path, out: Path, on
 )
 @click.option("--name", required=True, help="Zoo name.")
 @click.option("--role", type=click.Choice(["teacher", "assistant", "student"]), default="teacher", show_default=True)
-def judge_publish(run: Path, recipe: Path, data: Path, name: str, role: str) -> None:
+@click.option(
+    "--stage",
+    default=None,
+    help="Publish only this finished stage (kind judge-stage), for a later chain to start from (init: zoo:NAME).",
+)
+def judge_publish(run: Path, recipe: Path, data: Path, name: str, role: str, stage: str | None) -> None:
     """Publish RUN (a finished `hkd4vlm judge build` of RECIPE) into the zoo as NAME, scored on the data's test
-    and validation splits from the half-precision weights it ships."""
+    and validation splits from the half-precision weights it ships; with --stage, one finished stage and the
+    part of RECIPE that made it, with its held-out check."""
     from .models import zoo as model_zoo
-    from .synth.judge import load_recipe, publish_judge
+    from .synth.judge import load_recipe, publish_judge, publish_stage
 
+    if stage is not None:
+        folder = publish_stage(run, data, name, load_recipe(recipe), stage)
+        click.echo(f"published {folder}: stage {stage}")
+        return
     folder = publish_judge(run, data, name, load_recipe(recipe), role=role)
     acc = model_zoo.read_manifest(name)["accuracy"]["test"]
     click.echo(f"published {folder}: test accuracy " + ", ".join(f"{t} {acc[t]:.3f}" for t in TASKS))

@@ -13,9 +13,12 @@ from hkd4vlm.models.scoring import answer_distribution, get_readout
 from hkd4vlm.synth.pretrain import pretrain, pretrain_recipe, recipe_digest
 
 SHIPPED = zoo.available()
-#: the pretrained bases; the rest are task-tuned judges (synth.judge), whose recipe is a chain of stages
-BASES = [n for n in SHIPPED if zoo.read_manifest(n).get("kind") != "judge"]
-JUDGES = [n for n in SHIPPED if n not in BASES]
+#: the pretrained bases; the rest are task-tuned judges (synth.judge), whose recipe is a chain of stages, and
+#: judges' finished stages shipped for later chains to start from
+KINDS = {n: zoo.read_manifest(n).get("kind") for n in SHIPPED}
+BASES = [n for n in SHIPPED if KINDS[n] not in ("judge", "judge-stage")]
+JUDGES = [n for n in SHIPPED if KINDS[n] == "judge"]
+STAGES = [n for n in SHIPPED if KINDS[n] == "judge-stage"]
 #: the bases the quickstart starts from must be shipped
 PYRAMID = ["tiny-llava-l", "tiny-llava-m", "tiny-llava-s"]
 
@@ -92,6 +95,32 @@ def test_shipped_judge_recipe_runs(name, synth_root, tmp_path):
     final = run_judge(shortened(recipe, steps=1, held_out=2), synth_root, tmp_path / "j", progress=False)
     assert (final / "config.json").is_file()
     assert sorted(p.name for p in (tmp_path / "j").iterdir()) == sorted(st.name for st in recipe.stages)
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_shipped_stage_matches_its_manifest_and_the_code(name):
+    from hkd4vlm.models.prompt import PROMPT_VERSION
+    from hkd4vlm.synth.judge import load_recipe, recipe_digest, stage_recipe
+
+    assert zoo.verify(name) == []
+    m = zoo.read_manifest(name)
+    recipe = load_recipe(f"zoo:{name}")  # the recipe validates against today's schema
+    assert m["recipe_digest"] == recipe_digest(recipe) and recipe.preset == m["preset"]
+    assert recipe.prompt_version == PROMPT_VERSION, "the prompt changed since this stage was made: rebuild it"
+    assert recipe.stages[-1].name == m["stage"] and recipe.stages[-1].kind == m["stage_kind"]
+    assert stage_recipe(recipe, m["stage"]) == recipe  # only what makes the stage
+    assert len(m["code_commit"]) == 40 and set(m["stages_held_out"]) <= {st.name for st in recipe.stages}
+    assert sum(f.stat().st_size for f in (zoo.ZOO_DIR / name).rglob("*")) < 20 * 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STAGES)
+def test_shipped_stage_recipe_runs(name, synth_root, tmp_path):
+    from hkd4vlm.synth.judge import load_recipe, run_judge, shortened
+
+    recipe = load_recipe(f"zoo:{name}")
+    final = run_judge(shortened(recipe, steps=1, held_out=2), synth_root, tmp_path / "j", progress=False)
+    assert (final / "config.json").is_file() and final.parent.name == recipe.stages[-1].name
 
 
 @pytest.fixture

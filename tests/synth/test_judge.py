@@ -4,6 +4,7 @@ stage, kept or refused on a rerun, and published into the zoo with its recipe an
 import json
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -49,6 +50,45 @@ def _recipe(stages=CHAIN, **extra) -> judge.JudgeRecipe:
 def test_a_broken_chain_is_refused_before_anything_runs(stages, message):
     with pytest.raises(ValueError, match=message):
         _recipe(stages)
+
+
+def test_a_stage_may_start_from_a_shipped_stage_and_only_the_stages_it_needs_ship_with_it():
+    recipe = _recipe([{**CHAIN[2], "model": "zoo:words"}, *CHAIN[3:]])  # align from a shipped text stage
+    assert [st.name for st in recipe.stages] == ["align", "pixels", "sft"]
+    assert judge.shipped("zoo:words") and not judge.shipped("fact")
+    assert [st.name for st in judge.stage_recipe(_recipe(), "compare").stages] == ["fact", "compare"]
+    assert [st.name for st in judge.stage_recipe(_recipe(), "pixels").stages] == ["fact", "compare", "align", "pixels"]
+    assert [st.name for st in judge.stage_recipe(recipe, "pixels").stages] == ["align", "pixels"]
+    with pytest.raises(ConfigError, match="no stage 'nope' in the recipe; its stages: fact, compare"):
+        judge.stage_recipe(_recipe(), "nope")
+
+
+def _ship_manifest(own_zoo, name, **fields):
+    (own_zoo / name).mkdir(parents=True)
+    m = {"kind": judge.STAGE_KIND, "preset": "tiny-paligemma-s", "stage_kind": "text_stage",
+         "recipe": {"preset": "tiny-paligemma-s", "prompt_version": PROMPT_VERSION, "stages": [FACT]}, **fields}  # fmt: skip
+    (own_zoo / name / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "fields, stages, message",
+    [
+        ({}, [{**CHAIN[3], "init": "zoo:words"}], r"stages.0 \(pixels\): zoo:words is a text_stage stage; pixels starts from a"),
+        ({"kind": "judge"}, [{**FACT, "init": "zoo:words"}], "zoo:words is not a shipped judge stage"),
+        ({"preset": "tiny-paligemma-l"}, [{**FACT, "init": "zoo:words"}], "made for preset 'tiny-paligemma-l', the recipe's is 'tiny-paligemma-s'"),
+        ({"recipe": {"prompt_version": PROMPT_VERSION - 1}}, [{**CHAIN[2], "model": "zoo:words"}], f"made with prompt version {PROMPT_VERSION - 1}"),
+        ({"stage_kind": "align"}, [{**CHAIN[2], "model": "zoo:words"}], "zoo:words is a align stage; align starts from a text_stage"),
+    ],
+)  # fmt: skip
+def test_a_shipped_stage_of_the_wrong_kind_preset_or_prompt_is_refused_before_anything_runs(
+    own_zoo, tmp_path, synth_root, fields, stages, message
+):
+    _ship_manifest(own_zoo, "words", **fields)
+    with pytest.raises(ConfigError, match=message):
+        judge.run_judge(_recipe(stages), synth_root, tmp_path / "j", progress=False)
+    assert not (tmp_path / "j").exists()
+    with pytest.raises(zoo.ZooError, match="no zoo model 'nothing'"):
+        judge.run_judge(_recipe([{**FACT, "init": "zoo:nothing"}]), synth_root, tmp_path / "j", progress=False)
 
 
 def test_a_recipe_file_error_names_the_file_and_the_field(tmp_path):
@@ -139,6 +179,37 @@ def test_the_chain_runs_in_order_keeps_finished_stages_and_ships(tmp_path, synth
     )
     res = CliRunner().invoke(main, ["pretrain", "--like", "zoo:mine", "--data", str(synth_root), "--out", "x"])
     assert res.exit_code != 0 and "zoo:mine is a judge: `hkd4vlm judge build --like zoo:mine`" in res.output
+
+    # one finished stage ships on its own, and a later chain starts from it
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    args = ["judge", "publish", str(out), str(path), "--data", str(synth_root), "--name", "words", "--stage", "compare"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    m = json.loads((own_zoo / "words" / "manifest.json").read_text())
+    part = judge.stage_recipe(recipe, "compare")
+    assert m["kind"] == "judge-stage" and m["stage"] == "compare" and m["stage_kind"] == "text_stage"
+    assert m["recipe"] == part.model_dump(mode="json") and m["recipe_digest"] == judge.recipe_digest(part)
+    assert set(m["stages_held_out"]) == {"fact", "compare"} and zoo.verify("words") == []
+    assert judge.load_recipe("zoo:words") == part and m["dtype"] == "float16"
+    assert "accuracy_factuality" in m["stages_held_out"]["compare"]
+    listed = CliRunner().invoke(main, ["zoo", "list"]).output
+    assert "zoo:words  judge stage (compare, text_stage)  preset tiny-paligemma-s  held-out accuracy hallu" in listed
+    res = CliRunner().invoke(main, ["pretrain", "--like", "zoo:words", "--data", str(synth_root), "--out", "x"])
+    assert res.exit_code != 0 and "zoo:words is a judge's stage: `hkd4vlm judge build --like zoo:words`" in res.output
+    later = _recipe([{**CHAIN[2], "model": "zoo:words"}, *CHAIN[3:]])
+    final = judge.run_judge(later, synth_root, tmp_path / "later", progress=False, log=said.append)
+    assert (final / "config.json").is_file()
+    assert json.loads((tmp_path / "later" / "align" / "eval.json").read_text())["alignment"]["step"] == 2
+    pixels = json.loads((tmp_path / "later" / "pixels" / "text_stage.json").read_text())
+    assert pixels["init"] == str(tmp_path / "later" / "align" / "model")
+    aligned, _ = load_model(tmp_path / "later" / "align" / "model")
+    shipped, _ = load_model("zoo:words")
+    assert next(shipped.parameters()).dtype == torch.float32  # the half-precision stage trains in float32
+    words = shipped.get_input_embeddings().weight
+    assert torch.equal(aligned.get_input_embeddings().weight, words)  # alignment leaves the language model be
+    with pytest.raises(ConfigError, match="stage 'fact' is not finished"):
+        judge.publish_stage(tmp_path / "nowhere", synth_root, "x", recipe, "pixels")
 
 
 def test_judge_build_takes_a_recipe_or_a_shipped_judge(tmp_path, synth_root):

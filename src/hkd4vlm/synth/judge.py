@@ -7,7 +7,11 @@ A recipe names a preset and its stages, each writing ``OUT/<name>/``: the text s
 an earlier stage's model (``init`` / ``model``; an alignment may take its tower from another alignment,
 ``tower_from``), so a chain is a small graph run in the listed order. A finished stage is kept as long as
 its settings are the recipe's (``OUT/<name>/judge_stage.json``); ``only`` runs one stage whose inputs are
-finished, so that independent stages can run side by side."""
+finished, so that independent stages can run side by side.
+
+A finished stage can ship on its own (``publish_stage``: a zoo entry of kind ``judge-stage`` with the part of
+the recipe that made it), and a recipe's stage may start from one (``init: zoo:NAME``), as a chain long
+enough to span several sessions keeps what each of them finished."""
 
 from __future__ import annotations
 
@@ -23,12 +27,22 @@ from ..engine.config import ConfigError, StrictModel, TrainSettings
 
 STAGE_FILE = "judge_stage.json"
 JUDGE_KIND = "judge"
+#: a finished stage shipped on its own, for later chains to start from (``init: zoo:NAME``)
+STAGE_KIND = "judge-stage"
+SHIPPED = "zoo:"  # models.zoo.PREFIX: a stage's input that is a shipped stage, not one of the recipe's
+
+
+def shipped(ref: str) -> bool:
+    """Whether a stage's input names a shipped stage (``zoo:NAME``) rather than an earlier stage."""
+    return ref.startswith(SHIPPED)
 
 
 class TextStageSpec(StrictModel):
     kind: Literal["text_stage"]
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
-    init: str | None = Field(default=None, description="an earlier stage's name; none: the preset built fresh")
+    init: str | None = Field(
+        default=None, description="an earlier stage's name or a shipped stage (zoo:NAME); none: the preset built fresh"
+    )
     steps: int = Field(ge=1)
     stop_after: int | None = Field(default=None, ge=1)
     lr: float = Field(gt=0)
@@ -52,7 +66,7 @@ class TextStageSpec(StrictModel):
 class AlignSpec(StrictModel):
     kind: Literal["align"]
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
-    model: str = Field(description="the text stage whose vision tower is aligned")
+    model: str = Field(description="the text stage whose vision tower is aligned (or a shipped one, zoo:NAME)")
     tower_from: str | None = Field(default=None, description="an earlier alignment whose tower to start from")
     steps: int = Field(ge=1)
     lr: float = Field(default=1e-3, gt=0)
@@ -91,24 +105,64 @@ class JudgeRecipe(StrictModel):
 
     @model_validator(mode="after")
     def _chain(self) -> JudgeRecipe:
+        # a shipped stage's kind is checked against its manifest when the chain runs (check_shipped)
         seen: dict[str, str] = {}
         for i, st in enumerate(self.stages):
             if st.name in seen:
                 raise ValueError(f"stages.{i}: the name {st.name!r} is taken by an earlier stage")
             for ref in st.inputs():
-                if ref not in seen:
-                    raise ValueError(f"stages.{i} ({st.name}): {ref!r} is not an earlier stage")
+                if not shipped(ref) and ref not in seen:
+                    raise ValueError(
+                        f"stages.{i} ({st.name}): {ref!r} is not an earlier stage (nor a shipped one, zoo:NAME)"
+                    )
             if isinstance(st, AlignSpec):
-                if seen[st.model] != "text_stage":
+                if not shipped(st.model) and seen[st.model] != "text_stage":
                     raise ValueError(f"stages.{i} ({st.name}): model {st.model!r} is not a text stage")
-                if st.tower_from and seen[st.tower_from] != "align":
+                if st.tower_from and not shipped(st.tower_from) and seen[st.tower_from] != "align":
                     raise ValueError(f"stages.{i} ({st.name}): tower_from {st.tower_from!r} is not an alignment")
-            if isinstance(st, TextStageSpec) and st.pixels and (not st.init or seen[st.init] != "align"):
+            if (
+                isinstance(st, TextStageSpec)
+                and st.pixels
+                and (not st.init or (not shipped(st.init) and seen[st.init] != "align"))
+            ):
                 raise ValueError(f"stages.{i} ({st.name}): a text stage through pixels starts from an alignment")
             seen[st.name] = st.kind
-        if not isinstance(self.stages[0], TextStageSpec) or self.stages[0].init is not None:
-            raise ValueError("stages.0: a chain starts with a text stage built fresh (no init)")
         return self
+
+
+def _wanted_kind(st, ref: str) -> str | None:
+    """The stage kind ``st`` needs its input ``ref`` to be (None: any)."""
+    if isinstance(st, AlignSpec):
+        return "text_stage" if ref == st.model else "align"
+    if isinstance(st, TextStageSpec) and st.pixels:
+        return "align"
+    return None
+
+
+def check_shipped(recipe: JudgeRecipe) -> None:
+    """ConfigError (naming the stage) for a shipped stage a recipe starts from that is missing, not a judge
+    stage, made for another preset or prompt version, or of the wrong kind (an alignment where a text stage is
+    needed, ...); files that differ from its manifest are refused when it loads."""
+    from ..models import zoo
+
+    for i, st in enumerate(recipe.stages):
+        for ref in st.inputs():
+            if not shipped(ref):
+                continue
+            where = f"stages.{i} ({st.name}): {ref}"
+            m = zoo.read_manifest(ref[len(SHIPPED) :])
+            if m.get("kind") != STAGE_KIND:
+                raise ConfigError(f"{where} is not a shipped judge stage (`hkd4vlm judge publish --stage`)")
+            if m.get("preset") != recipe.preset:
+                raise ConfigError(f"{where} was made for preset {m.get('preset')!r}, the recipe's is {recipe.preset!r}")
+            made = m.get("recipe", {}).get("prompt_version")
+            if made != recipe.prompt_version:
+                raise ConfigError(
+                    f"{where} was made with prompt version {made}, the recipe's is {recipe.prompt_version}"
+                )
+            wanted = _wanted_kind(st, ref)
+            if wanted is not None and m.get("stage_kind") != wanted:
+                raise ConfigError(f"{where} is a {m.get('stage_kind')} stage; {st.name} starts from a {wanted} stage")
 
 
 def recipe_digest(recipe: JudgeRecipe) -> str:
@@ -118,14 +172,14 @@ def recipe_digest(recipe: JudgeRecipe) -> str:
 
 
 def load_recipe(source: str | Path) -> JudgeRecipe:
-    """A judge recipe from a YAML file or from a shipped judge's manifest (``zoo:NAME``); ConfigError names the
-    file and what is wrong (``engine.config.load_config``)."""
+    """A judge recipe from a YAML file or from a shipped judge's (or judge stage's) manifest (``zoo:NAME``);
+    ConfigError names the file and what is wrong (``engine.config.load_config``)."""
     from ..engine.config import load_config
     from ..models import zoo
 
     if zoo.is_zoo(source):
         manifest = zoo.read_manifest(str(source)[len(zoo.PREFIX) :])
-        if manifest.get("kind") != JUDGE_KIND:
+        if manifest.get("kind") not in (JUDGE_KIND, STAGE_KIND):
             raise ConfigError(f"{source}: a base, not a judge (its recipe is `hkd4vlm pretrain --like`'s)")
         return load_config(None, schema=JudgeRecipe, base=manifest["recipe"], base_source=f"{source} (manifest)")
     return load_config(source, schema=JudgeRecipe)
@@ -196,10 +250,12 @@ def run_judge(
     names = [st.name for st in recipe.stages]
     if only is not None and only not in names:
         raise ConfigError(f"no stage {only!r} in the recipe; its stages: {', '.join(names)}")
+    check_shipped(recipe)
     out = Path(out)
 
-    def model_of(name: str) -> Path:
-        return out / name / "model"
+    def model_of(name: str) -> Path | str:
+        # a shipped stage stays zoo:NAME: loading checks it against its manifest and reads it as float32
+        return name if shipped(name) else out / name / "model"
 
     for st in recipe.stages:
         if only is not None and st.name != only:
@@ -207,7 +263,9 @@ def run_judge(
         if stage_done(out, st):
             log(f"{st.name}: finished ({model_of(st.name)})")
             continue
-        missing = [ref for ref in st.inputs() if not (model_of(ref) / "config.json").is_file()]
+        missing = [
+            ref for ref in st.inputs() if not shipped(ref) and not (out / ref / "model" / "config.json").is_file()
+        ]
         if missing:  # only with ``only``: in order, every input was made before
             raise ConfigError(f"stage {st.name!r} needs stage(s) {', '.join(missing)} finished first")
         folder = out / st.name
@@ -245,7 +303,76 @@ def run_judge(
                 **settings,
             )
             run_sft(cfg, resume=True)
-    return model_of(only if only is not None else recipe.stages[-1].name)
+    return out / (only if only is not None else recipe.stages[-1].name) / "model"
+
+
+def stage_recipe(recipe: JudgeRecipe, stage: str) -> JudgeRecipe:
+    """The part of ``recipe`` that makes ``stage``: that stage and the ones it starts from, in the recipe's
+    order (shipped stages it starts from stay ``zoo:NAME``)."""
+    by_name = {st.name: st for st in recipe.stages}
+    if stage not in by_name:
+        raise ConfigError(f"no stage {stage!r} in the recipe; its stages: {', '.join(by_name)}")
+    needed: set[str] = set()
+    todo = [stage]
+    while todo:
+        name = todo.pop()
+        if name not in needed and not shipped(name):
+            needed.add(name)
+            todo.extend(by_name[name].inputs())
+    return JudgeRecipe(
+        preset=recipe.preset,
+        prompt_version=recipe.prompt_version,
+        stages=[st for st in recipe.stages if st.name in needed],
+    )
+
+
+def _held_out(run: Path, recipe: JudgeRecipe) -> dict:
+    held_out = {}
+    for st in recipe.stages:
+        report = run / st.name / "eval.json"
+        if report.is_file():
+            held_out[st.name] = json.loads(report.read_text(encoding="utf-8"))
+    return held_out
+
+
+def _data_stats(data_root) -> dict:
+    stats_file = Path(data_root) / "stats.json"
+    stats = json.loads(stats_file.read_text(encoding="utf-8")) if stats_file.is_file() else {}
+    return {k: stats[k] for k in ("level", "seed", "sizes") if k in stats}
+
+
+def publish_stage(run, data_root, name: str, recipe: JudgeRecipe, stage: str) -> Path:
+    """Publish one finished stage of the chain in ``run`` into the zoo as ``name`` (kind ``judge-stage``), for
+    later chains to start from (``init: zoo:NAME``): its model in half precision and a manifest with the part
+    of the recipe that made it (``stage_recipe``) and its digest, and the held-out check of each of those
+    stages. Nothing is scored on ``data_root``'s splits (a stage through words reads no image); its stats
+    (level, seed, sizes) are recorded."""
+    from ..models import zoo
+    from ..models.loading import load_model
+
+    run = Path(run)
+    part = stage_recipe(recipe, stage)
+    for st in part.stages:
+        if not stage_done(run, st):
+            raise ConfigError(f"{run / st.name}: stage {st.name!r} is not finished; run the recipe first")
+    spec = part.stages[-1]
+    model, processor = load_model(run / stage / "model", dtype="float32")
+    return zoo.publish(
+        model,
+        processor,
+        name,
+        manifest={
+            "kind": STAGE_KIND,
+            "role": "base",
+            "preset": part.preset,
+            "stage": stage,
+            "stage_kind": spec.kind,
+            "recipe": part.model_dump(mode="json"),
+            "recipe_digest": recipe_digest(part),
+            "stages_held_out": _held_out(run, part),
+            "data": _data_stats(data_root),
+        },
+    )
 
 
 def publish_judge(run, data_root, name: str, recipe: JudgeRecipe, *, role: str = "teacher") -> Path:
@@ -263,13 +390,8 @@ def publish_judge(run, data_root, name: str, recipe: JudgeRecipe, *, role: str =
     for st in recipe.stages:
         if not stage_done(run, st):
             raise ConfigError(f"{run / st.name}: stage {st.name!r} is not finished; run the recipe first")
-    stats_file = Path(data_root) / "stats.json"
-    stats = json.loads(stats_file.read_text(encoding="utf-8")) if stats_file.is_file() else {}
-    held_out = {}
-    for st in recipe.stages:
-        report = run / st.name / "eval.json"
-        if report.is_file():
-            held_out[st.name] = json.loads(report.read_text(encoding="utf-8"))
+    check_shipped(recipe)
+    held_out = _held_out(run, recipe)
     model, processor = load_model(run / recipe.stages[-1].name / "model", dtype="float32")
     # scored as it ships: the weights stored in half precision load as float32
     model = model.to(torch.float16).to(torch.float32).eval()
@@ -290,6 +412,6 @@ def publish_judge(run, data_root, name: str, recipe: JudgeRecipe, *, role: str =
             "recipe_digest": recipe_digest(recipe),
             "accuracy": accuracy,
             "stages_held_out": held_out,
-            "data": {k: stats[k] for k in ("level", "seed", "sizes") if k in stats},
+            "data": _data_stats(data_root),
         },
     )
