@@ -73,11 +73,11 @@ def _ship_manifest(own_zoo, name, **fields):
 @pytest.mark.parametrize(
     "fields, stages, message",
     [
-        ({}, [{**CHAIN[3], "init": "zoo:words"}], r"stages.0 \(pixels\): zoo:words is a text_stage stage; pixels starts from a"),
+        ({}, [{**CHAIN[3], "init": "zoo:words"}], r"stages.0 \(pixels\): zoo:words is a shipped stage of kind 'text_stage'; pixels needs one of kind 'align'"),
         ({"kind": "judge"}, [{**FACT, "init": "zoo:words"}], "zoo:words is not a shipped judge stage"),
         ({"preset": "tiny-paligemma-l"}, [{**FACT, "init": "zoo:words"}], "made for preset 'tiny-paligemma-l', the recipe's is 'tiny-paligemma-s'"),
         ({"recipe": {"prompt_version": PROMPT_VERSION - 1}}, [{**CHAIN[2], "model": "zoo:words"}], f"made with prompt version {PROMPT_VERSION - 1}"),
-        ({"stage_kind": "align"}, [{**CHAIN[2], "model": "zoo:words"}], "zoo:words is a align stage; align starts from a text_stage"),
+        ({"stage_kind": "align"}, [{**CHAIN[2], "model": "zoo:words"}], "zoo:words is a shipped stage of kind 'align'; align needs one of kind 'text_stage'"),
     ],
 )  # fmt: skip
 def test_a_shipped_stage_of_the_wrong_kind_preset_or_prompt_is_refused_before_anything_runs(

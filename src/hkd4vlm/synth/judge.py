@@ -162,7 +162,9 @@ def check_shipped(recipe: JudgeRecipe) -> None:
                 )
             wanted = _wanted_kind(st, ref)
             if wanted is not None and m.get("stage_kind") != wanted:
-                raise ConfigError(f"{where} is a {m.get('stage_kind')} stage; {st.name} starts from a {wanted} stage")
+                raise ConfigError(
+                    f"{where} is a shipped stage of kind {m.get('stage_kind')!r}; {st.name} needs one of kind {wanted!r}"
+                )
 
 
 def recipe_digest(recipe: JudgeRecipe) -> str:
