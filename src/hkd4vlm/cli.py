@@ -815,13 +815,18 @@ def judge_build(recipe: Path | None, like: str | None, data: Path, out: Path, on
     help="The dataset the chain was built with: its test and validation splits are scored into the manifest.",
 )
 @click.option("--name", required=True, help="Zoo name.")
-@click.option("--role", type=click.Choice(["teacher", "assistant", "student"]), default="teacher", show_default=True)
+@click.option(
+    "--role",
+    type=click.Choice(["teacher", "assistant", "student"]),
+    default=None,
+    help="The judge's place in the pyramid [default: teacher; not with --stage].",
+)
 @click.option(
     "--stage",
     default=None,
     help="Publish only this finished stage (kind judge-stage), for a later chain to start from (init: zoo:NAME).",
 )
-def judge_publish(run: Path, recipe: Path, data: Path, name: str, role: str, stage: str | None) -> None:
+def judge_publish(run: Path, recipe: Path, data: Path, name: str, role: str | None, stage: str | None) -> None:
     """Publish RUN (a finished `hkd4vlm judge build` of RECIPE) into the zoo as NAME, scored on the data's test
     and validation splits from the half-precision weights it ships; with --stage, one finished stage and the
     part of RECIPE that made it, with its held-out check."""
@@ -829,10 +834,12 @@ def judge_publish(run: Path, recipe: Path, data: Path, name: str, role: str, sta
     from .synth.judge import load_recipe, publish_judge, publish_stage
 
     if stage is not None:
+        if role is not None:
+            raise click.UsageError("--role is a judge's; a stage (--stage) ships without one")
         folder = publish_stage(run, data, name, load_recipe(recipe), stage)
         click.echo(f"published {folder}: stage {stage}")
         return
-    folder = publish_judge(run, data, name, load_recipe(recipe), role=role)
+    folder = publish_judge(run, data, name, load_recipe(recipe), role=role or "teacher")
     acc = model_zoo.read_manifest(name)["accuracy"]["test"]
     click.echo(f"published {folder}: test accuracy " + ", ".join(f"{t} {acc[t]:.3f}" for t in TASKS))
 

@@ -229,6 +229,14 @@ def test_judge_build_takes_a_recipe_or_a_shipped_judge(tmp_path, synth_root):
     )
 
 
+def test_a_stage_is_published_without_a_role(tmp_path, synth_root):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"preset": "tiny-paligemma-s", "prompt_version": PROMPT_VERSION, "stages": CHAIN}))
+    args = ["judge", "publish", str(tmp_path), str(path), "--data", str(synth_root), "--name", "x", "--stage", "fact"]
+    res = CliRunner().invoke(main, [*args, "--role", "student"])
+    assert res.exit_code == 2 and "--role is a judge's; a stage (--stage) ships without one" in res.output
+
+
 def test_the_recipes_in_configs_are_valid_chains():
     from pathlib import Path
 
