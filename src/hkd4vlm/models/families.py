@@ -179,10 +179,7 @@ def build_idefics3(p: TinyPreset, texts: list[str], *, seed: int = 0):
         vision_config=Idefics3VisionConfig(**vision),
         text_config=LlamaConfig(
             **text,
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **token_ids(tokenizer),
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=IDEFICS3_SCALE_FACTOR,
@@ -191,6 +188,16 @@ def build_idefics3(p: TinyPreset, texts: list[str], *, seed: int = 0):
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
     return model, processor
+
+
+def token_ids(tokenizer) -> dict[str, Any]:
+    """A text config's vocabulary size and pad / bos / eos ids, from the tokenizer it is built with."""
+    return {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
 
 
 def build_paligemma(p: TinyPreset, texts: list[str], *, seed: int = 0, text_model: str = "gemma"):
@@ -226,12 +233,7 @@ def build_paligemma(p: TinyPreset, texts: list[str], *, seed: int = 0, text_mode
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(texts))
     tokenizer = processor.tokenizer
     vision, text = config_sizes(p)
-    ids = {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    ids = token_ids(tokenizer)
     if text_model == "gemma":
         text_config: PretrainedConfig = GemmaConfig(**text, head_dim=p.text_hidden // p.heads, **ids)
     elif text_model == "qwen2":
