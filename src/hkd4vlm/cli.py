@@ -1299,6 +1299,12 @@ def lab_list() -> None:
     show_default=True,
     help="Also train what each context sentence says (fact: its colour and its person, at its full stop).",
 )
+@click.option(
+    "--carry-hop/--no-carry-hop",
+    default=False,
+    show_default=True,
+    help="Also train the claimed shape's colour at the context's last word, where the name hop looks it up (fact).",
+)
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--held-out", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(

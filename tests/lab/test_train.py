@@ -226,6 +226,12 @@ def test_sentence_hops_are_drawn_only_when_asked_and_agree_with_the_answer_hop()
         colour = c.hops[0].answer
         assert credited.get(colour, "nobody") in (name, "nobody")
         assert not any(h.index == len(context) - 1 for h in c.hops[2:])
+        # the carry hop: the colour hop's answer again, at the name hop's word, among the colour hop's words
+        [carry] = [h for h in c.hops if h.kind == "carry"]
+        assert (carry.segment, carry.index, carry.answer, carry.answers) == ("context", -1, colour, c.hops[0].answers)
+        assert (c.hops[1].segment, c.hops[1].index) == ("context", -1)
+    carried = draw(random.Random(8), ["fact"], 60, {"carry"})
+    assert all([h.kind for h in ex.hops] == ["colour", "name", "carry"] for _, ex in carried)
 
 
 def test_prefix_attention_lets_a_position_see_the_tokens_after_it():

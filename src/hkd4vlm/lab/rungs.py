@@ -50,8 +50,13 @@ GRID = 8
 
 
 #: the dense kinds of intermediate target, each drawn only when asked for (``--sentence-hops``,
-#: ``--binding-hops``); the others are an example's fixed hops
-DENSE_HOPS = {"match": "sentence_hops", "bind-colour": "binding_hops", "bind-name": "binding_hops"}
+#: ``--binding-hops``, ``--carry-hop``); the others are an example's fixed hops
+DENSE_HOPS = {
+    "match": "sentence_hops",
+    "bind-colour": "binding_hops",
+    "bind-name": "binding_hops",
+    "carry": "carry_hop",
+}
 
 
 @dataclass(frozen=True)
@@ -277,7 +282,9 @@ def draw_fact(rng: random.Random) -> Example:
     last (which holds the name hop: two targets among the same words at one position would contradict each
     other): the person it credits if its colour is the claimed shape's, else nobody (``match``, the matching
     sentence by sentence); and what the sentence itself says, its colour and its person (``bind-colour``,
-    ``bind-name``: none and nobody for a sentence crediting no one), the binding that matching needs."""
+    ``bind-name``: none and nobody for a sentence crediting no one), the binding that matching needs; and the
+    claimed shape's colour again at the context's last word (``carry``: the colour hop's answer carried to
+    where the name hop looks it up, among colour words where the name hop's are names)."""
     key = rng.choice(FACT_KEYS)
     record, scene = make_fact_record(rng, LEVELS["medium"], "lab", key, 0)
     context = " ".join(words(record.context or ""))
@@ -295,6 +302,7 @@ def draw_fact(rng: random.Random) -> Example:
         credit = attributions(sentence)
         name = credit.get(colour, "nobody") if found else "nobody"
         hops += (Hop("context", end, name, (*NAMES, "nobody"), "match"), *_binding(end, credit))
+    hops += (Hop("context", -1, colour, (*COLOURS, "none"), "carry"),)
     return Example(
         {"ask": claim, "context": f"Context : {context}", "scene": scene_text(scene)},
         key,

@@ -75,6 +75,7 @@ class LabConfig(BaseModel):
     )  # the intermediate targets' loss (rungs with hops: fact), beside the answer's
     sentence_hops: bool = False  # also train the matching hops (fact: one per context sentence)
     binding_hops: bool = False  # also train the binding hops (fact: each sentence's own colour and person)
+    carry_hop: bool = False  # also train the claimed colour where the name is looked up (fact: context's last word)
     eval_every: int = Field(250, ge=1)
     held_out: int = Field(256, ge=1)
     stop_at: float | None = Field(None, gt=0, le=1)  # stop once held-out accuracy reaches this
