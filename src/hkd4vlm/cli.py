@@ -612,6 +612,13 @@ def pretrain(
     help="Also the verdict's own word at that same token, where the two persons sit (docs/pretraining.md, "
     '"The comparison at L").',
 )
+@click.option(
+    "--carry-hop/--no-carry-hop",
+    default=False,
+    show_default=True,
+    help="Also the claimed shape's colour at that same token, where the credited person is looked up by it "
+    '(docs/lab.md, "The colour lookup before the name at L").',
+)
 @task_option("Train on this task only (repeatable; default both, in turn). The held-out check reports both.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option(
@@ -634,6 +641,7 @@ def text_stage_cmd(
     statement_hops: bool,
     claimed_hop: bool,
     verdict_hop: bool,
+    carry_hop: bool,
     tasks: tuple,
     eval_every: int,
     held_out: int,
@@ -658,6 +666,7 @@ def text_stage_cmd(
         statement_hops=statement_hops,
         claimed_hop=claimed_hop,
         verdict_hop=verdict_hop,
+        carry_hop=carry_hop,
         pixels=pixels,
         tasks=tuple(tasks) or TASKS,
         beta2=beta2,

@@ -16,7 +16,7 @@ from hkd4vlm.models.prompt import PROMPT_VERSION
 from hkd4vlm.synth import judge
 
 FACT = {"kind": "text_stage", "name": "fact", "steps": 4, "stop_after": 2, "lr": 1e-3, "batch_size": 4,
-        "warmup": 1, "tasks": ["factuality"], "held_out": 4}  # fmt: skip
+        "warmup": 1, "tasks": ["factuality"], "carry_hop": True, "held_out": 4}  # fmt: skip
 CHAIN = [
     FACT,
     {"kind": "text_stage", "name": "compare", "init": "fact", "steps": 2, "lr": 1e-3, "batch_size": 4, "warmup": 1,
@@ -142,7 +142,7 @@ def test_the_chain_runs_in_order_keeps_finished_stages_and_ships(tmp_path, synth
     for st in recipe.stages:
         assert json.loads((out / st.name / judge.STAGE_FILE).read_text()) == st.model_dump(mode="json")
     fact = json.loads((out / "fact" / "text_stage.json").read_text())
-    assert fact["tasks"] == ["factuality"] and fact["init"] is None
+    assert fact["tasks"] == ["factuality"] and fact["init"] is None and fact["carry_hop"] is True
     assert [p.name for p in (out / "fact" / "checkpoints").iterdir()] == ["step-2"]  # stopped after 2 of 4
     assert json.loads((out / "align" / "eval.json").read_text())["alignment"]["step"] == 2
     engine = yaml.safe_load((out / "compare" / "config.yaml").read_text())
@@ -158,6 +158,15 @@ def test_the_chain_runs_in_order_keeps_finished_stages_and_ships(tmp_path, synth
     said.clear()  # a rerun keeps every finished stage
     assert judge.run_judge(recipe, synth_root, out, progress=False, log=said.append) == final
     assert said == [f"{st.name}: finished ({out / st.name / 'model'})" for st in recipe.stages]
+    # a stage recorded before a setting was added had that setting's default: still finished where the
+    # recipe keeps the default (compare's carry hop), made with other settings where it does not (fact's)
+    for name in ("fact", "compare"):
+        marker = out / name / judge.STAGE_FILE
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "carry_hop"}))
+    assert judge.stage_done(out, recipe.stages[1])
+    with pytest.raises(ConfigError, match="stage 'fact' was made with other settings"):
+        judge.stage_done(out, recipe.stages[0])
+    (out / "fact" / judge.STAGE_FILE).write_text(json.dumps(recipe.stages[0].model_dump(mode="json")))
     changed = _recipe([CHAIN[0], {**CHAIN[1], "lr": 2e-3}, *CHAIN[2:]])
     with pytest.raises(ConfigError, match="stage 'compare' was made with other settings"):
         judge.run_judge(changed, synth_root, out, progress=False, log=said.append)

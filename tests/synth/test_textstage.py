@@ -97,6 +97,11 @@ def test_fact_hops_follow_the_verdict_and_sit_on_their_words(base):
         assert told.answers == ("True", "image", "context", "information")
         assert told.answer == {"true": "True", "image": "image", "context": "context", "nei": "information"}[verdict]
         assert re.search(rf"\b{told.answer}\b", record.options[record.label])  # the correct verdict's own word
+        # the claimed shape's colour, carried to that token too (among the colour hop's words)
+        *same, carried = textstage.fact_hops(record, prompt, claimed=True, verdict=True, carry=True)
+        assert same == [*rest, told]
+        assert (carried.kind, carried.end) == ("carry", by_kind["name"].end)
+        assert (carried.answer, carried.answers) == (by_kind["colour"].answer, by_kind["colour"].answers)
         stops = [h for h in hops if h.kind in ("bind-colour", "name")]
         assert all(prompt[h.end - 1] == "." for h in stops)
         assert len(stops) == record.context.count(". ") + 1
@@ -163,7 +168,7 @@ def test_text_stage_loss_against_a_hand_computation(base):
     grid = textstage.WordGrid(processor.tokenizer)
     scores = answer_distribution(model, processor, items, [source.blank] * 6, image_features=grid(model, items))
     stage = textstage.text_stage(
-        model, processor, hop_weight=0.5, option_weight=2.0, statements=True, claimed=True, verdict=True
+        model, processor, hop_weight=0.5, option_weight=2.0, statements=True, claimed=True, verdict=True, carry=True
     )
     terms = stage(scores, items)
 
@@ -182,7 +187,7 @@ def test_text_stage_loss_against_a_hand_computation(base):
     for b, r in enumerate(items):
         prompt = build_prompt(processor, r)
         ids = scores.input_ids[b].tolist()
-        for hop in textstage.record_hops(r, prompt, statements=True, claimed=True, verdict=True):
+        for hop in textstage.record_hops(r, prompt, statements=True, claimed=True, verdict=True, carry=True):
             word = tok(prompt[: hop.end], add_special_tokens=False)["input_ids"][-1]
             lead = next(t for t, x in enumerate(ids) if x != tok.pad_token_id)
             pos = lead + len(tok(prompt[: hop.end], add_special_tokens=False)["input_ids"]) - 1
@@ -195,7 +200,7 @@ def test_text_stage_loss_against_a_hand_computation(base):
     for kind, v in per_kind.items():
         assert torch.allclose(terms[f"hop_{kind}"], torch.stack(v).mean(), atol=1e-5)
     assert torch.allclose(terms["total"], terms["ce"] + 2.0 * terms["bce_options"] + 0.5 * hop_mean, atol=1e-5)
-    assert not {"hop_claimed", "hop_verdict"} & set(
+    assert not {"hop_claimed", "hop_verdict", "hop_carry"} & set(
         textstage.text_stage(model, processor, statements=True)(scores, items)
     )
     terms["total"].backward()

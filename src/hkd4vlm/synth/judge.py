@@ -54,6 +54,7 @@ class TextStageSpec(StrictModel):
     statement_hops: bool = False
     claimed_hop: bool = False
     verdict_hop: bool = False
+    carry_hop: bool = False
     tasks: list[Task] = Field(default=list(TASKS), min_length=1)
     eval_every: int = Field(default=250, ge=1)
     held_out: int = Field(default=256, ge=1)
@@ -212,6 +213,10 @@ def shortened(recipe: JudgeRecipe, steps: int, held_out: int = 4) -> JudgeRecipe
     return JudgeRecipe(preset=recipe.preset, prompt_version=recipe.prompt_version, stages=stages)
 
 
+#: per stage kind, settings added after stages had recorded theirs, with the value those stages had
+ADDED_STAGE_SETTINGS = {"text_stage": {"carry_hop": False}}
+
+
 def _spec_json(spec) -> dict:
     return spec.model_dump(mode="json")
 
@@ -223,7 +228,10 @@ def stage_done(out: Path, spec) -> bool:
     marker = folder / STAGE_FILE
     if not marker.is_file():
         return False
-    if json.loads(marker.read_text(encoding="utf-8")) != _spec_json(spec):
+    # a setting added since the stage was made counts as its default there
+    if {**ADDED_STAGE_SETTINGS.get(spec.kind, {}), **json.loads(marker.read_text(encoding="utf-8"))} != _spec_json(
+        spec
+    ):
         raise ConfigError(
             f"{marker}: stage {spec.name!r} was made with other settings than the recipe's; use a new out "
             "folder or remove that stage's folder"

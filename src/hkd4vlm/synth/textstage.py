@@ -22,7 +22,9 @@ prompt (models.prompt). Besides the option readout's cross-entropy the loss has:
   ``bind-name``; ``none`` and ``nobody`` for a sentence crediting no one); asked for (``claimed``), the
   claim's own person at that same last full stop (``claimed``), so that the two persons the verdict
   compares sit in one place; asked for (``verdict``), the verdict's own word at that token too, so that
-  the comparison is made where the two persons sit; and, asked for (``statements``), the hallucination
+  the comparison is made where the two persons sit; asked for (``carry``), the claimed shape's colour
+  again at that token (``carry``, among the colour words), where the name hop looks the colour up
+  (docs/lab.md, "The colour lookup before the name at L"); and, asked for (``statements``), the hallucination
   statements' hops (``statement_hops``). They are read through the language model's output head over
   their answer words.
 """
@@ -58,10 +60,12 @@ FACT_HOP_KINDS = ("colour", "name", "bind-colour", "bind-name")
 CLAIMED_HOP = "claimed"
 #: the verdict itself, at that same token: the comparison made where the two persons sit
 VERDICT_HOP = "verdict"
+#: the claimed shape's colour again at that token, where the credited person is looked up by it
+CARRY_HOP = "carry"
 #: the verdict hop's answer word per verdict key (synth.factuality.VERDICT_KEYS): each verdict's own word
 VERDICT_WORDS = {"true": "True", "image": "image", "context": "context", "nei": "information"}
 STATEMENT_HOP_KINDS = ("found", "count", "column", "row")
-HOP_KINDS = (*FACT_HOP_KINDS, CLAIMED_HOP, VERDICT_HOP, *STATEMENT_HOP_KINDS)
+HOP_KINDS = (*FACT_HOP_KINDS, CLAIMED_HOP, VERDICT_HOP, CARRY_HOP, *STATEMENT_HOP_KINDS)
 
 
 @dataclass(frozen=True)
@@ -88,11 +92,14 @@ def draw_record(rng: random.Random, task: str, level_name: str = "medium"):
     return factuality.make_record(rng, level, "textstage.jpg", key, rng.randrange(4))
 
 
-def fact_hops(record, prompt: str, claimed: bool = False, verdict: bool = False) -> list[HopTarget]:
+def fact_hops(
+    record, prompt: str, claimed: bool = False, verdict: bool = False, carry: bool = False
+) -> list[HopTarget]:
     """The fact-checking hops of ``record`` in ``prompt`` (its rendering, models.prompt); with ``claimed``
     also the claim's person at the context's last full stop, the token of the credited person (``name``):
     where the two agree the claim is true, where they differ it is not; with ``verdict`` also the
-    record's verdict at that token (its word, VERDICT_WORDS)."""
+    record's verdict at that token (its word, VERDICT_WORDS); with ``carry`` also the claimed shape's
+    colour there (the ``colour`` hop's answer), which the credited person is looked up by."""
     from .factuality import NAMES, VERDICT_KEYS, attributions, parse_claim
     from .factuality import verdict as verdict_of
     from .scene import COLOURS, Scene
@@ -121,6 +128,8 @@ def fact_hops(record, prompt: str, claimed: bool = False, verdict: bool = False)
                 words = tuple(VERDICT_WORDS[k] for k in VERDICT_KEYS)
                 key = verdict_of(record.context, record.claim, scene)
                 hops.append(HopTarget(context_at + stop, VERDICT_WORDS[key], words, VERDICT_HOP))
+            if carry:
+                hops.append(HopTarget(context_at + stop, colour, colours, CARRY_HOP))
             continue
         said = attributions(sentence)
         c, n = next(iter(said.items())) if said else (NO_COLOUR, NOBODY)
@@ -178,12 +187,18 @@ def statement_hops(record, prompt: str, grid: int = MAX_GRID) -> list[HopTarget]
 
 
 def record_hops(
-    record, prompt: str, statements: bool = False, claimed: bool = False, verdict: bool = False
+    record,
+    prompt: str,
+    statements: bool = False,
+    claimed: bool = False,
+    verdict: bool = False,
+    carry: bool = False,
 ) -> list[HopTarget]:
     """A record's hops: fact checking's (with ``claimed``, the claim's person too; with ``verdict``, the
-    verdict), and with ``statements`` the hallucination task's."""
+    verdict; with ``carry``, the claimed colour at the name's token), and with ``statements`` the
+    hallucination task's."""
     if record.task == "factuality":
-        return fact_hops(record, prompt, claimed, verdict)
+        return fact_hops(record, prompt, claimed, verdict, carry)
     return statement_hops(record, prompt) if statements else []
 
 
@@ -308,7 +323,14 @@ def vocabulary_texts(n: int = 400, seed: int = 0) -> list[str]:
 
 
 def hop_logits(
-    scores, items, processor, head, statements: bool = False, claimed: bool = False, verdict: bool = False
+    scores,
+    items,
+    processor,
+    head,
+    statements: bool = False,
+    claimed: bool = False,
+    verdict: bool = False,
+    carry: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per hop kind: (logits over its answer words (M, K), the answers' indices (M,)), read through the
     output head ``head`` at each hop's token. The prompt is tokenized once per record: its text before the
@@ -323,7 +345,7 @@ def hop_logits(
     image_token = getattr(processor, "image_token", "<image>")
     for b, record in enumerate(items):
         prompt = build_prompt(processor, record)
-        hops = record_hops(record, prompt, statements, claimed, verdict)
+        hops = record_hops(record, prompt, statements, claimed, verdict, carry)
         if not hops:
             continue
         lead = int((ids[b] == pad).long().cumprod(0).sum())  # left padding
@@ -377,12 +399,13 @@ def text_stage(
     statements: bool = False,
     claimed: bool = False,
     verdict: bool = False,
+    carry: bool = False,
 ):
     """The loss of the text stage (``stage`` of engine.loop.train): the option readout's cross-entropy,
     ``option_weight`` x each option's binary cross-entropy against whether it holds, and ``hop_weight`` x
     the hops' cross-entropies (their mean over kinds; with ``claimed``, also the claim's person; with
-    ``verdict``, also the verdict at that token; with ``statements``, also the hallucination task's
-    statement hops), read through ``model``'s output head."""
+    ``verdict``, also the verdict at that token; with ``carry``, also the claimed colour there; with
+    ``statements``, also the hallucination task's statement hops), read through ``model``'s output head."""
     from ..models.scoring import option_signs
 
     head = model.get_output_embeddings()
@@ -400,7 +423,7 @@ def text_stage(
         terms = {"ce": ce, "bce_options": (bce * shown).sum() / shown.sum()}
         total = ce + option_weight * terms["bce_options"]
         if hop_weight:
-            hops = hop_logits(scores, items, processor, head, statements, claimed, verdict)
+            hops = hop_logits(scores, items, processor, head, statements, claimed, verdict, carry)
             for kind, (z, t) in hops.items():
                 terms[f"hop_{kind}"] = torch.nn.functional.cross_entropy(z, t)
             if hops:
@@ -454,7 +477,7 @@ def text_stage_eval(
                         hits[key] += p == r.label
                         counts[key] += 1
                 head = model.get_output_embeddings()
-                hops = hop_logits(scores, chunk, processor, head, statements, True, verdicts)
+                hops = hop_logits(scores, chunk, processor, head, statements, True, verdicts, True)
                 for kind, (z, t) in hops.items():
                     hits[f"hop_{kind}"] += int((z.argmax(-1) == t).sum())
                     counts[f"hop_{kind}"] += len(t)
@@ -470,7 +493,7 @@ def text_stage_eval(
 
 
 #: stage settings added after runs had recorded theirs, with the value those runs had
-_ADDED_SETTINGS = {"verdict_hop": False}
+_ADDED_SETTINGS = {"verdict_hop": False, "carry_hop": False}
 
 
 def run_text_stage(
@@ -488,6 +511,7 @@ def run_text_stage(
     statement_hops: bool = False,
     claimed_hop: bool = False,
     verdict_hop: bool = False,
+    carry_hop: bool = False,
     pixels: bool = False,
     tasks: tuple[str, ...] = ("hallucination", "factuality"),
     beta2: float = 0.95,
@@ -509,7 +533,8 @@ def run_text_stage(
     second-moment decay; 0.95, the lab's, where the engine's default 0.999 kept the name hop on its plateau
     (docs/pretraining.md, "The name hop in the project's form"). ``claimed_hop``: also the claim's person
     at the credited person's token (docs/pretraining.md, "The comparison"); ``verdict_hop``: also the
-    verdict at that token (docs/pretraining.md, "The comparison at L"). The stage's own settings go to
+    verdict at that token (docs/pretraining.md, "The comparison at L"); ``carry_hop``: also the claimed
+    shape's colour at that token (docs/lab.md, "The colour lookup before the name at L"). The stage's own settings go to
     ``out/text_stage.json`` (the engine's go to ``out/config.yaml``); resuming with other ones is refused."""
     from pathlib import Path
 
@@ -535,6 +560,7 @@ def run_text_stage(
         "option_weight": option_weight,
         "claimed_hop": claimed_hop,
         "verdict_hop": verdict_hop,
+        "carry_hop": carry_hop,
         "statement_hops": statement_hops,
         "pixels": pixels,
         "held_out": held_out,
@@ -585,6 +611,7 @@ def run_text_stage(
             statements=statement_hops,
             claimed=claimed_hop,
             verdict=verdict_hop,
+            carry=carry_hop,
         ),
         model=model,
         processor=processor,
