@@ -310,9 +310,11 @@ def test_hop_accuracy_is_reported_per_kind():
     positions (they would only read its answer)."""
     base = dict(rung="fact", layout="scene-first", scene="grid", hop_weight=1.0, steps=2, eval_every=2, held_out=16)
     plain = run_rung(LabConfig(**base), log=None).curve[-1]["hops"]
-    assert set(plain) == {"colour", "name", "match", "bind-colour", "bind-name"}
+    assert set(plain) == {"colour", "name", "match", "bind-colour", "bind-name", "carry"}
     bound = run_rung(LabConfig(**base, binding_hops=True), log=None).curve[-1]["hops"]
-    assert set(bound) == {"colour", "name", "bind-colour", "bind-name"}
+    assert set(bound) == {"colour", "name", "bind-colour", "bind-name", "carry"}
+    carried = run_rung(LabConfig(**base, carry_hop=True), log=None).curve[-1]["hops"]
+    assert set(carried) == set(plain)  # the carry hop shares no position with the dense kinds at the stops
     assert all(0 <= v <= 1 for v in (*plain.values(), *bound.values()))
 
 

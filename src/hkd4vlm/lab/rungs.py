@@ -57,6 +57,9 @@ DENSE_HOPS = {
     "bind-name": "binding_hops",
     "carry": "carry_hop",
 }
+#: the dense kinds at the context's full stops but the last, among the same words: an untrained one beside a
+#: trained one would only read the trained one's answer (``carry`` sits at the last word, among colours)
+AT_STOPS = frozenset({"match", "bind-colour", "bind-name"})
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..files import write_text_atomic
-from .rungs import DENSE_HOPS, GRID, Example, get_rung, words
+from .rungs import AT_STOPS, DENSE_HOPS, GRID, Example, get_rung, words
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -503,9 +503,10 @@ def load_lm(run: str | Path, rungs: list[str]):
 def _evaluate(
     model, batches: list[Batch], rungs: list[str], prefix: bool = False, trained: Collection[str] = ()
 ) -> dict:
-    """Held-out accuracy, overall and per rung, and per kind of hop: the fixed hops, and the dense kinds
-    trained (``trained``) or, where none is, every dense kind (they share positions, so an untrained kind
-    beside a trained one would only read the trained one's answer)."""
+    """Held-out accuracy, overall and per rung, and per kind of hop: the fixed hops, the carry hop, and the
+    dense kinds at the full stops (``AT_STOPS``) trained (``trained``) or, where none of them is, every one
+    (they share positions and words, so an untrained kind beside a trained one would only read the trained
+    one's answer)."""
     import torch
 
     model.eval()
@@ -518,7 +519,7 @@ def _evaluate(
                 hits[r].append(h)
             for kinds, row in zip(b.hop_kinds, hop_hits.tolist()):
                 for kind, h in zip(kinds, row):
-                    if kind not in DENSE_HOPS or not trained or kind in trained:
+                    if kind not in AT_STOPS or not AT_STOPS.intersection(trained) or kind in trained:
                         hops.setdefault(kind, []).append(h)
     every = [h for v in hits.values() for h in v]
     point = {
