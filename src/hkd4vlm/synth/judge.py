@@ -213,10 +213,6 @@ def shortened(recipe: JudgeRecipe, steps: int, held_out: int = 4) -> JudgeRecipe
     return JudgeRecipe(preset=recipe.preset, prompt_version=recipe.prompt_version, stages=stages)
 
 
-#: per stage kind, settings added after stages had recorded theirs, with the value those stages had
-ADDED_STAGE_SETTINGS = {"text_stage": {"carry_hop": False}}
-
-
 def _spec_json(spec) -> dict:
     return spec.model_dump(mode="json")
 
@@ -228,10 +224,11 @@ def stage_done(out: Path, spec) -> bool:
     marker = folder / STAGE_FILE
     if not marker.is_file():
         return False
-    # a setting added since the stage was made counts as its default there
-    if {**ADDED_STAGE_SETTINGS.get(spec.kind, {}), **json.loads(marker.read_text(encoding="utf-8"))} != _spec_json(
-        spec
-    ):
+    from .textstage import ADDED_SETTINGS
+
+    # a text stage's setting added since the stage was made has the value it had then (textstage.ADDED_SETTINGS)
+    added = ADDED_SETTINGS if isinstance(spec, TextStageSpec) else {}
+    if {**added, **json.loads(marker.read_text(encoding="utf-8"))} != _spec_json(spec):
         raise ConfigError(
             f"{marker}: stage {spec.name!r} was made with other settings than the recipe's; use a new out "
             "folder or remove that stage's folder"

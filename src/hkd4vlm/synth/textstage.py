@@ -492,8 +492,9 @@ def text_stage_eval(
     return evaluate
 
 
-#: stage settings added after runs had recorded theirs, with the value those runs had
-_ADDED_SETTINGS = {"verdict_hop": False, "carry_hop": False}
+#: stage settings added after runs had recorded theirs, with the value those runs had (also read for a judge
+#: recipe's text stages, synth.judge.stage_done)
+ADDED_SETTINGS = {"verdict_hop": False, "carry_hop": False}
 
 
 def run_text_stage(
@@ -570,7 +571,7 @@ def run_text_stage(
     started = bool(checkpoint_dirs(out / "checkpoints"))
     if started and resume and recorded.is_file():
         before = json.loads(recorded.read_text(encoding="utf-8"))
-        changed = sorted(k for k in settings if before.get(k, _ADDED_SETTINGS.get(k)) != settings[k])
+        changed = sorted(k for k in settings if before.get(k, ADDED_SETTINGS.get(k)) != settings[k])
         if changed:
             raise ConfigError(
                 f"{recorded}: the run to resume was started with other settings ({', '.join(changed)}); "
