@@ -124,6 +124,30 @@ def test_shortened_cuts_every_stage_and_keeps_the_rest():
     assert short.stages[4].train.steps == 1 and short.stages[4].train.optim.betas == (0.9, 0.95)
 
 
+@pytest.mark.parametrize("index, field", [(0, "stop_after"), (4, "train")])
+def test_an_unfinished_stage_may_move_its_stop_and_nothing_else(tmp_path, index, field):
+    """A stage not yet finished resumes with another stop (the schedule spans its steps either way, as the
+    engine's resume allows); another setting, or another stop once the model is made, is refused."""
+    made = CHAIN[index]
+    (tmp_path / made["name"]).mkdir()
+    (tmp_path / made["name"] / judge.STAGE_FILE).write_text(json.dumps(_recipe().stages[index].model_dump(mode="json")))
+
+    def spec(**change):
+        return _recipe([*CHAIN[:index], {**made, **change}, *CHAIN[index + 1 :]]).stages[index]
+
+    stop = {"stop_after": 3} if field == "stop_after" else {"train": {**made["train"], "stop_after": 1}}
+    assert judge.stage_done(tmp_path, spec(**stop)) is False
+    assert judge.stage_done(tmp_path, spec()) is False
+    other = {"steps": 5} if field == "stop_after" else {"train": {**made["train"], "steps": 3}}
+    with pytest.raises(ConfigError, match=f"stage '{made['name']}' was made with other settings"):
+        judge.stage_done(tmp_path, spec(**other))
+    (tmp_path / made["name"] / "model").mkdir()
+    (tmp_path / made["name"] / "model" / "config.json").write_text("{}")
+    assert judge.stage_done(tmp_path, spec()) is True
+    with pytest.raises(ConfigError, match=f"stage '{made['name']}' was made with other settings"):
+        judge.stage_done(tmp_path, spec(**stop))
+
+
 @pytest.fixture
 def own_zoo(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path / "zoo")

@@ -217,9 +217,19 @@ def _spec_json(spec) -> dict:
     return spec.model_dump(mode="json")
 
 
+def _without_stop(settings: dict) -> dict:
+    """A stage's settings less where it stops (``stop_after``; an SFT stage's ``train.stop_after``): the
+    schedule spans ``steps`` either way, so a run not yet finished may be stopped earlier or later."""
+    settings = {k: v for k, v in settings.items() if k != "stop_after"}
+    if isinstance(settings.get("train"), dict):
+        settings["train"] = {k: v for k, v in settings["train"].items() if k != "stop_after"}
+    return settings
+
+
 def stage_done(out: Path, spec) -> bool:
     """Whether ``out/<name>`` holds the stage's finished model, made with ``spec``'s settings; ConfigError
-    where it holds one made with others."""
+    where it holds one made with others. A stage not yet finished may change only where it stops
+    (``stop_after``), as a run resumed to another stop does."""
     folder = out / spec.name
     marker = folder / STAGE_FILE
     if not marker.is_file():
@@ -228,12 +238,14 @@ def stage_done(out: Path, spec) -> bool:
 
     # a text stage's setting added since the stage was made has the value it had then (textstage.ADDED_SETTINGS)
     added = ADDED_SETTINGS if isinstance(spec, TextStageSpec) else {}
-    if {**added, **json.loads(marker.read_text(encoding="utf-8"))} != _spec_json(spec):
+    made, wanted = {**added, **json.loads(marker.read_text(encoding="utf-8"))}, _spec_json(spec)
+    finished = (folder / "model" / "config.json").is_file()
+    if made != wanted and (finished or _without_stop(made) != _without_stop(wanted)):
         raise ConfigError(
             f"{marker}: stage {spec.name!r} was made with other settings than the recipe's; use a new out "
             "folder or remove that stage's folder"
         )
-    return (folder / "model" / "config.json").is_file()
+    return finished
 
 
 def run_judge(
