@@ -195,7 +195,10 @@ def test_the_chain_runs_in_order_keeps_finished_stages_and_ships(tmp_path, synth
     with pytest.raises(ConfigError, match="stage 'compare' was made with other settings"):
         judge.run_judge(changed, synth_root, out, progress=False, log=said.append)
 
-    folder = judge.publish_judge(out, synth_root, "mine", recipe)
+    # a stage tried beside the chain and never run does not stop it shipping, nor ship with it
+    tried = _recipe([*CHAIN[:2], {**CHAIN[1], "name": "tried", "lr": 2e-3}, *CHAIN[2:]])
+    folder = judge.publish_judge(out, synth_root, "mine", tried)
+    assert not (out / "tried").exists()
     m = json.loads((folder / "manifest.json").read_text())
     assert m["kind"] == "judge" and m["role"] == "teacher" and m["preset"] == "tiny-paligemma-s"
     assert m["recipe_digest"] == judge.recipe_digest(recipe) and zoo.verify("mine") == []

@@ -396,9 +396,10 @@ def publish_stage(run, data_root, name: str, recipe: JudgeRecipe, stage: str) ->
 
 def publish_judge(run, data_root, name: str, recipe: JudgeRecipe, *, role: str = "teacher") -> Path:
     """Publish the finished chain in ``run`` (``run_judge``'s ``out``) into the zoo as ``name``: the last
-    stage's model in half precision and a manifest with the recipe and its digest, each stage's held-out
-    check, and the accuracy per task on ``data_root``'s test and validation splits, measured here from the
-    half-precision weights that ship."""
+    stage's model in half precision and a manifest with the part of the recipe that made it
+    (``stage_recipe``: stages tried beside the chain and left unfinished do not ship with it) and its digest,
+    each of those stages' held-out check, and the accuracy per task on ``data_root``'s test and validation
+    splits, measured here from the half-precision weights that ship."""
     import torch
 
     from ..engine.sft import split_eval
@@ -406,6 +407,7 @@ def publish_judge(run, data_root, name: str, recipe: JudgeRecipe, *, role: str =
     from ..models.loading import load_model
 
     run = Path(run)
+    recipe = stage_recipe(recipe, recipe.stages[-1].name)
     for st in recipe.stages:
         if not stage_done(run, st):
             raise ConfigError(f"{run / st.name}: stage {st.name!r} is not finished; run the recipe first")
