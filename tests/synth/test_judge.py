@@ -70,6 +70,20 @@ def _ship_manifest(own_zoo, name, **fields):
     (own_zoo / name / "manifest.json").write_text(json.dumps(m))
 
 
+def test_a_text_stage_through_pixels_continues_an_alignment_or_another_through_pixels(own_zoo):
+    pixels = {**CHAIN[3], "name": "more", "init": "pixels"}
+    assert _recipe([*CHAIN[:4], pixels]).stages[-1].init == "pixels"
+    with pytest.raises(ValueError, match="through pixels starts from an alignment .or from a text stage through"):
+        _recipe([*CHAIN[:2], {**pixels, "init": "compare"}])
+    # shipped: a text stage through pixels (its recipe's last stage) is taken, one through words is not
+    shipped = {"recipe": {"preset": "tiny-paligemma-s", "prompt_version": PROMPT_VERSION, "stages": [CHAIN[3]]}}
+    _ship_manifest(own_zoo, "seen", **shipped)
+    judge.check_shipped(_recipe([{**pixels, "init": "zoo:seen"}]))
+    _ship_manifest(own_zoo, "words")
+    with pytest.raises(ConfigError, match="zoo:words is a shipped stage of kind 'text_stage'; more needs one of kind"):
+        judge.check_shipped(_recipe([{**pixels, "init": "zoo:words"}]))
+
+
 @pytest.mark.parametrize(
     "fields, stages, message",
     [

@@ -108,6 +108,7 @@ class JudgeRecipe(StrictModel):
     def _chain(self) -> JudgeRecipe:
         # a shipped stage's kind is checked against its manifest when the chain runs (check_shipped)
         seen: dict[str, str] = {}
+        through_pixels: set[str] = set()  # text stages through pixels, which a later one may continue
         for i, st in enumerate(self.stages):
             if st.name in seen:
                 raise ValueError(f"stages.{i}: the name {st.name!r} is taken by an earlier stage")
@@ -124,10 +125,17 @@ class JudgeRecipe(StrictModel):
             if (
                 isinstance(st, TextStageSpec)
                 and st.pixels
-                and (not st.init or (not shipped(st.init) and seen[st.init] != "align"))
+                and (
+                    not st.init or (not shipped(st.init) and seen[st.init] != "align" and st.init not in through_pixels)
+                )
             ):
-                raise ValueError(f"stages.{i} ({st.name}): a text stage through pixels starts from an alignment")
+                raise ValueError(
+                    f"stages.{i} ({st.name}): a text stage through pixels starts from an alignment "
+                    "(or from a text stage through pixels)"
+                )
             seen[st.name] = st.kind
+            if isinstance(st, TextStageSpec) and st.pixels:
+                through_pixels.add(st.name)
         return self
 
 
@@ -136,8 +144,14 @@ def _wanted_kind(st, ref: str) -> str | None:
     if isinstance(st, AlignSpec):
         return "text_stage" if ref == st.model else "align"
     if isinstance(st, TextStageSpec) and st.pixels:
-        return "align"
+        return "align"  # or a text stage through pixels (_through_pixels)
     return None
+
+
+def _through_pixels(manifest: dict) -> bool:
+    """Whether a shipped stage is a text stage through pixels (its recipe's last stage)."""
+    stages = manifest.get("recipe", {}).get("stages") or [{}]
+    return manifest.get("stage_kind") == "text_stage" and bool(stages[-1].get("pixels"))
 
 
 def check_shipped(recipe: JudgeRecipe) -> None:
@@ -162,6 +176,8 @@ def check_shipped(recipe: JudgeRecipe) -> None:
                     f"{where} was made with prompt version {made}, the recipe's is {recipe.prompt_version}"
                 )
             wanted = _wanted_kind(st, ref)
+            if wanted == "align" and isinstance(st, TextStageSpec) and _through_pixels(m):
+                continue  # a text stage through pixels continues another
             if wanted is not None and m.get("stage_kind") != wanted:
                 raise ConfigError(
                     f"{where} is a shipped stage of kind {m.get('stage_kind')!r}; {st.name} needs one of kind {wanted!r}"
