@@ -42,9 +42,19 @@ def _recipe(stages=CHAIN, **extra) -> judge.JudgeRecipe:
         ([{**FACT, "init": "nothing"}], r"stages.0 \(fact\): 'nothing' is not an earlier stage"),
         ([FACT, FACT], "stages.1: the name 'fact' is taken"),
         ([{**CHAIN[2], "model": "fact"}], "stages.0 .align.: 'fact' is not an earlier stage"),
-        ([FACT, {**CHAIN[1], "init": "fact", "pixels": True}], "a text stage through pixels starts from an alignment"),
-        ([FACT, {**CHAIN[2], "model": "fact", "tower_from": "fact"}], "tower_from 'fact' is not an alignment"),
-        ([FACT, {**CHAIN[4], "model": "fact"}, {**CHAIN[2], "model": "sft"}], "model 'sft' is not a text stage"),
+        ([{**CHAIN[3], "init": None}], r"stages.0 \(pixels\): no init; pixels needs an alignment or a text stage"),
+        (
+            [FACT, {**CHAIN[1], "init": "fact", "pixels": True}],
+            "init 'fact' is a text stage through words; compare needs an alignment or a text stage through pixels",
+        ),
+        (
+            [FACT, {**CHAIN[2], "model": "fact", "tower_from": "fact"}],
+            "tower_from 'fact' is a text stage through words; align needs an alignment",
+        ),
+        (
+            [FACT, {**CHAIN[4], "model": "fact"}, {**CHAIN[2], "model": "sft"}],
+            "model 'sft' is an SFT stage; align needs a text stage through words or a text stage through pixels",
+        ),
     ],
 )
 def test_a_broken_chain_is_refused_before_anything_runs(stages, message):
@@ -73,25 +83,28 @@ def _ship_manifest(own_zoo, name, **fields):
 def test_a_text_stage_through_pixels_continues_an_alignment_or_another_through_pixels(own_zoo):
     pixels = {**CHAIN[3], "name": "more", "init": "pixels"}
     assert _recipe([*CHAIN[:4], pixels]).stages[-1].init == "pixels"
-    with pytest.raises(ValueError, match="through pixels starts from an alignment .or from a text stage through"):
+    with pytest.raises(ValueError, match="init 'compare' is a text stage through words; more needs an alignment or"):
         _recipe([*CHAIN[:2], {**pixels, "init": "compare"}])
     # shipped: a text stage through pixels (its recipe's last stage) is taken, one through words is not
     shipped = {"recipe": {"preset": "tiny-paligemma-s", "prompt_version": PROMPT_VERSION, "stages": [CHAIN[3]]}}
     _ship_manifest(own_zoo, "seen", **shipped)
     judge.check_shipped(_recipe([{**pixels, "init": "zoo:seen"}]))
     _ship_manifest(own_zoo, "words")
-    with pytest.raises(ConfigError, match="zoo:words is a shipped stage of kind 'text_stage'; more needs one of kind"):
+    with pytest.raises(
+        ConfigError,
+        match="zoo:words is shipped as a text stage through words; more needs an alignment or a text stage through pixels",
+    ):
         judge.check_shipped(_recipe([{**pixels, "init": "zoo:words"}]))
 
 
 @pytest.mark.parametrize(
     "fields, stages, message",
     [
-        ({}, [{**CHAIN[3], "init": "zoo:words"}], r"stages.0 \(pixels\): zoo:words is a shipped stage of kind 'text_stage'; pixels needs one of kind 'align'"),
+        ({}, [{**CHAIN[3], "init": "zoo:words"}], r"stages.0 \(pixels\): zoo:words is shipped as a text stage through words; pixels needs an alignment or"),
         ({"kind": "judge"}, [{**FACT, "init": "zoo:words"}], "zoo:words is not a shipped judge stage"),
         ({"preset": "tiny-paligemma-l"}, [{**FACT, "init": "zoo:words"}], "made for preset 'tiny-paligemma-l', the recipe's is 'tiny-paligemma-s'"),
         ({"recipe": {"prompt_version": PROMPT_VERSION - 1}}, [{**CHAIN[2], "model": "zoo:words"}], f"made with prompt version {PROMPT_VERSION - 1}"),
-        ({"stage_kind": "align"}, [{**CHAIN[2], "model": "zoo:words"}], "zoo:words is a shipped stage of kind 'align'; align needs one of kind 'text_stage'"),
+        ({"stage_kind": "align"}, [{**CHAIN[2], "model": "zoo:words"}], "zoo:words is shipped as an alignment; align needs a text stage through words or"),
     ],
 )  # fmt: skip
 def test_a_shipped_stage_of_the_wrong_kind_preset_or_prompt_is_refused_before_anything_runs(

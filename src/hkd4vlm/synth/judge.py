@@ -107,51 +107,68 @@ class JudgeRecipe(StrictModel):
     @model_validator(mode="after")
     def _chain(self) -> JudgeRecipe:
         # a shipped stage's kind is checked against its manifest when the chain runs (check_shipped)
-        seen: dict[str, str] = {}
-        through_pixels: set[str] = set()  # text stages through pixels, which a later one may continue
+        made: dict[str, str] = {}  # stage name -> what it makes (_made)
         for i, st in enumerate(self.stages):
-            if st.name in seen:
+            if st.name in made:
                 raise ValueError(f"stages.{i}: the name {st.name!r} is taken by an earlier stage")
-            for ref in st.inputs():
-                if not shipped(ref) and ref not in seen:
+            for field, ref, kinds in _wanted(st):
+                if ref is None:  # tower_from may be left out; a text stage through pixels needs its init
+                    if field == "init" and kinds:
+                        raise ValueError(f"stages.{i} ({st.name}): no init; {_needs(st.name, kinds)}")
+                    continue
+                if shipped(ref):
+                    continue
+                if ref not in made:
                     raise ValueError(
                         f"stages.{i} ({st.name}): {ref!r} is not an earlier stage (nor a shipped one, zoo:NAME)"
                     )
-            if isinstance(st, AlignSpec):
-                if not shipped(st.model) and seen[st.model] != "text_stage":
-                    raise ValueError(f"stages.{i} ({st.name}): model {st.model!r} is not a text stage")
-                if st.tower_from and not shipped(st.tower_from) and seen[st.tower_from] != "align":
-                    raise ValueError(f"stages.{i} ({st.name}): tower_from {st.tower_from!r} is not an alignment")
-            if (
-                isinstance(st, TextStageSpec)
-                and st.pixels
-                and (
-                    not st.init or (not shipped(st.init) and seen[st.init] != "align" and st.init not in through_pixels)
-                )
-            ):
-                raise ValueError(
-                    f"stages.{i} ({st.name}): a text stage through pixels starts from an alignment "
-                    "(or from a text stage through pixels)"
-                )
-            seen[st.name] = st.kind
-            if isinstance(st, TextStageSpec) and st.pixels:
-                through_pixels.add(st.name)
+                if kinds and made[ref] not in kinds:
+                    raise ValueError(
+                        f"stages.{i} ({st.name}): {field} {ref!r} is {_say(made[ref])}; {_needs(st.name, kinds)}"
+                    )
+            made[st.name] = _made(st)
         return self
 
 
-def _wanted_kind(st, ref: str) -> str | None:
-    """The stage kind ``st`` needs its input ``ref`` to be (None: any)."""
-    if isinstance(st, AlignSpec):
-        return "text_stage" if ref == st.model else "align"
-    if isinstance(st, TextStageSpec) and st.pixels:
-        return "align"  # or a text stage through pixels (_through_pixels)
-    return None
+#: what a stage makes, as the stages after it see it: a text stage through pixels is its own kind (a later text
+#: stage through pixels may continue it, as it may an alignment)
+PIXELS = "text_stage_pixels"
+_WORDS = {
+    "text_stage": "a text stage through words",
+    PIXELS: "a text stage through pixels",
+    "align": "an alignment",
+    "sft": "an SFT stage",
+}
 
 
-def _through_pixels(manifest: dict) -> bool:
-    """Whether a shipped stage is a text stage through pixels (its recipe's last stage)."""
+def _say(kind: str | None) -> str:
+    return _WORDS.get(kind or "", f"a stage of kind {kind!r}")
+
+
+def _needs(who: str, kinds: tuple[str, ...]) -> str:
+    return f"{who} needs {' or '.join(_say(k) for k in kinds)}"
+
+
+def _made(st) -> str:
+    """What stage ``st`` of a recipe makes, as the stages after it see it."""
+    return PIXELS if isinstance(st, TextStageSpec) and st.pixels else st.kind
+
+
+def _made_shipped(manifest: dict) -> str | None:
+    """What a shipped stage makes (``_made`` of its recipe's last stage)."""
+    kind = manifest.get("stage_kind")
     stages = manifest.get("recipe", {}).get("stages") or [{}]
-    return manifest.get("stage_kind") == "text_stage" and bool(stages[-1].get("pixels"))
+    return PIXELS if kind == "text_stage" and stages[-1].get("pixels") else kind
+
+
+def _wanted(st) -> list[tuple[str, str | None, tuple[str, ...]]]:
+    """Each input field of ``st``: its name, the stage it names (None: none) and the kinds (``_made``) it
+    takes there (empty: any)."""
+    if isinstance(st, AlignSpec):
+        return [("model", st.model, ("text_stage", PIXELS)), ("tower_from", st.tower_from, ("align",))]
+    if isinstance(st, TextStageSpec):
+        return [("init", st.init, ("align", PIXELS) if st.pixels else ())]
+    return [("model", st.model, ())]
 
 
 def check_shipped(recipe: JudgeRecipe) -> None:
@@ -161,8 +178,8 @@ def check_shipped(recipe: JudgeRecipe) -> None:
     from ..models import zoo
 
     for i, st in enumerate(recipe.stages):
-        for ref in st.inputs():
-            if not shipped(ref):
+        for _, ref, kinds in _wanted(st):
+            if ref is None or not shipped(ref):
                 continue
             where = f"stages.{i} ({st.name}): {ref}"
             m = zoo.read_manifest(ref[len(SHIPPED) :])
@@ -175,13 +192,9 @@ def check_shipped(recipe: JudgeRecipe) -> None:
                 raise ConfigError(
                     f"{where} was made with prompt version {made}, the recipe's is {recipe.prompt_version}"
                 )
-            wanted = _wanted_kind(st, ref)
-            if wanted == "align" and isinstance(st, TextStageSpec) and _through_pixels(m):
-                continue  # a text stage through pixels continues another
-            if wanted is not None and m.get("stage_kind") != wanted:
-                raise ConfigError(
-                    f"{where} is a shipped stage of kind {m.get('stage_kind')!r}; {st.name} needs one of kind {wanted!r}"
-                )
+            have = _made_shipped(m)
+            if kinds and have not in kinds:
+                raise ConfigError(f"{where} is shipped as {_say(have)}; {_needs(st.name, kinds)}")
 
 
 def recipe_digest(recipe: JudgeRecipe) -> str:
@@ -361,6 +374,16 @@ def stage_recipe(recipe: JudgeRecipe, stage: str) -> JudgeRecipe:
     )
 
 
+def finished_part(run: Path, recipe: JudgeRecipe, stage: str) -> JudgeRecipe:
+    """``stage_recipe(recipe, stage)``, each of whose stages is finished in ``run`` (ConfigError naming the
+    first that is not)."""
+    part = stage_recipe(recipe, stage)
+    for st in part.stages:
+        if not stage_done(run, st):
+            raise ConfigError(f"{run / st.name}: stage {st.name!r} is not finished; run the recipe first")
+    return part
+
+
 def _held_out(run: Path, recipe: JudgeRecipe) -> dict:
     held_out = {}
     for st in recipe.stages:
@@ -386,10 +409,7 @@ def publish_stage(run, data_root, name: str, recipe: JudgeRecipe, stage: str) ->
     from ..models.loading import load_model
 
     run = Path(run)
-    part = stage_recipe(recipe, stage)
-    for st in part.stages:
-        if not stage_done(run, st):
-            raise ConfigError(f"{run / st.name}: stage {st.name!r} is not finished; run the recipe first")
+    part = finished_part(run, recipe, stage)
     spec = part.stages[-1]
     model, processor = load_model(run / stage / "model", dtype="float32")
     return zoo.publish(
@@ -423,10 +443,7 @@ def publish_judge(run, data_root, name: str, recipe: JudgeRecipe, *, role: str =
     from ..models.loading import load_model
 
     run = Path(run)
-    recipe = stage_recipe(recipe, recipe.stages[-1].name)
-    for st in recipe.stages:
-        if not stage_done(run, st):
-            raise ConfigError(f"{run / st.name}: stage {st.name!r} is not finished; run the recipe first")
+    recipe = finished_part(run, recipe, recipe.stages[-1].name)
     check_shipped(recipe)
     held_out = _held_out(run, recipe)
     model, processor = load_model(run / recipe.stages[-1].name / "model", dtype="float32")
