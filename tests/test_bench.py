@@ -188,6 +188,23 @@ def test_model_choice_errors_name_the_problem(tmp_path):
         resolve_models(None, [model, tmp_path / "seed0"], None, None, None)
 
 
+def test_a_quickstart_run_from_a_shipped_teacher_benches_that_teacher(tmp_path):
+    from hkd4vlm.bench.settings import QUICKSTART_MODELS
+    from hkd4vlm.models import zoo
+
+    for label in ("student", "assistant"):
+        (tmp_path / "seed0" / QUICKSTART_MODELS[label]).mkdir(parents=True)
+        (tmp_path / "seed0" / QUICKSTART_MODELS[label] / "config.json").write_text("{}")
+    with pytest.raises(BenchError, match="teacher_sft"):  # tuned here, and not there
+        quickstart_models(tmp_path)
+    judge = zoo.available()[0]
+    (tmp_path / "results.json").write_text(json.dumps({"teacher_judge": f"zoo:{judge}"}))
+    dirs = quickstart_models(tmp_path)
+    assert (
+        str(dirs["teacher"]) == f"zoo:{judge}" and dirs["student"] == tmp_path / "seed0" / QUICKSTART_MODELS["student"]
+    )
+
+
 def test_parse_letter_takes_the_first_standalone_option_letter():
     assert parse_letter("the red circle is B because A is wrong", ["A", "B", "C", "D"]) == "B"
     assert parse_letter("Answer: E or C", ["A", "B", "C", "D"]) == "C"

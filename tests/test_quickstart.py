@@ -29,6 +29,7 @@ def test_quickstart_writes_results_and_report(tmp_path):
         "0",
         "sizes={train: 16, val: 4, test: 4}",
         "pretrain=true",
+        "teacher_judge=null",  # the teacher tuned here (the default starts from the shipped judge)
         "pretrain_steps={teacher: 2, assistant: 2, student: 2}",
         "pretrain_dense_steps={teacher: 2, assistant: 2, student: 0}",
         "pretrain_pool=32",

@@ -184,6 +184,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig, seeds: list[int]) -> 
         "commit": code_commit(),
         "seeds": seeds,
         "teacher": cfg.teacher_judge or f"{bases['teacher']}, tuned here ({cfg.sft_steps} SFT steps)",
+        "teacher_judge": cfg.teacher_judge,  # the shipped teacher it started from (None: tuned here)
         "tasks": {t: {"rows": {}} for t in TASKS},
     }
     rows: dict[str, list[dict]] = {r: [] for r in ROWS}

@@ -26,8 +26,13 @@ PYRAMID = ["tiny-llava-l", "tiny-llava-m", "tiny-llava-s"]
 def test_the_quickstart_pyramid_is_shipped():
     from hkd4vlm.quickstart import QuickstartConfig
 
-    assert sorted(QuickstartConfig().bases.values()) == sorted(f"zoo:{n}" for n in PYRAMID)
+    cfg = QuickstartConfig()
+    assert sorted(cfg.bases.values()) == sorted(f"zoo:{n}" for n in PYRAMID)
     assert set(PYRAMID) <= set(SHIPPED), f"missing from {zoo.ZOO_DIR}: {sorted(set(PYRAMID) - set(SHIPPED))}"
+    # the tuned teacher it starts from is a shipped judge in the teacher's role (held to the target below)
+    assert cfg.teacher_judge is not None and cfg.teacher_judge.startswith(zoo.PREFIX)
+    teacher = cfg.teacher_judge[len(zoo.PREFIX) :]
+    assert teacher in JUDGES and zoo.read_manifest(teacher)["role"] == "teacher"
 
 
 @pytest.mark.parametrize("name", BASES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -11,14 +12,24 @@ from .settings import QUICKSTART_MODELS, BenchError, BenchSettings, ModelSet
 
 
 def quickstart_models(run: Path) -> dict[str, Path]:
-    """Student, assistant and teacher folders of a finished quickstart run (its first seed)."""
+    """Student, assistant and teacher folders of a finished quickstart run (its first seed); the teacher is
+    the shipped judge the run started from where it did (``teacher_judge`` in its ``results.json``)."""
     seeds = sorted(p for p in Path(run).glob("seed*") if p.is_dir())
     if not seeds:
         raise BenchError(
             f"{run} holds no seed*/ folder: not a finished quickstart run (hkd4vlm quickstart --out {run})"
         )
     dirs = {label: seeds[0] / rel for label, rel in QUICKSTART_MODELS.items()}
-    missing = [str(d) for d in dirs.values() if not (d / "config.json").is_file()]
+    results = Path(run) / "results.json"
+    judge = json.loads(results.read_text(encoding="utf-8")).get("teacher_judge") if results.is_file() else None
+    by_name = None  # a shipped judge, loaded by its zoo name (in float32, as shipped models load everywhere)
+    if judge:
+        from ..models import zoo
+
+        zoo.resolve(judge)  # a shipped judge must match its manifest
+        dirs["teacher"] = Path(judge)
+        by_name = dirs["teacher"] if zoo.is_zoo(judge) else None
+    missing = [str(d) for d in dirs.values() if d != by_name and not (d / "config.json").is_file()]
     if missing:
         raise BenchError(f"{run} is not a finished quickstart run: no model in {', '.join(missing)}")
     return dirs
