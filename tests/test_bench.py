@@ -5,6 +5,7 @@ not tested."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -203,6 +204,20 @@ def test_a_quickstart_run_from_a_shipped_teacher_benches_that_teacher(tmp_path):
     assert (
         str(dirs["teacher"]) == f"zoo:{judge}" and dirs["student"] == tmp_path / "seed0" / QUICKSTART_MODELS["student"]
     )
+
+
+def test_models_may_be_shipped_models_by_zoo_name(tmp_path):
+    """``--models`` takes what every other command takes: a folder or a shipped model's zoo name (checked
+    against its manifest); an unknown name is refused with the zoo's message."""
+    from hkd4vlm.models.zoo import ZooError
+
+    student = tmp_path / "s"
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+    chosen = resolve_models(None, [student, Path("zoo:tiny-llava-l")], None, None, None)
+    assert chosen.dirs == {"student": student, "teacher": Path("zoo:tiny-llava-l")}
+    with pytest.raises(ZooError, match="no zoo model 'tiny-llava-xl'"):
+        resolve_models(None, [student, Path("zoo:tiny-llava-xl")], None, None, None)
 
 
 def test_parse_letter_takes_the_first_standalone_option_letter():

@@ -11,6 +11,14 @@ from ..data.tasks import TASKS
 from .settings import QUICKSTART_MODELS, BenchError, BenchSettings, ModelSet
 
 
+def is_model(ref: Path) -> bool:
+    """Whether ``ref`` is a model: a folder with a config.json, or a shipped model by its zoo name (which
+    must match its manifest: ZooError otherwise)."""
+    from ..models import zoo
+
+    return (zoo.resolve(ref) / "config.json").is_file()
+
+
 def quickstart_models(run: Path) -> dict[str, Path]:
     """Student, assistant and teacher folders of a finished quickstart run (its first seed); the teacher is
     the shipped judge the run started from where it did (``teacher_judge`` in its ``results.json``)."""
@@ -22,14 +30,9 @@ def quickstart_models(run: Path) -> dict[str, Path]:
     dirs = {label: seeds[0] / rel for label, rel in QUICKSTART_MODELS.items()}
     results = Path(run) / "results.json"
     judge = json.loads(results.read_text(encoding="utf-8")).get("teacher_judge") if results.is_file() else None
-    by_name = None  # a shipped judge, loaded by its zoo name (in float32, as shipped models load everywhere)
-    if judge:
-        from ..models import zoo
-
-        zoo.resolve(judge)  # a shipped judge must match its manifest
+    if judge:  # loaded by its zoo name (in float32, as shipped models load everywhere)
         dirs["teacher"] = Path(judge)
-        by_name = dirs["teacher"] if zoo.is_zoo(judge) else None
-    missing = [str(d) for d in dirs.values() if d != by_name and not (d / "config.json").is_file()]
+    missing = [str(d) for d in dirs.values() if not is_model(d)]
     if missing:
         raise BenchError(f"{run} is not a finished quickstart run: no model in {', '.join(missing)}")
     return dirs
@@ -55,8 +58,8 @@ def resolve_models(
     if student.resolve() == teacher.resolve():
         raise BenchError(f"student and teacher are the same model ({student}); give at least two model folders")
     for d in {student, teacher, *listed}:
-        if not (d / "config.json").is_file():
-            raise BenchError(f"{d} is not a model folder (no config.json)")
+        if not is_model(d):
+            raise BenchError(f"{d} is not a model folder (no config.json) nor a shipped model (zoo:NAME)")
     others = [m for m in listed if m.resolve() not in (student.resolve(), teacher.resolve())]
     names = ["assistant"] if len(others) == 1 else [f"assistant{i + 1}" for i in range(len(others))]
     return ModelSet({"student": student, **dict(zip(names, others)), "teacher": teacher}, "models", data)

@@ -37,7 +37,13 @@ def shipped(ref: str) -> bool:
     return ref.startswith(SHIPPED)
 
 
-class TextStageSpec(StrictModel):
+class _Stage(StrictModel):
+    def inputs(self) -> list[str]:
+        """The stages (earlier or shipped) this one starts from, as ``_wanted`` lists them."""
+        return [ref for _, ref, _ in _wanted(self) if ref is not None]
+
+
+class TextStageSpec(_Stage):
     kind: Literal["text_stage"]
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
     init: str | None = Field(
@@ -60,11 +66,8 @@ class TextStageSpec(StrictModel):
     held_out: int = Field(default=256, ge=1)
     seed: int = 0
 
-    def inputs(self) -> list[str]:
-        return [self.init] if self.init else []
 
-
-class AlignSpec(StrictModel):
+class AlignSpec(_Stage):
     kind: Literal["align"]
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
     model: str = Field(description="the text stage whose vision tower is aligned (or a shipped one, zoo:NAME)")
@@ -76,11 +79,8 @@ class AlignSpec(StrictModel):
     held_out: int = Field(default=256, ge=1)
     seed: int = 0
 
-    def inputs(self) -> list[str]:
-        return [self.model] + ([self.tower_from] if self.tower_from else [])
 
-
-class SftSpec(StrictModel):
+class SftSpec(_Stage):
     kind: Literal["sft"]
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
     model: str
@@ -89,9 +89,6 @@ class SftSpec(StrictModel):
     eval_split: str | None = "val"
     seed: int = 0
     train: TrainSettings
-
-    def inputs(self) -> list[str]:
-        return [self.model]
 
 
 StageSpec = Annotated[TextStageSpec | AlignSpec | SftSpec, Field(discriminator="kind")]
