@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/hkd4vlm quickstart --out runs/quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 # ruff (lint and format, configured in pyproject.toml); .ci/run runs it before the tests
 lint: $(STAMP)

@@ -1,6 +1,27 @@
+import os
+
 import pytest
 
 from hkd4vlm.synth.generate import generate
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers on the two cores) each worker and what it launches
+    computes on one thread: two workers each asking for both cores would stall each other's intra-op threads."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the two-process tests each need their own rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -28,16 +49,19 @@ def sharpen():
 
 
 @pytest.fixture(scope="session")
-def launch_two_processes():
+def launch_two_processes(tmp_path_factory):
     """``launch_two_processes(*cli_args, timeout=..., script=None)``: run ``hkd4vlm CLI_ARGS`` (or ``script``) under ``accelerate launch``
-    with two CPU processes (gloo, one thread each) and return the finished process."""
-    import os
+    with two CPU processes (gloo, one thread each) and return the finished process. One launch at a time across
+    pytest-xdist's workers (a lock file in the run's shared temporary folder), each on its own rendezvous port."""
+    import fcntl
     import subprocess
     import sys
 
-    def launch(*cli_args: str, timeout: int, script: str | None = None) -> subprocess.CompletedProcess:
-        # script: a Python file to run instead of the CLI (its arguments are cli_args)
-        cmd = [
+    lock = tmp_path_factory.getbasetemp().parent / "launch_two_processes.lock"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(cli_args: tuple[str, ...], script: str | None) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "accelerate.commands.launch",
@@ -50,10 +74,16 @@ def launch_two_processes():
             "no",
             "--dynamo_backend",
             "no",
+            "--main_process_port",
+            str(free_port()),
             *(["-m", "hkd4vlm.cli"] if script is None else [script]),
             *cli_args,
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+    def launch(*cli_args: str, timeout: int, script: str | None = None) -> subprocess.CompletedProcess:
+        # script: a Python file to run instead of the CLI (its arguments are cli_args)
+        with open(lock, "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            return subprocess.run(command(cli_args, script), env=env, capture_output=True, text=True, timeout=timeout)
 
     return launch
