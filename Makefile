@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for `make test` (auto: one per core; 0: none, the suite in one process)
+TEST_WORKERS ?= auto
 
 .PHONY: install demo test lint format typecheck bench clean
 
@@ -21,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/hkd4vlm quickstart --out runs/quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # ruff (lint and format, configured in pyproject.toml); .ci/run runs it before the tests
 lint: $(STAMP)
