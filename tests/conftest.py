@@ -6,7 +6,7 @@ from hkd4vlm.synth.generate import generate
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (``make test`` runs two workers on the two cores) each worker and what it launches
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker and what it launches
     computes on one thread: two workers each asking for both cores would stall each other's intra-op threads."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
