@@ -15,13 +15,18 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the two-process tests each need their own rendezvous)."""
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port()``: a TCP port nobody listened on a moment ago (for a server or rendezvous a test starts in
+    another process; tests run side by side under pytest-xdist, so none takes a fixed port)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +54,7 @@ def sharpen():
 
 
 @pytest.fixture(scope="session")
-def launch_two_processes(tmp_path_factory):
+def launch_two_processes(tmp_path_factory, free_port):
     """``launch_two_processes(*cli_args, timeout=..., script=None)``: run ``hkd4vlm CLI_ARGS`` (or ``script``) under ``accelerate launch``
     with two CPU processes (gloo, one thread each) and return the finished process. One launch at a time across
     pytest-xdist's workers (a lock file in the run's shared temporary folder), each on its own rendezvous port."""

@@ -383,10 +383,8 @@ def test_cli_serve_passes_its_options_to_run(model_dir, monkeypatch):
 
 
 @pytest.mark.slow  # a fresh process imports torch and loads the model: ~10 s
-def test_cli_serve_answers_over_http_and_stops_on_ctrl_c(model_dir, hall):
-    with socket.socket() as s:  # a port that was free a moment ago
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_cli_serve_answers_over_http_and_stops_on_ctrl_c(model_dir, hall, free_port):
+    port = free_port()
     command = [
         sys.executable,
         "-m",
