@@ -1280,6 +1280,13 @@ def lab_list() -> None:
     "--init-std", type=click.FloatRange(min=0, min_open=True), default=None, help="initializer_range (default 0.02)."
 )
 @click.option(
+    "--scaled-residual-init/--no-scaled-residual-init",
+    default=False,
+    show_default=True,
+    help="Initialise the weights that write into the residual stream (attention's output projection, the "
+    "MLP's down projection) at the std / sqrt(2 x layers), as GPT-2 and Megatron do.",
+)
+@click.option(
     "--embed-scale/--no-embed-scale",
     default=True,
     show_default=True,
@@ -1312,7 +1319,8 @@ def lab_list() -> None:
     "--carry-hop/--no-carry-hop",
     default=False,
     show_default=True,
-    help="Also train the claimed shape's colour at the context's last word, where the name hop looks it up (fact).",
+    help="Also train the colour the name is looked up by where it is looked up (fact: the claimed shape's, at "
+    "the context's last word; retrieve: the asked one, where the answer is read).",
 )
 @click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--held-out", type=click.IntRange(min=1), default=256, show_default=True)

@@ -11,7 +11,7 @@ Rungs (chance in brackets):
 - ``recall``   adjacent key-value recall over 2-3 pairs, the setup's sanity check (~0.42 among the
   pairs' values);
 - ``retrieve`` "Who drew the red shapes?" over a context of 2-3 credits -> the name (~0.42 among the
-  credited names); binding hops at each sentence's full stop;
+  credited names); binding hops at each sentence's full stop, the asked colour where the answer is read;
 - ``verdict``  a claim naming a person, a colour and a shape -> true / context / nei (1/3); as ``fact``,
   the person credited with the claimed colour at the context's last word (``name``), binding hops at the
   other full stops;
@@ -59,6 +59,9 @@ DENSE_HOPS = {
 }
 #: the dense kinds at the context's full stops but the last, among the same words: an untrained one beside a
 #: trained one would only read the trained one's answer (``carry`` sits at the last word, among colours)
+#: the segment name of a hop at the position the answer is read at (the cue's last token, or without the cue
+#: the last segment's last word)
+ANSWER = "answer"
 AT_STOPS = frozenset({"match", "bind-colour", "bind-name"})
 
 
@@ -169,7 +172,9 @@ def _binding(index: int, credit: dict[str, str]) -> tuple[Hop, Hop]:
 
 
 def draw_retrieve(rng: random.Random) -> Example:
-    """Also the binding hops (``bind-colour``, ``bind-name``): what each sentence says, at its full stop."""
+    """Also the binding hops (``bind-colour``, ``bind-name``): what each sentence says, at its full stop; and
+    the asked colour where the answer is read (``carry``: what the name is looked up by, carried to the
+    position that looks it up, among the colour words where the answer's are names)."""
     credits, _ = _credits(rng)
     colour = rng.choice(list(credits))
     context = _context(rng, credits)
@@ -177,7 +182,8 @@ def draw_retrieve(rng: random.Random) -> Example:
         {"ask": f"Question : Who drew the {colour} shapes ?", "context": context},
         credits[colour],
         NAMES,
-        hops=tuple(h for index, sentence in _sentence_stops(context) for h in _binding(index, attributions(sentence))),
+        hops=tuple(h for index, sentence in _sentence_stops(context) for h in _binding(index, attributions(sentence)))
+        + (Hop(ANSWER, -1, colour, tuple(COLOURS), "carry"),),
     )
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..files import write_text_atomic
-from .rungs import AT_STOPS, DENSE_HOPS, GRID, Example, get_rung, words
+from .rungs import ANSWER, AT_STOPS, DENSE_HOPS, GRID, Example, get_rung, words
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -65,6 +65,9 @@ class LabConfig(BaseModel):
     init_std: float | None = Field(
         None, gt=0, allow_inf_nan=False
     )  # the config's initializer_range (transformers' default 0.02)
+    # the weights that write into the residual stream (attention's output projection, the MLP's down
+    # projection) initialised at the std / sqrt(2 x layers), as GPT-2 and Megatron do (False: the family's own)
+    scaled_residual_init: bool = False
     # Gemma only: its input embeddings times the square root of its width, as Gemma does (False: times 1)
     embed_scale: bool = True
     lm_weight: float = Field(
@@ -75,7 +78,9 @@ class LabConfig(BaseModel):
     )  # the intermediate targets' loss (rungs with hops: fact), beside the answer's
     sentence_hops: bool = False  # also train the matching hops (fact: one per context sentence)
     binding_hops: bool = False  # also train the binding hops (fact: each sentence's own colour and person)
-    carry_hop: bool = False  # also train the claimed colour where the name is looked up (fact: context's last word)
+    # also train the colour the name is looked up by where it is looked up (fact: the claimed shape's, at the
+    # context's last word; retrieve: the asked one, where the answer is read)
+    carry_hop: bool = False
     eval_every: int = Field(250, ge=1)
     held_out: int = Field(256, ge=1)
     stop_at: float | None = Field(None, gt=0, le=1)  # stop once held-out accuracy reaches this
@@ -95,12 +100,19 @@ class LabConfig(BaseModel):
             raise ValueError(
                 "sentence hops and binding hops sit at the same full stops among the same names: choose one"
             )
+        if self.carry_hop and self.binding_hops and not self.cue and "retrieve" in self.rungs:
+            raise ValueError(
+                "without the cue retrieve's answer is read at the last full stop, where the binding hops' colour "
+                "sits: the carry hop (the asked colour there) contradicts it, choose one"
+            )
         if self.prefix and self.lm_weight:
             raise ValueError(
                 "a next-token loss (lm_weight) needs causal attention: prefix attention sees the next token"
             )
         if not self.embed_scale and (self.init_from is not None or self.sizes()[0] != "gemma"):
             raise ValueError("--no-embed-scale is Gemma's (a fresh gemma family or preset): others do not scale")
+        if self.scaled_residual_init and self.init_from is not None:
+            raise ValueError("--scaled-residual-init sets a fresh model's initialisation: not with --init-from")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         return self
@@ -193,8 +205,26 @@ class Vocabulary:
         return [self.ids.get(w, unk) for w in words(text)]
 
 
+#: the names of the weights that write a block's output into the residual stream, in every family the lab
+#: builds (Qwen2, Llama, Gemma: o_proj, down_proj; LFM2: out_proj of attention and convolution, w2)
+RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "w2.weight")
+
+
 def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
     """A causal LM of the config's family and sizes, randomly initialised with its seed."""
+    model = _build_lm(config, vocab_size, pad_id)
+    if config.scaled_residual_init:
+        import torch
+
+        layers = model.config.num_hidden_layers
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(RESIDUAL_OUTPUTS):
+                    p.mul_((2 * layers) ** -0.5)
+    return model
+
+
+def _build_lm(config: LabConfig, vocab_size: int, pad_id: int):
     import torch
 
     family, layers, hidden, heads = config.sizes()
@@ -264,11 +294,14 @@ def _positions(
         ids = vocab.encode(ex.segments[name])
         start[name] = (len(out), len(ids))
         out += [(i,) for i in ids]
+    if cue:
+        out += [(i,) for i in vocab.encode("Answer :")]
+    start[ANSWER] = (len(out) - 1, 1)
     hops = []
     for hop in ex.hops:
         at, n = start[hop.segment]
         hops.append(at + (hop.index if hop.index >= 0 else n + hop.index))
-    return out + ([(i,) for i in vocab.encode("Answer :")] if cue else []), hops
+    return out, hops
 
 
 def encode_batch(
