@@ -58,11 +58,12 @@ DENSE_HOPS = {
     "carry": "carry_hop",
 }
 #: the dense kinds at the context's full stops but the last, among the same words: an untrained one beside a
-#: trained one would only read the trained one's answer (``carry`` sits at the last word, among colours)
+#: trained one would only read the trained one's answer (``carry`` sits at the last word or where the answer is
+#: read, among colours)
+AT_STOPS = frozenset({"match", "bind-colour", "bind-name"})
 #: the segment name of a hop at the position the answer is read at (the cue's last token, or without the cue
 #: the last segment's last word)
 ANSWER = "answer"
-AT_STOPS = frozenset({"match", "bind-colour", "bind-name"})
 
 
 @dataclass(frozen=True)
