@@ -1280,11 +1280,13 @@ def lab_list() -> None:
     "--init-std", type=click.FloatRange(min=0, min_open=True), default=None, help="initializer_range (default 0.02)."
 )
 @click.option(
-    "--scaled-residual-init/--no-scaled-residual-init",
-    default=False,
+    "--residual-init",
+    type=click.Choice(["family", "gpt2", "depth"]),
+    default="family",
     show_default=True,
-    help="Initialise the weights that write into the residual stream (attention's output projection, the "
-    "MLP's down projection) at the std / sqrt(2 x layers), as GPT-2 and Megatron do.",
+    help="The weights that write into the residual stream (attention's output projection, the MLP's down "
+    "projection): the family's own std, or that std / sqrt(2 x layers) as GPT-2 and Megatron (gpt2), or / "
+    "sqrt(layers) (depth).",
 )
 @click.option(
     "--embed-scale/--no-embed-scale",

@@ -333,20 +333,21 @@ def test_retrieves_carry_hop_is_the_asked_colour_where_the_answer_is_read():
 
 
 @pytest.mark.parametrize("family", ["qwen2", "lfm2"])
-def test_scaled_residual_init_shrinks_only_what_writes_into_the_residual_stream(family):
+@pytest.mark.parametrize(("residual_init", "writers"), [("gpt2", 8), ("depth", 4)])
+def test_residual_init_shrinks_only_what_writes_into_the_residual_stream(family, residual_init, writers):
     import torch
 
     from hkd4vlm.lab.train import build_lm
 
     base = dict(rung="recall", family=family, layers=4, hidden=32, heads=2)
     plain = dict(build_lm(LabConfig(**base), 40, 0).named_parameters())
-    scaled = dict(build_lm(LabConfig(**base, scaled_residual_init=True), 40, 0).named_parameters())
+    scaled = dict(build_lm(LabConfig(**base, residual_init=residual_init), 40, 0).named_parameters())
     shrunk = {n for n in plain if not torch.equal(plain[n], scaled[n])}
     # every block's attention (or convolution) output and MLP output: two per layer
     assert len(shrunk) == 2 * 4 and all(
         n.rsplit(".", 2)[-2] in ("o_proj", "down_proj", "out_proj", "w2") for n in shrunk
     )
     for n in shrunk:
-        torch.testing.assert_close(scaled[n], plain[n] / 8**0.5)
+        torch.testing.assert_close(scaled[n], plain[n] / writers**0.5)
     with pytest.raises(ValueError, match="not with --init-from"):
-        LabConfig(rung="recall", scaled_residual_init=True, init_from=".")
+        LabConfig(rung="recall", residual_init=residual_init, init_from=".")

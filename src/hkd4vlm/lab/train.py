@@ -66,8 +66,9 @@ class LabConfig(BaseModel):
         None, gt=0, allow_inf_nan=False
     )  # the config's initializer_range (transformers' default 0.02)
     # the weights that write into the residual stream (attention's output projection, the MLP's down
-    # projection) initialised at the std / sqrt(2 x layers), as GPT-2 and Megatron do (False: the family's own)
-    scaled_residual_init: bool = False
+    # projection) initialised at the std scaled down by depth: "gpt2" / sqrt(2 x layers), as GPT-2 and Megatron
+    # do; "depth" / sqrt(layers); "family" the family's own (every linear layer at the same std)
+    residual_init: Literal["family", "gpt2", "depth"] = "family"
     # Gemma only: its input embeddings times the square root of its width, as Gemma does (False: times 1)
     embed_scale: bool = True
     lm_weight: float = Field(
@@ -111,8 +112,8 @@ class LabConfig(BaseModel):
             )
         if not self.embed_scale and (self.init_from is not None or self.sizes()[0] != "gemma"):
             raise ValueError("--no-embed-scale is Gemma's (a fresh gemma family or preset): others do not scale")
-        if self.scaled_residual_init and self.init_from is not None:
-            raise ValueError("--scaled-residual-init sets a fresh model's initialisation: not with --init-from")
+        if self.residual_init != "family" and self.init_from is not None:
+            raise ValueError("--residual-init sets a fresh model's initialisation: not with --init-from")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         return self
@@ -213,14 +214,14 @@ RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "w2.
 def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
     """A causal LM of the config's family and sizes, randomly initialised with its seed."""
     model = _build_lm(config, vocab_size, pad_id)
-    if config.scaled_residual_init:
+    if config.residual_init != "family":
         import torch
 
-        layers = model.config.num_hidden_layers
+        writers = model.config.num_hidden_layers * (2 if config.residual_init == "gpt2" else 1)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith(RESIDUAL_OUTPUTS):
-                    p.mul_((2 * layers) ** -0.5)
+                    p.mul_(writers**-0.5)
     return model
 
 
