@@ -1234,6 +1234,99 @@ def lab_list() -> None:
         click.echo(f"{rung.name:10} chance {rung.chance:.2f}  layouts {', '.join(rung.layouts)}  {rung.doc}")
 
 
+#: the training settings ``lab run`` and ``lab sizes`` share (the fields of ``LabConfig``)
+_LAB_SETTINGS = [
+    click.option("--layout", default="ask-first", show_default=True, help="Segment order (see `hkd4vlm lab list`)."),
+    click.option(
+        "--cue/--no-cue",
+        default=True,
+        show_default=True,
+        help="End with 'Answer :' (else read the last segment's end).",
+    ),
+    click.option(
+        "--scene",
+        type=click.Choice(["words", "grid"]),
+        default="words",
+        show_default=True,
+        help="A scene written out, or one token per image patch (8 x 8) holding the sum of its object's words.",
+    ),
+    click.option(
+        "--attention",
+        type=click.Choice(["causal", "prefix"]),
+        default=None,
+        help="prefix: every position attends to the whole prompt, as PaliGemma's over image and prompt "
+        "[default: a preset's family's (prefix for tiny-paligemma-*), else causal].",
+    ),
+    click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+    click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True),
+    click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True),
+    click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True),
+    click.option(
+        "--init-std",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="initializer_range (default 0.02).",
+    ),
+    click.option(
+        "--residual-init",
+        type=click.Choice(["family", "gpt2", "depth"]),
+        default="family",
+        show_default=True,
+        help="The weights that write into the residual stream (attention's output projection, the MLP's down "
+        "projection): the family's own std, or that std / sqrt(2 x layers) as GPT-2 and Megatron (gpt2), or / "
+        "sqrt(layers) (depth).",
+    ),
+    click.option(
+        "--embed-scale/--no-embed-scale",
+        default=True,
+        show_default=True,
+        help="Gemma only: its input embeddings times the square root of its width, as Gemma does "
+        '(--no-embed-scale: times 1; docs/lab.md, "The teacher\'s language model").',
+    ),
+    click.option(
+        "--lm-weight",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
+        help="Next-token loss on the prompt.",
+    ),
+    click.option(
+        "--hop-weight",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
+        help="Loss on the rung's intermediate targets (fact: the claimed shape's colour, the credited name).",
+    ),
+    click.option(
+        "--sentence-hops/--no-sentence-hops",
+        default=False,
+        show_default=True,
+        help="Also the dense intermediate targets (fact: at each context sentence, its person if its colour is the claimed shape's).",
+    ),
+    click.option(
+        "--binding-hops/--no-binding-hops",
+        default=False,
+        show_default=True,
+        help="Also train what each context sentence says (fact: its colour and its person, at its full stop).",
+    ),
+    click.option(
+        "--carry-hop/--no-carry-hop",
+        default=False,
+        show_default=True,
+        help="Also train the colour the name is looked up by where it is looked up (fact: the claimed shape's, at "
+        "the context's last word; retrieve: the asked one, where the answer is read).",
+    ),
+    click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True),
+    click.option("--held-out", type=click.IntRange(min=1), default=256, show_default=True),
+]
+
+
+def _lab_settings(f):
+    for option in reversed(_LAB_SETTINGS):
+        f = option(f)
+    return f
+
+
 @lab.command("run")
 @click.argument("rung")
 @click.option(
@@ -1242,25 +1335,7 @@ def lab_list() -> None:
     default=None,
     help="Write curve.jsonl, curve.png and summary.json here.",
 )
-@click.option("--layout", default="ask-first", show_default=True, help="Segment order (see `hkd4vlm lab list`).")
-@click.option(
-    "--cue/--no-cue", default=True, show_default=True, help="End with 'Answer :' (else read the last segment's end)."
-)
-@click.option(
-    "--scene",
-    type=click.Choice(["words", "grid"]),
-    default="words",
-    show_default=True,
-    help="A scene written out, or one token per image patch (8 x 8) holding the sum of its object's words.",
-)
 @click.option("--family", type=click.Choice(["qwen2", "llama", "lfm2", "gemma"]), default="qwen2", show_default=True)
-@click.option(
-    "--attention",
-    type=click.Choice(["causal", "prefix"]),
-    default=None,
-    help="prefix: every position attends to the whole prompt, as PaliGemma's over image and prompt "
-    "[default: a preset's family's (prefix for tiny-paligemma-*), else causal].",
-)
 @click.option(
     "--init-from",
     type=click.Path(file_okay=False, exists=True),
@@ -1272,60 +1347,7 @@ def lab_list() -> None:
 @click.option("--hidden", type=click.IntRange(min=8), default=64, show_default=True)
 @click.option("--heads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
-@click.option(
-    "--init-std", type=click.FloatRange(min=0, min_open=True), default=None, help="initializer_range (default 0.02)."
-)
-@click.option(
-    "--residual-init",
-    type=click.Choice(["family", "gpt2", "depth"]),
-    default="family",
-    show_default=True,
-    help="The weights that write into the residual stream (attention's output projection, the MLP's down "
-    "projection): the family's own std, or that std / sqrt(2 x layers) as GPT-2 and Megatron (gpt2), or / "
-    "sqrt(layers) (depth).",
-)
-@click.option(
-    "--embed-scale/--no-embed-scale",
-    default=True,
-    show_default=True,
-    help="Gemma only: its input embeddings times the square root of its width, as Gemma does "
-    '(--no-embed-scale: times 1; docs/lab.md, "The teacher\'s language model").',
-)
-@click.option(
-    "--lm-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Next-token loss on the prompt."
-)
-@click.option(
-    "--hop-weight",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="Loss on the rung's intermediate targets (fact: the claimed shape's colour, the credited name).",
-)
-@click.option(
-    "--sentence-hops/--no-sentence-hops",
-    default=False,
-    show_default=True,
-    help="Also the dense intermediate targets (fact: at each context sentence, its person if its colour is the claimed shape's).",
-)
-@click.option(
-    "--binding-hops/--no-binding-hops",
-    default=False,
-    show_default=True,
-    help="Also train what each context sentence says (fact: its colour and its person, at its full stop).",
-)
-@click.option(
-    "--carry-hop/--no-carry-hop",
-    default=False,
-    show_default=True,
-    help="Also train the colour the name is looked up by where it is looked up (fact: the claimed shape's, at "
-    "the context's last word; retrieve: the asked one, where the answer is read).",
-)
-@click.option("--eval-every", type=click.IntRange(min=1), default=250, show_default=True)
-@click.option("--held-out", type=click.IntRange(min=1), default=256, show_default=True)
+@_lab_settings
 @click.option(
     "--stop-at",
     type=click.FloatRange(min=0, max=1, min_open=True),
@@ -1351,6 +1373,72 @@ def lab_run(rung: str, out: Path | None, **settings) -> None:
     click.echo(
         f"{config.rung}: best {result.best:.3f}, final {result.final:.3f}; steps to {reached}; {result.seconds:.0f} s"
     )
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+@lab.command("sizes")
+@click.argument("rung")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="One run per preset and seed (PRESET-seedN), sizes.json and sizes.md here; finished runs are kept.",
+)
+@click.option(
+    "--presets",
+    default="tiny-llava-s,tiny-llava-m,tiny-llava-l",
+    show_default=True,
+    help="Comma-separated, smallest first: each is compared with the one before it.",
+)
+@click.option("--seeds", default="0,1,2", show_default=True, callback=_int_list, help="Comma-separated.")
+@click.option(
+    "--base-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-3,
+    show_default=True,
+    help="The rate at width 64; each preset trains at base-lr x 64 / its width.",
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0, max=1),
+    default=0.0,
+    show_default=True,
+    help="A larger level's mean may trail the smaller's by this much and still count as keeping up.",
+)
+@_lab_settings
+def lab_sizes(
+    rung: str, out: Path, presets: str, seeds: list[int], base_lr: float, tolerance: float, **settings
+) -> None:
+    """Train RUNG at each preset and seed and print each level's held-out mean per evaluation, and where a
+    larger level falls behind a smaller one at equal steps."""
+    from pydantic import ValidationError
+
+    from .lab import LabConfig, run_sizes
+
+    try:
+        config = LabConfig(rung=rung, **settings)
+    except ValidationError as e:
+        raise click.UsageError("; ".join(str(err["msg"]) for err in e.errors())) from None
+    names = [p.strip() for p in presets.split(",") if p.strip()]
+    unknown = [p for p in names if p not in preset_names()]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown preset(s) {', '.join(unknown)}; choose among {', '.join(preset_names())}", param_hint="--presets"
+        )
+    try:
+        result = run_sizes(config, names, seeds, base_lr, out, tolerance, log=click.echo)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(result.table(), nl=False)
+    for inv in result.inversions():
+        click.echo(f"step {inv['step']}: {inv['larger']} trails {inv['smaller']} by {-inv['gap']:.3f}")
+    click.echo(f"{rung}: {'ordered' if result.ordered else 'not ordered'} at every evaluation (tolerance {tolerance})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,147 @@
+"""The levels at equal steps: one rung setting trained at several presets and seeds, each preset at a rate
+scaled by its width, and whether each larger level keeps up with the smaller at every evaluation
+(``hkd4vlm lab sizes``; docs/lab.md, "The levels at equal steps")."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..files import write_text_atomic
+from .train import LabConfig, run_rung
+
+#: the width the base rate is given at: each preset trains at base x REFERENCE_WIDTH / its width (1e-3 at
+#: S's 64 gives M 5e-4 and L 3.33e-4, the rates docs/lab.md measured the levels at)
+REFERENCE_WIDTH = 64
+
+
+def width_lr(base_lr: float, hidden: int) -> float:
+    """The rate of a model ``hidden`` wide, for a base rate at :data:`REFERENCE_WIDTH`."""
+    return base_lr * REFERENCE_WIDTH / hidden
+
+
+def run_dir(out: Path, preset: str, seed: int) -> Path:
+    return out / f"{preset}-seed{seed}"
+
+
+@dataclass
+class SizesResult:
+    """Each preset's held-out curve per seed (``curves[preset][seed]``, the points of ``run_rung``)."""
+
+    presets: list[str]
+    seeds: list[int]
+    lrs: dict[str, float]
+    tolerance: float = 0.0
+    curves: dict[str, dict[int, list[dict]]] = field(default_factory=dict)
+
+    def steps(self) -> list[int]:
+        """The evaluation steps every run has."""
+        sets = [{p["step"] for p in curve} for by_seed in self.curves.values() for curve in by_seed.values()]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def accuracies(self, preset: str, step: int) -> list[float]:
+        """Held-out accuracy of each seed's run at ``step``, in the order of ``seeds``."""
+        return [next(p["held_out"] for p in self.curves[preset][s] if p["step"] == step) for s in self.seeds]
+
+    def mean(self, preset: str, step: int) -> float:
+        acc = self.accuracies(preset, step)
+        return sum(acc) / len(acc)
+
+    def inversions(self) -> list[dict]:
+        """Each evaluation where a larger level's mean over seeds is below the next smaller one's by more than
+        the tolerance (presets are given smallest first)."""
+        out = []
+        for step in self.steps():
+            for small, large in zip(self.presets, self.presets[1:], strict=False):
+                gap = self.mean(large, step) - self.mean(small, step)
+                if gap < -self.tolerance:
+                    out.append({"step": step, "smaller": small, "larger": large, "gap": round(gap, 4)})
+        return out
+
+    @property
+    def ordered(self) -> bool:
+        return not self.inversions()
+
+    def table(self) -> str:
+        """A Markdown table: per evaluation step, each preset's mean over seeds and its seeds' range."""
+        head = "| step | " + " | ".join(f"{p} (lr {self.lrs[p]:.3g})" for p in self.presets) + " |"
+        rows = [head, "|---|" + "---|" * len(self.presets)]
+        for step in self.steps():
+            cells = []
+            for p in self.presets:
+                acc = self.accuracies(p, step)
+                spread = f" ({min(acc):.2f}–{max(acc):.2f})" if len(acc) > 1 else ""
+                cells.append(f"{self.mean(p, step):.3f}{spread}")
+            rows.append(f"| {step} | " + " | ".join(cells) + " |")
+        return "\n".join(rows) + "\n"
+
+    def summary(self) -> dict:
+        return {
+            "presets": self.presets,
+            "seeds": self.seeds,
+            "lrs": self.lrs,
+            "tolerance": self.tolerance,
+            "mean": {p: {str(s): round(self.mean(p, s), 4) for s in self.steps()} for p in self.presets},
+            "held_out": {
+                p: {str(seed): {str(pt["step"]): pt["held_out"] for pt in c} for seed, c in by_seed.items()}
+                for p, by_seed in self.curves.items()
+            },
+            "inversions": self.inversions(),
+            "ordered": self.ordered,
+        }
+
+
+def run_sizes(
+    config: LabConfig,
+    presets: list[str],
+    seeds: list[int],
+    base_lr: float,
+    out: str | Path,
+    tolerance: float = 0.0,
+    log: Callable[[str], None] | None = print,
+) -> SizesResult:
+    """Train ``config`` at each preset (smallest first) and seed, each preset at :func:`width_lr`, into
+    ``out/PRESET-seedN``; a run whose folder holds a finished run of the same settings is read, not retrained
+    (an interrupted sweep goes on where it stopped). Writes ``sizes.json`` and ``sizes.md`` to ``out``."""
+    if config.stop_at is not None:
+        raise ValueError("a sizes run compares every level at the same steps: not with --stop-at")
+    if config.init_from is not None:
+        raise ValueError("a sizes run builds each preset's model: not with --init-from")
+    if not presets or not seeds:
+        raise ValueError("name at least one preset and one seed")
+    out = Path(out)
+    configs = {}
+    for preset in presets:
+        sized = LabConfig(**{**config.model_dump(), "preset": preset})  # validated: the preset exists
+        configs[preset] = sized.model_copy(update={"lr": width_lr(base_lr, sized.sizes()[2])})
+    result = SizesResult(presets, seeds, {p: c.lr for p, c in configs.items()}, tolerance)
+    for preset, sized in configs.items():
+        result.curves[preset] = {}
+        for seed in seeds:
+            run = sized.model_copy(update={"seed": seed})
+            folder = run_dir(out, preset, seed)
+            curve = _finished(folder, run)
+            if curve is None:
+                if log is not None:
+                    log(f"== {preset} seed {seed} (lr {run.lr:.3g})")
+                curve = run_rung(run, folder, log=log).curve
+            result.curves[preset][seed] = curve
+    write_text_atomic(out / "sizes.json", json.dumps(result.summary(), indent=2) + "\n")
+    write_text_atomic(out / "sizes.md", result.table())
+    return result
+
+
+def _finished(folder: Path, config: LabConfig) -> list[dict] | None:
+    """The curve of the finished run in ``folder`` if it was trained with ``config``; None where no run
+    finished there. A finished run of other settings is an error (its folder would be overwritten)."""
+    summary = folder / "summary.json"
+    if not summary.exists():
+        return None
+    done = json.loads(summary.read_text(encoding="utf-8"))["config"]
+    if done != config.model_dump():
+        differ = sorted(k for k in {**done, **config.model_dump()} if done.get(k) != config.model_dump().get(k))
+        raise ValueError(f"{folder} holds a finished run of other settings ({', '.join(differ)}): choose another --out")
+    with (folder / "curve.jsonl").open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,80 @@
+"""``hkd4vlm lab sizes``: one rung setting at several presets and seeds, compared at equal steps."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from hkd4vlm.cli import main
+from hkd4vlm.lab import LabConfig, SizesResult, run_sizes
+from hkd4vlm.lab import sizes as sizes_module
+
+
+def _curves(points: dict[str, dict[int, list[float]]]) -> dict[str, dict[int, list[dict]]]:
+    return {
+        p: {seed: [{"step": 10 * (i + 1), "held_out": a} for i, a in enumerate(acc)] for seed, acc in by.items()}
+        for p, by in points.items()
+    }
+
+
+def test_an_inversion_is_a_larger_mean_below_the_smaller_by_more_than_the_tolerance():
+    curves = _curves(
+        {
+            "s": {0: [0.4, 0.9], 1: [0.4, 0.7]},  # means 0.40, 0.80
+            "m": {0: [0.5, 0.8], 1: [0.3, 0.76]},  # means 0.40, 0.78: trails s by 0.02 at step 20
+            "l": {0: [0.1, 1.0], 1: [0.1, 1.0]},  # means 0.10, 1.00: trails m by 0.30 at step 10
+        }
+    )
+    strict = SizesResult(["s", "m", "l"], [0, 1], {"s": 1e-3, "m": 5e-4, "l": 3e-4}, 0.0, curves)
+    assert strict.steps() == [10, 20]
+    assert strict.accuracies("m", 20) == [0.8, 0.76]
+    assert [(i["step"], i["smaller"], i["larger"]) for i in strict.inversions()] == [(10, "m", "l"), (20, "s", "m")]
+    assert strict.inversions()[1]["gap"] == pytest.approx(-0.02)
+    assert not strict.ordered
+    lenient = SizesResult(["s", "m", "l"], [0, 1], strict.lrs, 0.03, curves)
+    assert [i["step"] for i in lenient.inversions()] == [10]
+    table = strict.table()
+    assert "| 20 | 0.800 (0.70–0.90) | 0.780 (0.76–0.80) | 1.000 (1.00–1.00) |" in table
+
+
+def test_sizes_trains_each_preset_at_its_width_rate_and_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    config = LabConfig(rung="recall", steps=4, eval_every=2, held_out=16, warmup=0)
+    result = run_sizes(config, ["tiny-llava-s", "tiny-llava-m"], [0, 1], 1e-3, tmp_path, log=None)
+    assert result.lrs == {"tiny-llava-s": pytest.approx(1e-3), "tiny-llava-m": pytest.approx(5e-4)}
+    assert result.steps() == [2, 4]
+    for preset, hidden in (("tiny-llava-s", 64), ("tiny-llava-m", 128)):
+        for seed in (0, 1):
+            done = json.loads((tmp_path / f"{preset}-seed{seed}" / "summary.json").read_text())
+            assert (done["config"]["preset"], done["config"]["seed"]) == (preset, seed)
+            assert done["config"]["lr"] == pytest.approx(1e-3 * 64 / hidden)
+    written = json.loads((tmp_path / "sizes.json").read_text())
+    assert written["ordered"] == result.ordered and written["inversions"] == result.inversions()
+    assert (tmp_path / "sizes.md").read_text() == result.table()
+
+    # a second sweep with one more seed trains only that seed's runs and reads the others' curves
+    trained = []
+
+    def fake_run(run, out, log):
+        trained.append((run.preset, run.seed))
+        return SimpleNamespace(curve=[{"step": 2, "held_out": 0.5}, {"step": 4, "held_out": 0.5}])
+
+    monkeypatch.setattr(sizes_module, "run_rung", fake_run)
+    again = run_sizes(config, ["tiny-llava-s", "tiny-llava-m"], [0, 1, 2], 1e-3, tmp_path, log=None)
+    assert trained == [("tiny-llava-s", 2), ("tiny-llava-m", 2)]
+    assert {p: {s: c for s, c in by.items() if s < 2} for p, by in again.curves.items()} == result.curves
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        run_sizes(config, ["tiny-llava-s"], [0], 2e-3, tmp_path, log=None)
+
+
+def test_sizes_refuses_what_would_make_the_steps_unequal_or_name_no_preset(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["lab", "sizes", "recall", "--presets", "tiny-llava-s,tiny-llava-xl", "--out", "x"])
+    assert res.exit_code == 2 and "unknown preset(s) tiny-llava-xl" in res.output
+    res = runner.invoke(main, ["lab", "sizes", "recall", "--seeds", "0,one", "--out", "x"])
+    assert res.exit_code == 2 and "comma-separated list of integers" in res.output
+    res = runner.invoke(main, ["lab", "sizes", "recall", "--stop-at", "0.9", "--out", "x"])
+    assert res.exit_code == 2 and "No such option '--stop-at'" in res.output
+    with pytest.raises(ValueError, match="not with --stop-at"):
+        run_sizes(LabConfig(rung="recall", stop_at=0.9), ["tiny-llava-s"], [0], 1e-3, tmp_path, log=None)
+    assert not any(tmp_path.iterdir())
