@@ -1327,6 +1327,18 @@ def _lab_settings(f):
     return f
 
 
+def _lab_config(rung: str, settings: dict):
+    """The ``LabConfig`` of a lab command's options; a setting it refuses is a usage error."""
+    from pydantic import ValidationError
+
+    from .lab import LabConfig
+
+    try:
+        return LabConfig(rung=rung, **settings)
+    except ValidationError as e:
+        raise click.UsageError("; ".join(str(err["msg"]) for err in e.errors())) from None
+
+
 @lab.command("run")
 @click.argument("rung")
 @click.option(
@@ -1357,14 +1369,9 @@ def _lab_settings(f):
 @click.option("--seed", type=int, default=0, show_default=True)
 def lab_run(rung: str, out: Path | None, **settings) -> None:
     """Train a language model on RUNG (several joined by '+' are mixed) and print the held-out curve."""
-    from pydantic import ValidationError
+    from .lab import run_rung
 
-    from .lab import LabConfig, run_rung
-
-    try:
-        config = LabConfig(rung=rung, **settings)
-    except ValidationError as e:
-        raise click.UsageError("; ".join(str(err["msg"]) for err in e.errors())) from None
+    config = _lab_config(rung, settings)
     try:
         result = run_rung(config, out, log=click.echo)
     except FileNotFoundError as e:  # --init-from a folder that holds no finished run
@@ -1417,14 +1424,9 @@ def lab_sizes(
 ) -> None:
     """Train RUNG at each preset and seed and print each level's held-out mean per evaluation, and where a
     larger level falls behind a smaller one at equal steps."""
-    from pydantic import ValidationError
+    from .lab import run_sizes
 
-    from .lab import LabConfig, run_sizes
-
-    try:
-        config = LabConfig(rung=rung, **settings)
-    except ValidationError as e:
-        raise click.UsageError("; ".join(str(err["msg"]) for err in e.errors())) from None
+    config = _lab_config(rung, settings)
     names = [p.strip() for p in presets.split(",") if p.strip()]
     unknown = [p for p in names if p not in preset_names()]
     if unknown:
