@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/hkd4vlm quickstart --out runs/quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # ruff (lint and format, configured in pyproject.toml); .ci/run runs it before the tests
 lint: $(STAMP)

@@ -50,6 +50,7 @@ def quick(tmp_path_factory):
     return _invoke(["--quick"], tmp_path_factory.mktemp("bench"))
 
 
+@pytest.mark.heavy
 def test_top_level_figures_are_positive_finite_floats(quick):
     result, output = quick
     for key in TOP:

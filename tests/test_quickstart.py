@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -19,6 +20,7 @@ def test_quickstart_defaults_live_in_the_embedded_yaml_only():
     assert cfg.augment == {"hflip": 0.5} and cfg.sft_steps == 3 and cfg.ppod_steps == embedded["ppod_steps"]
 
 
+@pytest.mark.heavy
 def test_quickstart_writes_results_and_report(tmp_path):
     out = tmp_path / "qs"
     args = [

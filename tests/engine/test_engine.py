@@ -254,6 +254,7 @@ run_sft(load_config(sys.argv[1]), on_step=on_step)
 """
 
 
+@pytest.mark.heavy
 def test_two_processes_killed_with_sigkill_resume_bit_identical(tmp_path, tiny_model, synth_root, launch_two_processes):
     """Both processes of a 2-process run are killed (SIGKILL) after step 3, its last checkpoint being step 2;
     resumed with 2 processes it ends with the same weights, bit for bit, as a run that was never stopped.

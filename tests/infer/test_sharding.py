@@ -36,6 +36,7 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.heavy
 def test_two_processes_write_what_one_writes(tmp_path, tiny_model, synth_root, launch_two_processes):
     # 8 val records in batches of 3: process 0 scores batches 0 and 2, process 1 batch 1
     predict = ["predict", "--model", str(tiny_model), "--data", str(synth_root), "--task", "factuality"]

@@ -1,8 +1,11 @@
 """The fact check's image lookup learns on the grid in CI."""
 
+import pytest
+
 from hkd4vlm.lab import LabConfig, run_rung
 
 
+@pytest.mark.heavy
 def test_the_image_lookup_of_fact_checking_learns_on_the_grid():
     """The fact check's first hop: with the scene on the image's patch grid, the claim's shape word finds its
     patch and names its colour (or none); 1.00 at step 500 in every run of docs/lab.md (batch 64). At batch

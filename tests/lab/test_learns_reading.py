@@ -1,6 +1,8 @@
 """The lab's reading and its sanity rung learn their fast settings in CI (a change that breaks
 learning fails here)."""
 
+import pytest
+
 from hkd4vlm.lab import LabConfig, run_rung
 
 
@@ -11,6 +13,7 @@ def test_recall_learns_in_a_few_hundred_steps():
     assert result.curve[0]["held_out"] < 0.7  # it starts near chance: the curve measures learning
 
 
+@pytest.mark.heavy
 def test_reading_learns_with_binding_and_carry_targets():
     """Reading: "Who drew the red shapes?" over the context, the question first, with what each sentence
     says supervised at its full stop and the asked colour where the answer is read (docs/lab.md, "The

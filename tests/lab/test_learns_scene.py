@@ -5,6 +5,7 @@ import pytest
 from hkd4vlm.lab import LabConfig, run_rung
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     "rung, steps, floor",
     [
