@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import click
 
@@ -1359,6 +1359,13 @@ def _lab_config(rung: str, settings: dict):
 @click.option("--hidden", type=click.IntRange(min=8), default=64, show_default=True)
 @click.option("--heads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option(
+    "--input-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="The rate of the input embeddings, norms, biases and per-channel convolutions, whose fan-in does not "
+    "grow with width (muP keeps them at the base rate) [default: --lr].",
+)
 @_lab_settings
 @click.option(
     "--stop-at",
@@ -1409,7 +1416,15 @@ def _int_list(ctx, param, value: str) -> list[int]:
     type=click.FloatRange(min=0, min_open=True),
     default=1e-3,
     show_default=True,
-    help="The rate at width 64; each preset trains at base-lr x 64 / its width.",
+    help="The rate at width 64; each preset trains at base-lr x 64 / its width (see --width-lr).",
+)
+@click.option(
+    "--width-lr",
+    type=click.Choice(["all", "hidden"]),
+    default="all",
+    show_default=True,
+    help="What the width scales: every weight's rate, or only the hidden and output matrices' (the input "
+    "embeddings, norms, biases and per-channel convolutions at base-lr, as muP for Adam).",
 )
 @click.option(
     "--tolerance",
@@ -1420,7 +1435,14 @@ def _int_list(ctx, param, value: str) -> list[int]:
 )
 @_lab_settings
 def lab_sizes(
-    rung: str, out: Path, presets: str, seeds: list[int], base_lr: float, tolerance: float, **settings
+    rung: str,
+    out: Path,
+    presets: str,
+    seeds: list[int],
+    base_lr: float,
+    width_lr: Literal["all", "hidden"],
+    tolerance: float,
+    **settings,
 ) -> None:
     """Train RUNG at each preset and seed and print each level's held-out mean per evaluation, and where a
     larger level falls behind a smaller one at equal steps."""
@@ -1434,7 +1456,7 @@ def lab_sizes(
             f"unknown preset(s) {', '.join(unknown)}; choose among {', '.join(preset_names())}", param_hint="--presets"
         )
     try:
-        result = run_sizes(config, names, seeds, base_lr, out, tolerance, log=click.echo)
+        result = run_sizes(config, names, seeds, base_lr, out, tolerance, log=click.echo, scaled=width_lr)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(result.table(), nl=False)

@@ -77,3 +77,28 @@ def test_sizes_refuses_what_would_make_the_steps_unequal_or_name_no_preset(tmp_p
     with pytest.raises(ValueError, match="not with --stop-at"):
         run_sizes(LabConfig(rung="recall", stop_at=0.9), ["tiny-llava-s"], [0], 1e-3, tmp_path, log=None)
     assert not any(tmp_path.iterdir())
+
+
+def test_width_lr_hidden_keeps_the_input_like_weights_at_the_base_rate(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_run(run, out, log):
+        trained.append(run)
+        return SimpleNamespace(curve=[{"step": 2, "held_out": 0.5}])
+
+    monkeypatch.setattr(sizes_module, "run_rung", fake_run)
+    res = CliRunner().invoke(
+        main,
+        ["lab", "sizes", "recall", "--presets", "tiny-llava-s,tiny-llava-l", "--seeds", "0", "--width-lr", "hidden"]
+        + ["--steps", "2", "--out", str(tmp_path)],
+    )
+    assert res.exit_code == 0, res.output
+    small, large = trained
+    # at the reference width the two rates are one: the same run as an unscaled sweep's
+    assert (small.lr, small.input_lr) == (pytest.approx(1e-3), None)
+    assert (large.lr, large.input_lr) == (pytest.approx(1e-3 * 64 / 192), pytest.approx(1e-3))
+    assert json.loads((tmp_path / "sizes.json").read_text())["input_lr"] == pytest.approx(1e-3)
+    assert "tiny-llava-l (lr 0.000333, inputs 0.001)" in (tmp_path / "sizes.md").read_text()
+    trained.clear()
+    run_sizes(LabConfig(rung="recall", steps=2), ["tiny-llava-l"], [0], 1e-3, tmp_path / "all", log=None)
+    assert trained[0].input_lr is None

@@ -351,3 +351,28 @@ def test_residual_init_shrinks_only_what_writes_into_the_residual_stream(family,
         torch.testing.assert_close(scaled[n], plain[n] / writers**0.5)
     with pytest.raises(ValueError, match="not with --init-from"):
         LabConfig(rung="recall", residual_init=residual_init, init_from=".")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "lfm2"])
+def test_input_lr_steps_only_the_weights_whose_fan_in_stays_with_width(family):
+    import torch
+
+    from hkd4vlm.lab.train import build_lm, param_groups
+
+    model = build_lm(LabConfig(rung="recall", family=family, layers=2, hidden=32, heads=2), 40, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # the hidden and output matrices at rate 0, the input-like weights at 1e-2: one step moves only the latter
+    opt = torch.optim.AdamW(param_groups(model, 0.0, 1e-2), weight_decay=0.01)
+    model(input_ids=torch.randint(1, 40, (2, 6))).logits.square().mean().backward()
+    opt.step()
+    moved = {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    kept = {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if torch.equal(p, before[n])}
+    if family == "qwen2":
+        assert moved >= {"embed_tokens", "norm", "input_layernorm", "q_proj", "k_proj", "v_proj"}  # projs: biases
+        assert "lm_head" in kept and "o_proj" in kept and "down_proj" in kept
+        assert not any(torch.equal(p, before[n]) for n, p in model.named_parameters() if n.endswith("bias"))
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n.endswith("proj.weight"))
+    else:
+        assert {"embed_tokens", "conv", "operator_norm", "ffn_norm"} <= moved  # LFM2's lm_head is the embedding
+        assert {"in_proj", "out_proj", "w1", "w2", "w3"} <= kept and not {"in_proj", "w1"} & moved
+    assert len(param_groups(model, 1e-3, None)) == 1

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..files import write_text_atomic
 from .train import LabConfig, run_rung
@@ -35,6 +36,7 @@ class SizesResult:
     lrs: dict[str, float]
     tolerance: float = 0.0
     curves: dict[str, dict[int, list[dict]]] = field(default_factory=dict)
+    input_lr: float | None = None  # the input-like weights' rate at every preset (--width-lr hidden), else None
 
     def steps(self) -> list[int]:
         """The evaluation steps every run has."""
@@ -66,7 +68,8 @@ class SizesResult:
 
     def table(self) -> str:
         """A Markdown table: per evaluation step, each preset's mean over seeds and its seeds' range."""
-        head = "| step | " + " | ".join(f"{p} (lr {self.lrs[p]:.3g})" for p in self.presets) + " |"
+        inputs = f", inputs {self.input_lr:.3g}" if self.input_lr is not None else ""
+        head = "| step | " + " | ".join(f"{p} (lr {self.lrs[p]:.3g}{inputs})" for p in self.presets) + " |"
         rows = [head, "|---|" + "---|" * len(self.presets)]
         for step in self.steps():
             cells = []
@@ -82,6 +85,7 @@ class SizesResult:
             "presets": self.presets,
             "seeds": self.seeds,
             "lrs": self.lrs,
+            "input_lr": self.input_lr,
             "tolerance": self.tolerance,
             "mean": {p: {str(s): round(self.mean(p, s), 4) for s in self.steps()} for p in self.presets},
             "held_out": {
@@ -101,8 +105,11 @@ def run_sizes(
     out: str | Path,
     tolerance: float = 0.0,
     log: Callable[[str], None] | None = print,
+    scaled: Literal["all", "hidden"] = "all",
 ) -> SizesResult:
-    """Train ``config`` at each preset (smallest first) and seed, each preset at :func:`width_lr`, into
+    """Train ``config`` at each preset (smallest first) and seed, each preset at :func:`width_lr` (every weight,
+    or with ``scaled="hidden"`` only the hidden and output matrices, the input-like weights staying at
+    ``base_lr``, as muP for Adam), into
     ``out/PRESET-seedN``; a run whose folder holds a finished run of the same settings is read, not retrained
     (an interrupted sweep goes on where it stopped). Writes ``sizes.json`` and ``sizes.md`` to ``out``."""
     if config.stop_at is not None:
@@ -115,8 +122,12 @@ def run_sizes(
     configs = {}
     for preset in presets:
         sized = LabConfig(**{**config.model_dump(), "preset": preset})  # validated: the preset exists
-        configs[preset] = sized.model_copy(update={"lr": width_lr(base_lr, sized.sizes()[2])})
-    result = SizesResult(presets, seeds, {p: c.lr for p, c in configs.items()}, tolerance)
+        lr = width_lr(base_lr, sized.sizes()[2])
+        # at the reference width the two are one rate: the run is the same as an unscaled sweep's
+        input_lr = base_lr if scaled == "hidden" and lr != base_lr else None
+        configs[preset] = sized.model_copy(update={"lr": lr, "input_lr": input_lr})
+    lrs = {p: c.lr for p, c in configs.items()}
+    result = SizesResult(presets, seeds, lrs, tolerance, input_lr=base_lr if scaled == "hidden" else None)
     for preset, sized in configs.items():
         result.curves[preset] = {}
         for seed in seeds:

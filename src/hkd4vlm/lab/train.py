@@ -57,6 +57,10 @@ class LabConfig(BaseModel):
     hidden: int = Field(64, ge=8)
     heads: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    # the rate of the input-like weights, whose fan-in does not grow with width (the input embeddings, norms,
+    # biases, LFM2's per-channel convolutions), as muP for Adam keeps them at the base rate while the hidden and
+    # output matrices' rate shrinks with width; None: lr
+    input_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     batch_size: int = Field(64, ge=1)
     steps: int = Field(2000, ge=1)
     warmup: int = Field(100, ge=0)
@@ -223,6 +227,24 @@ def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
                 if name.endswith(RESIDUAL_OUTPUTS):
                     p.mul_(writers**-0.5)
     return model
+
+
+def input_like(name: str, p: Any) -> bool:
+    """Whether a parameter's fan-in stays the same as the model widens: the input embeddings, every vector
+    (norms, biases) and per-channel convolutions (one input channel each)."""
+    return "embed_tokens" in name or p.dim() < 2 or p.shape[1] == 1
+
+
+def param_groups(model: Any, lr: float, input_lr: float | None) -> list[dict]:
+    """The optimiser's groups: the input-like weights (:func:`input_like`) at ``input_lr``, the rest (hidden and
+    output matrices) at ``lr``; one group where ``input_lr`` is None."""
+    if input_lr is None:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if not input_like(n, p)], "lr": lr},
+        {"params": [p for n, p in named if input_like(n, p)], "lr": input_lr},
+    ]
 
 
 def _build_lm(config: LabConfig, vocab_size: int, pad_id: int):
@@ -445,7 +467,9 @@ def run_rung(
         encode_batch(held[i : i + 128], config.layout, vocab, config.cue, config.scene)
         for i in range(0, len(held), 128)
     ]
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        param_groups(model, config.lr, config.input_lr), weight_decay=config.weight_decay, betas=(0.9, 0.95)
+    )
 
     from ..engine.loop import warmup_cosine  # the one schedule of every training loop
 
