@@ -62,6 +62,14 @@ def test_sizes_trains_each_preset_at_its_width_rate_and_goes_on_where_it_stopped
     again = run_sizes(config, ["tiny-llava-s", "tiny-llava-m"], [0, 1], 1e-3, tmp_path, log=None)
     assert trained == [("tiny-llava-s", 1), ("tiny-llava-m", 1)]
     assert {p: {0: by[0]} for p, by in again.curves.items()} == result.curves
+    # a run trained before a setting existed had its default: still the same settings
+    summary = tmp_path / "tiny-llava-s-seed0" / "summary.json"
+    older = json.loads(summary.read_text())
+    del older["config"]["input_lr"]
+    summary.write_text(json.dumps(older))
+    trained.clear()
+    run_sizes(config, ["tiny-llava-s"], [0], 1e-3, tmp_path, log=None)
+    assert trained == []
     with pytest.raises(ValueError, match=r"other settings \(lr\)"):
         run_sizes(config, ["tiny-llava-s"], [0], 2e-3, tmp_path, log=None)
 

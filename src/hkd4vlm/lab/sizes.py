@@ -151,8 +151,11 @@ def _finished(folder: Path, config: LabConfig) -> list[dict] | None:
     if not summary.exists():
         return None
     done = json.loads(summary.read_text(encoding="utf-8"))["config"]
-    if done != config.model_dump():
-        differ = sorted(k for k in {**done, **config.model_dump()} if done.get(k) != config.model_dump().get(k))
+    # a setting added since that run was trained had its default then
+    done = {k: f.default for k, f in LabConfig.model_fields.items() if not f.is_required() and k not in done} | done
+    wanted = config.model_dump()
+    if done != wanted:
+        differ = sorted(k for k in {**done, **wanted} if done.get(k) != wanted.get(k))
         raise ValueError(f"{folder} holds a finished run of other settings ({', '.join(differ)}): choose another --out")
     with (folder / "curve.jsonl").open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
