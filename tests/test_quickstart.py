@@ -98,3 +98,10 @@ def test_quickstart_starts_from_a_shipped_teacher(tmp_path, synth_root):
         assert results["tasks"][task]["rows"]["teacher_sft"]["params"] == count_parameters(load_model(judge)[0])
     pyramid = yaml.safe_load((out / "seed0" / "ppod_plain" / "recipe.yaml").read_text())["pyramid"]
     assert pyramid == [str(judge), "zoo:tiny-llava-m", "zoo:tiny-llava-s"]  # it teaches the student's pyramid
+
+
+@pytest.mark.parametrize(("seeds", "says"), [("0,one", "comma-separated list of integers"), (",", "name at least one")])
+def test_quickstart_refuses_seeds_that_are_not_integers_before_it_starts(tmp_path, seeds, says):
+    res = CliRunner().invoke(main, ["quickstart", "--out", str(tmp_path / "qs"), "--seeds", seeds])
+    assert res.exit_code == 2 and "Invalid value for '--seeds'" in res.output and says in res.output
+    assert not (tmp_path / "qs").exists()

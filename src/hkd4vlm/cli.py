@@ -222,11 +222,28 @@ def init_model_cmd(preset: str, data: Path, out: Path, seed: int) -> None:
     click.echo(f"{preset}: {count_parameters(model):,} parameters, saved to {out}")
 
 
+def _int_list(ctx, param, value: str) -> list[int]:
+    """A comma-separated list of integers, at least one (an option's callback)."""
+    try:
+        values = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise click.BadParameter("name at least one")
+    return values
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option(
     "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/quickstart"), show_default=True
 )
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2 for the full table.")
+@click.option(
+    "--seeds",
+    default="0",
+    show_default=True,
+    callback=_int_list,
+    help="Comma-separated seeds, e.g. 0,1,2 for the full table.",
+)
 @click.option(
     "--config",
     "config",
@@ -235,7 +252,7 @@ def init_model_cmd(preset: str, data: Path, out: Path, seed: int) -> None:
     help="A quickstart YAML (default: the embedded configs/quickstart.yaml).",
 )
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
-def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> None:
+def quickstart(out: Path, seeds: list[int], config: Path | None, overrides: tuple) -> None:
     """The embedded default job: benchmark, pretrained tiny pyramid, teacher tuning, the method and its
     ablation on both tasks; writes OUT/results.json and OUT/report.md, and a model card (README.md) into
     every model folder it trains."""
@@ -244,10 +261,9 @@ def quickstart(out: Path, seeds: str, config: Path | None, overrides: tuple) -> 
 
     try:
         cfg = load_config(config or default_config_path(), overrides, schema=QuickstartConfig)
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except (ConfigError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    results = run_quickstart(out, cfg, seed_list)
+    results = run_quickstart(out, cfg, seeds)
     for task, block in results["tasks"].items():
         click.echo(task)
         for row, r in block["rows"].items():
@@ -1387,13 +1403,6 @@ def lab_run(rung: str, out: Path | None, **settings) -> None:
     click.echo(
         f"{config.rung}: best {result.best:.3f}, final {result.final:.3f}; steps to {reached}; {result.seconds:.0f} s"
     )
-
-
-def _int_list(ctx, param, value: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
 
 
 @lab.command("sizes")
