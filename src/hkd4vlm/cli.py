@@ -1425,7 +1425,14 @@ def lab_run(rung: str, out: Path | None, **settings) -> None:
     type=click.FloatRange(min=0, min_open=True),
     default=1e-3,
     show_default=True,
-    help="The rate at width 64; each preset trains at base-lr x 64 / its width (see --width-lr).",
+    help="The rate at width 64; each preset trains at base-lr x (64 / its width) ** width-power (see --width-lr).",
+)
+@click.option(
+    "--width-power",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="How fast the rate falls with width: 1 as muP for Adam's hidden matrices, 0.5 as its square root, 0 not.",
 )
 @click.option(
     "--width-lr",
@@ -1450,6 +1457,7 @@ def lab_sizes(
     seeds: list[int],
     base_lr: float,
     width_lr: Literal["all", "hidden"],
+    width_power: float,
     tolerance: float,
     **settings,
 ) -> None:
@@ -1465,7 +1473,9 @@ def lab_sizes(
             f"unknown preset(s) {', '.join(unknown)}; choose among {', '.join(preset_names())}", param_hint="--presets"
         )
     try:
-        result = run_sizes(config, names, seeds, base_lr, out, tolerance, log=click.echo, scaled=width_lr)
+        result = run_sizes(
+            config, names, seeds, base_lr, out, tolerance, log=click.echo, scaled=width_lr, power=width_power
+        )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(result.table(), nl=False)

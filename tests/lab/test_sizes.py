@@ -110,3 +110,11 @@ def test_width_lr_hidden_keeps_the_input_like_weights_at_the_base_rate(tmp_path,
     trained.clear()
     run_sizes(LabConfig(rung="recall", steps=2), ["tiny-llava-l"], [0], 1e-3, tmp_path / "all", log=None)
     assert trained[0].input_lr is None
+    trained.clear()  # the rate falls with the square root of the width
+    res = CliRunner().invoke(
+        main,
+        ["lab", "sizes", "recall", "--presets", "tiny-llava-l", "--seeds", "0", "--width-power", "0.5"]
+        + ["--steps", "2", "--out", str(tmp_path / "sqrt")],
+    )
+    assert res.exit_code == 0, res.output
+    assert trained[0].lr == pytest.approx(1e-3 * (64 / 192) ** 0.5) and trained[0].input_lr is None

@@ -18,9 +18,10 @@ from .train import LabConfig, run_rung
 REFERENCE_WIDTH = 64
 
 
-def width_lr(base_lr: float, hidden: int) -> float:
-    """The rate of a model ``hidden`` wide, for a base rate at :data:`REFERENCE_WIDTH`."""
-    return base_lr * REFERENCE_WIDTH / hidden
+def width_lr(base_lr: float, hidden: int, power: float = 1.0) -> float:
+    """The rate of a model ``hidden`` wide, for a base rate at :data:`REFERENCE_WIDTH`: base x (64 / hidden) **
+    power (1: muP's rate for Adam's hidden matrices; 0: one rate at every width)."""
+    return base_lr * (REFERENCE_WIDTH / hidden) ** power
 
 
 def run_dir(out: Path, preset: str, seed: int) -> Path:
@@ -106,12 +107,13 @@ def run_sizes(
     tolerance: float = 0.0,
     log: Callable[[str], None] | None = print,
     scaled: Literal["all", "hidden"] = "all",
+    power: float = 1.0,
 ) -> SizesResult:
-    """Train ``config`` at each preset (smallest first) and seed, each preset at :func:`width_lr` (every weight,
-    or with ``scaled="hidden"`` only the hidden and output matrices, the input-like weights staying at
-    ``base_lr``, as muP for Adam), into
-    ``out/PRESET-seedN``; a run whose folder holds a finished run of the same settings is read, not retrained
-    (an interrupted sweep goes on where it stopped). Writes ``sizes.json`` and ``sizes.md`` to ``out``."""
+    """Train ``config`` at each preset (smallest first) and seed into ``out/PRESET-seedN``, each preset at
+    :func:`width_lr` with ``power``: every weight, or with ``scaled="hidden"`` only the hidden and output
+    matrices, the input-like weights staying at ``base_lr`` (as muP for Adam). A run whose folder holds a
+    finished run of the same settings is read, not retrained (an interrupted sweep goes on where it stopped).
+    Writes ``sizes.json`` and ``sizes.md`` to ``out``."""
     if config.stop_at is not None:
         raise ValueError("a sizes run compares every level at the same steps: not with --stop-at")
     if config.init_from is not None:
@@ -122,7 +124,7 @@ def run_sizes(
     configs = {}
     for preset in presets:
         sized = LabConfig(**{**config.model_dump(), "preset": preset})  # validated: the preset exists
-        lr = width_lr(base_lr, sized.sizes()[2])
+        lr = width_lr(base_lr, sized.sizes()[2], power)
         # at the reference width the two are one rate: the run is the same as an unscaled sweep's
         input_lr = base_lr if scaled == "hidden" and lr != base_lr else None
         configs[preset] = sized.model_copy(update={"lr": lr, "input_lr": input_lr})
