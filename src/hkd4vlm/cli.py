@@ -1449,6 +1449,12 @@ def lab_run(rung: str, out: Path | None, **settings) -> None:
     show_default=True,
     help="A larger level's mean may trail the smaller's by this much and still count as keeping up.",
 )
+@click.option(
+    "--hop",
+    default=None,
+    help="Compare the levels on this intermediate target's held-out accuracy (fact: colour, name, ...) instead "
+    "of the answer's.",
+)
 @_lab_settings
 def lab_sizes(
     rung: str,
@@ -1459,6 +1465,7 @@ def lab_sizes(
     width_lr: Literal["all", "hidden"],
     width_power: float,
     tolerance: float,
+    hop: str | None,
     **settings,
 ) -> None:
     """Train RUNG at each preset and seed and print each level's held-out mean per evaluation, and where a
@@ -1474,14 +1481,17 @@ def lab_sizes(
         )
     try:
         result = run_sizes(
-            config, names, seeds, base_lr, out, tolerance, log=click.echo, scaled=width_lr, power=width_power
+            config, names, seeds, base_lr, out, tolerance, log=click.echo, scaled=width_lr, power=width_power, hop=hop
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(result.table(), nl=False)
     for inv in result.inversions():
         click.echo(f"step {inv['step']}: {inv['larger']} trails {inv['smaller']} by {-inv['gap']:.3f}")
-    click.echo(f"{rung}: {'ordered' if result.ordered else 'not ordered'} at every evaluation (tolerance {tolerance})")
+    measured = f"{rung}'s {hop} hop" if hop else rung
+    click.echo(
+        f"{measured}: {'ordered' if result.ordered else 'not ordered'} at every evaluation (tolerance {tolerance})"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -118,3 +118,27 @@ def test_width_lr_hidden_keeps_the_input_like_weights_at_the_base_rate(tmp_path,
     )
     assert res.exit_code == 0, res.output
     assert trained[0].lr == pytest.approx(1e-3 * (64 / 192) ** 0.5) and trained[0].input_lr is None
+
+
+def test_sizes_compares_the_levels_on_a_named_hop(tmp_path, monkeypatch):
+    curves = {
+        "s": {0: [{"step": 10, "held_out": 0.9, "hops": {"colour": 0.5}}]},
+        "l": {0: [{"step": 10, "held_out": 0.3, "hops": {"colour": 1.0}}]},
+    }
+    on_answer = SizesResult(["s", "l"], [0], {"s": 1e-3, "l": 3e-4}, curves=curves)
+    on_hop = SizesResult(["s", "l"], [0], {"s": 1e-3, "l": 3e-4}, curves=curves, hop="colour")
+    assert not on_answer.ordered and on_hop.ordered
+    assert on_hop.summary()["held_out"] == {"s": {"0": {"10": 0.5}}, "l": {"0": {"10": 1.0}}}
+    with pytest.raises(ValueError, match="score no hop 'carry'; they score: colour"):
+        SizesResult(["s", "l"], [0], on_hop.lrs, curves=curves, hop="carry").inversions()
+
+    def fake_run(run, out, log):
+        raise AssertionError("nothing is trained for a hop the rung does not score")
+
+    monkeypatch.setattr(sizes_module, "run_rung", fake_run)
+    fact = LabConfig(rung="fact", layout="scene-first", steps=2)
+    with pytest.raises(ValueError, match=r"fact scores no hop 'colours'; it scores: .*colour, .*name"):
+        run_sizes(fact, ["tiny-llava-s"], [0], 1e-3, tmp_path, log=None, hop="colours")
+    res = CliRunner().invoke(main, ["lab", "sizes", "recall", "--hop", "colour", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "recall scores no hop 'colour'; it scores: none" in res.output
+    assert not any(tmp_path.iterdir())

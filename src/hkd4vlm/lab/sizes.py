@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..files import write_text_atomic
-from .train import LabConfig, run_rung
+from .train import LabConfig, held_out, run_rung
 
 #: the width the base rate is given at: each preset trains at base x REFERENCE_WIDTH / its width (1e-3 at
 #: S's 64 gives M 5e-4 and L 3.33e-4, the rates docs/lab.md measured the levels at)
@@ -38,6 +38,7 @@ class SizesResult:
     tolerance: float = 0.0
     curves: dict[str, dict[int, list[dict]]] = field(default_factory=dict)
     input_lr: float | None = None  # the input-like weights' rate at every preset (--width-lr hidden), else None
+    hop: str | None = None  # compare this intermediate target's held-out accuracy instead of the answer's
 
     def steps(self) -> list[int]:
         """The evaluation steps every run has."""
@@ -46,7 +47,15 @@ class SizesResult:
 
     def accuracies(self, preset: str, step: int) -> list[float]:
         """Held-out accuracy of each seed's run at ``step``, in the order of ``seeds``."""
-        return [next(p["held_out"] for p in self.curves[preset][s] if p["step"] == step) for s in self.seeds]
+        return [self._measure(next(p for p in self.curves[preset][s] if p["step"] == step)) for s in self.seeds]
+
+    def _measure(self, point: dict) -> float:
+        if self.hop is None:
+            return point["held_out"]
+        hops = point.get("hops", {})
+        if self.hop not in hops:
+            raise ValueError(f"the runs score no hop {self.hop!r}; they score: {', '.join(sorted(hops)) or 'none'}")
+        return hops[self.hop]
 
     def mean(self, preset: str, step: int) -> float:
         acc = self.accuracies(preset, step)
@@ -88,9 +97,10 @@ class SizesResult:
             "lrs": self.lrs,
             "input_lr": self.input_lr,
             "tolerance": self.tolerance,
+            "measure": "held_out" if self.hop is None else f"hop {self.hop}",
             "mean": {p: {str(s): round(self.mean(p, s), 4) for s in self.steps()} for p in self.presets},
             "held_out": {
-                p: {str(seed): {str(pt["step"]): pt["held_out"] for pt in c} for seed, c in by_seed.items()}
+                p: {str(seed): {str(pt["step"]): self._measure(pt) for pt in c} for seed, c in by_seed.items()}
                 for p, by_seed in self.curves.items()
             },
             "inversions": self.inversions(),
@@ -108,18 +118,24 @@ def run_sizes(
     log: Callable[[str], None] | None = print,
     scaled: Literal["all", "hidden"] = "all",
     power: float = 1.0,
+    hop: str | None = None,
 ) -> SizesResult:
     """Train ``config`` at each preset (smallest first) and seed into ``out/PRESET-seedN``, each preset at
     :func:`width_lr` with ``power``: every weight, or with ``scaled="hidden"`` only the hidden and output
     matrices, the input-like weights staying at ``base_lr`` (as muP for Adam). A run whose folder holds a
     finished run of the same settings is read, not retrained (an interrupted sweep goes on where it stopped).
-    Writes ``sizes.json`` and ``sizes.md`` to ``out``."""
+    Writes ``sizes.json`` and ``sizes.md`` to ``out``. With ``hop`` the levels are compared on that
+    intermediate target's held-out accuracy instead of the answer's."""
     if config.stop_at is not None:
         raise ValueError("a sizes run compares every level at the same steps: not with --stop-at")
     if config.init_from is not None:
         raise ValueError("a sizes run builds each preset's model: not with --init-from")
     if not presets or not seeds:
         raise ValueError("name at least one preset and one seed")
+    if hop is not None:
+        scored = {h.kind for _, ex in held_out(config) for h in ex.hops}
+        if hop not in scored:
+            raise ValueError(f"{config.rung} scores no hop {hop!r}; it scores: {', '.join(sorted(scored)) or 'none'}")
     out = Path(out)
     configs = {}
     for preset in presets:
@@ -129,7 +145,7 @@ def run_sizes(
         input_lr = base_lr if scaled == "hidden" and lr != base_lr else None
         configs[preset] = sized.model_copy(update={"lr": lr, "input_lr": input_lr})
     lrs = {p: c.lr for p, c in configs.items()}
-    result = SizesResult(presets, seeds, lrs, tolerance, input_lr=base_lr if scaled == "hidden" else None)
+    result = SizesResult(presets, seeds, lrs, tolerance, input_lr=base_lr if scaled == "hidden" else None, hop=hop)
     for preset, sized in configs.items():
         result.curves[preset] = {}
         for seed in seeds:

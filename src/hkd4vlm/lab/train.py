@@ -372,6 +372,11 @@ def encode_batch(
     )
 
 
+def held_out(config: LabConfig) -> list[tuple[str, Example]]:
+    """The rung's fixed held-out examples, every hop of theirs scored (trained or not)."""
+    return draw(random.Random(f"lab-held-out:{config.rung}"), config.rungs, config.held_out, None)
+
+
 def draw(rng: random.Random, rungs: list[str], n: int, dense: Collection[str] | None = ()) -> list[tuple[str, Example]]:
     """``n`` examples of the rungs (drawn uniformly for a mixture), with their fixed hops and the dense hops
     of the kinds in ``dense`` (None: every kind)."""
@@ -461,8 +466,7 @@ def run_rung(
         "attention": "prefix" if prefix else "causal",
     }
     result.steps_to = {t: None for t in THRESHOLDS}
-    held_rng = random.Random(f"lab-held-out:{config.rung}")
-    held = draw(held_rng, rungs, config.held_out, None)  # every hop is scored, trained or not
+    held = held_out(config)
     held_batches = [
         encode_batch(held[i : i + 128], config.layout, vocab, config.cue, config.scene)
         for i in range(0, len(held), 128)
