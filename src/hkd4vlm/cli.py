@@ -1487,7 +1487,8 @@ def lab_sizes(
         raise click.UsageError(str(e)) from None
     click.echo(result.table(), nl=False)
     for inv in result.inversions():
-        click.echo(f"step {inv['step']}: {inv['larger']} trails {inv['smaller']} by {-inv['gap']:.3f}")
+        se = f" (standard error over seeds {inv['se']:.3f})" if inv["se"] is not None else ""
+        click.echo(f"step {inv['step']}: {inv['larger']} trails {inv['smaller']} by {-inv['gap']:.3f}{se}")
     measured = f"{rung}'s {hop} hop" if hop else rung
     click.echo(
         f"{measured}: {'ordered' if result.ordered else 'not ordered'} at every evaluation (tolerance {tolerance})"

@@ -31,6 +31,9 @@ def test_an_inversion_is_a_larger_mean_below_the_smaller_by_more_than_the_tolera
     assert strict.accuracies("m", 20) == [0.8, 0.76]
     assert [(i["step"], i["smaller"], i["larger"]) for i in strict.inversions()] == [(10, "m", "l"), (20, "s", "m")]
     assert strict.inversions()[1]["gap"] == pytest.approx(-0.02)
+    # the seeds' spread: s (0.9, 0.7) and m (0.8, 0.76) at step 20, each mean's sd / sqrt(2)
+    assert strict.standard_error("s", 20) == pytest.approx(0.1)
+    assert strict.inversions()[1]["se"] == pytest.approx((0.1**2 + 0.02**2) ** 0.5, abs=1e-4)
     assert not strict.ordered
     lenient = SizesResult(["s", "m", "l"], [0, 1], strict.lrs, 0.03, curves)
     assert [i["step"] for i in lenient.inversions()] == [10]
@@ -128,6 +131,7 @@ def test_sizes_compares_the_levels_on_a_named_hop(tmp_path, monkeypatch):
     on_answer = SizesResult(["s", "l"], [0], {"s": 1e-3, "l": 3e-4}, curves=curves)
     on_hop = SizesResult(["s", "l"], [0], {"s": 1e-3, "l": 3e-4}, curves=curves, hop="colour")
     assert not on_answer.ordered and on_hop.ordered
+    assert on_answer.inversions()[0]["se"] is None  # one seed: no spread to measure
     assert on_hop.summary()["held_out"] == {"s": {"0": {"10": 0.5}}, "l": {"0": {"10": 1.0}}}
     with pytest.raises(ValueError, match="score no hop 'carry'; they score: colour"):
         SizesResult(["s", "l"], [0], on_hop.lrs, curves=curves, hop="carry").inversions()

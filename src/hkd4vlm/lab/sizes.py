@@ -61,15 +61,35 @@ class SizesResult:
         acc = self.accuracies(preset, step)
         return sum(acc) / len(acc)
 
+    def standard_error(self, preset: str, step: int) -> float | None:
+        """The standard error of the mean over seeds (their sample deviation / sqrt(seeds)): how much of a gap
+        the seeds alone would make; None with one seed."""
+        acc = self.accuracies(preset, step)
+        if len(acc) < 2:
+            return None
+        mean = sum(acc) / len(acc)
+        return (sum((a - mean) ** 2 for a in acc) / (len(acc) - 1) / len(acc)) ** 0.5
+
     def inversions(self) -> list[dict]:
         """Each evaluation where a larger level's mean over seeds is below the next smaller one's by more than
-        the tolerance (presets are given smallest first)."""
+        the tolerance (presets are given smallest first), with the gap's standard error over seeds (``se``,
+        None with one seed)."""
         out = []
         for step in self.steps():
             for small, large in zip(self.presets, self.presets[1:], strict=False):
                 gap = self.mean(large, step) - self.mean(small, step)
                 if gap < -self.tolerance:
-                    out.append({"step": step, "smaller": small, "larger": large, "gap": round(gap, 4)})
+                    errors = [self.standard_error(p, step) for p in (small, large)]
+                    se = None if None in errors else sum(e**2 for e in errors if e is not None) ** 0.5
+                    out.append(
+                        {
+                            "step": step,
+                            "smaller": small,
+                            "larger": large,
+                            "gap": round(gap, 4),
+                            "se": None if se is None else round(se, 4),
+                        }
+                    )
         return out
 
     @property
