@@ -132,6 +132,7 @@ def test_sizes_compares_the_levels_on_a_named_hop(tmp_path, monkeypatch):
     on_hop = SizesResult(["s", "l"], [0], {"s": 1e-3, "l": 3e-4}, curves=curves, hop="colour")
     assert not on_answer.ordered and on_hop.ordered
     assert on_answer.inversions()[0]["se"] is None  # one seed: no spread to measure
+    assert on_hop.table().startswith("| step (colour hop) | s (lr 0.001) | l (lr 0.0003) |\n")
     assert on_hop.summary()["held_out"] == {"s": {"0": {"10": 0.5}}, "l": {"0": {"10": 1.0}}}
     with pytest.raises(ValueError, match="score no hop 'carry'; they score: colour"):
         SizesResult(["s", "l"], [0], on_hop.lrs, curves=curves, hop="carry").inversions()

@@ -99,7 +99,8 @@ class SizesResult:
     def table(self) -> str:
         """A Markdown table: per evaluation step, each preset's mean over seeds and its seeds' range."""
         inputs = f", inputs {self.input_lr:.3g}" if self.input_lr is not None else ""
-        head = "| step | " + " | ".join(f"{p} (lr {self.lrs[p]:.3g}{inputs})" for p in self.presets) + " |"
+        first = "step" if self.hop is None else f"step ({self.hop} hop)"
+        head = f"| {first} | " + " | ".join(f"{p} (lr {self.lrs[p]:.3g}{inputs})" for p in self.presets) + " |"
         rows = [head, "|---|" + "---|" * len(self.presets)]
         for step in self.steps():
             cells = []
