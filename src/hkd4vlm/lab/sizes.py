@@ -13,8 +13,8 @@ from typing import Literal
 from ..files import write_text_atomic
 from .train import LabConfig, held_out, run_rung
 
-#: the width the base rate is given at: each preset trains at base x REFERENCE_WIDTH / its width (1e-3 at
-#: S's 64 gives M 5e-4 and L 3.33e-4, the rates docs/lab.md measured the levels at)
+#: the width the base rate is given at: each preset trains at base x (REFERENCE_WIDTH / its width) ** power
+#: (1e-3 at S's 64 gives M 5e-4 and L 3.33e-4 at power 1, 7.07e-4 and 5.77e-4 at 0.5: docs/lab.md)
 REFERENCE_WIDTH = 64
 
 
