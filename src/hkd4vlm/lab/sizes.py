@@ -5,6 +5,8 @@ scaled by its width, and whether each larger level keeps up with the smaller at 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +67,7 @@ class SizesResult:
         """The standard error of the mean over seeds (their sample deviation / sqrt(seeds)): how much of a gap
         the seeds alone would make; None with one seed."""
         acc = self.accuracies(preset, step)
-        if len(acc) < 2:
-            return None
-        mean = sum(acc) / len(acc)
-        return (sum((a - mean) ** 2 for a in acc) / (len(acc) - 1) / len(acc)) ** 0.5
+        return statistics.stdev(acc) / math.sqrt(len(acc)) if len(acc) > 1 else None
 
     def inversions(self) -> list[dict]:
         """Each evaluation where a larger level's mean over seeds is below the next smaller one's by more than
@@ -79,8 +78,8 @@ class SizesResult:
             for small, large in zip(self.presets, self.presets[1:], strict=False):
                 gap = self.mean(large, step) - self.mean(small, step)
                 if gap < -self.tolerance:
-                    errors = [self.standard_error(p, step) for p in (small, large)]
-                    se = None if None in errors else sum(e**2 for e in errors if e is not None) ** 0.5
+                    small_se, large_se = self.standard_error(small, step), self.standard_error(large, step)
+                    se = None if small_se is None or large_se is None else math.hypot(small_se, large_se)
                     out.append(
                         {
                             "step": step,
