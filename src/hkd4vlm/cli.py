@@ -1382,6 +1382,12 @@ def _lab_config(rung: str, settings: dict):
     help="The rate of the input embeddings, norms, biases and per-channel convolutions, whose fan-in does not "
     "grow with width (muP keeps them at the base rate) [default: --lr].",
 )
+@click.option(
+    "--mlp-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="The rate of the MLP's matrices (gate, up and down projections), apart from attention's [default: --lr].",
+)
 @_lab_settings
 @click.option(
     "--stop-at",
@@ -1435,6 +1441,13 @@ def lab_run(rung: str, out: Path | None, **settings) -> None:
     help="How fast the rate falls with width: 1 as muP for Adam's hidden matrices, 0.5 as its square root, 0 not.",
 )
 @click.option(
+    "--mlp-width-power",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="The MLP's matrices' rate falls with width by this power instead (attention's and the rest by "
+    "--width-power) [default: --width-power].",
+)
+@click.option(
     "--width-lr",
     type=click.Choice(["all", "hidden"]),
     default="all",
@@ -1464,6 +1477,7 @@ def lab_sizes(
     base_lr: float,
     width_lr: Literal["all", "hidden"],
     width_power: float,
+    mlp_width_power: float | None,
     tolerance: float,
     hop: str | None,
     **settings,
@@ -1481,7 +1495,17 @@ def lab_sizes(
         )
     try:
         result = run_sizes(
-            config, names, seeds, base_lr, out, tolerance, log=click.echo, scaled=width_lr, power=width_power, hop=hop
+            config,
+            names,
+            seeds,
+            base_lr,
+            out,
+            tolerance,
+            log=click.echo,
+            scaled=width_lr,
+            power=width_power,
+            hop=hop,
+            mlp_power=mlp_width_power,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None

@@ -121,6 +121,20 @@ def test_width_lr_hidden_keeps_the_input_like_weights_at_the_base_rate(tmp_path,
     )
     assert res.exit_code == 0, res.output
     assert trained[0].lr == pytest.approx(1e-3 * (64 / 192) ** 0.5) and trained[0].input_lr is None
+    trained.clear()  # attention's rate by the square root of the width, the MLP's by the width
+    res = CliRunner().invoke(
+        main,
+        ["lab", "sizes", "recall", "--presets", "tiny-llava-s,tiny-llava-l", "--seeds", "0", "--width-power", "0.5"]
+        + ["--mlp-width-power", "1", "--steps", "2", "--out", str(tmp_path / "mlp")],
+    )
+    assert res.exit_code == 0, res.output
+    small, large = trained
+    assert (small.lr, small.mlp_lr) == (pytest.approx(1e-3), None)  # one rate at the reference width
+    assert (large.lr, large.mlp_lr) == (pytest.approx(1e-3 * (64 / 192) ** 0.5), pytest.approx(1e-3 * 64 / 192))
+    written = json.loads((tmp_path / "mlp" / "sizes.json").read_text())
+    assert written["scaling"] == {"base_lr": 1e-3, "width_power": 0.5, "mlp_width_power": 1.0, "width_lr": "all"}
+    assert written["mlp_lrs"]["tiny-llava-s"] == pytest.approx(1e-3)
+    assert "tiny-llava-l (lr 0.000577, MLP 0.000333)" in (tmp_path / "mlp" / "sizes.md").read_text()
 
 
 def test_sizes_compares_the_levels_on_a_named_hop(tmp_path, monkeypatch):

@@ -376,3 +376,25 @@ def test_input_lr_steps_only_the_weights_whose_fan_in_stays_with_width(family):
         assert {"embed_tokens", "conv", "operator_norm", "ffn_norm"} <= moved  # LFM2's lm_head is the embedding
         assert {"in_proj", "out_proj", "w1", "w2", "w3"} <= kept and not {"in_proj", "w1"} & moved
     assert len(param_groups(model, 1e-3, None)) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2", "lfm2"])
+def test_mlp_lr_steps_only_the_mlp_matrices(family):
+    import torch
+
+    from hkd4vlm.lab.train import build_lm, param_groups
+
+    model = build_lm(LabConfig(rung="recall", family=family, layers=2, hidden=32, heads=2), 40, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # everything at rate 0 but the MLP's matrices: one step moves those and nothing else
+    groups = param_groups(model, 0.0, 0.0, 1e-2)
+    assert sum(len(g["params"]) for g in groups) == len(before)  # every parameter in exactly one group
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    model(input_ids=torch.randint(1, 40, (2, 6))).logits.square().mean().backward()
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    mlp = ("gate_proj", "up_proj", "down_proj") if family == "qwen2" else ("w1", "w2", "w3")
+    assert moved == {n for n in before if n.rsplit(".", 2)[-2] in mlp}
+    assert len(moved) == 3 * 2
+    # without an MLP rate the MLP's matrices go with the rest
+    assert [len(g["params"]) for g in param_groups(model, 1e-3, None, None)] == [len(before)]

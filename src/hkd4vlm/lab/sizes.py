@@ -41,6 +41,10 @@ class SizesResult:
     curves: dict[str, dict[int, list[dict]]] = field(default_factory=dict)
     input_lr: float | None = None  # the input-like weights' rate at every preset (--width-lr hidden), else None
     hop: str | None = None  # compare this intermediate target's held-out accuracy instead of the answer's
+    # each preset's MLP matrices' rate where it falls with width by a power of its own (--mlp-width-power)
+    mlp_lrs: dict[str, float] | None = None
+    # how the rates were chosen: the base rate at the reference width and the powers of width they fall by
+    scaling: dict | None = None
 
     def steps(self) -> list[int]:
         """The evaluation steps every run has."""
@@ -99,7 +103,12 @@ class SizesResult:
         """A Markdown table: per evaluation step, each preset's mean over seeds and its seeds' range."""
         inputs = f", inputs {self.input_lr:.3g}" if self.input_lr is not None else ""
         first = "step" if self.hop is None else f"step ({self.hop} hop)"
-        head = f"| {first} | " + " | ".join(f"{p} (lr {self.lrs[p]:.3g}{inputs})" for p in self.presets) + " |"
+
+        def rates(p: str) -> str:
+            mlp = f", MLP {self.mlp_lrs[p]:.3g}" if self.mlp_lrs is not None else ""
+            return f"lr {self.lrs[p]:.3g}{mlp}{inputs}"
+
+        head = f"| {first} | " + " | ".join(f"{p} ({rates(p)})" for p in self.presets) + " |"
         rows = [head, "|---|" + "---|" * len(self.presets)]
         for step in self.steps():
             cells = []
@@ -115,7 +124,9 @@ class SizesResult:
             "presets": self.presets,
             "seeds": self.seeds,
             "lrs": self.lrs,
+            "mlp_lrs": self.mlp_lrs,
             "input_lr": self.input_lr,
+            "scaling": self.scaling,
             "tolerance": self.tolerance,
             "measure": "held_out" if self.hop is None else f"hop {self.hop}",
             "mean": {p: {str(s): round(self.mean(p, s), 4) for s in self.steps()} for p in self.presets},
@@ -139,10 +150,12 @@ def run_sizes(
     scaled: Literal["all", "hidden"] = "all",
     power: float = 1.0,
     hop: str | None = None,
+    mlp_power: float | None = None,
 ) -> SizesResult:
     """Train ``config`` at each preset (smallest first) and seed into ``out/PRESET-seedN``, each preset at
     :func:`width_lr` with ``power``: every weight, or with ``scaled="hidden"`` only the hidden and output
-    matrices, the input-like weights staying at ``base_lr`` (as muP for Adam). A run whose folder holds a
+    matrices, the input-like weights staying at ``base_lr`` (as muP for Adam); with ``mlp_power`` the MLP's
+    matrices at their own :func:`width_lr` with that power. A run whose folder holds a
     finished run of the same settings is read, not retrained (an interrupted sweep goes on where it stopped).
     Writes ``sizes.json`` and ``sizes.md`` to ``out``. With ``hop`` the levels are compared on that
     intermediate target's held-out accuracy instead of the answer's."""
@@ -163,9 +176,20 @@ def run_sizes(
         lr = width_lr(base_lr, sized.sizes()[2], power)
         # at the reference width the two are one rate: the run is the same as an unscaled sweep's
         input_lr = base_lr if scaled == "hidden" and lr != base_lr else None
-        configs[preset] = sized.model_copy(update={"lr": lr, "input_lr": input_lr})
+        mlp_lr = None if mlp_power is None else width_lr(base_lr, sized.sizes()[2], mlp_power)
+        mlp_lr = None if mlp_lr == lr else mlp_lr  # one rate: the same run as a sweep without an MLP power
+        configs[preset] = sized.model_copy(update={"lr": lr, "input_lr": input_lr, "mlp_lr": mlp_lr})
     lrs = {p: c.lr for p, c in configs.items()}
-    result = SizesResult(presets, seeds, lrs, tolerance, input_lr=base_lr if scaled == "hidden" else None, hop=hop)
+    result = SizesResult(
+        presets,
+        seeds,
+        lrs,
+        tolerance,
+        input_lr=base_lr if scaled == "hidden" else None,
+        hop=hop,
+        mlp_lrs=None if mlp_power is None else {p: c.mlp_lr or c.lr for p, c in configs.items()},
+        scaling={"base_lr": base_lr, "width_power": power, "mlp_width_power": mlp_power, "width_lr": scaled},
+    )
     for preset, sized in configs.items():
         result.curves[preset] = {}
         for seed in seeds:

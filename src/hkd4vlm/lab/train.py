@@ -61,6 +61,9 @@ class LabConfig(BaseModel):
     # biases, LFM2's per-channel convolutions), as muP for Adam keeps them at the base rate while the hidden and
     # output matrices' rate shrinks with width; None: lr
     input_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # the MLP's matrices' rate (gate, up and down projections; LFM2's w1, w2, w3), apart from attention's and
+    # the output's; None: lr
+    mlp_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     batch_size: int = Field(64, ge=1)
     steps: int = Field(2000, ge=1)
     warmup: int = Field(100, ge=0)
@@ -235,16 +238,26 @@ def input_like(name: str, p: Any) -> bool:
     return "embed_tokens" in name or p.dim() < 2 or p.shape[1] == 1
 
 
-def param_groups(model: Any, lr: float, input_lr: float | None) -> list[dict]:
-    """The optimiser's groups: the input-like weights (:func:`input_like`) at ``input_lr``, the rest (hidden and
-    output matrices) at ``lr``; one group where ``input_lr`` is None."""
-    if input_lr is None:
-        return [{"params": list(model.parameters()), "lr": lr}]
+def mlp_matrix(name: str, p: Any) -> bool:
+    """Whether a parameter is one of an MLP's matrices (Qwen2's, Llama's and Gemma's ``mlp``, LFM2's
+    ``feed_forward``); its vectors are input-like."""
+    return (".mlp." in name or ".feed_forward." in name) and not input_like(name, p)
+
+
+def param_groups(model: Any, lr: float, input_lr: float | None, mlp_lr: float | None = None) -> list[dict]:
+    """The optimiser's groups: the input-like weights (:func:`input_like`) at ``input_lr``, the MLP's matrices
+    (:func:`mlp_matrix`) at ``mlp_lr``, the rest (attention's and the output's matrices; with ``mlp_lr`` None
+    the MLP's too, with ``input_lr`` None the input-like weights too) at ``lr``."""
     named = list(model.named_parameters())
-    return [
-        {"params": [p for n, p in named if not input_like(n, p)], "lr": lr},
-        {"params": [p for n, p in named if input_like(n, p)], "lr": input_lr},
-    ]
+    inputs = [p for n, p in named if input_lr is not None and input_like(n, p)]
+    mlp = [p for n, p in named if mlp_lr is not None and mlp_matrix(n, p)]
+    chosen = {id(p) for p in inputs + mlp}
+    groups = [{"params": [p for _, p in named if id(p) not in chosen], "lr": lr}]
+    if inputs:
+        groups.append({"params": inputs, "lr": input_lr})
+    if mlp:
+        groups.append({"params": mlp, "lr": mlp_lr})
+    return groups
 
 
 def _build_lm(config: LabConfig, vocab_size: int, pad_id: int):
@@ -472,7 +485,9 @@ def run_rung(
         for i in range(0, len(held), 128)
     ]
     opt = torch.optim.AdamW(
-        param_groups(model, config.lr, config.input_lr), weight_decay=config.weight_decay, betas=(0.9, 0.95)
+        param_groups(model, config.lr, config.input_lr, config.mlp_lr),
+        weight_decay=config.weight_decay,
+        betas=(0.9, 0.95),
     )
 
     from ..engine.loop import warmup_cosine  # the one schedule of every training loop
