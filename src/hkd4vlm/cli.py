@@ -1363,7 +1363,13 @@ def _lab_config(rung: str, settings: dict):
     default=None,
     help="Write curve.jsonl, curve.png and summary.json here.",
 )
-@click.option("--family", type=click.Choice(["qwen2", "llama", "lfm2", "gemma"]), default="qwen2", show_default=True)
+@click.option(
+    "--family",
+    type=click.Choice(["qwen2", "qwen3", "llama", "lfm2", "gemma"]),
+    default="qwen2",
+    show_default=True,
+    help="The text model's family (qwen3: Qwen2 with QK-norm; gemma: PaliGemma's).",
+)
 @click.option(
     "--init-from",
     type=click.Path(file_okay=False, exists=True),

@@ -332,7 +332,7 @@ def test_retrieves_carry_hop_is_the_asked_colour_where_the_answer_is_read():
         LabConfig(rung="retrieve", binding_hops=True, carry_hop=True, cue=False)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "lfm2"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "lfm2"])
 @pytest.mark.parametrize(("residual_init", "writers"), [("gpt2", 8), ("depth", 4)])
 def test_residual_init_shrinks_only_what_writes_into_the_residual_stream(family, residual_init, writers):
     import torch
@@ -398,3 +398,15 @@ def test_mlp_lr_steps_only_the_mlp_matrices(family):
     assert len(moved) == 3 * 2
     # without an MLP rate the MLP's matrices go with the rest
     assert [len(g["params"]) for g in param_groups(model, 1e-3, None, None)] == [len(before)]
+
+
+def test_qwen3_is_qwen2_with_qk_norm_at_the_heads_width():
+    from hkd4vlm.lab.train import build_lm
+
+    model = build_lm(LabConfig(rung="recall", family="qwen3", layers=2, hidden=48, heads=4), 40, 0)
+    names = dict(model.named_parameters())
+    # each head's queries and keys normalised over the head's width (48 / 4), no projection biases
+    assert names["model.layers.0.self_attn.q_norm.weight"].shape == (12,)
+    assert names["model.layers.1.self_attn.k_norm.weight"].shape == (12,)
+    assert not any(n.endswith("bias") for n in names)
+    assert names["model.layers.0.self_attn.q_proj.weight"].shape == (48, 48)

@@ -47,7 +47,8 @@ class LabConfig(BaseModel):
     layout: str = "ask-first"
     cue: bool = True  # end with "Answer :" (the answer is read there); else at the last segment's last token
     scene: Literal["words", "grid"] = "words"  # a scene written out, or placed on the image's patch grid
-    family: Literal["qwen2", "llama", "lfm2", "gemma"] = "qwen2"
+    # qwen3: Qwen2 with each head's queries and keys RMS-normalised (QK-norm) and no projection biases
+    family: Literal["qwen2", "qwen3", "llama", "lfm2", "gemma"] = "qwen2"
     # causal, or bidirectional over the whole prompt as PaliGemma attends over image and prompt (a prefix LM);
     # None: a preset's family's (prefix for PaliGemma), else causal
     attention: Literal["causal", "prefix"] | None = None
@@ -289,6 +290,10 @@ def _build_lm(config: LabConfig, vocab_size: int, pad_id: int):
         if not config.embed_scale:  # a buffer, not saved: such a run cannot be an --init-from (checked above)
             model.model.embed_tokens.embed_scale.fill_(1.0)
         return model
+    if family == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM(Qwen3Config(**sizes, head_dim=hidden // heads))
     if family == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
