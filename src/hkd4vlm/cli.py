@@ -1462,6 +1462,12 @@ def lab_run(rung: str, out: Path | None, **settings) -> None:
     "embeddings, norms, biases and per-channel convolutions at base-lr, as muP for Adam).",
 )
 @click.option(
+    "--family",
+    type=click.Choice(["qwen2", "qwen3", "llama", "lfm2", "gemma"]),
+    default=None,
+    help="Build each preset's text sizes in this family (qwen3: Qwen2 with QK-norm) [default: each preset's own].",
+)
+@click.option(
     "--tolerance",
     type=click.FloatRange(min=0, max=1),
     default=0.0,
@@ -1484,6 +1490,7 @@ def lab_sizes(
     width_lr: Literal["all", "hidden"],
     width_power: float,
     mlp_width_power: float | None,
+    family: str | None,
     tolerance: float,
     hop: str | None,
     **settings,
@@ -1512,6 +1519,7 @@ def lab_sizes(
             power=width_power,
             hop=hop,
             mlp_power=mlp_width_power,
+            family=family,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None

@@ -161,3 +161,22 @@ def test_sizes_compares_the_levels_on_a_named_hop(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["lab", "sizes", "recall", "--hop", "colour", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "recall scores no hop 'colour'; it scores: none" in res.output
     assert not any(tmp_path.iterdir())
+
+
+def test_sizes_builds_each_presets_text_sizes_in_a_named_family(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_run(run, out, log):
+        trained.append(run)
+        return SimpleNamespace(curve=[{"step": 2, "held_out": 0.5}])
+
+    monkeypatch.setattr(sizes_module, "run_rung", fake_run)
+    res = CliRunner().invoke(
+        main,
+        ["lab", "sizes", "recall", "--presets", "tiny-llava-s,tiny-llava-l", "--seeds", "0", "--family", "qwen3"]
+        + ["--steps", "2", "--out", str(tmp_path)],
+    )
+    assert res.exit_code == 0, res.output
+    assert [r.sizes() for r in trained] == [("qwen3", 2, 64, 2), ("qwen3", 4, 192, 4)]
+    assert [r.lr for r in trained] == [pytest.approx(1e-3), pytest.approx(1e-3 * 64 / 192)]
+    assert json.loads((tmp_path / "sizes.json").read_text())["scaling"]["family"] == "qwen3"

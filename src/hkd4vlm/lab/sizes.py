@@ -151,6 +151,7 @@ def run_sizes(
     power: float = 1.0,
     hop: str | None = None,
     mlp_power: float | None = None,
+    family: str | None = None,
 ) -> SizesResult:
     """Train ``config`` at each preset (smallest first) and seed into ``out/PRESET-seedN``, each preset at
     :func:`width_lr` with ``power``: every weight, or with ``scaled="hidden"`` only the hidden and output
@@ -158,7 +159,8 @@ def run_sizes(
     matrices at their own :func:`width_lr` with that power. A run whose folder holds a
     finished run of the same settings is read, not retrained (an interrupted sweep goes on where it stopped).
     Writes ``sizes.json`` and ``sizes.md`` to ``out``. With ``hop`` the levels are compared on that
-    intermediate target's held-out accuracy instead of the answer's."""
+    intermediate target's held-out accuracy instead of the answer's. With ``family`` each preset's text sizes
+    are built in that family instead of the preset's own (``qwen3``: the same sizes with QK-norm)."""
     if config.stop_at is not None:
         raise ValueError("a sizes run compares every level at the same steps: not with --stop-at")
     if config.init_from is not None:
@@ -173,6 +175,11 @@ def run_sizes(
     configs = {}
     for preset in presets:
         sized = LabConfig(**{**config.model_dump(), "preset": preset})  # validated: the preset exists
+        if family is not None:
+            _, layers, hidden, heads = sized.sizes()
+            sized = LabConfig(
+                **{**config.model_dump(), "family": family, "layers": layers, "hidden": hidden, "heads": heads}
+            )
         lr = width_lr(base_lr, sized.sizes()[2], power)
         # at the reference width the two are one rate: the run is the same as an unscaled sweep's
         input_lr = base_lr if scaled == "hidden" and lr != base_lr else None
@@ -188,7 +195,13 @@ def run_sizes(
         input_lr=base_lr if scaled == "hidden" else None,
         hop=hop,
         mlp_lrs=None if mlp_power is None else {p: c.mlp_lr or c.lr for p, c in configs.items()},
-        scaling={"base_lr": base_lr, "width_power": power, "mlp_width_power": mlp_power, "width_lr": scaled},
+        scaling={
+            "base_lr": base_lr,
+            "width_power": power,
+            "mlp_width_power": mlp_power,
+            "width_lr": scaled,
+            "family": family,
+        },
     )
     for preset, sized in configs.items():
         result.curves[preset] = {}
