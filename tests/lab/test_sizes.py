@@ -132,7 +132,13 @@ def test_width_lr_hidden_keeps_the_input_like_weights_at_the_base_rate(tmp_path,
     assert (small.lr, small.mlp_lr) == (pytest.approx(1e-3), None)  # one rate at the reference width
     assert (large.lr, large.mlp_lr) == (pytest.approx(1e-3 * (64 / 192) ** 0.5), pytest.approx(1e-3 * 64 / 192))
     written = json.loads((tmp_path / "mlp" / "sizes.json").read_text())
-    assert written["scaling"] == {"base_lr": 1e-3, "width_power": 0.5, "mlp_width_power": 1.0, "width_lr": "all"}
+    assert written["scaling"] == {
+        "base_lr": 1e-3,
+        "width_power": 0.5,
+        "mlp_width_power": 1.0,
+        "width_lr": "all",
+        "family": None,
+    }
     assert written["mlp_lrs"]["tiny-llava-s"] == pytest.approx(1e-3)
     assert "tiny-llava-l (lr 0.000577, MLP 0.000333)" in (tmp_path / "mlp" / "sizes.md").read_text()
 
