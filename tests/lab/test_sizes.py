@@ -90,14 +90,20 @@ def test_sizes_refuses_what_would_make_the_steps_unequal_or_name_no_preset(tmp_p
     assert not any(tmp_path.iterdir())
 
 
-def test_width_lr_hidden_keeps_the_input_like_weights_at_the_base_rate(tmp_path, monkeypatch):
-    trained = []
+def _record_runs(monkeypatch) -> list:
+    """Replace training by recording each run's config (every curve: 0.5 at step 2)."""
+    trained: list = []
 
     def fake_run(run, out, log):
         trained.append(run)
         return SimpleNamespace(curve=[{"step": 2, "held_out": 0.5}])
 
     monkeypatch.setattr(sizes_module, "run_rung", fake_run)
+    return trained
+
+
+def test_width_lr_hidden_keeps_the_input_like_weights_at_the_base_rate(tmp_path, monkeypatch):
+    trained = _record_runs(monkeypatch)
     res = CliRunner().invoke(
         main,
         ["lab", "sizes", "recall", "--presets", "tiny-llava-s,tiny-llava-l", "--seeds", "0", "--width-lr", "hidden"]
@@ -170,13 +176,7 @@ def test_sizes_compares_the_levels_on_a_named_hop(tmp_path, monkeypatch):
 
 
 def test_sizes_builds_each_presets_text_sizes_in_a_named_family(tmp_path, monkeypatch):
-    trained = []
-
-    def fake_run(run, out, log):
-        trained.append(run)
-        return SimpleNamespace(curve=[{"step": 2, "held_out": 0.5}])
-
-    monkeypatch.setattr(sizes_module, "run_rung", fake_run)
+    trained = _record_runs(monkeypatch)
     res = CliRunner().invoke(
         main,
         ["lab", "sizes", "recall", "--presets", "tiny-llava-s,tiny-llava-l", "--seeds", "0", "--family", "qwen3"]
