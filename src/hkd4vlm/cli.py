@@ -1499,7 +1499,7 @@ def lab_sizes(
     larger level falls behind a smaller one at equal steps."""
     from .lab import run_sizes
 
-    config = _lab_config(rung, settings)
+    config = _lab_config(rung, settings if family is None else {**settings, "family": family})
     names = [p.strip() for p in presets.split(",") if p.strip()]
     unknown = [p for p in names if p not in preset_names()]
     if unknown:

@@ -186,3 +186,12 @@ def test_sizes_builds_each_presets_text_sizes_in_a_named_family(tmp_path, monkey
     assert [r.sizes() for r in trained] == [("qwen3", 2, 64, 2), ("qwen3", 4, 192, 4)]
     assert [r.lr for r in trained] == [pytest.approx(1e-3), pytest.approx(1e-3 * 64 / 192)]
     assert json.loads((tmp_path / "sizes.json").read_text())["scaling"]["family"] == "qwen3"
+    # a setting only the named family has is the named family's, not the presets' (Qwen2's)
+    trained.clear()
+    res = CliRunner().invoke(
+        main,
+        ["lab", "sizes", "recall", "--presets", "tiny-llava-l", "--seeds", "0", "--family", "gemma"]
+        + ["--no-embed-scale", "--steps", "2", "--out", str(tmp_path / "gemma")],
+    )
+    assert res.exit_code == 0, res.output
+    assert trained[0].sizes() == ("gemma", 4, 192, 4) and not trained[0].embed_scale

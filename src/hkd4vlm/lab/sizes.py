@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..files import write_text_atomic
+from ..models.registry import get_preset
 from .train import LabConfig, held_out, run_rung
 
 #: the width the base rate is given at: each preset trains at base x (REFERENCE_WIDTH / its width) ** power
@@ -174,12 +175,12 @@ def run_sizes(
     out = Path(out)
     configs = {}
     for preset in presets:
-        sized = LabConfig(**{**config.model_dump(), "preset": preset})  # validated: the preset exists
-        if family is not None:
-            _, layers, hidden, heads = sized.sizes()
-            sized = LabConfig(
-                **{**config.model_dump(), "family": family, "layers": layers, "hidden": hidden, "heads": heads}
-            )
+        if family is None:
+            sized = LabConfig(**{**config.model_dump(), "preset": preset})  # validated: the preset exists
+        else:  # the preset's sizes only: settings of the named family (Gemma's --no-embed-scale) hold
+            p = get_preset(preset)
+            sizes = {"family": family, "layers": p.text_layers, "hidden": p.text_hidden, "heads": p.heads}
+            sized = LabConfig(**{**config.model_dump(), **sizes})
         lr = width_lr(base_lr, sized.sizes()[2], power)
         # at the reference width the two are one rate: the run is the same as an unscaled sweep's
         input_lr = base_lr if scaled == "hidden" and lr != base_lr else None
