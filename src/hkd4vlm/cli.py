@@ -1251,6 +1251,9 @@ def lab_list() -> None:
 
 
 #: the training settings ``lab run`` and ``lab sizes`` share (the fields of ``LabConfig``)
+#: the lab's text-model families (LabConfig.family's; the lab's torch imports stay out of the CLI's start-up)
+LAB_FAMILIES = ["qwen2", "qwen3", "llama", "lfm2", "gemma"]
+
 _LAB_SETTINGS = [
     click.option("--layout", default="ask-first", show_default=True, help="Segment order (see `hkd4vlm lab list`)."),
     click.option(
@@ -1365,7 +1368,7 @@ def _lab_config(rung: str, settings: dict):
 )
 @click.option(
     "--family",
-    type=click.Choice(["qwen2", "qwen3", "llama", "lfm2", "gemma"]),
+    type=click.Choice(LAB_FAMILIES),
     default="qwen2",
     show_default=True,
     help="The text model's family (qwen3: Qwen2 with QK-norm; gemma: PaliGemma's).",
@@ -1463,7 +1466,7 @@ def lab_run(rung: str, out: Path | None, **settings) -> None:
 )
 @click.option(
     "--family",
-    type=click.Choice(["qwen2", "qwen3", "llama", "lfm2", "gemma"]),
+    type=click.Choice(LAB_FAMILIES),
     default=None,
     help="Build each preset's text sizes in this family (qwen3: Qwen2 with QK-norm) [default: each preset's own].",
 )

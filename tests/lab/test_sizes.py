@@ -2,11 +2,12 @@
 
 import json
 from types import SimpleNamespace
+from typing import get_args
 
 import pytest
 from click.testing import CliRunner
 
-from hkd4vlm.cli import main
+from hkd4vlm.cli import LAB_FAMILIES, main
 from hkd4vlm.lab import LabConfig, SizesResult, run_sizes
 from hkd4vlm.lab import sizes as sizes_module
 
@@ -186,6 +187,8 @@ def test_sizes_builds_each_presets_text_sizes_in_a_named_family(tmp_path, monkey
     assert [r.sizes() for r in trained] == [("qwen3", 2, 64, 2), ("qwen3", 4, 192, 4)]
     assert [r.lr for r in trained] == [pytest.approx(1e-3), pytest.approx(1e-3 * 64 / 192)]
     assert json.loads((tmp_path / "sizes.json").read_text())["scaling"]["family"] == "qwen3"
+    # the CLI's choices are the lab's families
+    assert LAB_FAMILIES == list(get_args(LabConfig.model_fields["family"].annotation))
     # a setting only the named family has is the named family's, not the presets' (Qwen2's)
     trained.clear()
     res = CliRunner().invoke(

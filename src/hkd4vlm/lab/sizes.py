@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..files import write_text_atomic
-from ..models.registry import get_preset
-from .train import LabConfig, held_out, run_rung
+from .train import LabConfig, held_out, preset_text_sizes, run_rung
 
 #: the width the base rate is given at: each preset trains at base x (REFERENCE_WIDTH / its width) ** power
 #: (1e-3 at S's 64 gives M 5e-4 and L 3.33e-4 at power 1, 7.07e-4 and 5.77e-4 at 0.5: docs/lab.md)
@@ -178,13 +177,14 @@ def run_sizes(
         if family is None:
             sized = LabConfig(**{**config.model_dump(), "preset": preset})  # validated: the preset exists
         else:  # the preset's sizes only: settings of the named family (Gemma's --no-embed-scale) hold
-            p = get_preset(preset)
-            sizes = {"family": family, "layers": p.text_layers, "hidden": p.text_hidden, "heads": p.heads}
+            _, layers, hidden, heads = preset_text_sizes(preset)
+            sizes = {"family": family, "layers": layers, "hidden": hidden, "heads": heads}
             sized = LabConfig(**{**config.model_dump(), **sizes})
-        lr = width_lr(base_lr, sized.sizes()[2], power)
+        width = sized.sizes()[2]
+        lr = width_lr(base_lr, width, power)
         # at the reference width the two are one rate: the run is the same as an unscaled sweep's
         input_lr = base_lr if scaled == "hidden" and lr != base_lr else None
-        mlp_lr = None if mlp_power is None else width_lr(base_lr, sized.sizes()[2], mlp_power)
+        mlp_lr = None if mlp_power is None else width_lr(base_lr, width, mlp_power)
         mlp_lr = None if mlp_lr == lr else mlp_lr  # one rate: the same run as a sweep without an MLP power
         configs[preset] = sized.model_copy(update={"lr": lr, "input_lr": input_lr, "mlp_lr": mlp_lr})
     lrs = {p: c.lr for p, c in configs.items()}

@@ -145,11 +145,15 @@ class LabConfig(BaseModel):
         """(family, layers, hidden, heads), a preset's where one is named."""
         if self.preset is None:
             return self.family, self.layers, self.hidden, self.heads
-        from ..models.registry import get_preset, preset_family
+        return preset_text_sizes(self.preset)
 
-        family = TEXT_FAMILY[preset_family(self.preset)]
-        p = get_preset(self.preset)
-        return family, p.text_layers, p.text_hidden, p.heads
+
+def preset_text_sizes(preset: str) -> tuple[str, int, int, int]:
+    """(family, layers, hidden, heads) of a registered preset's text model."""
+    from ..models.registry import get_preset, preset_family
+
+    p = get_preset(preset)
+    return TEXT_FAMILY[preset_family(preset)], p.text_layers, p.text_hidden, p.heads
 
 
 @dataclass
