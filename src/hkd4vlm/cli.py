@@ -1296,6 +1296,13 @@ _LAB_SETTINGS = [
         "sqrt(layers) (depth).",
     ),
     click.option(
+        "--qk-norm-init",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Qwen3 only: QK-norm's gains at initialisation (the family's own: 1; a smaller gain starts the "
+        'attention near uniform, docs/lab.md, "QK-norm\'s gains").',
+    ),
+    click.option(
         "--embed-scale/--no-embed-scale",
         default=True,
         show_default=True,

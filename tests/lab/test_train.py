@@ -353,6 +353,22 @@ def test_residual_init_shrinks_only_what_writes_into_the_residual_stream(family,
         LabConfig(rung="recall", residual_init=residual_init, init_from=".")
 
 
+def test_qk_norm_init_sets_only_qwen3s_query_and_key_gains():
+    import torch
+
+    from hkd4vlm.lab.train import build_lm
+
+    base = dict(rung="recall", family="qwen3", layers=3, hidden=32, heads=2)
+    plain = dict(build_lm(LabConfig(**base), 40, 0).named_parameters())
+    set_ = dict(build_lm(LabConfig(**base, qk_norm_init=0.25), 40, 0).named_parameters())
+    changed = {n for n in plain if not torch.equal(plain[n], set_[n])}
+    assert changed == {f"model.layers.{i}.self_attn.{k}_norm.weight" for i in range(3) for k in "qk"}
+    assert all(torch.all(plain[n] == 1) and torch.all(set_[n] == 0.25) for n in changed)
+    for refused in (dict(rung="recall", qk_norm_init=0.5), dict(**base, qk_norm_init=0.5, init_from=".")):
+        with pytest.raises(ValueError, match="only with --family qwen3"):
+            LabConfig(**refused)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "lfm2"])
 def test_input_lr_steps_only_the_weights_whose_fan_in_stays_with_width(family):
     import torch

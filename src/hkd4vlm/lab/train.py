@@ -77,6 +77,10 @@ class LabConfig(BaseModel):
     # projection) initialised at the std scaled down by depth: "gpt2" / sqrt(2 x layers), as GPT-2 and Megatron
     # do; "depth" / sqrt(layers); "family" the family's own (every linear layer at the same std)
     residual_init: Literal["family", "gpt2", "depth"] = "family"
+    # Qwen3 only: the initial value of QK-norm's gains (each head's query and key RMSNorm weights; the family's
+    # own: 1). At 1 the normalised queries and keys give the untrained model sharp, random attention; a smaller
+    # gain starts it near uniform, as a model without QK-norm starts (docs/lab.md, "QK-norm's gains")
+    qk_norm_init: float | None = Field(None, gt=0, allow_inf_nan=False)
     # Gemma only: its input embeddings times the square root of its width, as Gemma does (False: times 1)
     embed_scale: bool = True
     lm_weight: float = Field(
@@ -122,6 +126,8 @@ class LabConfig(BaseModel):
             raise ValueError("--no-embed-scale is Gemma's (a fresh gemma family or preset): others do not scale")
         if self.residual_init != "family" and self.init_from is not None:
             raise ValueError("--residual-init sets a fresh model's initialisation: not with --init-from")
+        if self.qk_norm_init is not None and (self.init_from is not None or self.sizes()[0] != "qwen3"):
+            raise ValueError("--qk-norm-init sets a fresh Qwen3 model's QK-norm gains: only with --family qwen3")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         return self
@@ -221,19 +227,26 @@ class Vocabulary:
 #: the names of the weights that write a block's output into the residual stream, in every family the lab
 #: builds (Qwen2, Llama, Gemma: o_proj, down_proj; LFM2: out_proj of attention and convolution, w2)
 RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "w2.weight")
+#: QK-norm's gains: Qwen3's per-head RMSNorm weights of the queries and the keys
+QK_NORMS = ("q_norm.weight", "k_norm.weight")
 
 
 def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
     """A causal LM of the config's family and sizes, randomly initialised with its seed."""
+    import torch
+
     model = _build_lm(config, vocab_size, pad_id)
     if config.residual_init != "family":
-        import torch
-
         writers = model.config.num_hidden_layers * (2 if config.residual_init == "gpt2" else 1)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith(RESIDUAL_OUTPUTS):
                     p.mul_(writers**-0.5)
+    if config.qk_norm_init is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(QK_NORMS):
+                    p.fill_(config.qk_norm_init)
     return model
 
 
