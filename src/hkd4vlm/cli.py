@@ -1250,10 +1250,10 @@ def lab_list() -> None:
         click.echo(f"{rung.name:10} chance {rung.chance:.2f}  layouts {', '.join(rung.layouts)}  {rung.doc}")
 
 
-#: the training settings ``lab run`` and ``lab sizes`` share (the fields of ``LabConfig``)
 #: the lab's text-model families (LabConfig.family's; the lab's torch imports stay out of the CLI's start-up)
 LAB_FAMILIES = ["qwen2", "qwen3", "llama", "lfm2", "gemma"]
 
+#: the training settings ``lab run`` and ``lab sizes`` share (the fields of ``LabConfig``)
 _LAB_SETTINGS = [
     click.option("--layout", default="ask-first", show_default=True, help="Segment order (see `hkd4vlm lab list`)."),
     click.option(
@@ -1300,7 +1300,7 @@ _LAB_SETTINGS = [
         type=click.FloatRange(min=0, min_open=True),
         default=None,
         help="Qwen3 only: QK-norm's gains at initialisation (the family's own: 1; a smaller gain starts the "
-        'attention near uniform, docs/lab.md, "QK-norm\'s gains").',
+        'attention near uniform; docs/lab.md, "QK-norm with the depth initialisation, and QK-norm\'s gains").',
     ),
     click.option(
         "--embed-scale/--no-embed-scale",

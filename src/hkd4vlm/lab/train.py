@@ -79,7 +79,8 @@ class LabConfig(BaseModel):
     residual_init: Literal["family", "gpt2", "depth"] = "family"
     # Qwen3 only: the initial value of QK-norm's gains (each head's query and key RMSNorm weights; the family's
     # own: 1). At 1 the normalised queries and keys give the untrained model sharp, random attention; a smaller
-    # gain starts it near uniform, as a model without QK-norm starts (docs/lab.md, "QK-norm's gains")
+    # gain starts it near uniform, as a model without QK-norm starts (docs/lab.md, "QK-norm with the depth
+    # initialisation, and QK-norm's gains")
     qk_norm_init: float | None = Field(None, gt=0, allow_inf_nan=False)
     # Gemma only: its input embeddings times the square root of its width, as Gemma does (False: times 1)
     embed_scale: bool = True
@@ -236,17 +237,13 @@ def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
     import torch
 
     model = _build_lm(config, vocab_size, pad_id)
-    if config.residual_init != "family":
-        writers = model.config.num_hidden_layers * (2 if config.residual_init == "gpt2" else 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(RESIDUAL_OUTPUTS):
-                    p.mul_(writers**-0.5)
-    if config.qk_norm_init is not None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(QK_NORMS):
-                    p.fill_(config.qk_norm_init)
+    writers = model.config.num_hidden_layers * (2 if config.residual_init == "gpt2" else 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if config.residual_init != "family" and name.endswith(RESIDUAL_OUTPUTS):
+                p.mul_(writers**-0.5)
+            if config.qk_norm_init is not None and name.endswith(QK_NORMS):
+                p.fill_(config.qk_norm_init)
     return model
 
 
