@@ -1303,6 +1303,12 @@ _LAB_SETTINGS = [
         'attention near uniform; docs/lab.md, "QK-norm with the depth initialisation, and QK-norm\'s gains").',
     ),
     click.option(
+        "--qk-norm-lr",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Qwen3 only: QK-norm's gains' own rate, the same at every size [default: the other norms' rate].",
+    ),
+    click.option(
         "--embed-scale/--no-embed-scale",
         default=True,
         show_default=True,

@@ -369,6 +369,28 @@ def test_qk_norm_init_sets_only_qwen3s_query_and_key_gains():
             LabConfig(**refused)
 
 
+def test_qk_norm_lr_steps_only_qwen3s_query_and_key_gains():
+    import torch
+
+    from hkd4vlm.lab.train import build_lm, param_groups
+
+    model = build_lm(LabConfig(rung="recall", family="qwen3", layers=2, hidden=32, heads=2), 40, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # everything at rate 0 (the other vectors too) but QK-norm's gains: one step moves those and nothing else
+    groups = param_groups(model, 0.0, 0.0, None, 1e-2)
+    assert sum(len(g["params"]) for g in groups) == len(before)  # every parameter in exactly one group
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    model(input_ids=torch.randint(1, 40, (2, 6))).logits.square().mean().backward()
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {f"model.layers.{i}.self_attn.{k}_norm.weight" for i in range(2) for k in "qk"}
+    qwen2 = build_lm(LabConfig(rung="recall", layers=2, hidden=32, heads=2), 40, 0)
+    with pytest.raises(ValueError, match="has no QK-norm"):
+        param_groups(qwen2, 1e-3, None, None, 1e-2)
+    with pytest.raises(ValueError, match="only with --family qwen3"):
+        LabConfig(rung="recall", qk_norm_lr=1e-2)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "lfm2"])
 def test_input_lr_steps_only_the_weights_whose_fan_in_stays_with_width(family):
     import torch

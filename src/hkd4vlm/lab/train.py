@@ -82,6 +82,9 @@ class LabConfig(BaseModel):
     # gain starts it near uniform, as a model without QK-norm starts (docs/lab.md, "QK-norm with the depth
     # initialisation, and QK-norm's gains")
     qk_norm_init: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # Qwen3 only: QK-norm's gains' own rate (they set how sharp attention can be; None: with the other vectors,
+    # at input_lr or lr)
+    qk_norm_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     # Gemma only: its input embeddings times the square root of its width, as Gemma does (False: times 1)
     embed_scale: bool = True
     lm_weight: float = Field(
@@ -129,6 +132,8 @@ class LabConfig(BaseModel):
             raise ValueError("--residual-init sets a fresh model's initialisation: not with --init-from")
         if self.qk_norm_init is not None and (self.init_from is not None or self.sizes()[0] != "qwen3"):
             raise ValueError("--qk-norm-init sets a fresh Qwen3 model's QK-norm gains: only with --family qwen3")
+        if self.qk_norm_lr is not None and self.init_from is None and self.sizes()[0] != "qwen3":
+            raise ValueError("--qk-norm-lr is the rate of Qwen3's QK-norm gains: only with --family qwen3")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         return self
@@ -259,19 +264,23 @@ def mlp_matrix(name: str, p: Any) -> bool:
     return (".mlp." in name or ".feed_forward." in name) and not input_like(name, p)
 
 
-def param_groups(model: Any, lr: float, input_lr: float | None, mlp_lr: float | None = None) -> list[dict]:
-    """The optimiser's groups: the input-like weights (:func:`input_like`) at ``input_lr``, the MLP's matrices
-    (:func:`mlp_matrix`) at ``mlp_lr``, the rest (attention's and the output's matrices; with ``mlp_lr`` None
-    the MLP's too, with ``input_lr`` None the input-like weights too) at ``lr``."""
+def param_groups(
+    model: Any, lr: float, input_lr: float | None, mlp_lr: float | None = None, qk_norm_lr: float | None = None
+) -> list[dict]:
+    """The optimiser's groups: QK-norm's gains (:data:`QK_NORMS`) at ``qk_norm_lr``, the other input-like
+    weights (:func:`input_like`) at ``input_lr``, the MLP's matrices (:func:`mlp_matrix`) at ``mlp_lr``, the rest
+    (attention's and the output's matrices; with a rate None the weights it would set too) at ``lr``."""
     named = list(model.named_parameters())
-    inputs = [p for n, p in named if input_lr is not None and input_like(n, p)]
+    gains = [p for n, p in named if qk_norm_lr is not None and n.endswith(QK_NORMS)]
+    if qk_norm_lr is not None and not gains:
+        raise ValueError(f"a rate for QK-norm's gains, but {type(model).__name__} has no QK-norm")
+    inputs = [p for n, p in named if input_lr is not None and input_like(n, p) and not n.endswith(QK_NORMS)]
     mlp = [p for n, p in named if mlp_lr is not None and mlp_matrix(n, p)]
-    chosen = {id(p) for p in inputs + mlp}
+    chosen = {id(p) for p in gains + inputs + mlp}
     groups = [{"params": [p for _, p in named if id(p) not in chosen], "lr": lr}]
-    if inputs:
-        groups.append({"params": inputs, "lr": input_lr})
-    if mlp:
-        groups.append({"params": mlp, "lr": mlp_lr})
+    for params, rate in ((gains, qk_norm_lr), (inputs, input_lr), (mlp, mlp_lr)):
+        if params:
+            groups.append({"params": params, "lr": rate})
     return groups
 
 
@@ -504,7 +513,7 @@ def run_rung(
         for i in range(0, len(held), 128)
     ]
     opt = torch.optim.AdamW(
-        param_groups(model, config.lr, config.input_lr, config.mlp_lr),
+        param_groups(model, config.lr, config.input_lr, config.mlp_lr, config.qk_norm_lr),
         weight_decay=config.weight_decay,
         betas=(0.9, 0.95),
     )
