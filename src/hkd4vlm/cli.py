@@ -1309,6 +1309,13 @@ _LAB_SETTINGS = [
         help="Qwen3 only: QK-norm's gains' own rate, the same at every size [default: the other norms' rate].",
     ),
     click.option(
+        "--qk-norm-ramp",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Qwen3 only, with --qk-norm-init G: a scale on the normalised queries and keys rises from G to 1 "
+        "over this many steps (the gains start at 1 and train throughout; the saved model holds the scale).",
+    ),
+    click.option(
         "--embed-scale/--no-embed-scale",
         default=True,
         show_default=True,

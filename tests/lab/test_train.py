@@ -391,6 +391,43 @@ def test_qk_norm_lr_steps_only_qwen3s_query_and_key_gains():
         LabConfig(rung="recall", qk_norm_lr=1e-2)
 
 
+def test_qk_norm_ramp_scales_the_normalised_queries_and_keys_then_folds_into_the_gains():
+    import torch
+
+    from hkd4vlm.lab.train import QKNormRamp, build_lm
+
+    base = dict(rung="recall", family="qwen3", layers=2, hidden=32, heads=2)
+    ids = torch.randint(1, 40, (2, 6))
+    ramped = build_lm(LabConfig(**base, qk_norm_init=0.5, qk_norm_ramp=100), 40, 0)
+    assert all(torch.all(p == 1) for n, p in ramped.named_parameters() if n.endswith("_norm.weight"))
+    at_half = build_lm(LabConfig(**base, qk_norm_init=0.5), 40, 0).eval()
+    plain = build_lm(LabConfig(**base), 40, 0).eval()
+    ramped.eval()
+    ramp = QKNormRamp(ramped, 0.5, 100)
+    with torch.no_grad():
+        ramp.at(1)  # the first step: the gains' effective value is the start
+        torch.testing.assert_close(ramped(input_ids=ids).logits, at_half(input_ids=ids).logits)
+        assert not torch.allclose(ramped(input_ids=ids).logits, plain(input_ids=ids).logits)
+        ramp.at(51)  # halfway
+        assert ramp.scale == pytest.approx(0.75)
+        mid = ramped(input_ids=ids).logits
+        ramp.fold()  # the same function, with no hooks: the scale is in the gains
+        torch.testing.assert_close(ramped(input_ids=ids).logits, mid)
+        gains = [p for n, p in ramped.named_parameters() if n.endswith(("q_norm.weight", "k_norm.weight"))]
+        assert len(gains) == 4 and all(torch.allclose(p, torch.full_like(p, 0.75)) for p in gains)
+        ramp.at(101)  # a folded ramp no longer acts
+        torch.testing.assert_close(ramped(input_ids=ids).logits, mid)
+        fresh = build_lm(LabConfig(**base), 40, 0).eval()
+        QKNormRamp(fresh, 0.5, 100).at(500)  # past the ramp: the family's own model
+        torch.testing.assert_close(fresh(input_ids=ids).logits, plain(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="give --qk-norm-init"):
+        LabConfig(**base, qk_norm_ramp=100)
+    with pytest.raises(ValueError, match="only with --family qwen3"):
+        LabConfig(rung="recall", qk_norm_init=0.5, qk_norm_ramp=100)
+    with pytest.raises(ValueError, match="has no QK-norm"):
+        QKNormRamp(build_lm(LabConfig(rung="recall", layers=2, hidden=32, heads=2), 40, 0), 0.5, 100)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "lfm2"])
 def test_input_lr_steps_only_the_weights_whose_fan_in_stays_with_width(family):
     import torch

@@ -85,6 +85,10 @@ class LabConfig(BaseModel):
     # Qwen3 only: QK-norm's gains' own rate (they set how sharp attention can be; None: with the other vectors,
     # at input_lr or lr)
     qk_norm_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # Qwen3 only, with qk_norm_init: over this many steps a scale on the normalised queries and keys rises
+    # linearly from qk_norm_init to 1 (the gains themselves start at 1 and train throughout), so attention starts
+    # near uniform and may be sharp later; the saved model holds the scale folded into its gains
+    qk_norm_ramp: int | None = Field(None, ge=1)
     # Gemma only: its input embeddings times the square root of its width, as Gemma does (False: times 1)
     embed_scale: bool = True
     lm_weight: float = Field(
@@ -132,6 +136,8 @@ class LabConfig(BaseModel):
             raise ValueError("--residual-init sets a fresh model's initialisation: not with --init-from")
         if self.qk_norm_init is not None and (self.init_from is not None or self.sizes()[0] != "qwen3"):
             raise ValueError("--qk-norm-init sets a fresh Qwen3 model's QK-norm gains: only with --family qwen3")
+        if self.qk_norm_ramp is not None and self.qk_norm_init is None:
+            raise ValueError("--qk-norm-ramp raises QK-norm's scale from --qk-norm-init to 1: give --qk-norm-init")
         if self.qk_norm_lr is not None and self.init_from is None and self.sizes()[0] != "qwen3":
             raise ValueError("--qk-norm-lr is the rate of Qwen3's QK-norm gains: only with --family qwen3")
         if self.hidden % self.heads:
@@ -247,9 +253,37 @@ def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
         for name, p in model.named_parameters():
             if config.residual_init != "family" and name.endswith(RESIDUAL_OUTPUTS):
                 p.mul_(writers**-0.5)
-            if config.qk_norm_init is not None and name.endswith(QK_NORMS):
+            if config.qk_norm_init is not None and config.qk_norm_ramp is None and name.endswith(QK_NORMS):
                 p.fill_(config.qk_norm_init)
     return model
+
+
+class QKNormRamp:
+    """A scale on QK-norm's outputs (the normalised queries and keys, after their gains) that rises linearly
+    from ``start`` at step 1 to 1 at step ``steps + 1`` (``LabConfig.qk_norm_ramp``): forward hooks on every
+    ``q_norm`` and ``k_norm``, so the model stays a plain ``transformers`` Qwen3 model; :meth:`fold` multiplies
+    the scale into the gains and removes the hooks, leaving the same function."""
+
+    def __init__(self, model: Any, start: float, steps: int) -> None:
+        self.start, self.steps, self.scale = start, steps, start
+        self.norms = [m for n, m in model.named_modules() if n.endswith((".q_norm", ".k_norm"))]
+        if not self.norms:
+            raise ValueError(f"a QK-norm ramp, but {type(model).__name__} has no QK-norm")
+        self.hooks = [m.register_forward_hook(lambda _m, _i, out: out * self.scale) for m in self.norms]
+
+    def at(self, step: int) -> None:
+        """Set the scale of training step ``step`` (1-based); evaluations after it use the same."""
+        self.scale = self.start + (1.0 - self.start) * min(1.0, (step - 1) / self.steps)
+
+    def fold(self) -> None:
+        import torch
+
+        for h in self.hooks:
+            h.remove()
+        with torch.no_grad():
+            for m in self.norms:
+                m.weight.mul_(self.scale)
+        self.hooks, self.scale = [], 1.0
 
 
 def input_like(name: str, p: Any) -> bool:
@@ -526,6 +560,7 @@ def run_rung(
         return warmup_cosine(step, warmup=config.warmup, total=config.steps)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    ramp = QKNormRamp(model, config.qk_norm_init, config.qk_norm_ramp) if config.qk_norm_ramp else None
     curve_file = None
     if out is not None:
         out = Path(out)
@@ -536,6 +571,8 @@ def run_rung(
     t0, losses = time.perf_counter(), []
     for step in range(1, config.steps + 1):
         model.train()
+        if ramp is not None:
+            ramp.at(step)
         loss, _, _ = answer_loss(
             model,
             encode_batch(
@@ -576,6 +613,8 @@ def run_rung(
         if config.stop_at is not None and point["held_out"] >= config.stop_at:
             break
     result.seconds = time.perf_counter() - t0
+    if ramp is not None:
+        ramp.fold()
     if out is not None:
         save_lm(model, vocab, Path(out) / "model")
         write_text_atomic(Path(out) / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
