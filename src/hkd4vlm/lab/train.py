@@ -411,29 +411,34 @@ def encode_batch(
     seqs = [s for s, _ in built]
     width = max(map(len, seqs))
     depth = max(len(p) for s in seqs for p in s)
-    ids = torch.full((len(seqs), width, depth), -1, dtype=torch.long)
-    ids[:, :, 0] = vocab.ids["<pad>"]
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):  # left padding: the answer is read at the last position
-        for t, pos in enumerate(s, start=width - len(s)):
-            ids[i, t, : len(pos)] = torch.tensor(pos)
-        mask[i, width - len(s) :] = 1
+    # left padding: the answer is read at the last position; a position's word ids, then -1 up to depth (one
+    # tensor built from nested lists: filling it position by position cost more than the model's step)
+    pad = [vocab.ids["<pad>"]] + [-1] * (depth - 1)
+    ids = torch.tensor(
+        [[pad] * (width - len(s)) + [[*pos, *[-1] * (depth - len(pos))] if pos else pad for pos in s] for s in seqs],
+        dtype=torch.long,
+    )
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
+    def padded(answers: tuple[str, ...], k: int) -> list[int]:
+        return [vocab.ids[a] for a in answers] + [-1] * (k - len(answers))
+
     k = max(len(ex.answers) for _, ex in examples)
-    candidates = torch.full((len(seqs), k), -1, dtype=torch.long)
-    target = torch.zeros(len(seqs), dtype=torch.long)
-    for i, (_, ex) in enumerate(examples):
-        candidates[i, : len(ex.answers)] = torch.tensor([vocab.ids[a] for a in ex.answers])
-        target[i] = ex.answers.index(ex.answer)
+    candidates = torch.tensor([padded(ex.answers, k) for _, ex in examples], dtype=torch.long).view(len(seqs), k)
+    target = torch.tensor([ex.answers.index(ex.answer) for _, ex in examples], dtype=torch.long)
     n_hops = max(len(ex.hops) for _, ex in examples)
     k_hops = max((len(h.answers) for _, ex in examples for h in ex.hops), default=0)
-    hop_at = torch.full((len(seqs), n_hops), -1, dtype=torch.long)
-    hop_candidates = torch.full((len(seqs), n_hops, k_hops), -1, dtype=torch.long)
-    hop_target = torch.zeros((len(seqs), n_hops), dtype=torch.long)
-    for i, ((_, ex), (s, at)) in enumerate(zip(examples, built)):
-        for j, (hop, where) in enumerate(zip(ex.hops, at)):
-            hop_at[i, j] = width - len(s) + where
-            hop_candidates[i, j, : len(hop.answers)] = torch.tensor([vocab.ids[a] for a in hop.answers])
-            hop_target[i, j] = hop.answers.index(hop.answer)
+    missing = n_hops * [-1]  # a row's hops, then -1 (no hop) up to n_hops
+    hop_at = torch.tensor(
+        [[width - len(s) + where for where in at] + missing[len(at) :] for s, at in built], dtype=torch.long
+    ).view(len(seqs), n_hops)
+    hop_candidates = torch.tensor(
+        [[padded(h.answers, k_hops) for h in ex.hops] + [[-1] * k_hops] * (n_hops - len(ex.hops)) for _, ex in examples],
+        dtype=torch.long,
+    ).view(len(seqs), n_hops, k_hops)
+    hop_target = torch.tensor(
+        [[h.answers.index(h.answer) for h in ex.hops] + [0] * (n_hops - len(ex.hops)) for _, ex in examples],
+        dtype=torch.long,
+    ).view(len(seqs), n_hops)
     return Batch(
         ids[:, :, 0] if depth == 1 else ids,
         mask,
