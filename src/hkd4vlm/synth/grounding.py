@@ -16,6 +16,7 @@ steps. Hence the curriculum shrinks objects as it adds them.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass, field
@@ -407,9 +408,14 @@ def verify_item(
 
 def vocabulary_texts(n: int = 3000, seed: int = 0) -> list[str]:
     """Texts that cover every word the curriculum uses, for building a tokenizer."""
+    return list(_vocabulary_texts(n, seed))
+
+
+@functools.cache  # a pure function of its arguments, drawn again by every model a process builds
+def _vocabulary_texts(n: int, seed: int) -> tuple[str, ...]:
     texts = list(CELLS.values()) + list(PLURAL.values()) + list(NAMES) + ["zero", "Question", "Context"]
     rng = random.Random(seed)
     for i in range(n):
         _, q = sample_item(f"vocab:{seed}:{i}", rng.random())
         texts += [q.question, q.context] + q.options
-    return [t for t in texts if t]
+    return tuple(t for t in texts if t)
