@@ -419,6 +419,7 @@ def encode_batch(
         dtype=torch.long,
     )
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
+
     def padded(answers: tuple[str, ...], k: int) -> list[int]:
         return [vocab.ids[a] for a in answers] + [-1] * (k - len(answers))
 
@@ -432,7 +433,10 @@ def encode_batch(
         [[width - len(s) + where for where in at] + missing[len(at) :] for s, at in built], dtype=torch.long
     ).view(len(seqs), n_hops)
     hop_candidates = torch.tensor(
-        [[padded(h.answers, k_hops) for h in ex.hops] + [[-1] * k_hops] * (n_hops - len(ex.hops)) for _, ex in examples],
+        [
+            [padded(h.answers, k_hops) for h in ex.hops] + [[-1] * k_hops] * (n_hops - len(ex.hops))
+            for _, ex in examples
+        ],
         dtype=torch.long,
     ).view(len(seqs), n_hops, k_hops)
     hop_target = torch.tensor(
@@ -565,7 +569,9 @@ def run_rung(
         return warmup_cosine(step, warmup=config.warmup, total=config.steps)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    ramp = QKNormRamp(model, config.qk_norm_init, config.qk_norm_ramp) if config.qk_norm_ramp else None
+    ramp = None
+    if config.qk_norm_ramp is not None and config.qk_norm_init is not None:  # the second: the config's own check
+        ramp = QKNormRamp(model, config.qk_norm_init, config.qk_norm_ramp)
     curve_file = None
     if out is not None:
         out = Path(out)
