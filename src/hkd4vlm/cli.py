@@ -1316,6 +1316,13 @@ _LAB_SETTINGS = [
         "over this many steps (the gains start at 1 and train throughout; the saved model holds the scale).",
     ),
     click.option(
+        "--qk-norm-head-width",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Qwen3 only, with --qk-norm-init G: the head width at which G holds; at head width d the gains start "
+        "at G x (this / d) ** 0.25, the same largest attention logit (sqrt(d) x gain ** 2) at every head width.",
+    ),
+    click.option(
         "--embed-scale/--no-embed-scale",
         default=True,
         show_default=True,

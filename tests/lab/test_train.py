@@ -369,6 +369,29 @@ def test_qk_norm_init_sets_only_qwen3s_query_and_key_gains():
             LabConfig(**refused)
 
 
+def test_qk_norm_head_width_scales_the_gains_so_the_largest_logit_is_the_same_at_every_head_width():
+    import torch
+
+    from hkd4vlm.lab.train import build_lm
+
+    def gains(**kw) -> set[float]:
+        model = build_lm(LabConfig(rung="recall", family="qwen3", qk_norm_init=0.7, qk_norm_head_width=32, **kw), 40, 0)
+        return {round(p.unique().item(), 6) for n, p in model.named_parameters() if n.endswith("_norm.weight")}
+
+    assert gains(hidden=64, heads=2) == {0.7}  # 32 wide: the gain given
+    at_48 = gains(hidden=192, heads=4)  # tiny-llava-l's heads
+    assert at_48 == {round(0.7 * (32 / 48) ** 0.25, 6)}
+    (g,) = at_48
+    assert 48**0.5 * g**2 == pytest.approx(32**0.5 * 0.7**2, rel=1e-5)  # the largest logit as at width 32
+    ramped = LabConfig(
+        rung="recall", family="qwen3", hidden=192, heads=4, qk_norm_init=0.7, qk_norm_head_width=32, qk_norm_ramp=10
+    )
+    assert ramped.qk_norm_start() == pytest.approx(0.7 * (32 / 48) ** 0.25)  # the ramp starts there
+    assert torch.all(build_lm(ramped, 40, 0).model.layers[0].self_attn.q_norm.weight == 1)
+    with pytest.raises(ValueError, match="give --qk-norm-init"):
+        LabConfig(rung="recall", family="qwen3", qk_norm_head_width=32)
+
+
 def test_qk_norm_lr_steps_only_qwen3s_query_and_key_gains():
     import torch
 

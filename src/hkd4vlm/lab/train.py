@@ -89,6 +89,10 @@ class LabConfig(BaseModel):
     # linearly from qk_norm_init to 1 (the gains themselves start at 1 and train throughout), so attention starts
     # near uniform and may be sharp later; the saved model holds the scale folded into its gains
     qk_norm_ramp: int | None = Field(None, ge=1)
+    # Qwen3 only, with qk_norm_init: the head width at which qk_norm_init holds; at another head width the gains
+    # start at qk_norm_init x (this / head width) ** 0.25, so that the untrained attention's largest logit,
+    # sqrt(head width) x gain ** 2, is the same at every head width (the presets' heads: 32 wide at S and M, 48 at L)
+    qk_norm_head_width: int | None = Field(None, ge=1)
     # Gemma only: its input embeddings times the square root of its width, as Gemma does (False: times 1)
     embed_scale: bool = True
     lm_weight: float = Field(
@@ -138,6 +142,8 @@ class LabConfig(BaseModel):
             raise ValueError("--qk-norm-init sets a fresh Qwen3 model's QK-norm gains: only with --family qwen3")
         if self.qk_norm_ramp is not None and self.qk_norm_init is None:
             raise ValueError("--qk-norm-ramp raises QK-norm's scale from --qk-norm-init to 1: give --qk-norm-init")
+        if self.qk_norm_head_width is not None and self.qk_norm_init is None:
+            raise ValueError("--qk-norm-head-width scales --qk-norm-init by the head width: give --qk-norm-init")
         if self.qk_norm_lr is not None and self.init_from is None and self.sizes()[0] != "qwen3":
             raise ValueError("--qk-norm-lr is the rate of Qwen3's QK-norm gains: only with --family qwen3")
         if self.hidden % self.heads:
@@ -158,6 +164,13 @@ class LabConfig(BaseModel):
         from ..models.registry import preset_family
 
         return preset_family(self.preset) in PREFIX_FAMILIES
+
+    def qk_norm_start(self) -> float | None:
+        """QK-norm's gains' initial value (or the ramp's start) at this config's head width."""
+        if self.qk_norm_init is None or self.qk_norm_head_width is None:
+            return self.qk_norm_init
+        _, _, hidden, heads = self.sizes()
+        return self.qk_norm_init * (self.qk_norm_head_width / (hidden // heads)) ** 0.25
 
     def sizes(self) -> tuple[str, int, int, int]:
         """(family, layers, hidden, heads), a preset's where one is named."""
@@ -249,12 +262,13 @@ def build_lm(config: LabConfig, vocab_size: int, pad_id: int):
 
     model = _build_lm(config, vocab_size, pad_id)
     writers = model.config.num_hidden_layers * (2 if config.residual_init == "gpt2" else 1)
+    start = config.qk_norm_start()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if config.residual_init != "family" and name.endswith(RESIDUAL_OUTPUTS):
                 p.mul_(writers**-0.5)
-            if config.qk_norm_init is not None and config.qk_norm_ramp is None and name.endswith(QK_NORMS):
-                p.fill_(config.qk_norm_init)
+            if start is not None and config.qk_norm_ramp is None and name.endswith(QK_NORMS):
+                p.fill_(start)
     return model
 
 
@@ -569,9 +583,9 @@ def run_rung(
         return warmup_cosine(step, warmup=config.warmup, total=config.steps)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    ramp = None
-    if config.qk_norm_ramp is not None and config.qk_norm_init is not None:  # the second: the config's own check
-        ramp = QKNormRamp(model, config.qk_norm_init, config.qk_norm_ramp)
+    ramp, start = None, config.qk_norm_start()
+    if config.qk_norm_ramp is not None and start is not None:  # the second: the config's own check
+        ramp = QKNormRamp(model, start, config.qk_norm_ramp)
     curve_file = None
     if out is not None:
         out = Path(out)
