@@ -280,7 +280,7 @@ class QKNormRamp:
 
     def __init__(self, model: Any, start: float, steps: int) -> None:
         self.start, self.steps, self.scale = start, steps, start
-        self.norms = [m for n, m in model.named_modules() if n.endswith((".q_norm", ".k_norm"))]
+        self.norms = [m for n, m in model.named_modules() if f"{n}.weight".endswith(QK_NORMS)]
         if not self.norms:
             raise ValueError(f"a QK-norm ramp, but {type(model).__name__} has no QK-norm")
         self.hooks = [m.register_forward_hook(lambda _m, _i, out: out * self.scale) for m in self.norms]
